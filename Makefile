@@ -1,0 +1,33 @@
+# make demo  -- set up .venv and run the main job (tiny model, through the daemon)
+# make test  -- set up .venv and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test bench clean install-service
+
+# The venv sees system site-packages so that a CUDA torch already installed on a GPU box is kept;
+# torch is installed (CPU build) only when none can be imported.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/agentd demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run_all.py
+
+install-service: setup
+	$(VENV)/bin/agentd install-service
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-output

@@ -1,0 +1,343 @@
+"""The training config: one YAML file in, one validated `TrainConfig` out.
+
+The seed's keys work exactly as written (`train_data_dir, metadata_path, base_model, lora_rank,
+batch_size, epochs, learning_rate, output_dir, save_steps`); everything else has a documented default.
+
+Rules a user can rely on:
+- Relative paths resolve against the folder that holds the config file (not the current directory),
+  so a config committed next to its data works from any workspace.
+- Numbers may be written the way YAML 1.1 reads as strings (`2e-4`); they mean the number.
+- Unknown keys are errors that name the closest valid key.
+- Every problem is found before any model loads and reported together (`ConfigError`),
+  each with the field, the value, the YAML line and the fix.
+
+Cross-field checks live in one place: `TrainConfig._cross_field_checks`.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import ConfigError, Problem
+
+# The UNet attention projections: what most SD LoRA trainers (kohya, diffusers' example) adapt by default.
+DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# Fields that do not change the trained model: editing them must not block a resume.
+NON_TRAINING_FIELDS = frozenset({
+    "name", "output_dir", "save_steps", "log_every", "keep_checkpoints", "resume",
+    "skip_bad_images", "recommended_batch_size", "sample_prompts",
+})
+PATH_FIELDS = ("train_data_dir", "metadata_path", "base_model", "base_model_config",
+               "init_lora_weights", "output_dir")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class OptimizerConfig(_Strict):
+    """AdamW settings (the only optimizer today; `name` keeps room for more)."""
+
+    name: Literal["adamw"] = "adamw"
+    """Optimizer. AdamW is what every LoRA recipe uses."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """Decoupled weight decay. 0.01 is the diffusers/kohya default; 0 for tiny datasets."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """First-moment decay."""
+    beta2: float = Field(0.999, ge=0, lt=1)
+    """Second-moment decay."""
+    eps: float = Field(1e-8, gt=0)
+    """Denominator epsilon; raise to 1e-6 for fp16 stability."""
+
+
+class TrainConfig(_Strict):
+    """A LoRA training job. Paths are absolute after loading (resolved against the config's folder)."""
+
+    # --- what to train on -------------------------------------------------------------------------
+    mode: Literal["image", "text"] = "image"
+    """image: Stable Diffusion UNet (+ text encoder) LoRA via diffusers. text: causal LM LoRA via transformers."""
+    train_data_dir: Path
+    """Folder of training images (image mode) or text files (text mode)."""
+    metadata_path: Optional[Path] = None
+    """CSV with `file_name,text` columns (also `filename|image|file` and `caption|prompt|text`).
+    Absent: a `.txt` caption beside each image (kohya's convention)."""
+    base_model: Path
+    """Diffusers folder (model_index.json) or a single-file `.safetensors`/`.ckpt` checkpoint."""
+    base_model_config: Optional[Path] = None
+    """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer,
+    so loading works offline."""
+    resolution: int = Field(512, ge=8)
+    """Training image side in pixels: images are resized (shorter side) then center-cropped to it."""
+    center_crop: bool = True
+    """Center crop (True) or random crop (False, seeded) after resizing."""
+    random_flip: bool = False
+    """Flip images horizontally at random (seeded). Not combinable with cache_latents."""
+    skip_bad_images: bool = False
+    """Skip missing/unreadable images with a warning instead of refusing the dataset."""
+
+    # --- the LoRA ---------------------------------------------------------------------------------
+    lora_rank: int = Field(8, gt=0)
+    """LoRA rank (network_dim). Higher learns more detail, costs memory and file size."""
+    lora_alpha: Optional[float] = Field(None, gt=0)
+    """LoRA alpha; scale = alpha/rank. Default: equal to lora_rank (scale 1)."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA path."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt. Default: UNet attention to_q/to_k/to_v/to_out.0 (image), q/k/v/o_proj (text)."""
+    train_text_encoder: bool = False
+    """Also train a LoRA on the CLIP text encoder (image mode)."""
+    text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
+    """Text encoder modules to adapt when train_text_encoder is on."""
+    init_lora_weights: Optional[Path] = None
+    """Continue from an existing LoRA (.safetensors written by this trainer or kohya-style)."""
+
+    # --- optimisation -----------------------------------------------------------------------------
+    batch_size: int = Field(1, gt=0)
+    """Samples per micro-batch. See `agentd validate` for the largest that fits your GPU."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (effective batch = batch_size x this)."""
+    epochs: int = Field(1, gt=0)
+    """Passes over the dataset (ignored when max_train_steps is set)."""
+    max_train_steps: Optional[int] = Field(None, gt=0)
+    """Optimizer steps to run; overrides epochs."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate. 1e-4 is the usual SD LoRA value; 2e-4 learns faster, risks overfitting."""
+    text_encoder_lr: Optional[float] = Field(None, gt=0)
+    """Learning rate for the text encoder LoRA. Default: learning_rate."""
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """AdamW hyper-parameters."""
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    """Schedule after warmup."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 over this many optimizer steps."""
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip gradients to this norm; null disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """no: fp32 (exact, slowest). fp16: CUDA autocast + GradScaler. bf16: autocast (CUDA or CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: much less memory, ~30% slower."""
+    cache_latents: bool = False
+    """Encode each image with the VAE once instead of every step: faster, frees the VAE."""
+    seed: int = 42
+    """Seeds data order, noise and LoRA init. Same seed + data + config = same LoRA."""
+    deterministic: bool = False
+    """torch deterministic algorithms: bitwise-reproducible on CUDA too, somewhat slower."""
+    max_seq_length: int = Field(512, gt=0)
+    """Text mode: tokens per sample (longer samples are cut)."""
+
+    # --- outputs ----------------------------------------------------------------------------------
+    output_dir: Path
+    """Where the LoRA, checkpoints, logs and run.json go."""
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """File name of the LoRA (<name>.safetensors). Default: the output_dir's folder name."""
+    save_steps: int = Field(500, gt=0)
+    """Write a resumable checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = Field(3, gt=0)
+    """Newest checkpoints kept; older ones are deleted."""
+    log_every: int = Field(1, gt=0)
+    """Console/event line every N optimizer steps (loss.csv always has every step)."""
+    resume: str = "auto"
+    """auto: continue from the newest matching checkpoint in output_dir. never: start fresh.
+    Or a path to a checkpoint folder."""
+    recommended_batch_size: Optional[int] = Field(None, gt=0)
+    """Advisory (the seed's field): warn when batch_size is larger."""
+    sample_prompts: list[str] = Field(default_factory=list)
+    """Prompts to render with the trained LoRA at the end (image mode), saved under samples/."""
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "TrainConfig":
+        problems: list[tuple[str, str, str, Any]] = []
+        if self.cache_latents and self.random_flip:
+            problems.append(("cache_latents", "cannot be combined with random_flip: cached latents "
+                             "are computed once, unflipped", "set random_flip: false or cache_latents: false",
+                             True))
+        if self.cache_latents and not self.center_crop:
+            problems.append(("cache_latents", "cannot be combined with random crops (center_crop: false)",
+                             "set center_crop: true or cache_latents: false", True))
+        if self.mode == "text" and self.train_text_encoder:
+            problems.append(("train_text_encoder", "only applies to image mode",
+                             "remove train_text_encoder or set mode: image", True))
+        if self.resume not in ("auto", "never") and not self.resume.strip():
+            problems.append(("resume", "is empty", "use auto, never or a checkpoint folder path", self.resume))
+        if problems:
+            # Raised as ValueError so pydantic reports it with the other errors; the field rides along.
+            raise ValueError(json.dumps(problems))
+        return self
+
+    # --- derived values ---------------------------------------------------------------------------
+    @property
+    def run_name(self) -> str:
+        return self.name or self.output_dir.name
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def effective_targets(self) -> list[str]:
+        if self.target_modules:
+            return list(self.target_modules)
+        return list(DEFAULT_IMAGE_TARGETS if self.mode == "image" else DEFAULT_TEXT_TARGETS)
+
+    def resolved(self) -> dict:
+        """The config as plain JSON-able data, with defaults filled in and paths absolute."""
+        return json.loads(self.model_dump_json())
+
+    def training_fields(self) -> dict:
+        return {k: v for k, v in self.resolved().items() if k not in NON_TRAINING_FIELDS}
+
+    def config_hash(self) -> str:
+        """Hash of everything that shapes the trained model (not save/log cadence, output paths)."""
+        return _hash(self.training_fields())
+
+    def full_hash(self) -> str:
+        return _hash(self.resolved())
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read, parse and validate a YAML training config. Raises ConfigError with every problem found."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("<file>", "config file not found", "check the path", str(path))], source)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([Problem("<file>", f"cannot read config file: {e}", "check the file")], source)
+    return parse_config(text, base_dir=path.resolve().parent, source=source, overrides=overrides)
+
+
+def parse_config(text: str, *, base_dir: Path, source: str = "config",
+                 overrides: dict | None = None) -> TrainConfig:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        msg = getattr(e, "problem", None) or str(e)
+        raise ConfigError([Problem("<yaml>", f"YAML syntax error: {msg}",
+                                   "fix the YAML syntax at that line (indentation, quotes, colons)",
+                                   line=line)], source)
+    if raw is None:
+        raise ConfigError([Problem("<file>", "config is empty",
+                                   "write a mapping with at least train_data_dir, base_model, output_dir")],
+                          source)
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise ConfigError([Problem("<top level>", f"expected a mapping of key: value, found a {kind}",
+                                   "remove the leading '- ' list markers so each key sits at the top level",
+                                   line=1)], source)
+    lines = _key_lines(node)
+    if overrides:
+        raw.update(overrides)
+    raw = _resolve_paths(raw, base_dir)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_problems_from(e, raw, lines), source) from None
+
+
+def _key_lines(node) -> dict[tuple, int]:
+    """(key, subkey, ...) -> 1-based line of that key in the YAML text."""
+    out: dict[tuple, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = prefix + (k.value,)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    walk(node, ())
+    return out
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    raw = dict(raw)
+    for key in PATH_FIELDS:
+        value = raw.get(key)
+        if isinstance(value, str) and value.strip():
+            p = Path(value).expanduser()
+            raw[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    resume = raw.get("resume")
+    if isinstance(resume, str) and resume not in ("auto", "never") and resume.strip():
+        p = Path(resume).expanduser()
+        raw["resume"] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    return raw
+
+
+_FIXES = {
+    "missing": "add this key",
+    "greater_than": "use a positive value",
+    "greater_than_equal": "use a value at or above the minimum",
+    "less_than": "use a smaller value",
+    "int_parsing": "write a whole number",
+    "int_from_float": "write a whole number",
+    "float_parsing": "write a number, e.g. 2e-4",
+    "bool_parsing": "write true or false",
+    "literal_error": "use one of the allowed values",
+    "string_pattern_mismatch": "use letters, digits, '.', '_' or '-'",
+}
+
+
+def _problems_from(err: ValidationError, raw: dict, lines: dict[tuple, int]) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        kind = e["type"]
+        if kind == "value_error" and not loc:
+            # Cross-field checks raise a JSON list of (field, message, fix, value).
+            try:
+                items = json.loads(str(e["ctx"]["error"]))
+            except (KeyError, ValueError):
+                items = [("<config>", e["msg"], "", None)]
+            for field, message, fix, value in items:
+                problems.append(Problem(field, message, fix, value, lines.get((field,))))
+            continue
+        field = ".".join(loc) or "<config>"
+        line = _line_for(loc, lines)
+        if kind == "extra_forbidden":
+            model = OptimizerConfig if loc[:1] == ("optimizer",) else TrainConfig
+            close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'?" if close else "remove it; see configs/ for the valid keys"
+            problems.append(Problem(field, "unknown key", fix, None, line))
+            continue
+        fix = _FIXES.get(kind, "")
+        if kind == "literal_error":
+            fix = f"use one of: {e['ctx']['expected']}"
+        value = e.get("input") if kind != "missing" else None
+        if isinstance(value, dict):
+            value = None
+        problems.append(Problem(field, e["msg"].lower() if kind != "missing" else "required key is missing",
+                                fix, value, line))
+    return problems
+
+
+def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (written into every output folder: the config that made it)."""
+    return yaml.safe_dump(cfg.resolved(), sort_keys=False)

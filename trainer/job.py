@@ -1,0 +1,420 @@
+"""A LoRA training job: `setup / train / save_checkpoint / cleanup`, and `train()` is one explicit loop.
+
+The same class runs in the foreground (`lora-train`) and inside the daemon (which passes its warm
+model cache, its reporter and a stop flag). The job reports through one interface
+(`trainer.events.Reporter`) and honours `stop`: when it is set, the job finishes the optimizer step it
+is in, writes a checkpoint and raises `TrainingInterrupted`.
+
+Determinism and resume: each epoch's data order is a permutation derived from (seed, epoch); every
+other random draw of a step (latent sampling, noise, timesteps, crops/flips) comes from one CPU
+generator whose state is in the checkpoint, with the global RNGs. So a run resumed from step K is
+bit-identical on the CPU to one that never stopped. On resume the checkpoint wins for progress
+(step, cursor, optimizer, RNG); the config must match it in every training field, or the job refuses
+(see `trainer.checkpoint.choose_resume`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfig, dump_config
+from trainer.errors import ConfigError, Problem, TrainingInterrupted
+from trainer.events import FanOut, Reporter, event
+from trainer.model_cache import BaseModelCache, file_identity
+from trainer.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
+                             library_versions, save_safetensors_atomic)
+from trainer.preflight import Checked
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier on the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: depends on (seed, epoch) only, so a resume can recompute it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def micro_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
+    return math.ceil(math.ceil(n / batch_size) / accum)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class JobResult:
+    outcome: str  # succeeded | cancelled
+    output_dir: Path
+    lora_path: Path | None
+    steps: int
+    final_loss: float | None
+    resumed_from: int | None = None
+    peak_memory_mib: float | None = None
+    artifacts: list[str] = field(default_factory=list)
+
+
+class LoraTrainingJob:
+    def __init__(self, checked: Checked, reporter: Reporter | None = None, stop: threading.Event | None = None,
+                 *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
+                 resume_reason: str = "resume: auto found a checkpoint"):
+        self.checked = checked
+        self.cfg: TrainConfig = checked.config
+        self.stop = stop or threading.Event()
+        self.base_cache = base_cache
+        self.env = dict(os.environ if env is None else env)
+        self.device = pick_device(device)
+        self.resume_reason = resume_reason
+        self.logs = RunLogs(self.cfg.output_dir)
+        self.reporter = FanOut(self.logs, reporter)
+        self.state = ckpt.TrainState()
+        self.resumed_from: int | None = None
+        self.task = None
+        self._base_key = None
+        self._started = time.time()
+        self._last_saved_step = -1
+
+    # --------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        choice = ckpt.choose_resume(cfg.resume, ckpt.scan_candidates(cfg.resume, self.checkpoints_dir),
+                                    cfg.training_fields(), self.checked.data_fingerprint)
+        if choice.refusal:
+            raise ConfigError([Problem("resume", choice.refusal, "", cfg.resume)], self.checked.source)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.weight_dtype, self.autocast, use_scaler = self._precision()
+
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        resume_path = choice.checkpoint
+        self.logs.open(None if resume_path is None else self._checkpoint_step(resume_path))
+        for w in [*self.checked.warnings, *choice.warnings, *self._precision_warnings]:
+            self.reporter.emit(event("warning", message=w))
+        atomic_write_text(cfg.output_dir / "config.yaml", dump_config(cfg))
+
+        self.task, self.dataset = self._build_task()
+        self.task.train()
+        self.optimizer = torch.optim.AdamW(
+            self.task.param_groups(), betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
+        self.total_steps = cfg.max_train_steps or cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, self.total_steps, cfg.lr_scheduler))
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+        if resume_path is not None:
+            self._restore(resume_path)
+            self.reporter.emit(event("resumed", from_step=self.state.global_step, checkpoint=str(resume_path),
+                                     reason=self.resume_reason))
+        elif cfg.init_lora_weights is not None:
+            from trainer.lora_io import read_lora_file
+
+            tensors, _ = read_lora_file(cfg.init_lora_weights)
+            self.task.load_lora_state(tensors, str(cfg.init_lora_weights))
+        if cfg.cache_latents and hasattr(self.task, "cache_latents"):
+            self.task.cache_latents(self.dataset)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._write_run_json("running")
+        self.reporter.emit(event(
+            "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
+            samples=len(self.dataset), batch_size=cfg.batch_size, grad_accum=cfg.gradient_accumulation_steps,
+            resumed_from=self.resumed_from, output_dir=str(cfg.output_dir)))
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.cfg.output_dir / "checkpoints"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.dataset), self.cfg.batch_size, self.cfg.gradient_accumulation_steps)
+
+    def _checkpoint_step(self, path: Path) -> int:
+        return ckpt.read_state(path)["train_state"]["global_step"]
+
+    def _precision(self):
+        mp, cuda = self.cfg.mixed_precision, self.device.type == "cuda"
+        self._precision_warnings = []
+        if mp == "fp16" and not cuda:
+            self._precision_warnings.append("mixed_precision fp16 needs a CUDA GPU; training in fp32 on the CPU")
+            mp = "no"
+        if mp == "no":
+            return torch.float32, contextlib.nullcontext, False
+        dtype = torch.float16 if mp == "fp16" else torch.bfloat16
+        weight_dtype = dtype if cuda else torch.float32
+        return weight_dtype, (lambda: torch.autocast(self.device.type, dtype=dtype)), mp == "fp16"
+
+    def _build_task(self):
+        cfg = self.cfg
+        if cfg.mode == "image":
+            from trainer.data import ImageDataset
+            from trainer.image_task import ImageTask, load_image_base
+
+            load = lambda: load_image_base(cfg, self.device, self.weight_dtype)  # noqa: E731
+            task_cls = ImageTask
+            dataset = ImageDataset(self.checked.scan.samples, cfg.resolution, cfg.center_crop, cfg.random_flip)
+        else:
+            from trainer.text_task import TextDataset, TextTask, load_text_base
+
+            load = lambda: load_text_base(cfg, self.device, self.weight_dtype)  # noqa: E731
+            task_cls = TextTask
+            dataset = TextDataset(self.checked.scan.samples)
+        self._base_key = (cfg.mode, str(cfg.base_model), file_identity(cfg.base_model),
+                          str(cfg.base_model_config), str(self.weight_dtype), str(self.device))
+        if self.base_cache is not None:
+            base, warm = self.base_cache.get(self._base_key, load)
+            log.info("base model %s (%s)", cfg.base_model, "warm" if warm else "loaded")
+        else:
+            base = load()
+        task = task_cls(cfg, base, self.device)
+        if hasattr(task, "prepare"):
+            task.prepare(dataset)
+        return task, dataset
+
+    def _restore(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path)
+        self.task.load_lora_state(data["lora"], str(path))
+        self.optimizer.load_state_dict(data["optim"]["optimizer"])
+        self.scheduler.load_state_dict(data["optim"]["scheduler"])
+        if self.scaler is not None and data["optim"].get("scaler"):
+            self.scaler.load_state_dict(data["optim"]["scaler"])
+        ckpt.restore_rng(data["rng"], self.generator)
+        self.state = ckpt.TrainState.from_dict(data["state"]["train_state"])
+        self.resumed_from = self.state.global_step
+        self._last_saved_step = self.state.global_step
+
+    # --------------------------------------------------------------------------------------------
+    def train(self) -> JobResult:
+        cfg, state = self.cfg, self.state
+        accum = cfg.gradient_accumulation_steps
+        recent: list[float] = []
+        t_last, times = time.perf_counter(), []
+        while state.global_step < self.total_steps:
+            batches = micro_batches(epoch_order(len(self.dataset), cfg.seed, state.epoch), cfg.batch_size)
+            while state.cursor < len(batches) and state.global_step < self.total_steps:
+                group = batches[state.cursor: state.cursor + accum]
+                step_loss = 0.0
+                for indices in group:
+                    loss = self.task.loss(indices, self.dataset, self.generator, self.autocast) / len(group)
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    step_loss += loss.item()
+                grad_norm = self._optimizer_step()
+                state.cursor += len(group)
+                state.global_step += 1
+                state.loss_sum += step_loss
+
+                now = time.perf_counter()
+                times = (times + [now - t_last])[-20:]
+                t_last = now
+                recent = (recent + [step_loss])[-20:]
+                self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times))
+
+                if self.stop.is_set():
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(f"stopped at step {state.global_step}")
+                if state.global_step % cfg.save_steps == 0:
+                    self.save_checkpoint()
+            if state.cursor >= len(batches):
+                state.epoch += 1
+                state.cursor = 0
+        if self._last_saved_step != state.global_step:
+            self.save_checkpoint()
+        return self._finish(recent[-1] if recent else None)
+
+    def _optimizer_step(self) -> float | None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.cfg.max_grad_norm:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _report_step(self, loss: float, grad_norm, mean: float, it_s: float) -> None:
+        cfg, st = self.cfg, self.state
+        lr = self.optimizer.param_groups[0]["lr"]
+        epochs = cfg.epochs if not cfg.max_train_steps else math.ceil(self.total_steps / self.steps_per_epoch)
+        self.logs.step({"step": st.global_step, "epoch": st.epoch + 1, "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "samples_per_s": round(it_s * cfg.batch_size *
+                                                                       cfg.gradient_accumulation_steps, 3),
+                        "elapsed_s": round(time.time() - self._started, 3)})
+        logged = st.global_step % cfg.log_every == 0 or st.global_step == self.total_steps
+        self.reporter.emit(event("step", step=st.global_step, total=self.total_steps,
+                                 epoch=f"{st.epoch + 1}/{epochs}", loss=loss, loss_mean=mean, lr=lr,
+                                 it_s=round(it_s, 3), eta_s=round((self.total_steps - st.global_step) / it_s, 1),
+                                 logged=logged))
+
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else {}}
+        meta = {"train_state": self.state.state_dict(), "config_hash": cfg.config_hash(),
+                "training_fields": cfg.training_fields(), "data_fingerprint": self.checked.data_fingerprint,
+                "versions": library_versions(), "time": ckpt.now()}
+        path = ckpt.save_checkpoint(self.checkpoints_dir, self.state.global_step, lora=self.task.lora_state(),
+                                    optim=optim, rng=ckpt.capture_rng(self.generator), state=meta,
+                                    keep=cfg.keep_checkpoints)
+        self._last_saved_step = self.state.global_step
+        self.reporter.emit(event("checkpoint", step=self.state.global_step, path=str(path)))
+        return path
+
+    def _finish(self, final_loss: float | None) -> JobResult:
+        cfg = self.cfg
+        lora_path = cfg.output_dir / f"{cfg.run_name}.safetensors"
+        save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
+        artifacts = [str(lora_path)]
+        if cfg.sample_prompts and hasattr(self.task, "render_samples"):
+            artifacts += [str(p) for p in self.task.render_samples(cfg.sample_prompts, cfg.output_dir / "samples",
+                                                                   cfg.seed)]
+        extra = self.task.export_extra(cfg.output_dir) if hasattr(self.task, "export_extra") else []
+        artifacts += [str(p) for p in extra]
+        summary = self._summary(final_loss)
+        atomic_write_text(self.logs.dir / "summary.csv",
+                          ",".join(summary) + "\n" + ",".join("" if v is None else str(v) for v in summary.values())
+                          + "\n")
+        self._write_run_json("succeeded", final_loss=final_loss, summary=summary, artifacts=artifacts)
+        for a in artifacts:
+            self.reporter.emit(event("artifact", path=a))
+        return JobResult("succeeded", cfg.output_dir, lora_path, self.state.global_step, final_loss,
+                         self.resumed_from, self.peak_memory_mib(), artifacts)
+
+    def _summary(self, final_loss) -> dict:
+        from trainer.outputs import read_loss_csv
+
+        rows = read_loss_csv(self.logs.loss_path)
+        last = [float(r["loss"]) for r in rows[-10:]]
+        rates = [float(r["samples_per_s"]) for r in rows[-10:] if r.get("samples_per_s")]
+        return {"final_loss": final_loss, "mean_loss_last10": round(sum(last) / len(last), 6) if last else None,
+                "samples_per_s": round(sum(rates) / len(rates), 3) if rates else None,
+                "peak_memory_mib": self.peak_memory_mib(), "steps": self.state.global_step}
+
+    def _lora_metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
+                "ss_network_alpha": str(cfg.effective_alpha), "ss_steps": str(self.state.global_step),
+                "ss_epoch": str(self.state.epoch), "ss_learning_rate": str(cfg.learning_rate),
+                "ss_batch_size_per_device": str(cfg.batch_size), "ss_seed": str(cfg.seed),
+                "ss_num_train_images": str(len(self.dataset)), "ss_mixed_precision": cfg.mixed_precision,
+                "ss_output_name": cfg.run_name, "agentd_config_hash": cfg.config_hash(),
+                "agentd_data_fingerprint": self.checked.data_fingerprint, "agentd_mode": cfg.mode}
+        meta.update(self.task.lora_metadata())
+        return meta
+
+    def peak_memory_mib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+
+    def _write_run_json(self, status: str, **extra) -> None:
+        import json
+
+        cfg = self.cfg
+        path = cfg.output_dir / "run.json"
+        previous = {}
+        if self.resumed_from is not None and path.exists():
+            try:
+                previous = json.loads(path.read_text())
+            except ValueError:
+                previous = {}
+        resumes = list(previous.get("resumes", []))
+        if self.resumed_from is not None and not any(r.get("at") == self._started for r in resumes):
+            resumes.append({"from_step": self.resumed_from, "at": self._started, "why": self.resume_reason})
+        config_file = self.checked.source
+        data = {
+            "name": cfg.run_name, "status": status,
+            "config": cfg.resolved(), "config_hash": cfg.full_hash(), "training_hash": cfg.config_hash(),
+            "config_file": config_file,
+            "git": git_info(Path(config_file).resolve().parent) if config_file else None,
+            "jenkins": jenkins_vars(self.env),
+            "dataset": {"dir": str(cfg.train_data_dir), "samples": len(self.dataset),
+                        "fingerprint": self.checked.data_fingerprint},
+            "versions": library_versions(),
+            "device": _device_info(self.device),
+            "times": {"first_started": previous.get("times", {}).get("first_started", self._started),
+                      "started": self._started, "finished": time.time() if status != "running" else None},
+            "resumes": resumes,
+            "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
+            "peak_memory_mib": self.peak_memory_mib(),
+            **extra,
+        }
+        atomic_write_json(path, data)
+
+    def cleanup(self) -> None:
+        self.logs.close()
+        if self.task is not None and hasattr(self.task, "detach"):
+            self.task.detach()
+        self.task = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def fail(self, outcome: str, error: str) -> None:
+        """Record a failed or cancelled end in run.json (the caller reports the event)."""
+        if self.task is not None and self.cfg.output_dir.exists():
+            self._write_run_json(outcome, error=error)
+
+    def run(self) -> JobResult:
+        """setup + train + cleanup, with a cancelled or failed end reported and recorded."""
+        try:
+            self.setup()
+            result = self.train()
+            self.reporter.emit(event("finished", outcome="succeeded", final_loss=result.final_loss,
+                                     output_dir=str(self.cfg.output_dir), step=result.steps))
+            return result
+        except TrainingInterrupted:
+            self.fail("cancelled", "stopped on request")
+            self.reporter.emit(event("finished", outcome="cancelled", step=self.state.global_step))
+            return JobResult("cancelled", self.cfg.output_dir, None, self.state.global_step, None, self.resumed_from)
+        except BaseException as e:
+            if not isinstance(e, ConfigError):
+                self.fail("failed", f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            self.cleanup()
+
+
+def _device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "torch_cuda": torch.version.cuda}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_memory_mib=props.total_memory // 2**20)
+    else:
+        import platform
+
+        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
