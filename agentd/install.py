@@ -1,0 +1,180 @@
+"""`agentd install-service`: put the systemd unit and its snippets in place on a GPU box.
+
+What it does, in order (every step is listed in the returned lines; `dry_run` lists without doing):
+
+1. /etc/systemd/system/agentd.service   from systemd/agentd.service, ExecStart= rewritten to
+                                        <venv>/bin/agentd (replaced on every install: change settings
+                                        with `systemctl edit agentd`, which survives re-installs)
+2. /etc/sysusers.d/agentd.conf          from systemd/agentd.sysusers (user/group agentd)
+3. /etc/tmpfiles.d/agentd.conf          from systemd/agentd.tmpfiles (/srv/agentd)
+4. runs `systemd-sysusers` and `systemd-tmpfiles --create` on those two files, when present
+5. /etc/agentd/agentd.yaml              from configs/agentd.yaml, only when absent (never overwritten);
+                                        mode 0640, group agentd, so the daemon can read it
+6. runs `systemctl daemon-reload` when systemd is running
+
+It does not enable or start the service: the Jenkins token and the settings come first (next steps).
+
+`root` makes it testable: everything is written under it, and the commands (which act on the real
+system) are skipped when it is not "/".
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+# The source checkout: `make install-service` runs from an editable install, so systemd/ and configs/
+# sit next to the package.
+SOURCE_DIR = Path(__file__).resolve().parent.parent
+
+UNIT_PATH = Path("etc/systemd/system/agentd.service")
+SYSUSERS_PATH = Path("etc/sysusers.d/agentd.conf")
+TMPFILES_PATH = Path("etc/tmpfiles.d/agentd.conf")
+SETTINGS_PATH = Path("etc/agentd/agentd.yaml")
+TOKEN_PATH = Path("etc/agentd/jenkins-token")
+
+
+class InstallError(RuntimeError):
+    """A step failed; the message says which and how to finish by hand."""
+
+
+def rewrite_exec_start(unit_text: str, executable: Path) -> str:
+    """Point the unit's ExecStart= (not ExecStartPre= etc.) at `executable`, keeping its arguments."""
+    exe = str(executable)
+    if re.search(r"\s", exe):
+        exe = '"' + exe.replace("\\", "\\\\").replace('"', '\\"') + '"'  # systemd's quoting
+    new, count = re.subn(r"^ExecStart=\S+", lambda _m: "ExecStart=" + exe, unit_text, flags=re.M)
+    if count != 1:
+        raise InstallError(f"expected exactly one ExecStart= line in the unit, found {count}")
+    return new
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    # Write next to the target and rename: a crash never leaves a half-written unit or config.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _unreadable_parent(path: Path) -> Optional[Path]:
+    """The first folder above `path` that other users (hence user agentd) cannot traverse."""
+    for parent in reversed(path.parents):
+        try:
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                return parent
+        except OSError:
+            return None  # does not exist: reported separately
+    return None
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InstallError(f"`{' '.join(cmd)}` failed ({proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()}")
+
+
+def next_steps() -> list[str]:
+    return [
+        "Next steps:",
+        "  1. Put the Jenkins API token in /etc/agentd/jenkins-token, readable by root only",
+        "     (systemd hands it to the service as a credential):",
+        "       sudo sh -c 'umask 077 && cat > /etc/agentd/jenkins-token'   # paste the token, then Ctrl-D",
+        "  2. Edit /etc/agentd/agentd.yaml (Jenkins URL and user, node name, labels, stop_timeout_s).",
+        "  3. Start it now and at every boot:  sudo systemctl enable --now agentd",
+        "  4. Follow its log:                  journalctl -u agentd -f",
+        "  5. Check it:                        agentd status",
+        "     (as root, or as a member of group agentd:  sudo usermod -aG agentd $USER, then log in again)",
+    ]
+
+
+def install_service(prefix_venv: Path, dry_run: bool = False, root: Path = Path("/"),
+                    source: Path = SOURCE_DIR) -> list[str]:
+    """Install the unit for the agentd in virtual environment `prefix_venv`.
+
+    Returns the lines to print: what was done (or, with `dry_run`, what would be done; nothing is
+    written or run), then the next steps. Raises InstallError when a step fails, PermissionError
+    when a real install (root "/") is not run as root.
+    """
+    root = Path(root)
+    live = root == Path("/")  # acting on this machine, not on a test tree
+    if live and not dry_run and os.geteuid() != 0:
+        raise PermissionError("install-service writes to /etc and creates a system user: run it as "
+                              "root, e.g.  sudo .venv/bin/agentd install-service")
+    verb = "would " if dry_run else ""
+    lines: list[str] = []
+
+    executable = Path(os.path.abspath(prefix_venv)) / "bin" / "agentd"
+    if not executable.exists():
+        lines.append(f"warning: {executable} does not exist (yet); the service will not start without it")
+    else:
+        blocked = _unreadable_parent(executable)
+        if blocked is not None:
+            lines.append(f"warning: user agentd cannot reach {executable}: {blocked} is closed to other "
+                         f"users. Install agentd outside private home folders, e.g. under /opt/agentd.")
+
+    unit = rewrite_exec_start((source / "systemd/agentd.service").read_text(encoding="utf-8"), executable)
+    files = [
+        (UNIT_PATH, unit),
+        (SYSUSERS_PATH, (source / "systemd/agentd.sysusers").read_text(encoding="utf-8")),
+        (TMPFILES_PATH, (source / "systemd/agentd.tmpfiles").read_text(encoding="utf-8")),
+    ]
+    for rel, text in files:
+        dest = root / rel
+        if not dry_run:
+            _write(dest, text, 0o644)
+        lines.append(f"{verb}install {dest}")
+    lines.append(f"  ExecStart={executable} serve --config /{SETTINGS_PATH}")
+
+    # The user must exist before the settings file can be given to its group, and /srv/agentd
+    # before the unit can start (ReadWritePaths=).
+    for tool, args, dest in (("systemd-sysusers", [], SYSUSERS_PATH),
+                             ("systemd-tmpfiles", ["--create"], TMPFILES_PATH)):
+        cmd = [tool, *args, str(root / dest)]
+        if not live:
+            lines.append(f"skip `{' '.join(cmd)}` (installing under {root}, not /)")
+        elif shutil.which(tool) is None:
+            lines.append(f"skip `{tool}`: not installed. Do by hand what {root / dest} says "
+                         f"(e.g. useradd --system --home-dir /var/lib/agentd --shell /usr/sbin/nologin "
+                         f"--groups video agentd; install -d -m 0770 -o agentd -g agentd /srv/agentd)")
+        else:
+            if not dry_run:
+                _run(cmd)
+            lines.append(f"{verb}run `{' '.join(cmd)}`")
+
+    settings = root / SETTINGS_PATH
+    example = source / "configs/agentd.yaml"
+    if settings.exists():
+        lines.append(f"keep existing {settings} (never overwritten)")
+    elif not example.exists():
+        lines.append(f"warning: no example settings at {example}; write {settings} yourself")
+    else:
+        lines.append(f"{verb}create {settings} from {example}")
+        if not dry_run:
+            settings.parent.mkdir(parents=True, exist_ok=True)
+            _write(settings, example.read_text(encoding="utf-8"), 0o640)
+            if live:
+                try:
+                    shutil.chown(settings, group="agentd")  # the daemon (user agentd) must read it
+                except (LookupError, OSError):
+                    os.chmod(settings, 0o644)
+                    lines.append(f"  group agentd not found: made {settings} world-readable instead")
+
+    if not live:
+        lines.append(f"skip `systemctl daemon-reload` (installing under {root}, not /)")
+    elif shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+        lines.append("skip `systemctl daemon-reload`: systemd is not running on this machine")
+    else:
+        if not dry_run:
+            _run(["systemctl", "daemon-reload"])
+        lines.append(f"{verb}run `systemctl daemon-reload`")
+
+    if not (root / TOKEN_PATH).exists():
+        lines.append(f"note: /{TOKEN_PATH} does not exist yet (step 1 below)")
+    return lines + [""] + next_steps()
