@@ -15,16 +15,16 @@ Cross-field checks live in one place: `TrainConfig._cross_field_checks`.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.errors import ConfigError, Problem
+from trainer.yaml_schema import read_yaml_mapping, resolve_relative, validate_model
 
 # The UNet attention projections: what most SD LoRA trainers (kohya, diffusers' example) adapt by default.
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -226,116 +226,20 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
 
 def parse_config(text: str, *, base_dir: Path, source: str = "config",
                  overrides: dict | None = None) -> TrainConfig:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        msg = getattr(e, "problem", None) or str(e)
-        raise ConfigError([Problem("<yaml>", f"YAML syntax error: {msg}",
-                                   "fix the YAML syntax at that line (indentation, quotes, colons)",
-                                   line=line)], source)
-    if raw is None:
-        raise ConfigError([Problem("<file>", "config is empty",
-                                   "write a mapping with at least train_data_dir, base_model, output_dir")],
-                          source)
-    if not isinstance(raw, dict):
-        kind = type(raw).__name__
-        raise ConfigError([Problem("<top level>", f"expected a mapping of key: value, found a {kind}",
-                                   "remove the leading '- ' list markers so each key sits at the top level",
-                                   line=1)], source)
-    lines = _key_lines(node)
+    raw, lines = read_yaml_mapping(text, source, empty_fix="write a mapping with at least train_data_dir, "
+                                                           "base_model, output_dir")
     if overrides:
         raw.update(overrides)
     raw = _resolve_paths(raw, base_dir)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_problems_from(e, raw, lines), source) from None
-
-
-def _key_lines(node) -> dict[tuple, int]:
-    """(key, subkey, ...) -> 1-based line of that key in the YAML text."""
-    out: dict[tuple, int] = {}
-
-    def walk(n, prefix):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = prefix + (k.value,)
-                out[key] = k.start_mark.line + 1
-                walk(v, key)
-
-    walk(node, ())
-    return out
+    return validate_model(TrainConfig, raw, lines, source)
 
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
-    raw = dict(raw)
-    for key in PATH_FIELDS:
-        value = raw.get(key)
-        if isinstance(value, str) and value.strip():
-            p = Path(value).expanduser()
-            raw[key] = str(p if p.is_absolute() else (base_dir / p).resolve())
+    raw = resolve_relative(raw, PATH_FIELDS, base_dir)
     resume = raw.get("resume")
     if isinstance(resume, str) and resume not in ("auto", "never") and resume.strip():
-        p = Path(resume).expanduser()
-        raw["resume"] = str(p if p.is_absolute() else (base_dir / p).resolve())
+        raw = resolve_relative(raw, ("resume",), base_dir)
     return raw
-
-
-_FIXES = {
-    "missing": "add this key",
-    "greater_than": "use a positive value",
-    "greater_than_equal": "use a value at or above the minimum",
-    "less_than": "use a smaller value",
-    "int_parsing": "write a whole number",
-    "int_from_float": "write a whole number",
-    "float_parsing": "write a number, e.g. 2e-4",
-    "bool_parsing": "write true or false",
-    "literal_error": "use one of the allowed values",
-    "string_pattern_mismatch": "use letters, digits, '.', '_' or '-'",
-}
-
-
-def _problems_from(err: ValidationError, raw: dict, lines: dict[tuple, int]) -> list[Problem]:
-    problems = []
-    for e in err.errors():
-        loc = tuple(str(x) for x in e["loc"])
-        kind = e["type"]
-        if kind == "value_error" and not loc:
-            # Cross-field checks raise a JSON list of (field, message, fix, value).
-            try:
-                items = json.loads(str(e["ctx"]["error"]))
-            except (KeyError, ValueError):
-                items = [("<config>", e["msg"], "", None)]
-            for field, message, fix, value in items:
-                problems.append(Problem(field, message, fix, value, lines.get((field,))))
-            continue
-        field = ".".join(loc) or "<config>"
-        line = _line_for(loc, lines)
-        if kind == "extra_forbidden":
-            model = OptimizerConfig if loc[:1] == ("optimizer",) else TrainConfig
-            close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
-            fix = f"did you mean '{close[0]}'?" if close else "remove it; see configs/ for the valid keys"
-            problems.append(Problem(field, "unknown key", fix, None, line))
-            continue
-        fix = _FIXES.get(kind, "")
-        if kind == "literal_error":
-            fix = f"use one of: {e['ctx']['expected']}"
-        value = e.get("input") if kind != "missing" else None
-        if isinstance(value, dict):
-            value = None
-        problems.append(Problem(field, e["msg"].lower() if kind != "missing" else "required key is missing",
-                                fix, value, line))
-    return problems
-
-
-def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
-    for n in range(len(loc), 0, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -1,0 +1,68 @@
+"""The `agentd` command line. Subcommands are a table of handlers, imported only when used,
+so `agentd --help` and `agentd status` stay fast and never import torch.
+
+Exit codes (agentd run): 0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name: (module under agentd.commands, one-line help)
+COMMANDS = {
+    "serve": ("serve", "run the daemon (systemd runs this)"),
+    "run": ("run", "submit a training config and stream it (what a Jenkins step runs)"),
+    "status": ("status", "daemon, Jenkins link, GPUs, running job, queue, recent jobs"),
+    "jobs": ("jobs", "list jobs"),
+    "cancel": ("jobs", "cancel a job"),
+    "logs": ("jobs", "print a job's events (--follow to stream)"),
+    "drain": ("jobs", "finish the running job, take no new ones (node offline in Jenkins)"),
+    "undrain": ("jobs", "take jobs again"),
+    "validate": ("validate", "check a training config; VRAM estimate and batch-size advice"),
+    "demo": ("demo", "run the tiny demo job through an embedded daemon"),
+    "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
+    "install-service": ("install", "install the systemd unit and the agentd user"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="agentd", description="GPU training agent for Jenkins.")
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] == "--version":
+        from agentd import __version__
+
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}")
+    module = importlib.import_module(f"agentd.commands.{COMMANDS[name][0]}")
+    return int(module.main(name, argv[1:]) or 0)
+
+
+def add_socket_arg(p: argparse.ArgumentParser) -> None:
+    """Every client command takes --socket (default: $AGENTD_SOCKET, else /run/agentd/agentd.sock)."""
+    from agentd.paths import default_socket
+
+    p.add_argument("--socket", type=str, default=None,
+                   help=f"control socket (default: $AGENTD_SOCKET or {default_socket()})")
+
+
+def socket_path(args):
+    from pathlib import Path
+
+    from agentd.paths import default_socket
+
+    return Path(args.socket) if args.socket else default_socket()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

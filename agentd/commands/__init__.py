@@ -1,0 +1,1 @@
+"""One module per `agentd` subcommand group; each exposes main(name, argv) -> exit code."""

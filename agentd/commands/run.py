@@ -1,0 +1,177 @@
+"""agentd run CONFIG: the command a Jenkins build step runs.
+
+It validates the config locally (exit 2 with every problem), submits it with the Jenkins variables,
+prints every event as one plain line (stdout is the Jenkins console), and exits with the job's outcome:
+0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable.
+
+- A Jenkins abort (SIGTERM/SIGINT) forwards a cancel at once: the training is the daemon's, not this
+  process's child. The job checkpoints at its next step boundary; this command waits for that and
+  exits 3.
+- If this process dies (agent link lost), the job goes on; `agentd run` on the same config while that
+  job is queued or running attaches to it instead of submitting a second one.
+- If the daemon goes away (restart, crash), this command retries the socket with backoff, printing
+  each try, and re-attaches to the same job id when the daemon is back.
+- `--detach` submits and returns at once with the job id.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+EXIT = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3, "unreachable": 4}
+JENKINS_ENV = ("JOB_NAME", "BUILD_NUMBER", "BUILD_URL", "BUILD_TAG", "GIT_COMMIT", "GIT_BRANCH", "WORKSPACE",
+               "NODE_NAME")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(name: str, argv: list[str]) -> int:
+    from agentd.cli import add_socket_arg, socket_path
+
+    p = argparse.ArgumentParser(prog="agentd run", description="Submit a training config and stream it.")
+    p.add_argument("config")
+    p.add_argument("--detach", action="store_true", help="submit and return the job id")
+    p.add_argument("--reconnect-timeout", type=float, default=600.0,
+                   help="how long to keep retrying when the daemon goes away (seconds)")
+    add_socket_arg(p)
+    args = p.parse_args(argv)
+    sock = socket_path(args)
+
+    from trainer.errors import ConfigError
+    from trainer.preflight import preflight
+
+    path = Path(args.config).resolve()
+    try:
+        checked = preflight(path)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return EXIT["invalid"]
+    for w in checked.warnings:
+        say(f"WARNING: {w}")
+    env = {k: os.environ[k] for k in JENKINS_ENV if os.environ.get(k)}
+    msg = {"op": "submit", "config_path": str(path), "config_text": path.read_text(encoding="utf-8"),
+           "env": env, "detach": args.detach}
+    return Follower(sock, args.reconnect_timeout).submit(msg)
+
+
+class Follower:
+    """Streams one job's events, forwards a cancel on SIGTERM/SIGINT, and survives daemon restarts."""
+
+    def __init__(self, sock: Path, reconnect_timeout: float):
+        self.sock = sock
+        self.reconnect_timeout = reconnect_timeout
+        self.job_id: str | None = None
+        self.last_seq = 0
+        self.cancel_wanted = False
+        self.cancel_sent = False
+
+    def _on_signal(self, signum, _frame):
+        self.cancel_wanted = True  # only a flag: the follow loop sends the cancel
+
+    def submit(self, msg: dict) -> int:
+        from agentd.client import DaemonUnreachable, open_request
+
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            conn = open_request(self.sock, {"op": "submit", **{k: v for k, v in msg.items() if k != "op"}})
+        except DaemonUnreachable as e:
+            print(f"agentd run: {e}", file=sys.stderr)
+            return EXIT["unreachable"]
+        reply = conn.reply
+        if not reply.get("ok"):
+            err = reply.get("error", {})
+            print(f"agentd run: {err.get('message')}", file=sys.stderr)
+            return EXIT["invalid"] if err.get("code") == "invalid_config" else EXIT["failed"]
+        self.job_id = reply["job_id"]
+        if reply.get("attached"):
+            say(f"attached to {self.job_id}, already queued or running for this output folder")
+        else:
+            say(f"submitted {self.job_id}")
+        if msg.get("detach"):
+            conn.close()
+            return EXIT["succeeded"]
+        return self.follow(conn)
+
+    def follow(self, conn) -> int:
+        from trainer.events import format_event
+
+        while True:
+            outcome = None
+            try:
+                while True:
+                    if self.cancel_wanted and not self.cancel_sent:
+                        self._send_cancel()
+                    try:
+                        m = conn.next_message(timeout=0.5)
+                    except socket.timeout:
+                        continue
+                    if m is None:
+                        break
+                    ev = m.get("event")
+                    if ev is None:
+                        continue
+                    if ev.get("seq", 0) <= self.last_seq:
+                        continue  # replayed after a re-attach: already printed
+                    self.last_seq = ev.get("seq", self.last_seq)
+                    line = format_event(ev)
+                    if line:
+                        say(line)
+                    if ev.get("type") == "finished":
+                        outcome = ev.get("outcome")
+                        break
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            if outcome is not None:
+                return EXIT.get(outcome, EXIT["failed"])
+            conn = self._reattach()
+            if conn is None:
+                say(f"gave up: agentd did not come back within {self.reconnect_timeout:.0f} s; the job "
+                    f"{self.job_id} resumes when the daemon starts (`agentd logs {self.job_id} --follow`)")
+                return EXIT["unreachable"]
+
+    def _send_cancel(self) -> None:
+        from agentd.client import DaemonUnreachable, request
+
+        self.cancel_sent = True
+        try:
+            reply = request(self.sock, {"op": "cancel", "job_id": self.job_id})
+            say(f"cancel requested for {self.job_id} ({reply.get('state')}): "
+                "it saves a checkpoint at the next step boundary")
+        except DaemonUnreachable as e:
+            say(f"could not forward the cancel: {e}")
+
+    def _reattach(self):
+        """Retry the socket with backoff (each try printed) and re-attach to the same job."""
+        from agentd.client import DaemonUnreachable, open_request
+
+        say(f"lost the connection to agentd while following {self.job_id}; reconnecting")
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay, attempt = 1.0, 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            try:
+                conn = open_request(self.sock, {"op": "attach", "job_id": self.job_id, "after_seq": self.last_seq})
+                if conn.reply.get("ok"):
+                    say(f"re-attached to {self.job_id} ({conn.reply.get('state')})")
+                    return conn
+                conn.close()
+                say(f"re-attach failed: {conn.reply.get('error', {}).get('message')}")
+                return None
+            except DaemonUnreachable as e:
+                wait = min(delay, max(0.0, deadline - time.monotonic()))
+                say(f"retry {attempt}: {e}; next try in {wait:.0f} s")
+                if self.cancel_wanted and not self.cancel_sent:
+                    say("cancel pending: it will be sent when agentd is back")
+                time.sleep(wait)
+                delay = min(delay * 2, 15.0)
+        return None

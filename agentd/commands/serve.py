@@ -1,0 +1,32 @@
+"""agentd serve [--config agentd.yaml]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(name: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="agentd serve", description="Run the agentd daemon in the foreground.")
+    p.add_argument("--config", help="settings file (see configs/agentd.yaml); default: built-in defaults")
+    p.add_argument("--socket", help="override the settings' control socket path")
+    args = p.parse_args(argv)
+    from agentd.server import SocketInUse
+    from agentd.settings import EXIT_BAD_SETTINGS, load_settings
+    from trainer.errors import ConfigError
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    if args.socket:
+        from pathlib import Path
+
+        settings.socket = Path(args.socket).resolve()
+    from agentd.daemon import serve
+
+    try:
+        return serve(settings)
+    except SocketInUse as e:
+        print(f"agentd: {e}", file=sys.stderr)
+        return 1

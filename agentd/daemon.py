@@ -1,0 +1,248 @@
+"""`agentd serve`: the long-running daemon.
+
+Start order: settings -> journal -> GPU probe and slots -> scheduler (re-queues interrupted jobs
+first) -> control socket -> Jenkins link (tried once) -> READY=1. Then the main loop: it alone
+sends WATCHDOG=1 (only while the scheduler's dispatcher is alive), keeps STATUS= current, runs the
+daily retention pass, refreshes metrics and tells the Jenkins link when the node must go offline.
+
+Signals only set flags (SIGTERM/SIGINT: stop; SIGHUP: reload nothing yet, log). On stop: STOPPING=1,
+the control socket closes, running jobs checkpoint at their next step boundary and are journaled
+interrupted (bounded by `stop_timeout_s`), queued jobs stay queued, the process exits 0.
+"""
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import threading
+import time
+
+from agentd import __version__
+from agentd.settings import Settings
+
+log = logging.getLogger("agentd")
+
+STATUS_GPU_TTL_S = 1.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, probe=None):
+        self.settings = settings
+        self.version = __version__
+        self.started = time.time()
+        self.probe = probe
+        self._stop = threading.Event()
+        self._gpu_cache: tuple[float, list] = (0.0, [])
+        self._last_gc = 0.0
+        self.link = None
+        self.agent = None
+        self.watcher = None
+        self.metrics = None
+
+    # --- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from agentd.gpu import probe_from_settings
+        from agentd.journal import Journal
+        from agentd.scheduler import Scheduler
+        from agentd.server import ControlServer, bind_socket
+        from trainer.model_cache import BaseModelCache
+
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(s.journal_path)
+        if self.probe is None:
+            self.probe = probe_from_settings(s)
+        self.slots = self._make_slots()
+        self.scheduler = Scheduler(
+            self.journal, self.slots, base_cache=BaseModelCache(s.model_cache_size), probe=self.probe,
+            estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
+            vram_margin_mib=s.vram_margin_mib, gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s,
+            max_foreign_vram_mib=s.max_foreign_vram_mib)
+        recovered = self.scheduler.start()
+        if recovered:
+            log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
+        sock = bind_socket(s.socket, int(s.socket_mode, 8), s.socket_group)
+        self.server = ControlServer(self, sock, max_bytes=s.max_message_bytes, idle_timeout=s.idle_client_timeout_s)
+        self.server.start()
+        log.info("agentd %s listening on %s (%s)", self.version, s.socket,
+                 ", ".join(sl.name for sl in self.slots))
+        self._start_jenkins()
+        if s.metrics.enabled:
+            from agentd.metrics import Metrics
+
+            self.metrics = Metrics()
+            port = self.metrics.start(s.metrics.host, s.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", s.metrics.host, port)
+
+    def _make_slots(self):
+        from agentd.gate import CPU_SLOT
+        from agentd.scheduler import Slot
+
+        wanted = self.settings.slots
+        if wanted == "auto":
+            gpus = self.probe.list_gpus()
+            if not gpus:
+                log.info("no GPU: %s; one CPU slot", getattr(self.probe, "reason", "none found"))
+                return [Slot(CPU_SLOT, "cpu")]
+            return [Slot(g.index, f"cuda:{g.index}") for g in gpus]
+        slots = []
+        for name in wanted:
+            if name == "cpu":
+                slots.append(Slot(CPU_SLOT, "cpu"))
+            else:
+                slots.append(Slot(int(name.split(":", 1)[1]) if ":" in name else 0, name))
+        return slots
+
+    def _start_jenkins(self) -> None:
+        """The Jenkins link (node registration, agent.jar, offline while blocked, folder trigger)."""
+        j = self.settings.jenkins
+        if not j.enabled:
+            return
+        from agentd.jenkins.integration import start_jenkins
+
+        self.link, self.agent, self.watcher = start_jenkins(self)
+
+    # --- status -----------------------------------------------------------------------------------
+    def gpus(self) -> list:
+        """GPU facts, probed at most once a second (status must answer fast)."""
+        stamp, facts = self._gpu_cache
+        if time.monotonic() - stamp > STATUS_GPU_TTL_S:
+            facts = self.probe.list_gpus()
+            self._gpu_cache = (time.monotonic(), facts)
+        return facts
+
+    def status(self) -> dict:
+        sched = self.scheduler.snapshot()
+        gpus = {g.index: g for g in self.gpus()}
+        slots = []
+        for sl in self.slots:
+            g = gpus.get(sl.index)
+            slots.append({"name": sl.name, "index": sl.index, "job": sched["busy_slots"].get(str(sl.index)),
+                          "healthy": g.healthy if g else sl.index < 0, "gpu": g.to_dict() if g else None})
+        recent = [_recent_view(r) for r in self.journal.jobs(("succeeded", "failed", "cancelled"), limit=10,
+                                                            newest_first=True)]
+        return {
+            "daemon": {"pid": os.getpid(), "version": self.version, "uptime_s": round(time.time() - self.started, 1),
+                       "socket": str(self.settings.socket), "protocol": 1, "draining": sched["draining"],
+                       "gpu_probe": getattr(self.probe, "reason", "") if not self.probe.available else "nvml"},
+            "jenkins": self.link.status() if self.link else {"state": "disabled"},
+            "agent": self.agent.status() if self.agent else None,
+            "slots": slots,
+            "running": sched["running"],
+            "queue": sched["queue"],
+            "recent": recent,
+            "counters": sched["counters"],
+            "model_cache": {"entries": len(self.scheduler.base_cache.keys()),
+                            "hits": self.scheduler.base_cache.hits, "misses": self.scheduler.base_cache.misses},
+        }
+
+    def jobs(self, limit: int) -> list[dict]:
+        return [_recent_view(r) | {"state": r["state"]} for r in self.journal.jobs(limit=limit, newest_first=True)]
+
+    def status_line(self) -> str:
+        snap = self.scheduler.snapshot()
+        gpu_count = sum(1 for s in self.slots if s.index >= 0)
+        where = f"{gpu_count} GPU" if gpu_count else "CPU only"
+        link = f" · jenkins {self.link.status().get('state')}" if self.link else ""
+        if snap["running"]:
+            r = snap["running"][0]
+            return f"training {r['id']} step {r.get('step') or 0}/{r.get('total_steps') or '?'} · {where}{link}"
+        state = "draining" if snap["draining"] else "idle"
+        queued = f" · {len(snap['queue'])} queued" if snap["queue"] else ""
+        return f"{state} · {where}{queued}{link}"
+
+    # --- main loop --------------------------------------------------------------------------------
+    def request_stop(self, *_):
+        self._stop.set()  # signal handlers only set flags; the loop does the work
+
+    def run(self) -> int:
+        from agentd.notify import Notifier
+
+        notifier = Notifier(unset_environment=True)
+        self.setup()
+        notifier.ready(self.status_line())
+        while not self._stop.wait(0.5):
+            if self.scheduler._dispatcher.is_alive():
+                notifier.watchdog_tick()
+            notifier.status(self.status_line())
+            self._periodic()
+        notifier.stopping("stopping: checkpointing running jobs")
+        self.shutdown()
+        return 0
+
+    def _periodic(self) -> None:
+        now = time.time()
+        if now - self._last_gc > 86400:
+            self._last_gc = now
+            try:
+                from agentd.gc import collect
+
+                collect(self.settings, self.journal, dry_run=False)
+            except Exception:
+                log.exception("retention pass failed")
+        if self.metrics is not None:
+            self.metrics.update(self._metrics_snapshot())
+        if self.link is not None:
+            from agentd.gate import node_blocked_reason
+
+            reason = node_blocked_reason(self.gpus(), self.settings.max_foreign_vram_mib,
+                                         self.scheduler.draining, {os.getpid()})
+            if reason:
+                self.link.request_offline(reason)
+            else:
+                self.link.request_online()
+
+    def _metrics_snapshot(self) -> dict:
+        snap = self.scheduler.snapshot()
+        return {"queue": snap["queue"],
+                "running": [{"id": r["id"], "gpu": r["slot"], "step": r.get("step"),
+                             "total_steps": r.get("total_steps"), "loss": r.get("loss")} for r in snap["running"]],
+                "gpus": [{"index": g.index, "name": g.name,
+                          "memory_used_bytes": g.memory_used_mib * 2**20 if g.memory_used_mib is not None else None,
+                          "memory_total_bytes": g.memory_total_mib * 2**20 if g.memory_total_mib is not None else None}
+                         for g in self.gpus()],
+                "counters": snap["counters"]}
+
+    def shutdown(self) -> None:
+        log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)
+        self.server.close()
+        self.scheduler.shutdown(self.settings.stop_timeout_s)
+        for part in (self.watcher, self.agent, self.link, self.metrics):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(part).__name__)
+        self.settings.socket.unlink(missing_ok=True)
+        self.journal.close()
+        log.info("stopped")
+
+
+def _recent_view(r: dict) -> dict:
+    env = r.get("env") or {}
+    return {"id": r["id"], "name": r.get("name"), "config": r.get("config_path"), "outcome": r["state"],
+            "created": r.get("created"), "started": r.get("started"), "ended": r.get("ended"),
+            "step": r.get("step"), "total_steps": r.get("total_steps"), "loss": r.get("loss"),
+            "error": r.get("error"), "output_dir": r.get("output_dir"), "build_url": env.get("BUILD_URL"),
+            "estimate_mib": r.get("estimate_mib"), "peak_mib": r.get("peak_mib")}
+
+
+def _estimator(journal):
+    """VRAM estimate for a job (MiB) and its shape key, calibrated by the journal's recorded peaks."""
+    def estimate(checked):
+        from trainer.vram_advice import estimate_for_config
+
+        return estimate_for_config(checked.config, recorded_peak=journal.recorded_peak)
+
+    return estimate
+
+
+def serve(settings: Settings, probe=None) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
+    daemon = Daemon(settings, probe)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP ignored: restart the service to reload settings"))
+    return daemon.run()

@@ -1,0 +1,220 @@
+"""The job journal: every job, its state transitions and its events, durably, in sqlite.
+
+States: queued -> gated -> running -> succeeded | failed | cancelled, plus interrupted (the job was
+running when the daemon stopped or died; it is queued again, first, at the next start, and resumes
+from its last checkpoint). WAL mode with synchronous=FULL: a committed transition survives a power cut.
+
+One connection, guarded by a lock: the daemon's threads (socket handlers, slot workers) share it.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+ACTIVE = ("queued", "gated", "running", "interrupted")
+FINAL = ("succeeded", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    state TEXT NOT NULL,
+    config_path TEXT NOT NULL,
+    config_text TEXT NOT NULL,
+    config_hash TEXT,
+    resolved TEXT,
+    output_dir TEXT,
+    name TEXT,
+    submitter TEXT,
+    env TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL,
+    requeue_first INTEGER NOT NULL DEFAULT 0,
+    slot TEXT,
+    step INTEGER,
+    total_steps INTEGER,
+    loss REAL,
+    error TEXT,
+    artifacts TEXT,
+    estimate_mib REAL,
+    peak_mib REAL,
+    shape_key TEXT
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    job_id TEXT NOT NULL, state TEXT NOT NULL, time REAL NOT NULL, detail TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
+"""
+
+JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts")
+
+
+class Journal:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, fn):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+                self._db.execute("COMMIT")
+                return out
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # --- jobs -------------------------------------------------------------------------------------
+    def create(self, *, config_path: str, config_text: str, config_hash: str, resolved: dict, output_dir: str,
+               name: str, submitter: dict, env: dict, shape_key: str | None = None,
+               estimate_mib: float | None = None) -> str:
+        now = time.time()
+
+        def fn(db):
+            cur = db.execute(
+                "INSERT INTO jobs (id, state, config_path, config_text, config_hash, resolved, output_dir, name, "
+                "submitter, env, created, shape_key, estimate_mib) VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (config_path, config_text, config_hash, json.dumps(resolved), output_dir, name,
+                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib))
+            job_id = f"job-{cur.lastrowid:06d}"
+            db.execute("UPDATE jobs SET id = ? WHERE seq = ?", (job_id, cur.lastrowid))
+            db.execute("INSERT INTO transitions VALUES (?, 'queued', ?, NULL)", (job_id, now))
+            return job_id
+
+        return self._tx(fn)
+
+    def transition(self, job_id: str, state: str, detail: str | None = None, **fields) -> None:
+        now = time.time()
+        if state == "running":
+            fields.setdefault("started", now)
+        if state in FINAL:
+            fields.setdefault("ended", now)
+        for k in JSON_COLUMNS:
+            if k in fields:
+                fields[k] = json.dumps(fields[k])
+
+        def fn(db):
+            sets = ", ".join(["state = ?"] + [f"{k} = ?" for k in fields])
+            db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (state, *fields.values(), job_id))
+            db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)", (job_id, state, now, detail))
+
+        self._tx(fn)
+
+    def update(self, job_id: str, **fields) -> None:
+        """Progress fields (step, loss, ...) without a state change."""
+        if not fields:
+            return
+        for k in JSON_COLUMNS:
+            if k in fields:
+                fields[k] = json.dumps(fields[k])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row(row) if row else None
+
+    def jobs(self, states: tuple[str, ...] | None = None, limit: int | None = None, newest_first=False) -> list[dict]:
+        q = "SELECT * FROM jobs"
+        args: list = []
+        if states:
+            q += f" WHERE state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        q += " ORDER BY " + ("seq DESC" if newest_first else "requeue_first DESC, seq ASC")
+        if limit:
+            q += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            return [_row(r) for r in self._db.execute(q, args).fetchall()]
+
+    def transitions(self, job_id: str) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, time, detail FROM transitions WHERE job_id = ? ORDER BY rowid",
+                                    (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def recover_after_start(self) -> list[str]:
+        """Jobs the last daemon left running (or gated) were interrupted: queue them again, first."""
+        def fn(db):
+            rows = db.execute("SELECT id FROM jobs WHERE state IN ('running', 'gated', 'interrupted')").fetchall()
+            now = time.time()
+            ids = [r["id"] for r in rows]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state = 'interrupted', requeue_first = 1 WHERE id = ?", (job_id,))
+                db.execute("INSERT INTO transitions VALUES (?, 'interrupted', ?, ?)",
+                           (job_id, now, "daemon restarted; resuming from the last checkpoint"))
+            return ids
+
+        return self._tx(fn)
+
+    # --- events -----------------------------------------------------------------------------------
+    def add_event(self, job_id: str, seq: int, event: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                             (job_id, seq, event.get("time", time.time()), json.dumps(event, default=str)))
+
+    def events(self, job_id: str, after_seq: int = 0) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+                                    (job_id, after_seq)).fetchall()
+        return [json.loads(r["body"]) for r in rows]
+
+    def last_event_seq(self, job_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) AS m FROM events WHERE job_id = ?", (job_id,)).fetchone()
+        return row["m"] or 0
+
+    # --- calibration and retention ----------------------------------------------------------------
+    def recorded_peak(self, shape_key: str) -> float | None:
+        """The largest measured peak of a finished job with the same base model and shape."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(peak_mib) AS p FROM jobs WHERE shape_key = ? AND peak_mib IS NOT NULL",
+                                   (shape_key,)).fetchone()
+        return row["p"]
+
+    def expired(self, before: float) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN ('succeeded','failed','cancelled') AND COALESCE(ended, created) < ?",
+                (before,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def delete_jobs(self, ids: list[str]) -> None:
+        def fn(db):
+            for job_id in ids:
+                for table in ("jobs", "transitions", "events"):
+                    col = "id" if table == "jobs" else "job_id"
+                    db.execute(f"DELETE FROM {table} WHERE {col} = ?", (job_id,))
+
+        self._tx(fn)
+
+
+def _row(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    for k in JSON_COLUMNS:
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    return d

@@ -1,0 +1,224 @@
+"""The control server: a Unix socket whose file mode is the access control.
+
+Each connection gets a thread; a connection carries one request (and, for submit/attach/logs --follow,
+the event stream that follows it). Bad input never takes the daemon down: malformed JSON, an
+oversized or unterminated line, an unknown op or a wrong protocol version gets an error reply and
+the connection is closed; a client that connects and says nothing is dropped after
+`idle_client_timeout_s`. The peer's uid/pid (SO_PEERCRED) is recorded with each submitted job.
+"""
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import queue
+import socket
+import struct
+import threading
+from pathlib import Path
+
+from agentd.protocol import LineReader, ProtocolError, check_request, encode, error
+from agentd.scheduler import SubmitRefused
+
+log = logging.getLogger("agentd.server")
+
+
+class SocketInUse(Exception):
+    pass
+
+
+def peer_credentials(conn: socket.socket) -> dict:
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    return {"pid": pid, "uid": uid, "gid": gid, "user": user}
+
+
+def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
+    """Bind the control socket; refuse if a live daemon holds it, clean it if stale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError, socket.timeout, OSError):
+            log.info("removing stale socket %s", path)
+            path.unlink(missing_ok=True)
+        else:
+            raise SocketInUse(f"{path} is held by a running agentd; stop it first or use another --socket")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 ^ mode)  # the socket is never reachable with looser permissions, even briefly
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    sock.listen(64)
+    return sock
+
+
+class ControlServer:
+    def __init__(self, daemon, sock: socket.socket, *, max_bytes: int, idle_timeout: float):
+        self.daemon = daemon
+        self.sock = sock
+        self.max_bytes = max_bytes
+        self.idle_timeout = idle_timeout
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    # --- one connection ---------------------------------------------------------------------------
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.idle_timeout)
+            reader = LineReader(conn, self.max_bytes)
+            try:
+                msg = reader.read_message()
+                if msg is None:
+                    return
+                op = check_request(msg)
+                handler = getattr(self, f"op_{op}", None)
+                if handler is None:
+                    raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {', '.join(self.ops())}")
+                conn.settimeout(None)
+                handler(conn, msg)
+            except ProtocolError as e:
+                self._send(conn, error(e.code, e.message))
+            except SubmitRefused as e:
+                self._send(conn, error(e.code, e.message, **e.details))
+            except socket.timeout:
+                log.debug("dropping a client that sent nothing for %.0f s", self.idle_timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as e:  # a bug in one handler must not take the daemon down
+                log.exception("control request failed")
+                self._send(conn, error("internal", f"{type(e).__name__}: {e}"))
+
+    @classmethod
+    def ops(cls) -> list[str]:
+        return sorted(n[3:] for n in dir(cls) if n.startswith("op_"))
+
+    @staticmethod
+    def _send(conn: socket.socket, msg: dict) -> bool:
+        try:
+            conn.sendall(encode(msg))
+            return True
+        except OSError:
+            return False
+
+    def _stream(self, conn: socket.socket, job_id: str, after_seq: int, follow: bool = True) -> None:
+        """Send the job's events after `after_seq`, then the live ones until it ends or the client leaves."""
+        sched = self.daemon.scheduler
+        backlog, q = sched.subscribe(job_id, after_seq)
+        try:
+            for ev in backlog:
+                if not self._send(conn, {"event": ev}):
+                    return
+            if q is None or not follow:
+                return
+            while True:
+                try:
+                    ev = q.get(timeout=1.0)
+                except queue.Empty:
+                    if _peer_gone(conn):
+                        return  # the client died: the job goes on without it
+                    continue
+                if ev is None or not self._send(conn, {"event": ev}):
+                    return
+        finally:
+            if q is not None:
+                sched.unsubscribe(job_id, q)
+
+    # --- ops --------------------------------------------------------------------------------------
+    def op_ping(self, conn, msg) -> None:
+        self._send(conn, {"ok": True, "pid": os.getpid(), "version": self.daemon.version})
+
+    def op_submit(self, conn, msg) -> None:
+        path, text = msg.get("config_path"), msg.get("config_text")
+        if not isinstance(path, str) or not isinstance(text, str):
+            raise ProtocolError("bad_request", "submit needs config_path and config_text (strings)")
+        env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
+        job_id, attached = self.daemon.scheduler.submit(config_path=path, config_text=text, env=env,
+                                                        submitter=peer_credentials(conn))
+        self._send(conn, {"ok": True, "job_id": job_id, "attached": attached})
+        if not msg.get("detach"):
+            self._stream(conn, job_id, 0)
+
+    def op_attach(self, conn, msg) -> None:
+        job_id = str(msg.get("job_id", ""))
+        rec = self.daemon.scheduler.journal.get(job_id)
+        if rec is None:
+            raise SubmitRefused("not_found", f"no job {job_id}")
+        self._send(conn, {"ok": True, "job_id": job_id, "state": rec["state"]})
+        self._stream(conn, job_id, int(msg.get("after_seq") or 0))
+
+    def op_logs(self, conn, msg) -> None:
+        job_id = str(msg.get("job_id", ""))
+        if self.daemon.scheduler.journal.get(job_id) is None:
+            raise SubmitRefused("not_found", f"no job {job_id}")
+        self._send(conn, {"ok": True, "job_id": job_id})
+        self._stream(conn, job_id, int(msg.get("after_seq") or 0), follow=bool(msg.get("follow")))
+
+    def op_cancel(self, conn, msg) -> None:
+        job_id = str(msg.get("job_id", ""))
+        state = self.daemon.scheduler.cancel(job_id)
+        self._send(conn, {"ok": True, "job_id": job_id, "state": state})
+
+    def op_status(self, conn, msg) -> None:
+        self._send(conn, {"ok": True, "status": self.daemon.status()})
+
+    def op_jobs(self, conn, msg) -> None:
+        limit = int(msg.get("limit") or 50)
+        self._send(conn, {"ok": True, "jobs": self.daemon.jobs(limit)})
+
+    def op_drain(self, conn, msg) -> None:
+        self.daemon.scheduler.set_draining(True)
+        self._send(conn, {"ok": True, "draining": True})
+
+    def op_undrain(self, conn, msg) -> None:
+        self.daemon.scheduler.set_draining(False)
+        self._send(conn, {"ok": True, "draining": False})
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    try:
+        conn.setblocking(False)
+        try:
+            data = conn.recv(1, socket.MSG_PEEK)
+            return data == b""
+        except BlockingIOError:
+            return False
+        finally:
+            conn.setblocking(True)
+    except OSError:
+        return True
