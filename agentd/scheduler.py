@@ -167,7 +167,9 @@ class Scheduler:
             job = LiveJob(job_id, self.journal.get(job_id))
             self.live[job_id] = job
             self.order.append(job_id)
-            self.publish(job, event("queued", job_id=job_id, position=len(self.order)))
+            # Position in line: the jobs running now count as ahead of it, so the first job is 1.
+            ahead = len(self.busy) + len(self.order) - 1
+            self.publish(job, event("queued", job_id=job_id, position=ahead + 1, ahead=ahead))
             self.cond.notify_all()
         self.on_change()
         return job_id, False
@@ -323,9 +325,13 @@ class Scheduler:
         rec = job.record
         outcome, error, extra = "failed", None, {}
         try:
-            cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
-            checked = check_config(cfg, source=rec["config_path"])
             was_interrupted = any(t["state"] == "interrupted" for t in self.journal.transitions(job.id))
+            # An interrupted job continues from its own checkpoints even when its config said `resume: never`
+            # (that asked for a fresh start of the job, not of every restart of it).
+            cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
+            if was_interrupted and cfg.resume == "never":
+                cfg = cfg.model_copy(update={"resume": "auto"})
+            checked = check_config(cfg, source=rec["config_path"])
             trainer_job = LoraTrainingJob(
                 checked, JobChannel(self, job), job.stop, base_cache=self.base_cache, env=rec.get("env") or {},
                 device=slot.device,

@@ -78,6 +78,7 @@ class Settings(BaseModel):
 
 
 PATH_FIELDS = ("socket", "state_dir", "cache_dir")
+JENKINS_PATH_FIELDS = ("token_file", "ca_bundle", "agent_jar_dir")
 
 
 def load_settings(path: str | Path | None) -> Settings:
@@ -96,5 +97,11 @@ def load_settings(path: str | Path | None) -> Settings:
     raw, lines = read_yaml_mapping(text, str(path), empty_fix="see configs/agentd.yaml for an example")
     # A section left with only comments (`jenkins:`) reads as null: it means "the defaults".
     raw = {k: v for k, v in raw.items() if not (v is None and k in ("metrics", "jenkins"))}
-    raw = resolve_relative(raw, PATH_FIELDS, path.resolve().parent)
+    base = path.resolve().parent
+    raw = resolve_relative(raw, PATH_FIELDS, base)
+    if isinstance(raw.get("jenkins"), dict):
+        jenkins = resolve_relative(raw["jenkins"], JENKINS_PATH_FIELDS, base)
+        if isinstance(jenkins.get("watch"), dict):
+            jenkins["watch"] = resolve_relative(jenkins["watch"], ("dir",), base)
+        raw["jenkins"] = jenkins
     return validate_model(Settings, raw, lines, str(path))

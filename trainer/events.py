@@ -73,7 +73,8 @@ def format_event(ev: dict) -> str | None:
             return f"cancelled{at}; checkpoint saved, run again to resume"
         return f"FAILED: {ev.get('error', 'unknown error')}"
     if t == "queued":
-        return f"queued as {ev['job_id']} (position {ev['position']})"
+        ahead = ev.get("ahead", ev["position"] - 1)
+        return f"queued as {ev['job_id']} (position {ev['position']}: {ahead} job{'s' if ahead != 1 else ''} ahead)"
     if t == "gated":
         return f"waiting for GPU memory: {ev['reason']}"
     if t == "state":
