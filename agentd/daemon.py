@@ -229,11 +229,12 @@ def _recent_view(r: dict) -> dict:
 
 
 def _estimator(journal):
-    """VRAM estimate for a job (MiB) and its shape key, calibrated by the journal's recorded peaks."""
+    """A job's VRAM estimate, calibrated by the peak the journal recorded for the same model and shape."""
     def estimate(checked):
-        from trainer.vram_advice import estimate_for_config
+        from trainer.vram import calibrated, estimate_for_config
 
-        return estimate_for_config(checked.config, recorded_peak=journal.recorded_peak)
+        formula = estimate_for_config(checked.config)
+        return calibrated(formula, journal.recorded_peak(formula.key))
 
     return estimate
 

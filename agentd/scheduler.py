@@ -32,10 +32,11 @@ log = logging.getLogger("agentd.scheduler")
 class Slot:
     index: int  # NVML index, or CPU_SLOT
     device: str  # torch device string
+    label: str | None = None  # shown in status; default: the device
 
     @property
     def name(self) -> str:
-        return self.device
+        return self.label or self.device
 
 
 class SubmitRefused(Exception):
@@ -56,6 +57,7 @@ class LiveJob:
     subscribers: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
     slot: Slot | None = None
+    estimate: object = None  # trainer.vram.VramEstimate (GPU slots only)
     gated_since: float | None = None
     last_gate_note: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,7 +113,7 @@ class Scheduler:
         """Load the journal's unfinished jobs (interrupted ones first) and start dispatching."""
         recovered = self.journal.recover_after_start()
         for rec in self.journal.jobs(("interrupted", "queued")):
-            job = LiveJob(rec["id"], rec, seq=self.journal.last_event_seq(rec["id"]))
+            job = LiveJob(rec["id"], rec, seq=self.journal.last_event_seq(rec["id"]), estimate=self._reestimate(rec))
             self.live[job.id] = job
             self.order.append(job.id)
         self._dispatcher.start()
@@ -159,12 +161,13 @@ class Scheduler:
             if self.draining or self.stopping:
                 raise SubmitRefused("draining", "agentd is draining: it takes no new jobs "
                                     "(`agentd undrain` to reopen)")
-            estimate, shape_key = (self.estimator(checked) if self.estimator else (None, None))
+            estimate = self._estimate(checked)
             job_id = self.journal.create(config_path=config_path, config_text=config_text,
                                          config_hash=cfg.full_hash(), resolved=cfg.resolved(),
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
-                                         env=env, shape_key=shape_key, estimate_mib=estimate)
-            job = LiveJob(job_id, self.journal.get(job_id))
+                                         env=env, shape_key=estimate.key if estimate else None,
+                                         estimate_mib=estimate.total_mib if estimate else None)
+            job = LiveJob(job_id, self.journal.get(job_id), estimate=estimate)
             self.live[job_id] = job
             self.order.append(job_id)
             # Position in line: the jobs running now count as ahead of it, so the first job is 1.
@@ -276,15 +279,44 @@ class Scheduler:
         estimate = job.record.get("estimate_mib") or 0
         return gate_decision(int(estimate), gpus, set(self.busy), self.margin, self.max_foreign, {os.getpid()})
 
-    def _advice(self, job: LiveJob, decision) -> str:
-        text = decision.reason
-        if decision.outcome == "never_fits" and self.estimator is not None:
-            try:
-                from trainer.vram_advice import advice_for_record
+    def _reestimate(self, rec: dict):
+        if self.estimator is None:
+            return None
+        from trainer.config import parse_config
+        from trainer.preflight import Checked
 
-                text += "; " + advice_for_record(job.record, decision.largest_total_mib, self.margin)
-            except Exception as e:  # advice is best effort; the failure reason stands
-                log.warning("no batch-size advice for %s: %s", job.id, e)
+        try:
+            cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
+        except Exception:
+            return None  # the job fails with the config error when it runs
+        return self._estimate(Checked(cfg, scan=None, source=rec["config_path"]))
+
+    def _estimate(self, checked):
+        """The job's VRAM estimate (None on a CPU-only daemon, or when the model's configs cannot be read:
+        then the gate starts it on the best free GPU and the out-of-memory handling is the safety net)."""
+        if self.estimator is None:
+            return None
+        try:
+            return self.estimator(checked)
+        except Exception as e:
+            log.warning("no VRAM estimate for %s: %s", checked.source, e)
+            return None
+
+    def _advice(self, job: LiveJob, decision) -> str:
+        """The never-fits failure, with the batch size (and accumulation) that would fit the largest GPU."""
+        from trainer.vram import recommend_batch_size
+
+        text = decision.reason
+        cfg = job.record.get("resolved") or {}
+        if decision.outcome == "never_fits" and job.estimate is not None and decision.largest_total_mib:
+            batch, accum = cfg.get("batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+            fit = recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, batch, accum)
+            if fit:
+                text += (f"; recommended: batch_size {fit[0]} with gradient_accumulation_steps {fit[1]} "
+                         f"(same effective batch {batch * accum})")
+            else:
+                text += ("; even batch_size 1 does not fit: enable gradient_checkpointing, mixed_precision "
+                         "fp16/bf16 or cache_latents, or lower resolution")
         return text
 
     def _note_wait(self, job: LiveJob, decision) -> None:
@@ -447,7 +479,8 @@ def _is_oom(e: Exception) -> bool:
             return True
     except (ImportError, AttributeError):
         pass
-    return "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def _free_cuda() -> None:

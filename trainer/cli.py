@@ -73,14 +73,9 @@ def train(path: str, device: str | None = None) -> int:
 
 
 def _validate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lora-train validate")
-    p.add_argument("config")
-    p.add_argument("--vram", help="plan for a card of this size, e.g. 24GiB")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    from trainer.validate import validate_command
+    from agentd.commands.validate import main as validate_main
 
-    return validate_command(args.config, vram=args.vram, as_json=args.json, gpus=None)
+    return validate_main("validate", argv)
 
 
 def _make_demo(argv: list[str]) -> int:

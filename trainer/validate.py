@@ -1,14 +1,73 @@
-"""`validate`: check a config without training, and say what it will need."""
+"""`validate`: check a config without training, and say what it will need.
+
+Prints every problem (exit 2), or: a summary, the warnings, the VRAM estimate with its parts, each
+GPU's free memory with the largest batch that fits there (`recommended_batch_size`, with the
+gradient_accumulation_steps that keeps the effective batch), or — without a GPU, or with
+`--vram 24GiB` — the same advice for the card sizes asked about.
+"""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
+DEFAULT_MARGIN_MIB = 1024
 
-def validate_command(path: str, *, vram: str | None = None, as_json: bool = False, gpus=None) -> int:
+
+def parse_vram(text: str) -> int:
+    """'24GiB', '24G', '24', '16384MiB' -> MiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(g|gb|gib|m|mb|mib)?\s*", text.lower())
+    if not m:
+        raise ValueError(f"--vram {text!r}: write a size like 24GiB or 16384MiB")
+    value, unit = float(m.group(1)), (m.group(2) or "gib")
+    return int(value * 1024) if unit.startswith("g") else int(value)
+
+
+def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: int = DEFAULT_MARGIN_MIB) -> dict:
+    """The validate report as data: estimate, and per GPU (or card size) the batch advice."""
+    from trainer.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
+
+    cfg = checked.config
+    report = {"valid": True, "config": checked.source, "mode": cfg.mode, "samples": len(checked.scan.samples),
+              "output_dir": str(cfg.output_dir), "warnings": list(checked.warnings), "margin_mib": margin_mib}
+    try:
+        est = estimate_for_config(cfg)
+    except (VramEstimateError, OSError, ValueError) as e:
+        report["estimate"] = None
+        report["warnings"].append(f"no VRAM estimate: {e}")
+        return report
+    report["estimate"] = est.to_dict()
+    batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
+
+    def advice(free_mib: int) -> dict:
+        fit = recommend_batch_size(est, free_mib, margin_mib, batch, accum)
+        return {"fits_as_configured": est.total_mib + margin_mib <= free_mib,
+                "recommended_batch_size": fit[0] if fit else None,
+                "gradient_accumulation_steps": fit[1] if fit else None}
+
+    if vram_mib is not None:
+        report["targets"] = [{"name": f"planned card ({vram_mib} MiB)", "free_mib": vram_mib, **advice(vram_mib)}]
+    elif gpus:
+        report["targets"] = [{"name": f"GPU {g['index']} {g.get('name') or ''}".strip(),
+                              "free_mib": g.get("free_mib"), **(advice(g["free_mib"]) if g.get("free_mib") is not None
+                                                               else {"recommended_batch_size": None})}
+                             for g in gpus]
+    else:
+        report["targets"] = [{"name": f"{gib} GiB card", "free_mib": gib * 1024, **advice(gib * 1024)}
+                             for gib in common_card_sizes_gib]
+    return report
+
+
+def validate_command(path: str, *, vram: str | None = None, as_json: bool = False, gpus=None,
+                     margin_mib: int = DEFAULT_MARGIN_MIB) -> int:
     from trainer.errors import ConfigError
     from trainer.preflight import preflight
 
+    try:
+        vram_mib = parse_vram(vram) if vram else None
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     try:
         checked = preflight(path)
     except ConfigError as e:
@@ -17,13 +76,29 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
         else:
             print(e.render(), file=sys.stderr)
         return 2
-    cfg = checked.config
-    report = {"valid": True, "config": path, "mode": cfg.mode, "samples": len(checked.scan.samples),
-              "warnings": checked.warnings, "output_dir": str(cfg.output_dir)}
+    report = plan(checked, gpus=gpus, vram_mib=vram_mib, margin_mib=margin_mib)
     if as_json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"{path}: valid ({cfg.mode} mode, {report['samples']} samples -> {cfg.output_dir})")
-        for w in checked.warnings:
-            print(f"WARNING: {w}")
+        return 0
+    cfg = checked.config
+    print(f"{path}: valid ({cfg.mode} mode, {report['samples']} samples, batch {cfg.batch_size} x "
+          f"{cfg.gradient_accumulation_steps} -> {cfg.output_dir})")
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
+    est = report.get("estimate")
+    if est:
+        parts = " + ".join(f"{k} {v}" for k, v in est["breakdown"].items())
+        print(f"VRAM estimate: {est['total_mib']} MiB at batch {est['batch_size']} ({parts} MiB; "
+              f"{est['per_sample_mib']:.0f} MiB per sample); margin {margin_mib} MiB")
+        for t in report["targets"]:
+            free = "N/A" if t.get("free_mib") is None else f"{t['free_mib']} MiB"
+            if t.get("recommended_batch_size") is None:
+                verdict = "does not fit even at batch 1" if t.get("free_mib") is not None else "free memory N/A"
+            elif t["fits_as_configured"]:
+                verdict = "fits as configured"
+            else:
+                verdict = "too small as configured"
+            rec = (f"recommended_batch_size {t['recommended_batch_size']} with gradient_accumulation_steps "
+                   f"{t['gradient_accumulation_steps']}" if t.get("recommended_batch_size") else "")
+            print(f"  {t['name']:<28} free {free:<10} {verdict}{'; ' + rec if rec else ''}")
     return 0
