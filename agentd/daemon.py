@@ -125,7 +125,9 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "version": self.version, "uptime_s": round(time.time() - self.started, 1),
                        "socket": str(self.settings.socket), "protocol": 1, "draining": sched["draining"],
-                       "gpu_probe": getattr(self.probe, "reason", "") if not self.probe.available else "nvml"},
+                       "gpu_probe": getattr(self.probe, "reason", "") if not self.probe.available else "nvml",
+                       "metrics": (f"http://{self.settings.metrics.host}:{self.metrics.port}/metrics"
+                                   if self.metrics else None)},
             "jenkins": self.link.status() if self.link else {"state": "disabled"},
             "agent": self.agent.status() if self.agent else None,
             "slots": slots,
