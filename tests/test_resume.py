@@ -1,0 +1,203 @@
+"""Resume after every kind of interruption, exactly: real processes, real signals, bit-identical LoRAs."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BIN, write_config
+from tests.daemon_harness import DaemonProc, Tail
+
+STEPS, SAVE = 36, 10  # checkpoints at 10, 20, 30; interruptions land between 21 and 29
+
+
+def config(tmp_path: Path, assets, name: str, **fields) -> Path:
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    base = dict(max_train_steps=STEPS, save_steps=SAVE, keep_checkpoints=5, log_every=1, seed=11)
+    return write_config(folder, assets, **{**base, **fields})
+
+
+def loss_rows(cfg: Path) -> list[dict]:
+    from trainer.outputs import read_loss_csv
+
+    path = cfg.parent / "out/logs/loss.csv"
+    if not path.exists():
+        return []
+    try:
+        return read_loss_csv(path)
+    except Exception:
+        return []
+
+
+def wait_rows(cfg: Path, at_least: int, proc=None, timeout=240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = len(loss_rows(cfg))
+        if n >= at_least:
+            return n
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended before step {at_least}")
+        time.sleep(0.02)
+    raise AssertionError(f"never reached step {at_least}")
+
+
+def lora(cfg: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(cfg.parent / "out/out.safetensors"))
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    la, lb = lora(a), lora(b)
+    assert la.keys() == lb.keys()
+    assert all(torch.equal(la[k], lb[k]) for k in la), "final LoRA tensors differ"
+    ra, rb = loss_rows(a), loss_rows(b)
+    assert [int(r["step"]) for r in rb] == list(range(1, STEPS + 1)), "each step exactly once"
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
+
+
+def train_foreground(cfg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lora-train"), "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, assets) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    cfg = config(tmp_path_factory.mktemp("ref"), assets, "ref")
+    proc = train_foreground(cfg)
+    assert proc.returncode == 0, proc.stderr
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def reference_accum(tmp_path_factory, assets) -> Path:
+    cfg = config(tmp_path_factory.mktemp("refacc"), assets, "ref", batch_size=2, gradient_accumulation_steps=2)
+    proc = train_foreground(cfg)
+    assert proc.returncode == 0, proc.stderr
+    return cfg
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_daemon_interrupted_and_restarted_resumes_bit_identical(how, reference, tmp_path, assets):
+    d = DaemonProc(tmp_path / "daemon-state").start() if (tmp_path / "daemon-state").mkdir() is None else None
+    cfg = config(tmp_path, assets, "job")
+    client = Tail(d.agentd("run", str(cfg), "--reconnect-timeout", "240"))
+    try:
+        wait_rows(cfg, 22, client.proc)
+        if how == "SIGKILL":
+            d.kill()  # mid-step, like a crash or a power cut
+        else:
+            assert d.stop(signal.SIGTERM, timeout=120) == 0  # systemctl stop: checkpoint, journal interrupted
+            (row,) = d.journal_rows("SELECT state FROM jobs")
+            assert row["state"] == "interrupted"
+            steps = sorted(p.name for p in (cfg.parent / "out/checkpoints").iterdir())
+            assert steps[-1] > "step-00000020", "SIGTERM wrote a checkpoint at the step boundary"
+        client.until("retry")  # the following client retries the socket, printing each try
+        d.start()
+        code, lines = client.finish(timeout=600)
+        text = "\n".join(lines)
+        assert code == 0, text
+        assert "re-attached to job-000001" in text and "resumed from step" in text and "succeeded" in text
+    finally:
+        d.stop()
+    assert_identical(reference, cfg)
+    assert len(d.journal_rows("SELECT id FROM jobs")) == 1
+    states = [t["state"] for t in d.journal_rows("SELECT state FROM transitions ORDER BY rowid")]
+    assert "interrupted" in states and states[-1] == "succeeded"
+    run = json.loads((cfg.parent / "out/run.json").read_text())
+    assert len(run["resumes"]) == 1 and run["resumes"][0]["from_step"] in (20, 21, 22, 23, 24, 25, 26, 27, 28, 29)
+    assert "interrupt" in run["resumes"][0]["why"]
+
+
+def test_jenkins_abort_then_second_run_resumes_bit_identical(reference, tmp_path, assets):
+    d = DaemonProc(tmp_path / "daemon-state").start() if (tmp_path / "daemon-state").mkdir() is None else None
+    try:
+        cfg = config(tmp_path, assets, "job")
+        first = Tail(d.agentd("run", str(cfg)))
+        wait_rows(cfg, 23, first.proc)
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.finish()[0] == 3
+        second = d.run("run", str(cfg), timeout=600)
+        assert second.returncode == 0, second.stdout
+        assert "resumed from step" in second.stdout
+    finally:
+        d.stop()
+    assert_identical(reference, cfg)
+
+
+def test_grad_accumulation_killed_between_micro_batches(reference_accum, tmp_path, assets):
+    cfg = config(tmp_path, assets, "acc", batch_size=2, gradient_accumulation_steps=2)
+    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_rows(cfg, 24, proc)
+    time.sleep(0.05)  # land inside the next optimizer step: between its two micro-batches
+    proc.kill()
+    proc.wait()
+    again = train_foreground(cfg)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step" in again.stdout
+    assert_identical(reference_accum, cfg)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path, assets):
+    cfg = config(tmp_path, assets, "trunc")
+    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_rows(cfg, 23, proc)
+    proc.kill()
+    proc.wait()
+    newest = cfg.parent / "out/checkpoints/step-00000020/optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut a file in half
+    again = train_foreground(cfg)
+    assert again.returncode == 0, again.stderr
+    assert "WARNING: checkpoint" in again.stdout and "step-00000020" in again.stdout
+    assert "resumed from step 10" in again.stdout
+    assert_identical(reference, cfg)
+
+
+def test_resume_policy_config_changes(tmp_path, assets):
+    cfg = config(tmp_path, assets, "policy")
+    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_rows(cfg, 12, proc)
+    proc.kill()
+    proc.wait()
+    original = cfg.read_text()
+
+    cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3"))
+    refused = train_foreground(cfg)
+    assert refused.returncode == 2
+    assert "learning_rate" in refused.stderr and "0.002 -> 0.001" in refused.stderr
+    assert "resume: never" in refused.stderr
+
+    cfg.write_text(original.replace("save_steps: 10", "save_steps: 7"))
+    resumed = train_foreground(cfg)
+    assert resumed.returncode == 0 and "resumed from step 10" in resumed.stdout
+
+    cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3") + "resume: never\n")
+    fresh = train_foreground(cfg)
+    assert fresh.returncode == 0 and "resumed from" not in fresh.stdout
+    assert [int(r["step"]) for r in loss_rows(cfg)] == list(range(1, STEPS + 1))
+
+
+def test_checkpoint_contents_and_safe_loading(reference):
+    from trainer.checkpoint import list_checkpoints, load_checkpoint, verify
+
+    ckpts = list_checkpoints(reference.parent / "out/checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000036", "step-00000030", "step-00000020", "step-00000010"]
+    assert verify(ckpts[0]) is None
+    data = load_checkpoint(ckpts[0])
+    st = data["state"]
+    assert st["train_state"]["global_step"] == 36 and st["data_fingerprint"] and st["config_hash"]
+    assert set(data["rng"]) == {"generator", "torch", "cuda", "numpy", "python"}
+    manifest = json.loads((ckpts[0] / "manifest.json").read_text())
+    assert set(manifest) == {"lora.safetensors", "optimizer.pt", "rng.pt", "state.json"}
