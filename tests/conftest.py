@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread per torch process: the suite runs a daemon, its clients and the test process side by
+# side on 2 cores, and OpenMP threads spinning against each other there make tiny-model steps 5x slower.
+# Subprocesses (agentd serve, lora-train) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -4,6 +4,7 @@
     lora_unet_<module path with '_'>.lora_up.weight     (peft's lora_B)
     lora_unet_<module path with '_'>.alpha              (scale = alpha / rank; we write the real alpha)
     lora_te_<...>                                       text encoder modules, same scheme
+    lora_lm_<...>                                       text mode: the causal LM's modules, same scheme
 
 The mapping is built from the live model's module names in both directions, so it never guesses
 how to turn '_' back into '.'.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "model": "lora_lm"}
 _A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
 
 

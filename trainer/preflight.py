@@ -53,6 +53,10 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
         scan = scan_image_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.skip_bad_images)
     else:
         scan = scan_text_dataset(cfg.train_data_dir)
+        if not problems:  # target modules are checked against the model's config (meta device, no weights)
+            from trainer.text_task import check_text_targets
+
+            problems += check_text_targets(cfg)
     problems += scan.problems
     if problems:
         raise ConfigError(problems, source)

@@ -3,7 +3,9 @@
 - `build_tiny_sd(folder)`: a random Stable Diffusion pipeline in diffusers format (UNet, VAE, CLIP text
   encoder with a CLIP tokenizer made from a small local vocabulary, DDPM scheduler), a few hundred
   thousand parameters, saved with `save_pretrained` so the real loading code is what runs.
-- `build_tiny_llm(folder)`: a random small causal LM (GPT-2 architecture) with a local tokenizer.
+- `build_tiny_llm(folder)`: a random small causal LM (Llama architecture, so text mode's default
+  q/k/v/o_proj targets apply) with a local character-level tokenizer that has no pad token (like
+  real Llama tokenizers: the trainer must supply one).
 - `build_shapes_dataset(folder)`: coloured shapes on plain backgrounds with captions in metadata.csv:
   a pattern a LoRA learns in a few dozen steps.
 - `demo_assets()`: all of the above, built once into a cache folder and reused.
@@ -15,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-ASSETS_VERSION = "4"
+ASSETS_VERSION = "5"
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 WORDS = sorted({*COLOURS, *SHAPES, "a", "on", "white", "black", "background", "photo", "of", "style", "painting"})
@@ -95,20 +97,26 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers, 4 heads) and a character-level tokenizer, saved locally."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
     folder = Path(folder)
     torch.manual_seed(seed)
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
-                                   pad_token="<eos>")
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                                       bos_token_id=1, eos_token_id=1))
+    # No pad token on purpose: real Llama tokenizers have none, and the trainer sets pad = eos.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder

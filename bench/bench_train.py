@@ -1,0 +1,251 @@
+"""Step time of our trainer vs the textbook diffusers + peft LoRA loop, on the same tiny SD model and data.
+
+    python bench/bench_train.py                       # resolution 32, 20 timed steps, each run twice
+    python bench/bench_train.py --resolution 32 --resolution 64 --steps 10 --repeat 1
+
+Runs, per resolution, with the same model, data, batch size, rank, learning rate and number of steps:
+
+    ours            `trainer.job.LoraTrainingJob` in-process (what `lora-train` runs), cache_latents: false
+    ours+cache      the same with cache_latents: true (each image VAE-encoded once, in setup)
+    textbook        the loop of diffusers' examples/text_to_image/train_text_to_image_lora.py, written out
+                    below without accelerate: a DataLoader over the images (resize, center crop, normalize),
+                    captions tokenized per batch, vae.encode every step, noise + timesteps, unet with LoRA
+                    added by `unet.add_adapter`, AdamW, grad clipping, lr scheduler, loss.item() per step
+
+Timing is steady state: model loading, latent caching and the first `--warmup` steps are excluded; the
+clock is read when each optimizer step has finished (our step events / the textbook loop's end of step)
+and the median step interval is reported.
+
+Note the tiny VAE downsamples by 2 (not SD's 8): resolution 32 means 16x16 latents, 64 means 32x32, where
+a step is ~8x slower (and the UNet is ~95% of it, so cache_latents saves little on this model).
+Torch runs single-threaded by default (`--threads`): these models are too small to gain from more threads,
+and on a loaded machine multi-threaded runs measure the scheduler, not the code.
+Each measurement runs in this process, one after the other; `--repeat` runs the whole set again, in
+reverse order, so drifting load does not favour one side; the table shows the best of the repeats and
+every run's figure (other processes on the machine move these numbers a lot).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RANK, BATCH, LR, SEED = 4, 4, 1e-4, 7
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def now() -> tuple[float, float]:
+    """(wall clock, CPU time of this process): read at the end of every optimizer step."""
+    return time.perf_counter(), time.process_time()
+
+
+def steady_ms(stamps: list[tuple[float, float]], warmup: int) -> tuple[float, float]:
+    """Median (wall, CPU) ms per step from end-of-step stamps, skipping the first `warmup` steps.
+
+    Medians, not means: a step that another process stalled says nothing about the code. CPU time is
+    what the comparison uses: on a shared machine the wall clock also measures the neighbours."""
+    t = stamps[warmup - 1:] if warmup > 0 else stamps
+    wall = statistics.median(b[0] - a[0] for a, b in zip(t, t[1:]))
+    cpu = statistics.median(b[1] - a[1] for a, b in zip(t, t[1:]))
+    return 1000 * wall, 1000 * cpu
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) our trainer
+
+
+def run_ours(assets: dict, resolution: int, steps: int, warmup: int,
+             cache_latents: bool) -> tuple[float, float]:
+    import yaml
+
+    from trainer.job import LoraTrainingJob
+    from trainer.preflight import preflight
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock:
+        def emit(self, ev):
+            if ev["type"] == "step":
+                stamps.append(now())
+
+    with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
+        cfg = {"train_data_dir": str(assets["shapes"]),
+               "metadata_path": str(assets["shapes"] / "metadata.csv"),
+               "base_model": str(assets["sd_model"]), "resolution": resolution, "lora_rank": RANK,
+               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
+               "save_steps": 10_000, "log_every": 10_000, "cache_latents": cache_latents, "seed": SEED,
+               "resume": "never", "output_dir": str(Path(tmp) / "out")}
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        assert result.outcome == "succeeded", result
+    return steady_ms(stamps, warmup)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) the textbook loop (diffusers' train_text_to_image_lora.py, minus accelerate/logging)
+
+
+class TextbookDataset:
+    """imagefolder + metadata.csv, transformed like the script's torchvision pipeline:
+    Resize(res, bilinear) -> CenterCrop(res) -> ToTensor -> Normalize([0.5], [0.5]); captions tokenized."""
+
+    def __init__(self, folder: Path, resolution: int, tokenizer):
+        import csv
+
+        with open(folder / "metadata.csv", newline="") as f:
+            self.rows = [(folder / r["file_name"], r["text"]) for r in csv.DictReader(f)]
+        self.resolution, self.tokenizer = resolution, tokenizer
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        path, caption = self.rows[i]
+        r = self.resolution
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = r / min(w, h)
+            im = im.resize((max(r, round(w * s)), max(r, round(h * s))), Image.Resampling.BILINEAR)
+            left, top = (im.size[0] - r) // 2, (im.size[1] - r) // 2
+            im = im.crop((left, top, left + r, top + r))
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids[0]
+        return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids": ids}
+
+
+def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model = assets["sd_model"]
+    torch.manual_seed(SEED)
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                target_modules=TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    data = TextbookDataset(assets["shapes"], resolution, tokenizer)
+    loader = torch.utils.data.DataLoader(
+        data, shuffle=True, batch_size=BATCH, num_workers=0,
+        collate_fn=lambda ex: {"pixel_values": torch.stack([e["pixel_values"] for e in ex]).float(),
+                               "input_ids": torch.stack([e["input_ids"] for e in ex])})
+    total = warmup + steps
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=total)
+
+    stamps: list[tuple[float, float]] = []
+    unet.train()
+    while len(stamps) < total:
+        for batch in loader:
+            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                      (latents.shape[0],)).long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            loss.item()  # the script logs the (gathered) loss every step
+            stamps.append(now())
+            if len(stamps) >= total:
+                break
+    return steady_ms(stamps, warmup)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--resolution", type=int, action="append",
+                   help="training resolution; repeat the option for several (default: 32; 64 is ~8x slower)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="run the whole set this many times, alternating the order (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1; 0: torch's choice). With tiny models, 2+ threads on a "
+                        "shared 2-core box spend most of a step in OpenMP barriers when another process "
+                        "holds a core: 10x slower and noisy")
+    args = p.parse_args(argv)
+    resolutions = args.resolution or [32]
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from trainer.quiet import quiet_libraries
+    from trainer.tiny import demo_assets
+
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = ["textbook", "ours", "ours+cache"]
+    assets = demo_assets()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, rank {RANK}, "
+          f"{args.steps} timed steps after {args.warmup} warmup; ms/step (lower is better)", flush=True)
+
+    runs = {"ours": lambda r: run_ours(assets, r, args.steps, args.warmup, False),
+            "ours+cache": lambda r: run_ours(assets, r, args.steps, args.warmup, True),
+            "textbook": lambda r: run_textbook(assets, r, args.steps, args.warmup)}
+    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    started = time.perf_counter()
+    for rep in range(args.repeat):
+        for res in resolutions:
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                wall, cpu = runs[name](res)
+                results.setdefault((res, name), []).append((wall, cpu))
+                print(f"  [{rep + 1}/{args.repeat}] res {res:3d}  {name:<11s} "
+                      f"wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+
+    print()
+    print(f"best of {args.repeat}; the ratio is on CPU time "
+          "(wall time on a shared machine measures the load too)")
+    print(f"{'resolution':>10s}  {'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} "
+          f"{'vs textbook':>12s}")
+    for res in resolutions:
+        base = min(c for _, c in results[(res, "textbook")])
+        for name in names:
+            cpu = min(c for _, c in results[(res, name)])
+            wall = min(w for w, _ in results[(res, name)])
+            print(f"{res:>10d}  {name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
