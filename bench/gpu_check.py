@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""GPU check of the VRAM estimator: estimate vs measured peak memory of a few real LoRA training steps.
+
+Run on a GPU box (or a lent GPU):
+
+    .venv/bin/python bench/gpu_check.py                  # tiny SD, SD1.5-size UNet, tiny + 1.1B Llama
+    .venv/bin/python bench/gpu_check.py --quick          # tiny models only
+    .venv/bin/python bench/gpu_check.py --json out.json  # also write the figures
+
+For each case it builds the models from configs written inline here (random weights, nothing is
+downloaded): the SD1.5 UNet (block_out_channels 320/640/1280/1280, cross_attention_dim 768, ...) with its
+VAE and CLIP-L text encoder, a tiny SD, a TinyLlama-1.1B-shaped causal LM and a tiny one. It runs a
+few training steps the way the trainer does (frozen parts cast to the weight dtype, fp32 LoRA on the
+attention projections, AdamW, autocast), at two batch sizes, with and without gradient checkpointing,
+and compares ``torch.cuda.max_memory_allocated`` with the estimate's tensor part (total - overhead),
+and the process's memory as NVML sees it (peak reserved + CUDA context) with the estimate's total.
+The goal: within 20%.
+
+Without CUDA it prints the estimates, runs the tiny cases' training steps on the CPU (to check the code
+path), and says that measurement needs a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from trainer.vram import OVERHEAD_MIB, estimate_vram  # noqa: E402
+
+MIB = 1024 * 1024
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                 block_out_channels=(32, 64),
+                 cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=1000, max_position_embeddings=77, projection_dim=32, bos_token_id=0,
+                 pad_token_id=1, eos_token_id=2)
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128)
+
+
+@dataclass
+class Case:
+    name: str
+    mode: str
+    configs: tuple
+    size: int            # resolution (image) or sequence length (text)
+    batches: tuple
+    tiny: bool = False
+
+
+CASES = [
+    Case("tiny-sd", "image", (TINY_UNET, TINY_VAE, TINY_CLIP), 128, (1, 4), tiny=True),
+    Case("sd15-unet", "image", (SD15_UNET, SD15_VAE, SD15_CLIP), 512, (1, 4)),
+    Case("tiny-llama", "text", (TINY_LLAMA,), 128, (1, 4), tiny=True),
+    Case("llama-1.1b", "text", (LLAMA_1B,), 512, (1, 4)),
+]
+
+
+# --- model folders for the estimator (configs only) ---------------------------------------------------
+
+
+def write_configs(case: Case, folder: Path) -> Path:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, LlamaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if case.mode == "image":
+        unet_cfg, vae_cfg, clip_cfg = case.configs
+        with torch.device("meta"):
+            UNet2DConditionModel(**unet_cfg).save_config(folder / "unet")
+            AutoencoderKL(**vae_cfg).save_config(folder / "vae")
+        CLIPTextConfig(**clip_cfg).save_pretrained(folder / "text_encoder")
+        (folder / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
+    else:
+        LlamaConfig(**case.configs[0]).save_pretrained(folder)
+    return folder
+
+
+def estimate(case: Case, folder: Path, batch: int, precision: str, checkpointing: bool, rank: int):
+    return estimate_vram(folder, mode=case.mode, resolution=case.size, batch_size=batch, lora_rank=rank,
+                         target_modules=UNET_TARGETS if case.mode == "image" else LLM_TARGETS,
+                         train_text_encoder=False, text_encoder_target_modules=[],
+                         mixed_precision=precision, gradient_checkpointing=checkpointing,
+                         cache_latents=False, max_seq_length=case.size)
+
+
+# --- training steps -----------------------------------------------------------------------------------
+
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _lora_fp32(model) -> list:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def run_steps(case: Case, batch: int, precision: str, checkpointing: bool, rank: int, steps: int,
+              device: str) -> dict:
+    """Build the models on ``device``, run ``steps`` LoRA training steps; return peak figures (CUDA)."""
+    from peft import LoraConfig
+
+    dtype = DTYPES[precision]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    amp = precision != "no"
+    lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                      target_modules=UNET_TARGETS if case.mode == "image" else LLM_TARGETS)
+    with torch.device(device):
+        if case.mode == "image":
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            unet_cfg, vae_cfg, clip_cfg = case.configs
+            unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+            te = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+            for m in (unet, vae, te):
+                m.requires_grad_(False)
+                m.to(dtype)
+            unet.add_adapter(lora)
+            trainable = _lora_fp32(unet)
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            unet.train()
+            model = unet
+        else:
+            from peft import get_peft_model
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            model = LlamaForCausalLM(LlamaConfig(**case.configs[0])).to(dtype)
+            model.requires_grad_(False)
+            model = get_peft_model(model, lora)
+            trainable = _lora_fp32(model)
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            model.train()
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and precision == "fp16")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()      # from here: weights resident, the training peak to come
+        weights_alloc = torch.cuda.memory_allocated()
+    t0 = time.time()
+    losses = []
+    for _ in range(steps):
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=amp):
+            if case.mode == "image":
+                res = case.size
+                with torch.no_grad():
+                    images = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
+                    latents = vae.encode(images).latent_dist.sample() * 0.18215
+                    ids = torch.randint(0, te.config.vocab_size, (batch, te.config.max_position_embeddings),
+                                        device=device)
+                    context = te(ids)[0]
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, 1000, (batch,), device=device)
+                pred = unet(latents + noise, timesteps, context).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            else:
+                ids = torch.randint(0, case.configs[0]["vocab_size"], (batch, case.size), device=device)
+                loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    out = {"seconds": round(time.time() - t0, 2), "loss": round(losses[-1], 4)}
+    if cuda:
+        torch.cuda.synchronize()
+        out.update(weights_alloc_mib=round(weights_alloc / MIB),
+                   peak_alloc_mib=round(torch.cuda.max_memory_allocated() / MIB),
+                   peak_reserved_mib=round(torch.cuda.max_memory_reserved() / MIB))
+    del model, opt, trainable
+    if case.mode == "image":
+        del unet, vae, te
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def cuda_context_mib() -> int | None:
+    """Memory the CUDA context takes (device used - torch reserved) right after CUDA starts."""
+    try:
+        torch.zeros(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        return round((total - free - torch.cuda.memory_reserved()) / MIB)
+    except Exception:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models only")
+    ap.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
+                    help="default: bf16 where supported, else fp16; fp32 ('no') on the CPU")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    ap.add_argument("--no-checkpointing-variant", action="store_true",
+                    help="skip the gradient-checkpointing runs")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    _quiet_libraries()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else
+                                   "fp16" if cuda else "no")
+    cases = [c for c in CASES if c.tiny or not args.quick]
+    variants = [False] if args.no_checkpointing_variant else [False, True]
+    ctx = cuda_context_mib() if cuda else None
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; precision {precision}; "
+              f"CUDA context {ctx} MiB (the estimate assumes {OVERHEAD_MIB} MiB overhead)")
+    else:
+        print(f"No CUDA device: printing the estimates and running the tiny cases on the CPU to check the "
+              f"training code. Measuring peak memory needs a GPU (torch {torch.__version__}).")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            folder = write_configs(case, Path(tmp) / case.name)
+            for ckpt in variants:
+                for batch in case.batches:
+                    est = estimate(case, folder, batch, precision, ckpt, args.rank)
+                    tensor_est = est.total_mib - est.breakdown["overhead"]
+                    row = {"case": case.name, "size": case.size, "batch": batch, "precision": precision,
+                           "checkpointing": ckpt, "estimate_mib": est.total_mib,
+                           "estimate_tensors_mib": tensor_est, "breakdown": est.breakdown}
+                    # On the CPU the tiny cases only check the code path: one step, smallest batch.
+                    if cuda or (case.tiny and batch == case.batches[0]):
+                        steps = args.steps if cuda else 1
+                        try:
+                            row.update(run_steps(case, batch, precision, ckpt, args.rank, steps, device))
+                        except torch.cuda.OutOfMemoryError as e:
+                            row["error"] = f"out of memory: {e}"
+                    if "peak_alloc_mib" in row:
+                        row["ratio_tensors"] = round(tensor_est / row["peak_alloc_mib"], 3)
+                        if ctx is not None:
+                            row["ratio_total"] = round(est.total_mib / (row["peak_reserved_mib"] + ctx), 3)
+                    rows.append(row)
+                    print(_line(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"cuda": cuda, "context_mib": ctx, "rows": rows}, indent=2))
+    if not cuda:
+        print("measurement needs a CUDA GPU: run this script on the GPU box to compare estimate and peak")
+    else:
+        # Tiny models: the tensors are a few MiB, so their ratio is noise; judge the full-size cases.
+        ratios = [r["ratio_tensors"] for r in rows
+                  if "ratio_tensors" in r and not r["case"].startswith("tiny")]
+        if ratios:
+            worst = max(ratios, key=lambda r: abs(r - 1))
+            print(f"worst estimate/measured (full-size cases): {worst:.2f} "
+                  f"({'within' if abs(worst - 1) <= 0.2 else 'OUTSIDE'} 20%)")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers info lines (dtype casts of random models) would drown the figures."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _line(r: dict) -> str:
+    head = (f"{r['case']:11s} {r['size']:4d} batch {r['batch']} {r['precision']:4s} "
+            f"ckpt={'on ' if r['checkpointing'] else 'off'} estimate {r['estimate_mib']:6d} MiB "
+            f"(tensors {r['estimate_tensors_mib']:6d})")
+    if "error" in r:
+        return head + f"  {r['error']}"
+    if "peak_alloc_mib" in r:
+        tail = (f"  measured alloc {r['peak_alloc_mib']:6d} reserved {r['peak_reserved_mib']:6d} MiB  "
+                f"ratio {r['ratio_tensors']:.2f}")
+        if "ratio_total" in r:
+            tail += f" (total vs reserved+context {r['ratio_total']:.2f})"
+        return head + tail + f"  {r['seconds']}s"
+    if "loss" in r:
+        return head + f"  CPU steps ok (loss {r['loss']}), no measurement"
+    return head
+
+
+if __name__ == "__main__":
+    sys.exit(main())

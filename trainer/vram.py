@@ -1,0 +1,553 @@
+"""VRAM estimate for a LoRA training job, from the model's config files alone (no weights are loaded).
+
+Why: a job that loads for minutes and then dies of out-of-memory (or kills someone else's job) is the
+worst failure on a shared GPU box. Existing estimators (``accelerate estimate-memory``) count weights,
+gradients and optimizer states at batch 1 and ignore activations - which is what actually runs out
+at 512 px and batch 4. This one counts all four.
+
+Formula (all terms in bytes, summed, then rounded up to MiB)::
+
+    total = weights + lora_states + batch_size * per_sample + overhead
+
+    weights      = frozen parameters x dtype bytes
+                   dtype bytes: 4 for mixed_precision "no"; 2 for "fp16"/"bf16". ASSUMPTION: under mixed
+                   precision the trainer casts the frozen components (UNet, VAE, text encoders, or the
+                   causal LM) to the weight dtype, as diffusers' and kohya's LoRA scripts do. Kept in fp32,
+                   they would cost twice this plus autocast's half-precision copies.
+                   Image mode counts the UNet, the text encoder(s) and the VAE - except the VAE when
+                   cache_latents (latents are encoded once up front and the VAE leaves the GPU).
+    lora_states  = LoRA parameters x 16: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
+                   moments (8). LoRA params stay fp32 under mixed precision (diffusers'
+                   cast_training_params); for a Linear(in, out) LoRA adds rank x (in + out), for a
+                   Conv2d rank x (in x k x k + out).
+    per_sample   = activations kept for backward for one sample, x BACKWARD_FACTOR (1.2: gradients of
+                   activations and kernel workspaces alive at the start of backward)
+    overhead     = OVERHEAD_MIB (700 MiB): the CUDA context (300-500 MiB depending on GPU and driver,
+                   not counted by torch.cuda.max_memory_allocated but taken from the free memory NVML
+                   reports), cuBLAS/cuDNN handles and the caching allocator's rounding.
+
+Activations (fp32 element counts per sample; x 4 bytes, or x the mixed-precision factor below):
+
+- Image mode (UNet; latent side L = resolution / 8, a level's area A_l = (L / 2**l)**2):
+      sum over ResNet blocks          3 x (in_channels + out_channels) x A_l
+    + sum over Transformer2D models   4 x c x A_l  +  per transformer block (23 x c x A_l + 2 x T x c)
+    + down/up samplers                c x A (at the larger of their two resolutions)
+    + output head                     3 x c_0 x A_0
+  where c is the channel width at that level and T the text context length (77 for CLIP). The
+  coefficients are the tensors autograd saves, counted with torch.autograd.graph.saved_tensors_hooks on
+  an SD1.5-size UNet and a 3-level SDXL-style UNet (diffusers 0.42, SDPA attention which saves q, k, v,
+  output and log-sum-exp, never the attention matrix - as CUDA's flash/memory-efficient kernels do).
+  They scale with latent area and UNet width, which is what makes 512 px x batch 4 run out.
+  With train_text_encoder the text encoder's activations (text formula below, T tokens) are added.
+- Text mode (causal LM; S = max_seq_length tokens, h hidden, i MLP width, kv = key/value width,
+  V vocabulary, N layers):
+      S x N x (5h + 2kv + m x i)  per decoder layer (norms, q/k/v/o inputs, RoPE, SDPA, MLP);
+                                  m = 3 for a gated MLP (Llama, Mistral, Qwen...), 5.5 for GPT-2/CLIP's
+                                  GELU MLP; + 12h when the config enables dropout (masks, outputs)
+    + S x 4V                      logits, fp32 log-probabilities and their gradients in the loss
+- Mixed precision: activations x 0.58 (image) / 0.67 (text) of the fp32 bytes - "halved-ish": most
+  tensors are saved in half precision, but norms and the loss run in fp32 under autocast (measured
+  with bf16 autocast; the logits term is not reduced).
+- Gradient checkpointing (diffusers' and transformers' per-block checkpointing): only each
+  checkpointed block's input is kept (1 x c x A per ResNet/transformer block plus the Transformer2D
+  wrapper's 4 x c x A; 1.1h per token per decoder layer), plus the largest single block recomputed
+  during backward.
+
+Not counted: the VAE encoder's activations when latents are not cached (no gradients, freed before
+the UNet runs, smaller than the UNet's backward peak), another base model kept warm on the same GPU
+(the scheduler frees or counts that), and padding below max_seq_length (text samples are assumed full
+length: the worst case).
+
+Parameter counts come from the component ``config.json`` files: the model classes are instantiated on
+torch's meta device (shapes, no storage, milliseconds for SD1.5) and ``p.numel()`` is summed; LoRA
+targets are matched the way peft matches a list of names (a module matches when its qualified name
+equals a target or ends with ``"." + target``) and only layer types peft can wrap are counted.
+
+Calibration: after a GPU job the measured peak (``torch.cuda.max_memory_allocated``) is stored with the
+estimate's ``key``; `calibrated` then replaces the formula by that measurement for the same model and
+shape. `bench/gpu_check.py` prints estimate vs measured on a real GPU.
+
+This module imports torch, diffusers and transformers only inside the functions that build meta models,
+so `recommend_batch_size` and friends are cheap to import.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+MIB = 1024 * 1024
+
+common_card_sizes_gib = (8, 12, 16, 24, 48, 80)
+
+OVERHEAD_MIB = 700
+BACKWARD_FACTOR = 1.2
+LORA_BYTES_PER_PARAM = 16          # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+MIXED_PRECISION_ACT_FACTOR = {"image": 0.58, "text": 0.67}
+
+# Image-mode activation coefficients (fp32 elements per channel per latent pixel), see the docstring.
+RESNET_COEF = 3.0            # x (in + out) channels
+TRANSFORMER_WRAPPER_COEF = 4.0
+TRANSFORMER_BLOCK_COEF = 23.0
+TRANSFORMER_CTX_COEF = 2.0   # x context tokens x channels (cross-attention k, v)
+SAMPLER_COEF = 1.0
+HEAD_COEF = 3.0
+# Checkpointed: what is kept per block.
+CKPT_BLOCK_INPUT_COEF = 1.0
+# Text-mode activation coefficients (fp32 elements per token per decoder layer).
+TEXT_HIDDEN_COEF = 5.0
+TEXT_KV_COEF = 2.0
+TEXT_GATED_MLP_COEF = 3.0
+TEXT_MLP_COEF = 5.5
+TEXT_DROPOUT_COEF = 12.0
+TEXT_LOGITS_COEF = 4.0
+TEXT_CKPT_HIDDEN_COEF = 1.1
+
+_IMAGE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+class VramEstimateError(ValueError):
+    """The model folder cannot be read for an estimate (missing or unreadable config files)."""
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """The estimated peak GPU memory of a training job, with its parts.
+
+    ``breakdown`` (MiB): weights, lora+grads+optimizer, activations, overhead (or, once calibrated,
+    measured_peak and overhead). ``per_sample_mib``: what one more sample in the batch adds.
+    ``key``: identifies the base model and every setting that shapes memory (for calibration records).
+    """
+
+    total_mib: int
+    breakdown: dict[str, int]
+    per_sample_mib: float
+    batch_size: int
+    mode: str
+    params: dict[str, int] = field(default_factory=dict)
+    key: str = ""
+    notes: tuple[str, ...] = ()
+    measured_peak_mib: Optional[int] = None
+
+    def total_at(self, batch_size: int) -> int:
+        """Estimated total at another batch size (everything else unchanged): linear in the batch."""
+        return int(math.ceil(self.total_mib + (batch_size - self.batch_size) * self.per_sample_mib))
+
+    def describe(self) -> str:
+        """One line for users: '7412 MiB = weights 2100 + lora+grads+optimizer 13 + ...'."""
+        parts = " + ".join(f"{k} {v}" for k, v in self.breakdown.items())
+        src = " (calibrated from a measured peak)" if self.measured_peak_mib is not None else ""
+        return (f"{self.total_mib} MiB at batch {self.batch_size}{src} = {parts} MiB; "
+                f"{self.per_sample_mib:.0f} MiB per extra sample")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_mib": self.total_mib, "breakdown": dict(self.breakdown),
+                "per_sample_mib": round(self.per_sample_mib, 1), "batch_size": self.batch_size,
+                "mode": self.mode, "params": dict(self.params), "key": self.key, "notes": list(self.notes),
+                "measured_peak_mib": self.measured_peak_mib}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model structure from config files (meta device)
+
+
+@dataclass(frozen=True)
+class _ModelSummary:
+    """Everything the formula needs from a model folder, in plain numbers (cached per folder)."""
+
+    frozen: dict[str, int]                 # component -> parameter count
+    lora_per_rank: dict[str, int]          # component -> LoRA params per unit of rank
+    unet_terms: tuple[tuple[int, float, float, float], ...] = ()  # see _unet_terms
+    text_layers: tuple[int, float, int] = (0, 0.0, 0)   # causal LM: layers, elements/token/layer, hidden
+    vocab_size: int = 0
+    te_layers: tuple[tuple[int, float, int], ...] = ()  # the same per text encoder
+    context_tokens: int = 77
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VramEstimateError(f"{path} not found: the estimate needs the model's config files "
+                                f"(a diffusers folder for image mode, a transformers folder for text mode)")
+    except (OSError, ValueError) as e:
+        raise VramEstimateError(f"cannot read {path}: {e}")
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    """peft's rule for a list of target names: the full name, or a suffix after a dot."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_params_per_rank(model: Any, target_modules: Iterable[str]) -> int:
+    """LoRA parameters added per unit of rank when ``target_modules`` of ``model`` are adapted.
+
+    Counts the layer types peft's LoRA wraps: Linear (in + out), Conv2d (in x kh x kw / groups + out),
+    transformers' Conv1D (GPT-2; weight is (in, out)) and Embedding (num + dim). Works on meta models.
+    Multiply by the rank for the count; peft's default adds no bias.
+    """
+    import torch.nn as nn
+
+    targets = list(target_modules)
+    total = 0
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            total += module.in_features + module.out_features
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += module.in_channels * kh * kw // module.groups + module.out_channels
+        elif isinstance(module, nn.Embedding):
+            total += module.num_embeddings + module.embedding_dim
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "weight"):
+            n_in, n_out = module.weight.shape
+            total += n_in + n_out
+    return total
+
+
+def _count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _meta(build: Callable[[], Any]) -> Any:
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+_DROPOUT_FIELDS = ("resid_pdrop", "attn_pdrop", "embd_pdrop", "hidden_dropout", "attention_dropout",
+                   "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
+
+
+def _text_layer(config: Any, model: Any) -> tuple[int, float, int]:
+    """(layers, fp32 activation elements per token per layer, hidden) for a transformers model.
+
+    Per layer: 5h + 2kv + m x i (+ 12h with dropout), where m is 3 for a gated MLP (Llama's
+    gate/up/down with SiLU) and 5.5 otherwise (GPT-2/CLIP's GELU written out in Python saves its
+    intermediates). Measured with saved_tensors_hooks on Llama and GPT-2 (transformers 5).
+    """
+    h = int(config.hidden_size)
+    n = int(config.num_hidden_layers)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or h // heads)
+    i = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h)
+    gated = any(name.endswith(("gate_proj", "gate_up_proj")) for name, _ in model.named_modules())
+    dropout = any(float(getattr(config, f, 0) or 0) > 0 for f in _DROPOUT_FIELDS)
+    per_layer = (TEXT_HIDDEN_COEF * h + TEXT_KV_COEF * kv_heads * head_dim
+                 + (TEXT_GATED_MLP_COEF if gated else TEXT_MLP_COEF) * i
+                 + (TEXT_DROPOUT_COEF * h if dropout else 0.0))
+    return n, per_layer, h
+
+
+def _unet_terms(unet: Any, context_tokens: int) -> tuple[tuple[int, float, float, float], ...]:
+    """The UNet's activation terms, one per block: (level, full, checkpointed, constant).
+
+    ``full`` and ``checkpointed`` are fp32 elements per pixel of that level (without / with gradient
+    checkpointing); ``constant`` is what does not scale with area (cross-attention k and v over the
+    T context tokens). Coefficients: see the module docstring.
+    """
+    terms: list[tuple[int, float, float, float]] = []
+
+    def block(b: Any, level: int) -> None:
+        for r in getattr(b, "resnets", None) or []:
+            c_in, c_out = int(r.in_channels), int(r.out_channels or r.in_channels)
+            terms.append((level, RESNET_COEF * (c_in + c_out), CKPT_BLOCK_INPUT_COEF * c_in, 0.0))
+        for a in getattr(b, "attentions", None) or []:
+            if a is None:
+                continue
+            c = int(getattr(a, "in_channels", None) or getattr(a, "inner_dim", None) or a.query_dim)
+            terms.append((level, TRANSFORMER_WRAPPER_COEF * c, TRANSFORMER_WRAPPER_COEF * c, 0.0))
+            for _ in getattr(a, "transformer_blocks", None) or [None]:
+                terms.append((level, TRANSFORMER_BLOCK_COEF * c, CKPT_BLOCK_INPUT_COEF * c,
+                              TRANSFORMER_CTX_COEF * context_tokens * c))
+
+    level = 0
+    for b in unet.down_blocks:
+        block(b, level)
+        for d in getattr(b, "downsamplers", None) or []:
+            terms.append((level, SAMPLER_COEF * d.channels, SAMPLER_COEF * d.channels, 0.0))
+            level += 1
+    if getattr(unet, "mid_block", None) is not None:
+        block(unet.mid_block, level)
+    for b in unet.up_blocks:
+        block(b, level)
+        for u in getattr(b, "upsamplers", None) or []:
+            level -= 1
+            terms.append((level, SAMPLER_COEF * u.channels, SAMPLER_COEF * u.channels, 0.0))
+    c0 = int(unet.config.block_out_channels[0])
+    terms.append((0, HEAD_COEF * c0, HEAD_COEF * c0, 0.0))
+    return tuple(terms)
+
+
+def unet_activation_elems(terms: Iterable[tuple[int, float, float, float]], latent_side: int,
+                          checkpointing: bool) -> float:
+    """fp32 activation elements of one sample for a latent of ``latent_side`` x ``latent_side``.
+
+    Without checkpointing: the sum of every block's term. With it: what the checkpoints keep plus
+    the largest single block, which backward recomputes while the checkpoints are still held.
+    """
+    full = kept = biggest = 0.0
+    for level, f, k, const in terms:
+        area = (latent_side / 2 ** level) ** 2
+        block = f * area + const
+        full += block
+        kept += k * area
+        biggest = max(biggest, block)
+    return kept + biggest if checkpointing else full
+
+
+def _folder_fingerprint(model_dir: Path, files: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for rel in files:
+        p = model_dir / rel
+        if p.is_file():
+            h.update(rel.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def _image_summary(model_dir: str, unet_targets: tuple[str, ...], te_targets: tuple[str, ...],
+                   fingerprint: str) -> _ModelSummary:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import transformers
+
+    root = Path(model_dir)
+    index = _read_json(root / "model_index.json")
+    frozen: dict[str, int] = {}
+    lora: dict[str, int] = {}
+    te_layers = []
+    context_tokens = 77
+    for comp in _IMAGE_COMPONENTS:
+        entry = index.get(comp)
+        if comp != "unet" and not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            continue  # absent, or [null, null] (e.g. SDXL refiner's text_encoder)
+        cfg_path = root / comp / "config.json"
+        config = _read_json(cfg_path)
+        try:
+            if comp == "unet":
+                model = _meta(lambda: UNet2DConditionModel.from_config(config))
+                lora[comp] = lora_params_per_rank(model, unet_targets)
+            elif comp == "vae":
+                model = _meta(lambda: AutoencoderKL.from_config(config))
+            else:
+                cls = getattr(transformers, entry[1], None) or transformers.CLIPTextModel
+                te_config = cls.config_class.from_pretrained(root / comp)
+                model = _meta(lambda: cls(te_config))
+                lora[comp] = lora_params_per_rank(model, te_targets)
+                te_layers.append(_text_layer(te_config, model))
+                context_tokens = int(getattr(te_config, "max_position_embeddings", 77) or 77)
+        except VramEstimateError:
+            raise
+        except Exception as e:  # a config the installed library cannot build
+            raise VramEstimateError(f"cannot build {comp} from {cfg_path}: {type(e).__name__}: {e}") from e
+        frozen[comp] = _count(model)
+        if comp == "unet":
+            unet = model
+    return _ModelSummary(frozen=frozen, lora_per_rank=lora, unet_terms=_unet_terms(unet, context_tokens),
+                         te_layers=tuple(te_layers), context_tokens=context_tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> _ModelSummary:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(model_dir)
+    _read_json(root / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        model = _meta(lambda: AutoModelForCausalLM.from_config(config))
+    except Exception as e:
+        raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
+                                f"{type(e).__name__}: {e}") from e
+    return _ModelSummary(frozen={"model": _count(model)},
+                         lora_per_rank={"model": lora_params_per_rank(model, targets)},
+                         text_layers=_text_layer(config, model),
+                         vocab_size=int(getattr(config, "vocab_size", 0) or 0))
+
+
+def model_summary(model_dir: Path, mode: str, target_modules: Iterable[str],
+                  text_encoder_target_modules: Iterable[str] = ()) -> _ModelSummary:
+    """Parameter counts and activation terms for a model folder (cached while its configs are unchanged)."""
+    model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise VramEstimateError(f"{model_dir} is a single-file checkpoint: the estimate needs its diffusers "
+                                f"config folder (set base_model_config)")
+    if mode == "image":
+        files = ["model_index.json"] + [f"{c}/config.json" for c in _IMAGE_COMPONENTS]
+        return _image_summary(str(model_dir.resolve()), tuple(target_modules),
+                              tuple(text_encoder_target_modules), _folder_fingerprint(model_dir, files))
+    if mode == "text":
+        return _text_summary(str(model_dir.resolve()), tuple(target_modules),
+                             _folder_fingerprint(model_dir, ["config.json"]))
+    raise VramEstimateError(f"mode must be 'image' or 'text', not {mode!r}")
+
+
+def model_param_counts(model_dir: Path, mode: str) -> dict[str, int]:
+    """Frozen parameter count per component ('unet', 'vae', 'text_encoder'... or 'model' in text mode)."""
+    return dict(model_summary(model_dir, mode, ()).frozen)
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _text_layer_elems(n: int, layer: float, h: int, checkpointing: bool) -> float:
+    """fp32 activation elements per token for n layers: all of them, or with checkpointing each
+    layer's input plus one layer recomputed in backward."""
+    if checkpointing:
+        return n * TEXT_CKPT_HIDDEN_COEF * h + layer
+    return n * layer
+
+
+def estimate_vram(model_dir: Path, *, mode: str, resolution: int, batch_size: int, lora_rank: int,
+                  target_modules: list[str], train_text_encoder: bool,
+                  text_encoder_target_modules: list[str], mixed_precision: str,
+                  gradient_checkpointing: bool, cache_latents: bool,
+                  max_seq_length: int = 512) -> VramEstimate:
+    """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
+
+    ``model_dir``: a diffusers folder (image mode: model_index.json, unet/, vae/, text_encoder/) or a
+    transformers causal-LM folder (text mode: config.json). Raises VramEstimateError when it cannot be read.
+    """
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise VramEstimateError(f"mixed_precision must be no, fp16 or bf16, not {mixed_precision!r}")
+    if batch_size < 1 or lora_rank < 1:
+        raise VramEstimateError("batch_size and lora_rank must be at least 1")
+    te_targets = list(text_encoder_target_modules) if (mode == "image" and train_text_encoder) else []
+    summary = model_summary(model_dir, mode, target_modules, te_targets)
+    weight_bytes = 4 if mixed_precision == "no" else 2
+    act_bytes = 4.0 if mixed_precision == "no" else 4.0 * MIXED_PRECISION_ACT_FACTOR[mode]
+    notes: list[str] = []
+
+    frozen = dict(summary.frozen)
+    resident = {k: v for k, v in frozen.items() if not (k == "vae" and cache_latents)}
+    if mode == "image" and cache_latents:
+        notes.append("cache_latents: the VAE is not resident during training")
+    weights = sum(resident.values()) * weight_bytes
+
+    lora_counts = {k: v * lora_rank for k, v in summary.lora_per_rank.items()}
+    lora_total = sum(lora_counts.values())
+    if lora_total == 0:
+        notes.append(f"no module matches target_modules {target_modules}: nothing would be trained")
+    lora_bytes = lora_total * LORA_BYTES_PER_PARAM
+
+    if mode == "image":
+        latent_side = max(1, resolution // 8)
+        act_elems = unet_activation_elems(summary.unet_terms, latent_side, gradient_checkpointing)
+        if train_text_encoder:
+            for n, layer, h in summary.te_layers:
+                act_elems += summary.context_tokens * _text_layer_elems(n, layer, h, gradient_checkpointing)
+        per_sample = act_elems * act_bytes * BACKWARD_FACTOR
+    else:
+        n, layer, h = summary.text_layers
+        layers = _text_layer_elems(n, layer, h, gradient_checkpointing) * act_bytes
+        logits = TEXT_LOGITS_COEF * summary.vocab_size * 4.0
+        per_sample = max_seq_length * (layers + logits) * BACKWARD_FACTOR
+
+    breakdown = {
+        "weights": _mib(weights),
+        "lora+grads+optimizer": _mib(lora_bytes),
+        "activations": _mib(per_sample * batch_size),
+        "overhead": OVERHEAD_MIB,
+    }
+    params = {f"frozen_{k}": v for k, v in frozen.items()}
+    params.update({f"lora_{k}": v for k, v in lora_counts.items()})
+    key = _shape_key(mode, summary, resolution=resolution if mode == "image" else None,
+                     batch_size=batch_size, lora_rank=lora_rank, target_modules=list(target_modules),
+                     te_targets=te_targets, mixed_precision=mixed_precision,
+                     gradient_checkpointing=gradient_checkpointing,
+                     cache_latents=cache_latents if mode == "image" else None,
+                     max_seq_length=max_seq_length if mode == "text" else None)
+    return VramEstimate(total_mib=sum(breakdown.values()), breakdown=breakdown,
+                        per_sample_mib=per_sample / MIB, batch_size=batch_size, mode=mode, params=params,
+                        key=key, notes=tuple(notes))
+
+
+def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
+    """`estimate_vram` for a trainer.config.TrainConfig; ``overrides`` replace its fields (e.g. batch_size).
+
+    A single-file base_model is estimated from its base_model_config folder."""
+    model_dir = getattr(cfg, "base_model_config", None) or cfg.base_model
+    targets = cfg.effective_targets if hasattr(cfg, "effective_targets") else cfg.target_modules
+    args = dict(mode=cfg.mode, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                lora_rank=cfg.lora_rank, target_modules=list(targets),
+                train_text_encoder=cfg.train_text_encoder,
+                text_encoder_target_modules=list(cfg.text_encoder_target_modules),
+                mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length)
+    args.update(overrides)
+    return estimate_vram(Path(model_dir), **args)
+
+
+def _mib(nbytes: float) -> int:
+    return int(math.ceil(nbytes / MIB))
+
+
+def _shape_key(mode: str, summary: _ModelSummary, **shape: Any) -> str:
+    """Same key = same model architecture (parameter counts; fine-tunes of one base share it) and the
+    same memory-relevant settings, batch size included (for calibration records)."""
+    data = {"mode": mode, "frozen": summary.frozen, "lora_per_rank": summary.lora_per_rank, **shape}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Advice and calibration
+
+
+def recommend_batch_size(estimate_fn_or_params: Union[VramEstimate, Callable[[int], int], dict],
+                         free_mib: int, margin_mib: int, batch_size: int,
+                         grad_accum: int = 1) -> Optional[tuple[int, int]]:
+    """The largest batch <= ``batch_size`` whose estimate + margin fits in ``free_mib``, with the
+    gradient accumulation that keeps the effective batch: accum = ceil(batch_size x grad_accum / batch).
+
+    ``estimate_fn_or_params`` is a VramEstimate (scaled linearly with its per-sample cost), a function
+    batch -> MiB, or the keyword arguments of `estimate_vram` (re-estimated per batch size).
+    Returns None when even batch 1 does not fit.
+    """
+    if isinstance(estimate_fn_or_params, VramEstimate):
+        need: Callable[[int], int] = estimate_fn_or_params.total_at
+    elif isinstance(estimate_fn_or_params, dict):
+        params = dict(estimate_fn_or_params)
+        need = lambda b: estimate_vram(**{**params, "batch_size": b}).total_mib  # noqa: E731
+    else:
+        need = estimate_fn_or_params
+    effective = batch_size * max(1, grad_accum)
+    for b in range(batch_size, 0, -1):
+        if need(b) + margin_mib <= free_mib:
+            return b, int(math.ceil(effective / b))
+    return None
+
+
+def recommend_for_cards(estimate: VramEstimate, margin_mib: int, batch_size: int, grad_accum: int = 1,
+                        cards_gib: Iterable[int] = common_card_sizes_gib
+                        ) -> dict[int, Optional[tuple[int, int]]]:
+    """`recommend_batch_size` for common card sizes (GiB -> (batch, accum) or None): for planning on a
+    machine without a GPU, or ``--vram 24GiB``. A card's whole memory counts as free (the CUDA context
+    is already in the estimate's overhead)."""
+    return {gib: recommend_batch_size(estimate, gib * 1024, margin_mib, batch_size, grad_accum)
+            for gib in cards_gib}
+
+
+def calibrated(estimate: VramEstimate, recorded_peak_mib: Optional[int]) -> VramEstimate:
+    """The estimate corrected by a measured peak for the same base model and shape (same ``key``).
+
+    ``recorded_peak_mib`` is ``torch.cuda.max_memory_allocated`` of an earlier run at the same batch size;
+    it replaces the formula's tensor terms, and the fixed overhead (CUDA context, which that figure does
+    not include) is added back. The per-sample slope stays the formula's, for batch-size advice.
+    None (no record): the estimate unchanged.
+    """
+    if recorded_peak_mib is None:
+        return estimate
+    peak = int(math.ceil(recorded_peak_mib))
+    overhead = estimate.breakdown.get("overhead", OVERHEAD_MIB)
+    return replace(estimate, total_mib=peak + overhead,
+                   breakdown={"measured_peak": peak, "overhead": overhead},
+                   measured_peak_mib=peak,
+                   notes=estimate.notes + (f"formula said {estimate.total_mib} MiB",))
