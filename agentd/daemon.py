@@ -242,6 +242,8 @@ def _estimator(journal):
 
 
 def serve(settings: Settings, probe=None) -> int:
+    # NVML numbers GPUs in PCI order; CUDA must too, or "cuda:N" would not be the GPU the probe calls N.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
     daemon = Daemon(settings, probe)

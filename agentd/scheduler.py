@@ -259,6 +259,12 @@ class Scheduler:
                 self.order.pop(0)
                 self._finish(job, "failed", self._advice(job, decision))
                 continue
+            if not self.busy and self.base_cache is not None and self.base_cache.keys():
+                # Our own warm base model may be what holds the memory: drop it and decide again.
+                log.info("evicting the warm model cache to make room for %s", job.id)
+                self.base_cache.clear()
+                _free_cuda()
+                continue
             self._note_wait(job, decision)
             return
 

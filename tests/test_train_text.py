@@ -145,22 +145,23 @@ def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
 
 
 def test_bad_target_modules_name_the_model_layers(assets, tmp_path):
+    from trainer.config import load_config
     from trainer.errors import ConfigError
-    from trainer.job import LoraTrainingJob
     from trainer.text_task import check_text_targets
 
     path = write_text_config(tmp_path, assets, target_modules=["c_attn", "q_proj"])
+    # Found by preflight from config.json alone (no weights), before anything is written.
     with pytest.raises(ConfigError) as info:
-        LoraTrainingJob(preflight(path)).run()
+        preflight(path)
     text = info.value.render()
     assert "target_modules" in text and "['c_attn'] match no module" in text
     assert "q_proj" in text and "gate_proj" in text and "fix:" in text
-    # The same check from config.json alone (no weights), for validate/preflight.
-    problems = check_text_targets(preflight(path).config)
+    assert not (tmp_path / "out").exists()
+    problems = check_text_targets(load_config(path))
     assert [p.field for p in problems] == ["target_modules"] and "c_attn" in problems[0].message
     # A container is not a layer.
     path = write_text_config(tmp_path, assets, target_modules=["self_attn"])
-    problems = check_text_targets(preflight(path).config)
+    problems = check_text_targets(load_config(path))
     assert "name containers" in problems[0].message
 
 
