@@ -221,9 +221,16 @@ class Scheduler:
 
     # --- events -----------------------------------------------------------------------------------
     def publish(self, job: LiveJob, ev: dict) -> None:
+        """Journal the event, send it to the job's followers, and log it as one line (journald's copy).
+        Step events arrive here only every `log_every` steps, so the log never floods."""
+        from trainer.events import format_event
+
         with job.lock:
             job.seq += 1
             ev = {**ev, "seq": job.seq, "job_id": job.id}
+            line = format_event(ev)
+            if line:
+                log.log(logging.WARNING if ev["type"] == "warning" else logging.INFO, "%s: %s", job.id, line)
             self.journal.add_event(job.id, job.seq, ev)
             for q in job.subscribers:
                 q.put(ev)
@@ -240,7 +247,12 @@ class Scheduler:
             with self.cond:
                 if self.stopping:
                     return
-                self._place_head()
+                try:
+                    self._place_head()
+                except Exception as e:  # one bad job must not stop the queue: fail it, go on with the next
+                    log.exception("dispatching failed")
+                    if self.order:
+                        self._finish(self.live[self.order.pop(0)], "failed", f"internal error while scheduling: {e}")
                 self.cond.wait(timeout=self.gate_poll_s)
 
     def _place_head(self) -> None:

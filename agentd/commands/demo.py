@@ -56,7 +56,7 @@ def main(name: str, argv: list[str]) -> int:
             for rel in ("demo_lora.safetensors", "run.json", "config.yaml", "logs/loss.csv", "logs/events.jsonl",
                         "checkpoints/"):
                 print(f"  {out / rel}")
-            print(f"\nnext: `agentd status`, `lora-train validate {config}`, and the README's GPU box section")
+            print(f"\nnext: `lora-train validate {config}`; on a GPU box, `agentd serve` under systemd (README)")
         return code
     finally:
         daemon.send_signal(signal.SIGTERM)
