@@ -1,13 +1,10 @@
 """The training config: the seed's YAML as written, defaults, and every bad input with a clear error."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import BIN, write_config
 from trainer.config import load_config, parse_config

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-import pytest
 
 from fake_jenkins import FakeJenkins
 from tests.daemon_harness import DaemonProc

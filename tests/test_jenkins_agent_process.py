@@ -12,20 +12,11 @@ import pytest
 
 from agentd.jenkins.agent_process import AgentProcess, build_agent_command, write_secret_file
 from agentd.jenkins.settings import Secret
+from waiting import wait_for
 
 FAKE_JAVA = f"{sys.executable} {Path(__file__).with_name('fake_java.py')}"
 SECRET = "5ec7e7" * 10 + "abcd"
 
-
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll until ``predicate()`` is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gone(pid):

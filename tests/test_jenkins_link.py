@@ -19,6 +19,7 @@ import pytest
 from agentd.jenkins.link import JenkinsLink, LinkError
 from agentd.jenkins.settings import JenkinsSettings, Secret
 from fake_jenkins import JNLP_LAUNCHER, SSH_LAUNCHER, FakeJenkins
+from waiting import wait_for
 
 TOKEN = "11c0ffee5ecret70ken"
 FAKE_JAVA = f"{sys.executable} {Path(__file__).with_name('fake_java.py')}"
@@ -26,16 +27,6 @@ NODE = "gpu-box-1"
 CONFIG_POST = rf"/computer/{NODE}/config.xml"
 TOGGLE = rf"/computer/{NODE}/toggleOffline"
 
-
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll until ``predicate()`` is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rtx3090():

@@ -17,20 +17,11 @@ from agentd.jenkins.link import JenkinsLink
 from agentd.jenkins.settings import JenkinsSettings, Secret, WatchSettings
 from agentd.jenkins.watcher import ConfigWatcher, WatchError
 from fake_jenkins import FakeJenkins
+from waiting import wait_for
 
 TOKEN = "11c0ffee5ecret70ken"
 VALID = "base_model: ./tiny-sd\ntrain_data_dir: ./data\nlora_rank: 4\n"
 
-
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """Poll until ``predicate()`` is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Validator:

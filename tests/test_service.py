@@ -2,14 +2,12 @@
 retention (gc) and the metrics endpoint, all through a real `agentd serve` process."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import time
 import urllib.request
 
-import pytest
 
 from tests.conftest import write_config
 from tests.daemon_harness import DaemonProc, Tail

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def main(name: str, argv: list[str]) -> int:
@@ -10,16 +9,11 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--config", help="settings file (the daemon's)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     args = p.parse_args(argv)
+    from agentd.commands import load_settings_or_exit
     from agentd.gc import collect
     from agentd.journal import Journal
-    from agentd.settings import EXIT_BAD_SETTINGS, load_settings
-    from trainer.errors import ConfigError
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as e:
-        print(e.render(), file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+    settings = load_settings_or_exit(args.config)
     journal = Journal(settings.journal_path)
     try:
         actions = collect(settings, journal, dry_run=args.dry_run)

@@ -10,15 +10,10 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--config", help="settings file (see configs/agentd.yaml); default: built-in defaults")
     p.add_argument("--socket", help="override the settings' control socket path")
     args = p.parse_args(argv)
+    from agentd.commands import load_settings_or_exit
     from agentd.server import SocketInUse
-    from agentd.settings import EXIT_BAD_SETTINGS, load_settings
-    from trainer.errors import ConfigError
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as e:
-        print(e.render(), file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+    settings = load_settings_or_exit(args.config)
     if args.socket:
         from pathlib import Path
 
