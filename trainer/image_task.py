@@ -132,6 +132,8 @@ class ImageTask:
             self.base.unet.disable_gradient_checkpointing()
         for m in self.models.values():
             recurse_remove_peft_layers(m)
+            if hasattr(m, "peft_config"):
+                del m.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
             m.requires_grad_(False)
             m.eval()
         self.latent_cache.clear()

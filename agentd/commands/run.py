@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 EXIT = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3, "unreachable": 4}
+CANCEL_GRACE_S = 10.0  # while the daemon is down, how long an aborted build keeps trying to deliver the cancel
 JENKINS_ENV = ("JOB_NAME", "BUILD_NUMBER", "BUILD_URL", "BUILD_TAG", "GIT_COMMIT", "GIT_BRANCH", "WORKSPACE",
                "NODE_NAME")
 
@@ -157,7 +158,15 @@ class Follower:
         say(f"lost the connection to agentd while following {self.job_id}; reconnecting")
         deadline = time.monotonic() + self.reconnect_timeout
         delay, attempt = 1.0, 0
+        cancel_deadline = None
         while time.monotonic() < deadline:
+            if self.cancel_wanted and not self.cancel_sent:
+                # Jenkins kills an aborted build soon after SIGTERM: do not wait the full reconnect window.
+                cancel_deadline = cancel_deadline or time.monotonic() + CANCEL_GRACE_S
+                if time.monotonic() > cancel_deadline:
+                    say(f"abort: agentd is unreachable, so the cancel was not delivered; {self.job_id} will "
+                        f"resume when agentd is back (`agentd cancel {self.job_id}` to stop it)")
+                    raise SystemExit(EXIT["cancelled"])
             attempt += 1
             try:
                 conn = open_request(self.sock, {"op": "attach", "job_id": self.job_id, "after_seq": self.last_seq})
@@ -168,7 +177,7 @@ class Follower:
                 say(f"re-attach failed: {conn.reply.get('error', {}).get('message')}")
                 return None
             except DaemonUnreachable as e:
-                wait = min(delay, max(0.0, deadline - time.monotonic()))
+                wait = min(delay, max(0.0, deadline - time.monotonic()), 2.0 if self.cancel_wanted else delay)
                 say(f"retry {attempt}: {e}; next try in {wait:.0f} s")
                 if self.cancel_wanted and not self.cancel_sent:
                     say("cancel pending: it will be sent when agentd is back")
