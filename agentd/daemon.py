@@ -225,11 +225,11 @@ class Daemon:
 
 
 def _preload_trainer() -> None:
-    import importlib
-
     try:
-        for module in ("trainer.job", "trainer.image_task"):  # torch, diffusers, transformers, peft
-            importlib.import_module(module)
+        from trainer import job  # noqa: F401  (torch)
+        from trainer.image_task import preload
+
+        preload()  # diffusers, transformers, peft
     except Exception:  # the job itself will report a broken install
         log.exception("preloading the trainer failed")
 

@@ -39,6 +39,14 @@ class ImageBase:
     base_model_version: str = "sd_v1"
 
 
+def preload() -> None:
+    """Import what loading a base model needs (diffusers imports its classes lazily, on first use)."""
+    quiet_libraries()
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+
 def load_image_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> ImageBase:
     """Load the base from a diffusers folder or a single-file checkpoint, offline, frozen, on `device`."""
     quiet_libraries()
