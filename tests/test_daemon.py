@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -242,6 +243,9 @@ def test_detach_logs_and_jobs(daemon, tmp_path, assets):
     assert logs.returncode == 0 and "succeeded" in logs.stdout
     jobs = daemon.run("jobs")
     assert "job-000001" in jobs.stdout and "succeeded" in jobs.stdout
+    (row,) = daemon.journal_rows("SELECT submitter FROM jobs")
+    submitter = json.loads(row["submitter"])  # SO_PEERCRED of the submitting `agentd run`
+    assert submitter["uid"] == os.getuid() and submitter["pid"] > 0
 
 
 def test_drain_refuses_new_jobs_until_undrain(daemon, tmp_path, assets):

@@ -61,6 +61,8 @@ def assert_identical(a: Path, b: Path) -> None:
     assert [int(r["step"]) for r in rb] == list(range(1, STEPS + 1)), "each step exactly once"
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
     assert [r["lr"] for r in ra] == [r["lr"] for r in rb]
+    events = [json.loads(x) for x in (b.parent / "out/logs/events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, STEPS + 1))
 
 
 def train_foreground(cfg: Path) -> subprocess.CompletedProcess:
