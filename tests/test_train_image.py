@@ -130,3 +130,23 @@ def test_text_encoder_lora_and_plain_console(assets, tmp_path):
 
     with safe_open(str(tmp_path / "out/out.safetensors"), framework="pt") as f:
         assert any(k.startswith("lora_te_") for k in f.keys())
+
+
+def test_v_prediction_scheduler_trains_against_velocity(assets, tmp_path):
+    """A base whose scheduler says prediction_type: v_prediction (SD 2.x-768 style) is trained on velocity."""
+    import shutil
+
+    from trainer.job import LoraTrainingJob
+
+    vmodel = tmp_path / "vmodel"
+    shutil.copytree(assets["sd_model"], vmodel)
+    sched = vmodel / "scheduler/scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    losses = {}
+    for name, model in (("eps", assets["sd_model"]), ("v", vmodel)):
+        (tmp_path / name).mkdir()
+        result = LoraTrainingJob(preflight(write_config(tmp_path / name, assets, base_model=str(model),
+                                                        max_train_steps=2))).run()
+        losses[name] = result.final_loss
+    # Same seed, data and weights: only the target differs.
+    assert losses["eps"] != losses["v"]
