@@ -440,7 +440,8 @@ class Scheduler:
                 peak = round(torch.cuda.max_memory_allocated() / 2**20)
         except Exception:
             pass
-        return (f"out of GPU memory ({type(e).__name__}); estimate {est} MiB, measured peak {peak} MiB; "
+        where = job.slot.name if job.slot else "the device"
+        return (f"out of memory on {where} ({type(e).__name__}); estimate {est} MiB, measured peak {peak} MiB; "
                 "the last checkpoint is kept; lower batch_size (raise gradient_accumulation_steps to keep the "
                 "effective batch), enable gradient_checkpointing or mixed_precision; `agentd validate` "
                 "recommends a batch size")

@@ -14,7 +14,9 @@ from tests.conftest import BIN
 
 
 class DaemonProc:
-    def __init__(self, root: Path, extra_settings: str = "", env: dict | None = None):
+    def __init__(self, root: Path, extra_settings: str = "", env: dict | None = None,
+                 memory_limit_bytes: int | None = None):
+        self.memory_limit_bytes = memory_limit_bytes
         self.root = root
         # Socket paths are limited to 107 bytes: keep it short, under /tmp.
         self.rundir = Path(tempfile.mkdtemp(prefix="agd-"))
@@ -28,8 +30,16 @@ class DaemonProc:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> "DaemonProc":
+        limit = self.memory_limit_bytes
+
+        def limit_memory():  # a real address-space limit: allocations past it fail like a full machine's
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
         self.proc = subprocess.Popen([str(BIN / "agentd"), "serve", "--config", str(self.settings)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"), env=self.env)
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"), env=self.env,
+                                     preexec_fn=limit_memory if limit else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -264,3 +264,21 @@ def test_bad_settings_file_exit_78(tmp_path):
     proc = subprocess.run([str(BIN / "agentd"), "serve", "--config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 78
     assert "did you mean 'socket'" in proc.stderr and "stop_timeout_s" in proc.stderr and ":2:" in proc.stderr
+
+
+def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_path, assets):
+    """The daemon under a real address-space limit (RLIMIT_AS): a job too big for it runs out of memory."""
+    root = tmp_path / "d"
+    root.mkdir()
+    d = DaemonProc(root, memory_limit_bytes=5 * 2**30).start()
+    try:
+        huge = job_config(tmp_path, assets, "huge", resolution=1024, batch_size=32, cache_latents=False)
+        proc = d.run("run", str(huge))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "out of memory" in proc.stdout and "lower batch_size" in proc.stdout
+        (row,) = d.journal_rows("SELECT state, error FROM jobs")
+        assert row["state"] == "failed" and "out of memory" in row["error"]
+        small = d.run("run", str(job_config(tmp_path, assets, "small", max_train_steps=2)))
+        assert small.returncode == 0, small.stdout
+    finally:
+        d.stop()
