@@ -25,3 +25,7 @@ def main(name: str, argv: list[str]) -> int:
     except SocketInUse as e:
         print(f"agentd: {e}", file=sys.stderr)
         return 1
+    except PermissionError as e:
+        print(f"agentd: permission denied on {e.filename}: run it as the service (systemctl start agentd) or set "
+              "socket, state_dir and cache_dir in agentd.yaml to folders you can write", file=sys.stderr)
+        return 1
