@@ -10,12 +10,11 @@ Formula (all terms in bytes, summed, then rounded up to MiB)::
     total = weights + lora_states + batch_size * per_sample + overhead
 
     weights      = frozen parameters x dtype bytes
-                   dtype bytes: 4 for mixed_precision "no"; 2 for "fp16"/"bf16". ASSUMPTION: under mixed
-                   precision the trainer casts the frozen components (UNet, VAE, text encoders, or the
-                   causal LM) to the weight dtype, as diffusers' and kohya's LoRA scripts do. Kept in fp32,
-                   they would cost twice this plus autocast's half-precision copies.
-                   Image mode counts the UNet, the text encoder(s) and the VAE - except the VAE when
-                   cache_latents (latents are encoded once up front and the VAE leaves the GPU).
+                   dtype bytes: 4 for mixed_precision "no"; 2 for "fp16"/"bf16": under mixed precision
+                   the trainer (trainer.image_task / text_task) casts the frozen UNet, text encoders and
+                   causal LM to the weight dtype, as diffusers' and kohya's LoRA scripts do. The VAE always
+                   stays in fp32 (fp16 SD1.x VAE encodes overflow) and stays resident, also with
+                   cache_latents: the daemon keeps the whole base warm for the next job.
     lora_states  = LoRA parameters x 16: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
                    moments (8). LoRA params stay fp32 under mixed precision (diffusers'
                    cast_training_params); for a Linear(in, out) LoRA adds rank x (in + out), for a
@@ -427,10 +426,9 @@ def estimate_vram(model_dir: Path, *, mode: str, resolution: int, batch_size: in
     notes: list[str] = []
 
     frozen = dict(summary.frozen)
-    resident = {k: v for k, v in frozen.items() if not (k == "vae" and cache_latents)}
+    weights = sum(v * (4 if k == "vae" else weight_bytes) for k, v in frozen.items())
     if mode == "image" and cache_latents:
-        notes.append("cache_latents: the VAE is not resident during training")
-    weights = sum(resident.values()) * weight_bytes
+        notes.append("cache_latents: the VAE encodes each image once, but stays resident (fp32) in the warm base")
 
     lora_counts = {k: v * lora_rank for k, v in summary.lora_per_rank.items()}
     lora_total = sum(lora_counts.values())
