@@ -154,6 +154,8 @@ class Scheduler:
             checked = check_config(cfg, source=config_path)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
+        # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
+        estimate = self._estimate(checked)
         with self.cond:
             for job in self.live.values():
                 if job.record["output_dir"] == str(cfg.output_dir) and job.record["state"] not in FINAL:
@@ -161,7 +163,6 @@ class Scheduler:
             if self.draining or self.stopping:
                 raise SubmitRefused("draining", "agentd is draining: it takes no new jobs "
                                     "(`agentd undrain` to reopen)")
-            estimate = self._estimate(checked)
             job_id = self.journal.create(config_path=config_path, config_text=config_text,
                                          config_hash=cfg.full_hash(), resolved=cfg.resolved(),
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
