@@ -51,3 +51,16 @@ def write_config(folder: Path, assets: dict, **fields) -> Path:
     path = folder / "train.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in base.items() if v is not None}, sort_keys=False))
     return path
+
+
+def lora_at_step_zero(config_path: Path) -> dict:
+    """The LoRA tensors a job holds after setup, before its first step (init or resume applied)."""
+    from trainer.job import LoraTrainingJob
+    from trainer.preflight import preflight
+
+    job = LoraTrainingJob(preflight(config_path))
+    job.setup()
+    try:
+        return job.task.lora_state()
+    finally:
+        job.cleanup()

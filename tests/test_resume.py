@@ -65,6 +65,16 @@ def assert_identical(a: Path, b: Path) -> None:
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, STEPS + 1))
 
 
+def kill_foreground_after(cfg: Path, rows: int, then_wait: float = 0.0) -> None:
+    """Run `lora-train` and SIGKILL it once loss.csv has `rows` steps (plus `then_wait` seconds)."""
+    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_rows(cfg, rows, proc)
+    time.sleep(then_wait)
+    proc.kill()
+    proc.wait()
+
+
 def train_foreground(cfg: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "lora-train"), "--config", str(cfg)], capture_output=True, text=True,
                           timeout=600)
@@ -137,12 +147,7 @@ def test_jenkins_abort_then_second_run_resumes_bit_identical(reference, tmp_path
 
 def test_grad_accumulation_killed_between_micro_batches(reference_accum, tmp_path, assets):
     cfg = config(tmp_path, assets, "acc", batch_size=2, gradient_accumulation_steps=2)
-    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_rows(cfg, 24, proc)
-    time.sleep(0.05)  # land inside the next optimizer step: between its two micro-batches
-    proc.kill()
-    proc.wait()
+    kill_foreground_after(cfg, 24, then_wait=0.05)  # inside the next step: between its micro-batches
     again = train_foreground(cfg)
     assert again.returncode == 0, again.stderr
     assert "resumed from step" in again.stdout
@@ -151,11 +156,7 @@ def test_grad_accumulation_killed_between_micro_batches(reference_accum, tmp_pat
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path, assets):
     cfg = config(tmp_path, assets, "trunc")
-    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_rows(cfg, 23, proc)
-    proc.kill()
-    proc.wait()
+    kill_foreground_after(cfg, 23)
     newest = cfg.parent / "out/checkpoints/step-00000020/optimizer.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut a file in half
     again = train_foreground(cfg)
@@ -167,11 +168,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(reference, tmp_path,
 
 def test_resume_policy_config_changes(tmp_path, assets):
     cfg = config(tmp_path, assets, "policy")
-    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait_rows(cfg, 12, proc)
-    proc.kill()
-    proc.wait()
+    kill_foreground_after(cfg, 12)
     original = cfg.read_text()
 
     cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3"))

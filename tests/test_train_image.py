@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import BIN, write_config
+from tests.conftest import BIN, lora_at_step_zero, write_config
 from trainer.preflight import preflight
 
 
@@ -87,17 +87,11 @@ def test_lora_loads_into_diffusers_pipeline_and_unloads(trained, assets):
 
 
 def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
     from trainer.lora_io import read_lora_file
 
     _, _, out = trained
     path = write_config(tmp_path, assets, init_lora_weights=str(out / "shapes.safetensors"), seed=99)
-    job = LoraTrainingJob(preflight(path))
-    job.setup()
-    try:
-        at_step0 = job.task.lora_state()
-    finally:
-        job.cleanup()
+    at_step0 = lora_at_step_zero(path)
     saved, _ = read_lora_file(out / "shapes.safetensors")
     assert at_step0.keys() == saved.keys()
     assert all(torch.equal(at_step0[k], saved[k]) for k in saved)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, lora_at_step_zero
 from trainer.preflight import preflight
 
 
@@ -129,17 +129,11 @@ def test_warm_base_is_clean_after_the_job(assets, tmp_path):
 
 
 def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
     from trainer.lora_io import read_lora_file
 
     _, out = trained
     path = write_text_config(tmp_path, assets, init_lora_weights=str(out / "lm.safetensors"), seed=99)
-    job = LoraTrainingJob(preflight(path))
-    job.setup()
-    try:
-        at_step0 = job.task.lora_state()
-    finally:
-        job.cleanup()
+    at_step0 = lora_at_step_zero(path)
     saved, _ = read_lora_file(out / "lm.safetensors")
     assert at_step0.keys() == saved.keys() and all(torch.equal(at_step0[k], saved[k]) for k in saved)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
@@ -24,8 +25,9 @@ class Checked:
     warnings: list[str] = field(default_factory=list)
     source: str | None = None
 
-    @property
+    @cached_property
     def data_fingerprint(self) -> str:
+        """Computed once (a stat of every sample), then reused by resume checks, checkpoints and run.json."""
         return fingerprint(self.scan.samples)
 
 
