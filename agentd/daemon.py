@@ -227,9 +227,9 @@ class Daemon:
 def _preload_trainer() -> None:
     try:
         from trainer import job  # noqa: F401  (torch)
-        from trainer.image_task import preload
+        from trainer.families import preload_all
 
-        preload()  # diffusers, transformers, peft
+        preload_all()  # every family's loading stack: diffusers, transformers, peft
     except Exception:  # the job itself will report a broken install
         log.exception("preloading the trainer failed")
 

@@ -43,6 +43,37 @@ openstack/python-jenkins; Jenkins is jenkinsci/jenkins, ``core/src/main/java/...
   ``queue/item/N/api/json`` -> ``hudson.model.Queue$WaitingItem`` with a ``ParametersAction``. Jenkins remote
   access API: https://www.jenkins.io/doc/book/using/remote-access-api/.
 
+**Version-faithful behaviour.** ``FakeJenkins(version=...)`` behaves as that Jenkins version does (Jenkins
+sources are jenkinsci/jenkins ``core/src/main/java/``, remoting is jenkinsci/remoting ``src/main/java/``):
+
+* **Offline causes** (``hudson/model/Computer.java``, ``hudson/model/Node.java``, ``hudson/slaves/
+  SlaveComputer.java``, ``hudson/slaves/OfflineCause.java``): before 2.482 a computer has *one*
+  ``offlineCause`` field: ``setChannel`` on a reconnect sets it to null and a lost channel to a
+  ``ChannelTermination`` ("Connection was broken: ..."), while ``temporarilyOffline`` stays true. From 2.482
+  the temporary-offline cause is its own field (``Node.temporaryOfflineCause``, saved with the node) and
+  survives reconnects. ``getOfflineCauseReason`` strips "Disconnected by USER : " from a ``UserCause``.
+* **Escaping** from 2.483: ``offlineCauseReason`` comes back through ``hudson/Util.java`` ``escape``
+  (``< > & " '`` as entities, all but the last of a run of spaces as ``&nbsp;``, newline as ``<br>``).
+* **JNLP file warning** from 2.437: each fetch of ``computer/NAME/jenkins-agent.jnlp``
+  (``hudson/slaves/SlaveComputer.java`` -> ``jenkins/slaves/EncryptedSlaveAgentJnlpFile.java``) logs a
+  WARNING on the controller; the fake records it in :attr:`FakeJenkins.warnings`.
+* **Builds** (``jenkins/model/ParameterizedJobMixIn.java`` ``doBuildWithParameters``,
+  ``hudson/model/ParametersDefinitionProperty.java`` ``buildWithParameters``): a disabled job answers
+  ``409`` "NAME is not buildable!"; a job without parameters throws "This build is not parameterized!"
+  (an error page: the fake answers 400); a parameter the job does not define is dropped silently (the
+  build gets the default); an identical item already in the queue answers ``303 See Other`` to the job's
+  page instead of ``201`` (JENKINS-66105, ``core/src/test/java/hudson/model/
+  ParametersDefinitionPropertyTest.java`` ``statusCodes``: "then 303 See Other -> 200 OK").
+* **config.xml** (``hudson/model/Computer.java`` ``doConfigDotXml``) is served as ``application/xml``
+  without a charset: the XML declaration names the encoding. GET needs Agent/ExtendedRead, which
+  Agent/Configure implies (``hudson/model/Computer.java`` ``EXTENDED_READ``).
+* **agent.jar** (``/jnlpJars/agent.jar``) carries the remoting version the war bundles
+  (:data:`BUNDLED_REMOTING`) in its manifest (``Version:``, ``Main-Class: hudson.remoting.Launcher``), so
+  ``tests/fake_java.py`` can accept exactly that remoting's flags: ``hudson/remoting/Launcher.java`` has
+  ``-url``/``-name``/``-webSocket`` from remoting 3176 (Jenkins 2.437, LTS 2.440.1); an older ``Launcher.main``
+  prints the args4j error, ``java -jar agent.jar [options...]`` and the usage, and returns (exit 0).
+* ``strip_version_header`` plays a reverse proxy that drops ``X-Jenkins``.
+
 Test controls: :meth:`FakeJenkins.restart` (sessions and crumbs forgotten, agents disconnected, nodes wiped
 by default), :meth:`fail_next` (next N requests answer 500), :meth:`stop`/:meth:`start` (stop listening),
 :meth:`set_version`, :meth:`set_delay` (slow answers for timeouts), and :attr:`requests`, every request
@@ -72,6 +103,63 @@ DUMB_SLAVE_TYPE = "hudson.slaves.DumbSlave$DescriptorImpl"
 JNLP_LAUNCHER = "hudson.slaves.JNLPLauncher"
 SSH_LAUNCHER = "hudson.plugins.sshslaves.SSHLauncher"
 
+# The remoting version each Jenkins line bundles (its war's remoting.version). Only which side of 3176 a
+# version is on matters to the fake agent.jar; the suffixes are the releases' own build ids.
+BUNDLED_REMOTING = [((2, 0), "3107.v665000b_51092"), ((2, 426), "3160.vd76b_9ddd10cc"),
+                    ((2, 437), "3198.v03a_401881f3e"), ((2, 440, 1), "3206.vb_15dcf73f6a_9"),
+                    ((2, 462), "3248.3250.v3277a_8e88c9b_"), ((2, 479), "3261.v9c670a_4748a_9"),
+                    ((2, 492), "3283.v92c105e0f819"), ((2, 516), "3309.v27b_9314fd1a_4")]
+CURRENT_LTS = "2.516.3"          # the newest LTS whose behaviour is cited above
+USER_CAUSE = "hudson.slaves.OfflineCause$UserCause"
+CHANNEL_TERMINATION = "hudson.slaves.OfflineCause$ChannelTermination"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def bundled_remoting(version: str) -> str:
+    """The remoting version Jenkins ``version`` bundles."""
+    found = BUNDLED_REMOTING[0][1]
+    for first, remoting in BUNDLED_REMOTING:
+        if version_tuple(version) >= first:
+            found = remoting
+    return found
+
+
+def jenkins_escape(text: str) -> str:
+    """``hudson.Util.escape``, character for character."""
+    out = []
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            out.append("<br>")
+        elif ch in "<>&\"'":
+            out.append({"<": "&lt;", ">": "&gt;", "&": "&amp;", '"': "&quot;", "'": "&#039;"}[ch])
+        elif ch == " ":
+            out.append("&nbsp;" if i + 1 < len(text) and text[i + 1] == " " else " ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@dataclass
+class Cause:
+    """An ``OfflineCause``: a person's (``UserCause``, with their message) or a lost connection."""
+
+    cls: str
+    text: str
+    user: Optional[str] = None
+
+    def description(self) -> str:
+        if self.cls == USER_CAUSE:
+            return f"Disconnected by {self.user}" + (f" : {self.text}" if self.text else "")
+        return self.text
+
+    def reason(self) -> str:
+        """``Computer.getOfflineCauseReason``: the description without "Disconnected by USER : "."""
+        return self.text if self.cls == USER_CAUSE else self.description()
+
+
 ALL_PERMISSIONS = frozenset({"read", "create", "configure", "extended_read", "connect", "disconnect",
                              "delete", "build"})
 _PERMISSION_NAMES = {"read": "Overall/Read", "create": "Agent/Create", "configure": "Agent/Configure",
@@ -88,6 +176,9 @@ class User:
 
 @dataclass
 class Node:
+    """A node and its computer. Causes are kept both ways (one shared field before 2.482, a separate
+    temporary-offline cause from 2.482); :meth:`api_json` shows the one the controller's version shows."""
+
     name: str
     description: str = ""
     num_executors: int = 1
@@ -96,12 +187,41 @@ class Node:
     mode: str = "NORMAL"
     launcher: ET.Element = field(default_factory=lambda: ET.Element("launcher", {"class": JNLP_LAUNCHER}))
     temporarily_offline: bool = False
-    offline_reason: str = ""
     connected: bool = False
+    shared_cause: Optional[Cause] = None       # Computer.offlineCause before 2.482
+    temporary_cause: Optional[Cause] = None    # Node.temporaryOfflineCause from 2.482
+    channel_cause: Optional[Cause] = None      # why the channel is gone, from 2.482
+    properties: Optional[ET.Element] = None    # <nodeProperties>, kept as posted
 
     @property
     def launcher_class(self) -> str:
         return self.launcher.get("class", "")
+
+    @property
+    def offline_reason(self) -> str:
+        """The message of the temporary-offline cause a person (or agentd) set, "" when none."""
+        cause = self.temporary_cause
+        return cause.text if cause is not None and self.temporarily_offline else ""
+
+    @offline_reason.setter
+    def offline_reason(self, message: str) -> None:   # an administrator's own mark (tests)
+        self.set_offline_by("admin", message)
+
+    def set_offline_by(self, user: str, message: str) -> None:
+        """toggleOffline / changeOfflineCause by ``user`` (``setTemporarilyOffline(true, UserCause)``)."""
+        cause = Cause(USER_CAUSE, message, user)
+        self.temporarily_offline, self.shared_cause, self.temporary_cause = True, cause, cause
+
+    def set_online(self) -> None:
+        """``setTemporarilyOffline(false, null)``."""
+        self.temporarily_offline, self.shared_cause, self.temporary_cause = False, None, None
+
+    def channel(self, connected: bool) -> None:
+        """The agent connected (a reconnect clears the shared cause) or its connection broke."""
+        self.connected = connected
+        cause = None if connected else Cause(CHANNEL_TERMINATION, "Connection was broken: java.io.EOFException")
+        self.shared_cause = cause
+        self.channel_cause = cause
 
     def config_xml(self) -> str:
         root = ET.Element("slave")
@@ -112,17 +232,21 @@ class Node:
         ET.SubElement(root, "retentionStrategy", {"class": "hudson.slaves.RetentionStrategy$Always"})
         root.append(self.launcher)
         ET.SubElement(root, "label").text = self.labels
-        ET.SubElement(root, "nodeProperties")
+        root.append(self.properties if self.properties is not None else ET.Element("nodeProperties"))
         ET.indent(root)
         return "<?xml version='1.1' encoding='UTF-8'?>\n" + ET.tostring(root, encoding="unicode")
 
-    def api_json(self, user: str) -> dict:
+    def api_json(self, version: str) -> dict:
         offline = self.temporarily_offline or not self.connected
-        cause = None
-        if self.temporarily_offline:
-            suffix = f" : {self.offline_reason}" if self.offline_reason else ""
-            cause = {"_class": "hudson.slaves.OfflineCause$UserCause",
-                     "description": f"Disconnected by {user}{suffix}"}
+        if version_tuple(version) < (2, 482):
+            cause = self.shared_cause
+        elif self.temporarily_offline and self.temporary_cause is not None:
+            cause = self.temporary_cause
+        else:
+            cause = self.channel_cause if not self.connected else None
+        reason = cause.reason() if cause is not None else ""
+        if version_tuple(version) >= (2, 483):
+            reason = jenkins_escape(reason)
         labels = [{"name": label} for label in sorted(set(self.labels.split()) | {self.name})]
         return {
             "_class": "hudson.slaves.SlaveComputer", "actions": [], "assignedLabels": labels,
@@ -131,11 +255,18 @@ class Node:
             "idle": True, "jnlpAgent": self.launcher_class == JNLP_LAUNCHER,
             "launchSupported": self.launcher_class != JNLP_LAUNCHER, "manualLaunchAllowed": True,
             "monitorData": {}, "numExecutors": self.num_executors, "offline": offline,
-            "offlineCause": cause,
-            "offlineCauseReason": self.offline_reason if self.temporarily_offline else "",
+            "offlineCause": ({"_class": cause.cls, "description": cause.description()}
+                             if cause is not None else None),
+            "offlineCauseReason": reason,
             "oneOffExecutors": [], "temporarilyOffline": self.temporarily_offline,
             "absoluteRemotePath": self.remote_fs if self.connected else None,
         }
+
+
+@dataclass
+class Job:
+    parameters: list[str]
+    disabled: bool = False
 
 
 @dataclass
@@ -179,14 +310,16 @@ def _launcher_from_json(data: dict) -> ET.Element:
 class FakeJenkins:
     """The controller. Use as a context manager or call :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, version: str = "2.462.3", require_crumb: bool = True, crumbs_enabled: bool = True,
-                 tls: Optional[tuple[str, str]] = None):
+    def __init__(self, version: str = CURRENT_LTS, require_crumb: bool = True, crumbs_enabled: bool = True,
+                 tls: Optional[tuple[str, str]] = None, strip_version_header: bool = False):
         self.version = version
+        self.strip_version_header = strip_version_header
+        self.warnings: list[str] = []   # what the controller would log at WARNING
         self.require_crumb = require_crumb
         self.crumbs_enabled = crumbs_enabled
         self.users: dict[str, User] = {"agentd": User("agentd", "11c0ffee5ecret70ken")}
         self.nodes: dict[str, Node] = {}
-        self.jobs: dict[str, list[str]] = {}
+        self.jobs: dict[str, Job] = {}
         self.queue: dict[int, dict] = {}
         self.builds: list[dict] = []
         self.requests: list[Recorded] = []
@@ -256,7 +389,7 @@ class FakeJenkins:
             self._instance = secrets.token_hex(8)
             self.queue.clear()
             for node in self.nodes.values():
-                node.connected = False
+                node.channel(False)
             if wipe_nodes:
                 self.nodes.clear()
         self.start()
@@ -276,13 +409,23 @@ class FakeJenkins:
     def add_user(self, name: str, token: str, permissions=ALL_PERMISSIONS) -> None:
         self.users[name] = User(name, token, frozenset(permissions))
 
-    def add_job(self, name: str, parameters=("CONFIG_FILE",)) -> None:
-        self.jobs[name] = list(parameters)
+    def add_job(self, name: str, parameters=("CONFIG_FILE",), disabled: bool = False) -> None:
+        self.jobs[name] = Job(list(parameters), disabled)
 
     def connect_agent(self, name: str, connected: bool = True) -> None:
-        """Pretend agent.jar connected (or dropped): ``offline`` follows."""
+        """Pretend agent.jar connected (or its connection broke): ``offline`` and, before 2.482, the
+        cause follow (see the module docstring)."""
         with self._lock:
-            self.nodes[name].connected = connected
+            self.nodes[name].channel(connected)
+
+    def leave_queue(self) -> None:
+        """Every queued item starts building (so an identical trigger queues again)."""
+        with self._lock:
+            self.queue.clear()
+
+    @property
+    def remoting_version(self) -> str:
+        return bundled_remoting(self.version)
 
     def agent_secret(self, name: str) -> str:
         """The node's secret, as Jenkins derives it (an HMAC of the name with the controller's key)."""
@@ -294,7 +437,7 @@ class FakeJenkins:
         with zipfile.ZipFile(buffer, "w") as jar:
             version = version or self.version
             jar.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n"
-                         f"Main-Class: hudson.remoting.jnlp.Main\nJenkins-Version: {version}\n")
+                         f"Main-Class: hudson.remoting.Launcher\nVersion: {bundled_remoting(version)}\n")
             jar.writestr("hudson/remoting/Launcher.class", b"\xca\xfe\xba\xbe" + version.encode())
         return buffer.getvalue()
 
@@ -384,7 +527,7 @@ class FakeJenkins:
                           "assignedLabels": [{"name": "built-in"}],
                           "idle": True, "offline": False, "offlineCause": None, "temporarilyOffline": False,
                           "icon": "symbol-computer", "numExecutors": 0}]
-            computers += [node.api_json(user.name) for node in self.nodes.values()]
+            computers += [node.api_json(self.version) for node in self.nodes.values()]
             return self._json({"_class": "hudson.model.ComputerSet", "busyExecutors": 0,
                                "computer": computers, "displayName": "Nodes",
                                "totalExecutors": sum(n.num_executors for n in self.nodes.values())})
@@ -398,7 +541,7 @@ class FakeJenkins:
         if match:
             return self._computer(method, unquote(match.group(1)), match.group(2) or "", query, body, user)
 
-        match = re.fullmatch(r"/((?:job/[^/]+/)+)(buildWithParameters|build|api/json)", path)
+        match = re.fullmatch(r"/((?:job/[^/]+/)+)(buildWithParameters|build|api/json|)", path)
         if match:
             job = "/".join(unquote(p) for p in match.group(1).split("/")[1::2])
             return self._job(method, job, match.group(2), query, form, user)
@@ -408,7 +551,7 @@ class FakeJenkins:
             item = self.queue.get(int(match.group(1)))
             if item is None:
                 raise _Reply(404, "Not Found")
-            return self._json(item)
+            return self._json({k: v for k, v in item.items() if not k.startswith("_")})
         raise _Reply(404, "Not Found")
 
     def _create_node(self, name: str, node_type: str, json_text: str) -> tuple[int, dict, bytes]:
@@ -441,11 +584,12 @@ class FakeJenkins:
         if rest in ("", "/") and method == "GET":
             return self._html(name)
         if rest == "/api/json" and method == "GET":
-            return self._json(node.api_json(user.name))
+            return self._json(node.api_json(self.version))
         if rest == "/config.xml":
             if method == "GET":
-                self._require(user, "extended_read")
-                return 200, {"Content-Type": "application/xml;charset=UTF-8"}, node.config_xml().encode()
+                if "configure" not in user.permissions:   # Agent/Configure implies Agent/ExtendedRead
+                    self._require(user, "extended_read")
+                return 200, {"Content-Type": "application/xml"}, node.config_xml().encode("utf-8")
             if method == "POST":
                 self._require(user, "configure")
                 self._update_node(node, body)
@@ -460,15 +604,18 @@ class FakeJenkins:
                 return 302, {"Location": f"{self.url}computer/"}, b""
             if rest == "/toggleOffline" and node.temporarily_offline:
                 self._require(user, "connect")
-                node.temporarily_offline, node.offline_reason = False, ""
+                node.set_online()
             else:
                 self._require(user, "disconnect")
-                node.temporarily_offline, node.offline_reason = True, message
+                node.set_offline_by(user.name, message)
             return 302, {"Location": f"{self.url}computer/{quote(name)}/"}, b""
         if rest in ("/jenkins-agent.jnlp", "/slave-agent.jnlp") and method == "GET":
             self._require(user, "connect")
             if node.launcher_class != JNLP_LAUNCHER:
                 raise _Reply(404, "Not an inbound agent")
+            if version_tuple(self.version) >= (2, 437):
+                self.warnings.append(f"jenkins-agent.jnlp for {name} fetched by {user.name}: "
+                                     "use of the JNLP file is deprecated")
             return 200, {"Content-Type": "application/x-java-jnlp-file"}, self._jnlp(node).encode()
         raise _Reply(404, "Not Found")
 
@@ -497,6 +644,9 @@ class FakeJenkins:
         launcher = root.find("launcher")
         if launcher is not None:
             node.launcher = launcher
+        properties = root.find("nodeProperties")
+        if properties is not None:
+            node.properties = properties
         if new_name != node.name:  # Nodes.replaceNode renames
             del self.nodes[node.name]
             node.name = new_name
@@ -514,17 +664,36 @@ class FakeJenkins:
             ET.SubElement(app, "argument").text = argument
         return "<?xml version='1.0' encoding='UTF-8'?>\n" + ET.tostring(root, encoding="unicode")
 
-    def _job(self, method: str, job: str, action: str, query: dict, form: dict,
+    def _job(self, method: str, name: str, action: str, query: dict, form: dict,
              user: User) -> tuple[int, dict, bytes]:
-        if job not in self.jobs:
+        job = self.jobs.get(name)
+        if job is None:
             raise _Reply(404, "Not Found")
+        url = f"{self.url}job/{quote(name)}/"
+        if action == "":
+            return self._html(f"{name} [Jenkins] (REST API: {url}api/json?tree=...)")
         if action == "api/json":
-            return self._json({"_class": "org.jenkinsci.plugins.workflow.job.WorkflowJob", "name": job,
-                               "fullName": job, "url": f"{self.url}job/{quote(job)}/", "buildable": True})
+            properties = ([{"_class": "hudson.model.ParametersDefinitionProperty",
+                            "parameterDefinitions": [
+                                {"_class": "hudson.model.StringParameterDefinition", "name": p,
+                                 "defaultParameterValue": {"_class": "hudson.model.StringParameterValue",
+                                                           "name": p, "value": ""}, "type": "StringParameterDefinition"}
+                                for p in job.parameters]}] if job.parameters else [])
+            return self._json({"_class": "org.jenkinsci.plugins.workflow.job.WorkflowJob", "name": name,
+                               "fullName": name, "url": url, "buildable": not job.disabled,
+                               "disabled": job.disabled, "property": properties})
         if method != "POST":
             raise _Reply(405, "This URL requires POST")
         self._require(user, "build")
-        params = {k: v[0] for k, v in {**query, **form}.items() if k != "token"}
+        if job.disabled:
+            raise _Reply(409, f"{name} is not buildable!")
+        if action == "buildWithParameters" and not job.parameters:
+            raise _Reply(400, "This build is not parameterized!")
+        given = {k: v[0] for k, v in {**query, **form}.items() if k not in ("token", "delay")}
+        params = {p: given.get(p, "") for p in job.parameters}     # undefined names are dropped silently
+        for item in self.queue.values():
+            if item["task"]["name"] == name and item["_params"] == params:
+                return 303, {"Location": url}, b""                 # an identical item is already queued
         queue_id = self._next_queue_id
         self._next_queue_id += 1
         now = int(time.time() * 1000)
@@ -539,12 +708,12 @@ class FakeJenkins:
                                      "userName": user.name}]}],
             "blocked": False, "buildable": False, "id": queue_id, "inQueueSince": now,
             "params": "".join(f"\n{k}={v}" for k, v in params.items()), "stuck": False,
-            "task": {"_class": "org.jenkinsci.plugins.workflow.job.WorkflowJob", "name": job,
-                     "url": f"{self.url}job/{quote(job)}/", "color": "blue"},
+            "task": {"_class": "org.jenkinsci.plugins.workflow.job.WorkflowJob", "name": name,
+                     "url": url, "color": "blue"},
             "url": f"queue/item/{queue_id}/", "why": "In the quiet period. Expires in 4.9 sec",
-            "timestamp": now + 5000,
+            "timestamp": now + 5000, "_params": params,
         }
-        self.builds.append({"job": job, "params": params, "queue_id": queue_id, "user": user.name})
+        self.builds.append({"job": name, "params": params, "queue_id": queue_id, "user": user.name})
         return 201, {"Location": f"{self.url}queue/item/{queue_id}/"}, b""
 
     @staticmethod
@@ -605,8 +774,9 @@ class _Handler(BaseHTTPRequestHandler):
         record.status = status
         try:
             self.send_response(status)
-            self.send_header("X-Jenkins", fake.version)
-            self.send_header("X-Hudson", "1.395")
+            if not fake.strip_version_header:
+                self.send_header("X-Jenkins", fake.version)
+                self.send_header("X-Hudson", "1.395")
             self.send_header("X-Jenkins-Session", fake._instance)
             for key, value in out_headers.items():
                 self.send_header(key, value)

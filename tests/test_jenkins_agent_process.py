@@ -37,7 +37,9 @@ def make_agent(tmp_path, monkeypatch):
         monkeypatch.setenv("FAKE_JAVA_MODE", mode)
         options = dict(java=FAKE_JAVA, jar=tmp_path / "agent.jar", url="http://127.0.0.1:9/", name="gpu1",
                        work_dir=tmp_path / "work", secret_file=tmp_path / "state" / "agent.secret",
-                       restart_min_s=0.05, restart_max_s=0.4, stable_s=30.0, stop_timeout_s=2.0)
+                       restart_min_s=0.05, restart_max_s=0.4, stable_s=30.0, stop_timeout_s=2.0,
+                       # agent.jar inherits only allow-listed variables: the stand-in's settings go explicitly
+                       env={k: v for k, v in os.environ.items() if k.startswith("FAKE_JAVA_")})
         options.update(kw)
         agent = AgentProcess(**options)
         agent.set_secret(Secret(SECRET))
@@ -166,3 +168,23 @@ def test_missing_java_is_reported_not_raised(make_agent):
     assert agent.running
     agent.stop()
     assert agent.status()["state"] == "stopped"
+
+
+def test_an_old_agent_jar_that_prints_its_usage_is_reported_not_restarted(make_agent, tmp_path):
+    """remoting < 3176 (Jenkins < 2.437) has no -url/-name: Launcher.main prints the usage and exits 0."""
+    from fake_jenkins import FakeJenkins
+
+    jar = tmp_path / "old-agent.jar"
+    jar.write_bytes(FakeJenkins(version="2.426.3").agent_jar())
+    agent = make_agent(jar=jar)
+    agent.start()
+    wait_for(lambda: agent.status()["state"] == "failed", what="agent gave up")
+    time.sleep(1.0)  # restart_min_s is 0.05 s: a restart loop would have started it many times by now
+    status = agent.status()
+    assert [start.get("usage_exit") for start in make_agent.starts()] == [True]
+    assert status["last_exit_code"] == 0 and status["restarts"] == 0 and not agent.running
+    assert "printed its usage" in status["gave_up_reason"] and status["last_error"] == status["gave_up_reason"]
+    assert "-url" in status["gave_up_reason"] and "2.440.1" in status["gave_up_reason"]
+    agent.start()          # a new start (a new agent.jar) tries again
+    wait_for(lambda: len(make_agent.starts()) == 2, what="second try")
+    wait_for(lambda: agent.status()["state"] == "failed", what="gave up again")

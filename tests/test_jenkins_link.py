@@ -1,29 +1,39 @@
 """JenkinsLink over real HTTP against the fake controller (tests/fake_jenkins.py).
 
-python-jenkins is not mocked: every call goes over a socket to the fake, which records it.
+python-jenkins is not mocked: every call goes over a socket to the fake, which records it. The fake behaves
+as the Jenkins version it is given; the link's tests run against 2.426.3 (below the supported floor),
+2.462.3 (one offline-cause field, reasons unescaped) and the current LTS (separate temporary-offline cause,
+escaped reasons): see VERSIONS.
 """
 
 import hashlib
 import json
 import logging
+import os
 import random
+import re
+import signal
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from agentd.jenkins.link import JenkinsLink, LinkError
+from agentd.jenkins.offline import MARK_FILE_NAME
 from agentd.jenkins.settings import JenkinsSettings, Secret
-from fake_jenkins import JNLP_LAUNCHER, SSH_LAUNCHER, FakeJenkins
+from fake_jenkins import CURRENT_LTS, JNLP_LAUNCHER, SSH_LAUNCHER, FakeJenkins
 from waiting import wait_for
 
 TOKEN = "11c0ffee5ecret70ken"
 FAKE_JAVA = f"{sys.executable} {Path(__file__).with_name('fake_java.py')}"
 NODE = "gpu-box-1"
+VERSIONS = ["2.426.3", "2.462.3", CURRENT_LTS]
+SUPPORTED = ["2.462.3", CURRENT_LTS]
 CONFIG_POST = rf"/computer/{NODE}/config.xml"
 TOGGLE = rf"/computer/{NODE}/toggleOffline"
 
@@ -33,29 +43,37 @@ def rtx3090():
     return SimpleNamespace(name="NVIDIA GeForce RTX 3090", memory_total_mib=24576, cuda_version="12.4")
 
 
-@pytest.fixture
-def fake():
-    with FakeJenkins() as controller:
+@pytest.fixture(params=VERSIONS)
+def fake(request):
+    """The controller at a version (or a dict of FakeJenkins arguments, for indirect parametrization)."""
+    options = request.param if isinstance(request.param, dict) else {"version": request.param}
+    with FakeJenkins(**options) as controller:
         yield controller
 
 
-@pytest.fixture
-def make_link(fake, tmp_path, monkeypatch):
-    links = []
-    monkeypatch.setenv("FAKE_JAVA_LOG", str(tmp_path / "java-starts.jsonl"))
+def java_starts(tmp_path) -> list[dict]:
+    log = tmp_path / "java-starts.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-    def make(gpus=None, slots=None, token=TOKEN, **overrides):
+
+@pytest.fixture
+def make_link(fake, tmp_path):
+    links = []
+
+    def make(gpus=None, slots=None, token=TOKEN, state_dir=None, **overrides):
         options = dict(url=fake.url, user="agentd", token_file=str(tmp_path / "jenkins.token"),
                        node_name=NODE, launcher="none", labels=["gpu-node"],
                        remote_fs=str(tmp_path / "remote"),
-                       agent_jar_dir=str(tmp_path / "agent"), java=FAKE_JAVA, timeout_s=5,
+                       agent_jar_dir=str(tmp_path / "agent"), timeout_s=5,
+                       # agent.jar inherits only allow-listed variables: the stand-in's log path goes in argv
+                       java=f"env FAKE_JAVA_LOG={tmp_path / 'java-starts.jsonl'} {FAKE_JAVA}",
                        sync_interval_s=0.2, retry_min_s=0.05, retry_max_s=0.4,
                        agent_restart_min_s=0.05, agent_restart_max_s=0.2)
         options.update(overrides)
         settings = JenkinsSettings(**options)
         facts = [rtx3090()] if gpus is None else gpus
         secret = Secret(token) if token else None
-        link = JenkinsLink(settings, secret, lambda: facts, slots, rng=random.Random(7))
+        link = JenkinsLink(settings, secret, lambda: facts, slots, rng=random.Random(7), state_dir=state_dir)
         links.append(link)
         return link
 
@@ -271,6 +289,7 @@ def test_agent_secret_comes_from_the_jnlp_file(fake, make_link):
     assert fake.count("GET", rf"/computer/{NODE}/jenkins-agent.jnlp") == 1
 
 
+@pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
 def test_inbound_launcher_runs_agent_jar_with_the_secret_in_a_file(fake, make_link, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     link = make_link(launcher="inbound", websocket=True)
@@ -308,14 +327,43 @@ def test_ssh_launcher_registers_ssh_settings_and_runs_no_agent(fake, make_link):
     assert link.sync() and fake.count("POST", CONFIG_POST) == 0
 
 
-def test_trigger_build_queues_a_parameterized_build(fake, make_link):
+def test_trigger_build_queues_a_parameterized_build_and_an_identical_one_is_already_queued(fake, make_link):
     fake.add_job("train-lora")
     link = make_link()
-    queue_id = link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
+    first = link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
+    assert not first.already_queued and str(first) == f"queue item {first.queue_id}"
     assert fake.builds == [{"job": "train-lora", "params": {"CONFIG_FILE": "/srv/configs/a b.yaml"},
-                            "queue_id": queue_id, "user": "agentd"}]
-    with pytest.raises(LinkError, match="'missing-job' not found"):
-        link.trigger_build("missing-job", {"CONFIG_FILE": "/x.yaml"})
+                            "queue_id": first.queue_id, "user": "agentd"}]
+    assert fake.count("GET", r"/job/train-lora/api/json") == 1, "the job was checked before the first trigger"
+    again = link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
+    assert again.already_queued and str(again) == "already queued" and len(fake.builds) == 1
+    assert [r.status for r in fake.requests if r.path.endswith("buildWithParameters")] == [201, 303]
+    assert fake.count("GET", r"/job/train-lora/api/json") == 1, "checked once, not before every trigger"
+    fake.leave_queue()
+    assert not link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"}).already_queued
+
+
+def test_trigger_reports_missing_job_parameter_and_disabled_job_by_name_before_building(fake, make_link):
+    fake.add_job("needs-config", parameters=("CONFIG",))
+    fake.add_job("no-params", parameters=())
+    fake.add_job("off", disabled=True)
+    link = make_link()
+    cases = [("missing-job", "'missing-job' not found"),
+             ("needs-config", "'needs-config' does not define the parameter 'CONFIG_FILE' (it defines 'CONFIG')"),
+             ("no-params", "'no-params' takes no parameters"),
+             ("off", "'off' is disabled")]
+    for job, message in cases:
+        with pytest.raises(LinkError, match=re.escape(message)):
+            link.trigger_build(job, {"CONFIG_FILE": "/x.yaml"})
+    assert fake.count("POST", r".*/buildWithParameters") == 0, "no build attempted"
+    assert fake.builds == []
+    # a job disabled after its first trigger: Jenkins' 409 is reported by name too
+    fake.add_job("later-off")
+    link.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
+    fake.jobs["later-off"].disabled = True
+    fake.leave_queue()
+    with pytest.raises(LinkError, match=r"'later-off' is disabled \(HTTP 409"):
+        link.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
 
 
 def test_disabled_link_does_nothing():
@@ -372,6 +420,7 @@ def test_fixing_the_token_and_reloading_cuts_the_backoff_short(fake, make_link, 
     assert NODE in fake.nodes
 
 
+@pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
 def test_reload_keeps_agent_jar_running_unless_its_own_settings_change(fake, make_link):
     link = make_link(launcher="inbound")
     assert link.sync(), link.status()["last_error"]
@@ -385,3 +434,168 @@ def test_reload_keeps_agent_jar_running_unless_its_own_settings_change(fake, mak
     new_pid = wait_for(lambda: link.status()["agent"]["pid"], what="agent restarted")
     assert new_pid != pid and link.status()["agent"]["command"][-1] == "-webSocket"
     assert fake.nodes[NODE].launcher.findtext("webSocket") == "true"
+
+
+# -- politeness, versions and the offline mark -----------------------------------------------------------
+
+VRAM = "other processes hold more than max_foreign_vram_mib (4096 MiB) on every GPU: GPU 0 {} MiB (pid 4242)"
+
+
+def test_requests_wake_the_loop_only_when_the_wanted_state_changes(fake, make_link):
+    link = make_link(sync_interval_s=60)
+    link.start()
+    wait_for(lambda: link.status()["state"] == "online", what="first sync")
+    fake.clear_requests()
+    for _ in range(30):                 # the daemon's tick while nothing changes
+        link.request_online()
+        time.sleep(0.01)
+    link.request_offline(VRAM.format(20000))
+    wait_for(lambda: link.status()["state"] == "offline", what="offline")
+    for i in range(30):                 # the foreign process' memory changes every tick
+        link.request_offline(VRAM.format(20001 + i))
+        time.sleep(0.01)
+    link.request_offline("no healthy GPU: GPU 0: GPU is lost")     # another kind of reason
+    wait_for(lambda: "no healthy GPU" in (link.status()["node_offline_reason"] or ""), what="new cause")
+    link.request_online()
+    wait_for(lambda: link.status()["state"] == "online", what="online")
+    requests = [(r.method, r.path) for r in fake.requests]
+    assert requests.count(("POST", f"/computer/{NODE}/changeOfflineCause")) == 1
+    assert requests.count(("POST", f"/computer/{NODE}/toggleOffline")) == 2
+    assert ("GET", "/") not in requests, "the controller version comes from responses already made"
+    # three wakes, each: the node's api/json + config.xml, the POST (+ its redirect) and api/json again
+    assert len(requests) <= 3 * 5, requests
+
+
+def test_the_node_comes_back_online_whatever_reconnects_did_to_the_cause(fake, make_link, tmp_path):
+    """Before 2.482 a reconnect clears the cause and a broken connection replaces it (temporarilyOffline
+    stays): the mark agentd keeps in its state folder, not the cause text, says the node is agentd's."""
+    state = tmp_path / "state"
+    link = make_link(state_dir=state)
+    link.request_offline("agentd is draining: finishing the running jobs")
+    assert link.sync()
+    node = fake.nodes[NODE]
+    assert node.temporarily_offline and (state / MARK_FILE_NAME).exists()
+    fake.connect_agent(NODE)                 # agent.jar reconnects
+    fake.connect_agent(NODE, False)          # its connection breaks
+    fake.connect_agent(NODE)                 # and it reconnects again
+    info = node.api_json(fake.version)
+    if fake.version == "2.462.3":
+        assert info["temporarilyOffline"] and info["offlineCauseReason"] == "" and info["offlineCause"] is None
+    link.stop()
+    restarted = make_link(state_dir=state)   # the daemon restarted in between
+    assert restarted.status()["offline_mark"]["reason"] == "agentd: agentd is draining: finishing the running jobs"
+    restarted.request_online()
+    assert restarted.sync(), restarted.status()["last_error"]
+    assert not node.temporarily_offline
+    assert restarted.status()["offline_mark"] is None and not (state / MARK_FILE_NAME).exists()
+
+
+def test_an_admins_cause_set_over_agentds_is_left_alone(fake, make_link, tmp_path):
+    link = make_link(state_dir=tmp_path / "state")
+    link.request_offline("agentd is draining: finishing")
+    assert link.sync()
+    fake.nodes[NODE].set_offline_by("admin", "replacing the PSU")
+    link.request_online()
+    assert link.sync()
+    assert fake.nodes[NODE].temporarily_offline and fake.nodes[NODE].offline_reason == "replacing the PSU"
+    assert link.status()["offline_mark"] is None and link.status()["node_offline_reason"] == "replacing the PSU"
+
+
+def test_escaped_reasons_are_recognised_and_not_reposted(fake, make_link):
+    link = make_link()
+    reason = "GPU  0 \"busy\" <20 GiB> & o'k\nnext line"
+    link.request_offline(reason)
+    for _ in range(3):
+        assert link.sync()
+    assert fake.count("POST", rf"/computer/{NODE}/changeOfflineCause") == 0
+    assert fake.count("POST", TOGGLE) == 1
+    raw = fake.nodes[NODE].api_json(fake.version)["offlineCauseReason"]
+    assert ("&quot;" in raw) == (fake.version == CURRENT_LTS), "escaped from 2.483 on"
+    assert link.status()["node_offline_reason"] == "agentd: " + reason
+    link.request_online()
+    assert link.sync() and not fake.nodes[NODE].temporarily_offline
+
+
+@pytest.mark.parametrize("fake", ["2.426.3"], indirect=True)
+def test_a_controller_below_the_floor_is_reported_and_agent_jar_never_started(fake, make_link, tmp_path):
+    link = make_link(launcher="inbound")
+    for _ in range(3):
+        assert link.sync()
+    status = link.status()
+    assert status["state"] == "unsupported-version" and status["controller_version"] == "2.426.3"
+    assert "older than 2.440.1" in status["last_error"] and "Upgrade the controller" in status["last_error"]
+    assert status["controller_version_note"] == status["last_error"]
+    assert status["agent"] is None and java_starts(tmp_path) == []
+    assert fake.count("GET", r".*\.jnlp") == 0 and fake.count("GET", r"/jnlpJars/agent.jar") == 0
+    link.request_offline("agentd is draining")      # the node itself is still kept true
+    assert link.sync() and fake.nodes[NODE].temporarily_offline
+
+
+@pytest.mark.parametrize("fake", [{"version": "2.426.3", "strip_version_header": True}], indirect=True)
+def test_an_agent_jar_that_prints_its_usage_is_reported_not_restarted(fake, make_link, tmp_path, caplog):
+    link = make_link(launcher="inbound")
+    link.start()
+    status = wait_for(lambda: (lambda s: s if s["state"] == "unsupported-version" else None)(link.status()),
+                      what="usage exit reported")
+    assert status["controller_version"] is None and "X-Jenkins" in status["controller_version_note"]
+    assert "printed its usage" in status["last_error"] and "-url" in status["last_error"]
+    assert status["agent"]["state"] == "failed" and status["agent"]["last_exit_code"] == 0
+    time.sleep(1.0)   # restart_min_s is 0.05 s: a restart loop would have started it many times by now
+    starts = java_starts(tmp_path)
+    assert len(starts) == 1 and starts[0]["usage_exit"] and starts[0]["remoting"] < 3176
+    assert not any(r.exc_info for r in caplog.records), "a clear state, not a traceback"
+
+
+@pytest.mark.parametrize("fake", [{"version": "2.462.3", "strip_version_header": True}], indirect=True)
+def test_a_proxy_that_strips_x_jenkins_gives_a_clear_state(fake, make_link, caplog):
+    link = make_link()
+    assert link.sync() and link.sync()
+    status = link.status()
+    assert status["state"] == "online" and status["controller_version"] is None
+    assert "no X-Jenkins header" in status["controller_version_note"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
+def test_the_jnlp_secret_is_fetched_only_when_agent_jar_starts_or_exits(fake, make_link, tmp_path):
+    link = make_link(launcher="inbound")
+    for _ in range(4):
+        assert link.sync(), link.status()["last_error"]
+    pid = wait_for(lambda: link.status()["agent"]["pid"], what="agent started")
+    jnlp = rf"/computer/{NODE}/jenkins-agent.jnlp"
+    assert fake.count("GET", jnlp) == 1
+    assert len(fake.warnings) == 1, "each JNLP fetch is a WARNING in the controller's log from 2.437"
+    os.kill(pid, signal.SIGKILL)             # agent.jar dies (or fails to connect)
+    wait_for(lambda: link.status()["agent"]["pid"] not in (None, pid), what="agent restarted")
+    assert link.sync()
+    assert fake.count("GET", jnlp) == 2
+    assert link.sync() and fake.count("GET", jnlp) == 2
+
+
+def test_403_on_config_xml_names_agent_configure(fake, make_link):
+    fake.add_user("limited", "limited-token-1234", {"read", "create", "connect", "disconnect"})
+    link = make_link(token="limited-token-1234", user="limited")
+    assert link.sync(), link.status()["last_error"]          # creating the node needs no config.xml
+    assert link.sync() is False
+    message = link.status()["last_error"]
+    assert "HTTP 403" in message and "grant it Agent/Configure" in message and "ExtendedRead" not in message
+
+
+def test_config_xml_is_decoded_as_utf8_and_written_back_byte_for_byte(fake, make_link):
+    link = make_link()
+    assert link.sync()
+    node = fake.nodes[NODE]
+    node.properties = ET.fromstring(
+        "<nodeProperties><hudson.slaves.EnvironmentVariablesNodeProperty><envVars><string>GREETING</string>"
+        "<string>Grüße, 東京 &amp; café</string></envVars></hudson.slaves.EnvironmentVariablesNodeProperty>"
+        "</nodeProperties>")
+    served = node.config_xml().encode("utf-8")
+    old_label = f"<label>{node.labels}</label>".encode()
+    link.update_settings(link.settings.model_copy(update={"labels": ["gpu-node", "team-b"]}), Secret(TOKEN))
+    assert link.sync(), link.status()["last_error"]
+    post = [r for r in fake.requests if r.method == "POST" and r.path == CONFIG_POST][-1]
+    assert "charset=utf-8" in post.headers["Content-Type"].lower()
+    new_label = f"<label>{' '.join(link.status()['labels'])}</label>".encode()
+    assert post.body.replace(new_label, old_label) == served, "only the label's bytes changed"
+    assert node.properties.findall(".//string")[1].text == "Grüße, 東京 & café"
+    assert "team-b" in node.labels.split()

@@ -15,8 +15,10 @@ from pydantic import ValidationError
 from agentd.jenkins.backoff import backoff_delay
 from agentd.jenkins.labels import (cuda_major_minor, derive_labels, is_valid_label, model_slug,
                                    node_description, vram_gib)
-from agentd.jenkins.link import (JNLP_LAUNCHER, SSH_LAUNCHER, LinkError, desired_spec, is_jar, offline_action,
-                                 parse_jnlp_secret, plan_reconfig)
+from agentd.jenkins.link import (JNLP_LAUNCHER, SSH_LAUNCHER, LinkError, desired_spec, is_jar, job_problem,
+                                 offline_action, parse_jnlp_secret, plan_reconfig)
+from agentd.jenkins.offline import MARK_FILE_NAME, OfflineMarkStore, reason_kind
+from agentd.jenkins.versions import MIN_CONTROLLER_VERSION, version_problem
 from agentd.jenkins.settings import JenkinsSettings, Secret, TokenError, read_token, token_source
 from agentd.jenkins.watcher import is_candidate
 
@@ -28,7 +30,8 @@ def gpu(name="NVIDIA GeForce RTX 3090", mib=24576, cuda="12.4"):
 
 
 def settings(**kw):
-    base = dict(url="http://ci.example:8080", user="agentd", token_env="JENKINS_TOKEN", node_name="gpu1")
+    base = dict(url="http://ci.example:8080", user="agentd", token_env="JENKINS_TOKEN", node_name="gpu1",
+                remote_fs="/srv/agentd/jenkins")  # as in CONFIG below, whatever the default is
     base.update(kw)
     return JenkinsSettings(**base)
 
@@ -206,29 +209,94 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap():
 
 DISCONNECTED = {"offline": True, "temporarilyOffline": False}
 CONNECTED = {"offline": False, "temporarilyOffline": False}
-OURS = {"offline": True, "temporarilyOffline": True, "offlineCauseReason": "agentd: drain"}
-ADMINS = {"offline": True, "temporarilyOffline": True, "offlineCauseReason": "disk swap"}
+USER = {"_class": "hudson.slaves.OfflineCause$UserCause"}
+OURS = {"offline": True, "temporarilyOffline": True, "offlineCauseReason": "agentd: drain", "offlineCause": USER}
+ADMINS = {"offline": True, "temporarilyOffline": True, "offlineCauseReason": "disk swap", "offlineCause": USER}
+# Jenkins < 2.482: a reconnect clears the cause, a broken connection replaces it; temporarilyOffline stays.
+CLEARED = {"offline": False, "temporarilyOffline": True, "offlineCauseReason": "", "offlineCause": None}
+BROKEN = {"offline": True, "temporarilyOffline": True, "offlineCause": {"_class": "hudson.slaves.OfflineCause$ChannelTermination"},
+          "offlineCauseReason": "Connection was broken: java.io.EOFException"}
+# Jenkins >= 2.483 escapes the reason (hudson.Util.escape)
+ESCAPED = {"offline": True, "temporarilyOffline": True, "offlineCause": USER,
+           "offlineCauseReason": "agentd: GPU&nbsp; 0 &quot;busy&quot; &lt;20 GiB&gt; &amp; o&#039;k"}
+VRAM = "agentd: other processes hold more than max_foreign_vram_mib (4096 MiB) on every GPU: GPU 0 {} MiB"
 
 
-@pytest.mark.parametrize("info, want, message, action", [
-    (DISCONNECTED, False, "", None),          # a merely disconnected agent is not toggled "online"
-    (CONNECTED, False, "", None),
-    (DISCONNECTED, True, "agentd: drain", "toggle"),
-    (OURS, True, "agentd: drain", None),
-    (OURS, True, "agentd: gpu", "change-cause"),
-    (OURS, False, "", "toggle"),
-    (ADMINS, False, "", None),                # an admin's offline mark is left alone
-    (ADMINS, True, "agentd: drain", None),
+@pytest.mark.parametrize("info, wanted, mark, expected", [
+    (DISCONNECTED, None, None, (None, None)),          # a merely disconnected agent is not toggled "online"
+    (CONNECTED, None, "agentd: drain", (None, None)),   # someone brought it online: the mark is dropped
+    (DISCONNECTED, "agentd: drain", None, ("toggle", "agentd: drain")),
+    (OURS, "agentd: drain", "agentd: drain", (None, "agentd: drain")),
+    (OURS, "agentd: drain", None, (None, "agentd: drain")),      # the prefix still says it is ours
+    (OURS, "agentd: gpu lost", "agentd: drain", ("change-cause", "agentd: gpu lost")),
+    (OURS, None, "agentd: drain", ("toggle", None)),
+    (ADMINS, None, None, (None, None)),                # an admin's offline mark is left alone
+    (ADMINS, "agentd: drain", None, (None, None)),
+    (ADMINS, None, "agentd: drain", (None, None)),     # the admin re-labelled it: theirs now
+    (CLEARED, None, "agentd: drain", ("toggle", None)),
+    (CLEARED, None, None, (None, None)),               # not ours to bring back without a mark
+    (BROKEN, None, "agentd: drain", ("toggle", None)),
+    (CLEARED, "agentd: drain", "agentd: drain", ("change-cause", "agentd: drain")),
+    (ESCAPED, "agentd: GPU  0 \"busy\" <20 GiB> & o'k", "agentd: GPU  0 \"busy\" <20 GiB> & o'k",
+     (None, "agentd: GPU  0 \"busy\" <20 GiB> & o'k")),
+    ({**OURS, "offlineCauseReason": VRAM.format(20123)}, VRAM.format(20480), VRAM.format(20123),
+     (None, VRAM.format(20123))),                      # new numbers, same kind: no changeOfflineCause
 ])
-def test_offline_action(info, want, message, action):
-    assert offline_action(info, want, message) == action
+def test_offline_action(info, wanted, mark, expected):
+    assert offline_action(info, wanted, mark) == expected
+
+
+def test_reason_kind_ignores_numbers_and_details():
+    assert reason_kind(VRAM.format(1)) == reason_kind(VRAM.format(23456)) == reason_kind(VRAM.format(1)[8:])
+    assert reason_kind("agentd is draining: finishing") != reason_kind(VRAM.format(1))
+    assert reason_kind("no healthy GPU: GPU 0 lost") == reason_kind("no healthy GPU: GPU 1 lost; GPU 2 lost")
+
+
+def test_offline_mark_persists_per_controller_and_node(tmp_path):
+    store = OfflineMarkStore(tmp_path, "http://ci/", "gpu1")
+    assert store.reason is None and not (tmp_path / MARK_FILE_NAME).exists()
+    store.set("agentd: drain")
+    assert OfflineMarkStore(tmp_path, "http://ci/", "gpu1").reason == "agentd: drain"
+    assert OfflineMarkStore(tmp_path, "http://ci/", "gpu2").reason is None
+    assert OfflineMarkStore(tmp_path, "http://other/", "gpu1").reason is None
+    store.set(None)
+    assert not (tmp_path / MARK_FILE_NAME).exists()
+    (tmp_path / MARK_FILE_NAME).write_text("{not json")
+    assert OfflineMarkStore(tmp_path, "http://ci/", "gpu1").reason is None
+
+
+@pytest.mark.parametrize("version, launcher, too_old", [
+    ("2.426.3", "inbound", True), ("2.440.1", "inbound", False), ("2.439", "inbound", True),
+    ("2.462.3", "inbound", False), ("2.516.3", "inbound", False), ("2.426.3", "none", False),
+    ("2.426.3", "ssh", False), (None, "inbound", False), ("garbage", "inbound", False)])
+def test_version_floor(version, launcher, too_old):
+    problem = version_problem(version, launcher)
+    assert bool(problem) == too_old
+    if problem:
+        assert version in problem and MIN_CONTROLLER_VERSION in problem and "Upgrade" in problem
+
+
+PARAMS = {"property": [{"_class": "hudson.model.ParametersDefinitionProperty",
+                        "parameterDefinitions": [{"name": "CONFIG_FILE"}, {"name": "EXTRA"}]}]}
+
+
+@pytest.mark.parametrize("info, needle", [
+    ({"buildable": True, **PARAMS}, None),
+    ({"buildable": False, **PARAMS}, "'train' is disabled"),
+    ({"buildable": True, "property": []}, "'train' takes no parameters"),
+    ({"buildable": True, "property": [{"parameterDefinitions": [{"name": "CONFIG"}]}]},
+     "'train' does not define the parameter 'CONFIG_FILE' (it defines 'CONFIG')"),
+])
+def test_job_problem_names_job_and_parameter(info, needle):
+    problem = job_problem(info, "train", ["CONFIG_FILE"])
+    assert (problem is None) if needle is None else (needle in problem)
 
 
 CONFIG = """<?xml version='1.1' encoding='UTF-8'?>
 <slave>
   <name>gpu1</name>
   <description>{description}</description>
-  <remoteFS>/var/lib/agentd/jenkins</remoteFS>
+  <remoteFS>/srv/agentd/jenkins</remoteFS>
   <numExecutors>{executors}</numExecutors>
   <mode>EXCLUSIVE</mode>
   <retentionStrategy class="hudson.slaves.RetentionStrategy$Always"/>
@@ -269,6 +337,41 @@ def test_plan_reconfig_switches_launcher_and_leaves_it_alone_for_none():
     none_spec = desired_spec(settings(launcher="none"), [gpu()], 1, "0.1.0")
     assert none_spec.launcher_class == JNLP_LAUNCHER
     assert plan_reconfig(xml, none_spec)[0] == []
+
+
+def test_plan_reconfig_writes_back_fields_it_does_not_own_byte_for_byte():
+    spec = desired_spec(settings(labels=["extra"]), [gpu()], 2, "0.1.0")
+    original = ("<?xml version='1.1' encoding='UTF-8'?>\n<slave>\n  <!-- kept -->\n  <name>gpu1</name>\n"
+                "  <description/>\n  <remoteFS>/srv/agentd/jenkins</remoteFS>\n"
+                "  <numExecutors>1</numExecutors>\n  <retentionStrategy class='hudson.slaves.RetentionStrategy$Always'/>\n"
+                "  <launcher class=\"hudson.slaves.JNLPLauncher\">\n    <vmargs>-Dx=&quot;é&quot;</vmargs>\n  </launcher>\n"
+                "  <nodeProperties><hudson.slaves.EnvironmentVariablesNodeProperty><envVars>"
+                "<string>NAME</string><string>Grüße, 東京 &amp; &lt;tag&gt;</string></envVars>"
+                "</hudson.slaves.EnvironmentVariablesNodeProperty></nodeProperties>\n</slave>\n").encode("utf-8")
+    changed, updated = plan_reconfig(original, spec)
+    assert changed == ["description", "numExecutors", "mode", "label", "launcher.webSocket"]
+    assert isinstance(updated, bytes)
+    text = updated.decode("utf-8")
+    for kept in ("<!-- kept -->", "class='hudson.slaves.RetentionStrategy$Always'/>", "<vmargs>-Dx=&quot;é&quot;</vmargs>",
+                 "<string>Grüße, 東京 &amp; &lt;tag&gt;</string>", "<?xml version='1.1' encoding='UTF-8'?>"):
+        assert kept in text
+    assert f"<description>{spec.description}</description>" in text and "<numExecutors>2</numExecutors>" in text
+    assert "    <webSocket>false</webSocket>\n  </launcher>" in text
+    # the bytes between the owned elements are untouched
+    assert updated.startswith(original[:original.index(b"<description/>")])
+    assert updated.endswith(original[original.index(b"  <nodeProperties>"):original.index(b"</slave>")]
+                            + b"  <mode>EXCLUSIVE</mode>\n  <label>" + " ".join(spec.labels).encode()
+                            + b"</label>\n</slave>\n")
+    assert plan_reconfig(updated, spec)[0] == []
+
+
+def test_plan_reconfig_keeps_the_declared_encoding():
+    spec = desired_spec(settings(), [gpu()], 1, "0.1.0")
+    original = ("<?xml version='1.0' encoding='ISO-8859-1'?><slave><name>gpu1</name>"
+                "<description>Café</description></slave>").encode("iso-8859-1")
+    changed, updated = plan_reconfig(original, spec)
+    assert "description" in changed and updated.startswith(b"<?xml version='1.0' encoding='ISO-8859-1'?><slave><name>gpu1")
+    assert spec.description.encode("iso-8859-1") in updated
 
 
 def test_parse_jnlp_secret():

@@ -131,8 +131,33 @@ def test_unchanged_content_and_preexisting_files_do_not_trigger(setup):
     os.utime(folder / "already-there.yaml")                   # present before start, unchanged
     barrier(folder, watcher)
     assert len(fake.builds) == 1
+    fake.leave_queue()                                        # the first build started
     target.write_text(VALID + "epochs: 2\n")                  # a real change triggers again
     wait_for(lambda: len(fake.builds) == 2, what="second build")
+
+
+def test_a_change_while_the_same_build_is_still_queued_is_already_queued(setup, caplog):
+    folder, fake, watcher, _ = setup
+    caplog.set_level(logging.INFO, logger="agentd.jenkins.watcher")
+    target = folder / "q.yaml"
+    target.write_text(VALID)
+    wait_for(lambda: len(fake.builds) == 1, what="first build")
+    target.write_text(VALID + "epochs: 3\n")                  # Jenkins answers 303: an identical item waits
+    wait_for(lambda: watcher.status()["already_queued"] == 1, what="already queued")
+    status = watcher.status()
+    assert len(fake.builds) == 1 and status["trigger_failed"] == 0 and status["last"]["outcome"] == "already_queued"
+    assert "already has an identical build queued" in caplog.text
+
+
+def test_a_missing_parameter_is_reported_by_name_and_nothing_is_built(setup, caplog):
+    folder, fake, watcher, _ = setup
+    fake.add_job("train-lora", parameters=("CONFIG",))       # the job was changed: no CONFIG_FILE
+    target = folder / "p.yaml"
+    target.write_text(VALID)
+    wait_for(lambda: watcher.status()["trigger_failed"] == 1, what="failed trigger")
+    error = watcher.status()["last"]["error"]
+    assert "'train-lora' does not define the parameter 'CONFIG_FILE'" in error
+    assert fake.builds == [] and fake.count("POST", r".*/buildWithParameters") == 0
 
 
 def test_controller_down_is_logged_and_the_next_change_retries(setup, caplog):

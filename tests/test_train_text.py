@@ -141,7 +141,7 @@ def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
 def test_bad_target_modules_name_the_model_layers(assets, tmp_path):
     from trainer.config import load_config
     from trainer.errors import ConfigError
-    from trainer.text_task import check_text_targets
+    from trainer.families.causal_lm_task import check_text_targets
 
     path = write_text_config(tmp_path, assets, target_modules=["c_attn", "q_proj"])
     # Found by preflight from config.json alone (no weights), before anything is written.

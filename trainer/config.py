@@ -26,11 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_schema import read_yaml_mapping, resolve_relative, validate_model
 
-# The UNet attention projections: what most SD LoRA trainers (kohya, diffusers' example) adapt by default.
-DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-DEFAULT_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
 # Fields that do not change the trained model: editing them must not block a resume.
 NON_TRAINING_FIELDS = frozenset({
     "name", "output_dir", "save_steps", "log_every", "keep_checkpoints", "resume",
@@ -63,8 +58,13 @@ class TrainConfig(_Strict):
     """A LoRA training job. Paths are absolute after loading (resolved against the config's folder)."""
 
     # --- what to train on -------------------------------------------------------------------------
-    mode: Literal["image", "text"] = "image"
-    """image: Stable Diffusion UNet (+ text encoder) LoRA via diffusers. text: causal LM LoRA via transformers."""
+    mode: Optional[Literal["image", "text"]] = None
+    """image (diffusion models, diffusers) or text (causal LMs, transformers). Default: what the base
+    model is (its model family); set it only to have the config say what it expects."""
+    model_family: Optional[str] = None
+    """sd (SD 1.x/2.x), sdxl or causal_lm (see trainer.families). Default: detected from base_model
+    (model_index.json's pipeline class, config.json's architectures, or a single file's key names);
+    when set it must agree with the files."""
     train_data_dir: Path
     """Folder of training images (image mode) or text files (text mode)."""
     metadata_path: Optional[Path] = None
@@ -75,8 +75,10 @@ class TrainConfig(_Strict):
     base_model_config: Optional[Path] = None
     """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer,
     so loading works offline."""
-    resolution: int = Field(512, ge=8)
-    """Training image side in pixels: images are resized (shorter side) then center-cropped to it."""
+    resolution: Optional[int] = Field(None, ge=8)
+    """Training image side in pixels: images are resized (shorter side) then center-cropped to it.
+    Default: the family's native size (512 for SD 1.x/2.x, 1024 for SDXL); a multiple of 8 x the VAE's
+    downscale factor (64 for real SD models)."""
     center_crop: bool = True
     """Center crop (True) or random crop (False, seeded) after resizing."""
     random_flip: bool = False
@@ -92,11 +94,13 @@ class TrainConfig(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA path."""
     target_modules: Optional[list[str]] = None
-    """Module names to adapt. Default: UNet attention to_q/to_k/to_v/to_out.0 (image), q/k/v/o_proj (text)."""
+    """Module names to adapt. Default: the family's (UNet attention to_q/to_k/to_v/to_out.0 for SD/SDXL,
+    q/k/v/o_proj for causal LMs)."""
     train_text_encoder: bool = False
-    """Also train a LoRA on the CLIP text encoder (image mode)."""
-    text_encoder_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGETS))
-    """Text encoder modules to adapt when train_text_encoder is on."""
+    """Also train a LoRA on the text encoder(s) (SD: CLIP; SDXL: both CLIP-L and OpenCLIP-G)."""
+    text_encoder_target_modules: Optional[list[str]] = None
+    """Text encoder modules to adapt when train_text_encoder is on. Default: the family's (CLIP attention
+    q/k/v/out_proj)."""
     init_lora_weights: Optional[Path] = None
     """Continue from an existing LoRA (.safetensors written by this trainer or kohya-style)."""
 
@@ -156,6 +160,12 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "TrainConfig":
         problems: list[tuple[str, str, str, Any]] = []
+        if self.model_family is not None:
+            from trainer.families import FAMILIES, supported
+
+            if self.model_family not in FAMILIES:
+                problems.append(("model_family", "is not a supported model family",
+                                 f"use one of: {supported()} (or remove it: it is detected)", self.model_family))
         if self.cache_latents and self.random_flip:
             problems.append(("cache_latents", "cannot be combined with random_flip: cached latents "
                              "are computed once, unflipped", "set random_flip: false or cache_latents: false",
@@ -163,9 +173,6 @@ class TrainConfig(_Strict):
         if self.cache_latents and not self.center_crop:
             problems.append(("cache_latents", "cannot be combined with random crops (center_crop: false)",
                              "set center_crop: true or cache_latents: false", True))
-        if self.mode == "text" and self.train_text_encoder:
-            problems.append(("train_text_encoder", "only applies to image mode",
-                             "remove train_text_encoder or set mode: image", True))
         if self.resume not in ("auto", "never") and not self.resume.strip():
             problems.append(("resume", "is empty", "use auto, never or a checkpoint folder path", self.resume))
         if problems:
@@ -183,10 +190,27 @@ class TrainConfig(_Strict):
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     @property
+    def family_name(self) -> str:
+        """`model_family` once preflight resolved it; before that, the default family of `mode`."""
+        from trainer.families import default_family
+
+        return self.model_family or default_family(self.mode)
+
+    @property
     def effective_targets(self) -> list[str]:
         if self.target_modules:
             return list(self.target_modules)
-        return list(DEFAULT_IMAGE_TARGETS if self.mode == "image" else DEFAULT_TEXT_TARGETS)
+        from trainer.families import family
+
+        return list(family(self.family_name).DEFAULT_TARGETS)
+
+    @property
+    def effective_te_targets(self) -> list[str]:
+        if self.text_encoder_target_modules:
+            return list(self.text_encoder_target_modules)
+        from trainer.families import family
+
+        return list(family(self.family_name).DEFAULT_TE_TARGETS)
 
     def resolved(self) -> dict:
         """The config as plain JSON-able data, with defaults filled in and paths absolute."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import families
 from trainer.config import TrainConfig, dump_config
 from trainer.errors import ConfigError, Problem, TrainingInterrupted
 from trainer.events import FanOut, Reporter, event
@@ -140,8 +141,7 @@ class LoraTrainingJob:
 
             tensors, _ = read_lora_file(cfg.init_lora_weights)
             self.task.load_lora_state(tensors, str(cfg.init_lora_weights))
-        if cfg.cache_latents and hasattr(self.task, "cache_latents"):
-            self.task.cache_latents(self.dataset)
+        self.task.prepare(self.dataset)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._write_run_json("running")
@@ -174,31 +174,19 @@ class LoraTrainingJob:
         return weight_dtype, (lambda: torch.autocast(self.device.type, dtype=dtype)), mp == "fp16"
 
     def _build_task(self):
+        """The family's base (warm from the daemon's cache when it has it), task and dataset."""
         cfg = self.cfg
-        if cfg.mode == "image":
-            from trainer.data import ImageDataset
-            from trainer.image_task import ImageTask, load_image_base
-
-            load = lambda: load_image_base(cfg, self.device, self.weight_dtype)  # noqa: E731
-            task_cls = ImageTask
-            dataset = ImageDataset(self.checked.scan.samples, cfg.resolution, cfg.center_crop, cfg.random_flip)
-        else:
-            from trainer.text_task import TextDataset, TextTask, load_text_base
-
-            load = lambda: load_text_base(cfg, self.device, self.weight_dtype)  # noqa: E731
-            task_cls = TextTask
-            dataset = TextDataset(self.checked.scan.samples)
-        self._base_key = (cfg.mode, str(cfg.base_model), file_identity(cfg.base_model),
+        fam = families.family(cfg.model_family)
+        dataset = fam.make_dataset(cfg, self.checked.scan.samples)
+        load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
+        self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
                           str(cfg.base_model_config), str(self.weight_dtype), str(self.device))
         if self.base_cache is not None:
             base, warm = self.base_cache.get(self._base_key, load)
             log.info("base model %s (%s)", cfg.base_model, "warm" if warm else "loaded")
         else:
             base = load()
-        task = task_cls(cfg, base, self.device)
-        if hasattr(task, "prepare"):
-            task.prepare(dataset)
-        return task, dataset
+        return fam.make_task(cfg, base, self.device), dataset
 
     def _restore(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path)
@@ -299,10 +287,10 @@ class LoraTrainingJob:
         lora_path = cfg.output_dir / f"{cfg.run_name}.safetensors"
         save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
         artifacts = [str(lora_path)]
-        if cfg.sample_prompts and hasattr(self.task, "render_samples"):
+        if cfg.sample_prompts:
             artifacts += [str(p) for p in self.task.render_samples(cfg.sample_prompts, cfg.output_dir / "samples",
                                                                    cfg.seed)]
-        extra = self.task.export_extra(cfg.output_dir) if hasattr(self.task, "export_extra") else []
+        extra = self.task.export_extra(cfg.output_dir)
         artifacts += [str(p) for p in extra]
         summary = self._summary(final_loss)
         atomic_write_text(self.logs.dir / "summary.csv",
@@ -332,7 +320,8 @@ class LoraTrainingJob:
                 "ss_batch_size_per_device": str(cfg.batch_size), "ss_seed": str(cfg.seed),
                 "ss_num_train_images": str(len(self.dataset)), "ss_mixed_precision": cfg.mixed_precision,
                 "ss_output_name": cfg.run_name, "agentd_config_hash": cfg.config_hash(),
-                "agentd_data_fingerprint": self.checked.data_fingerprint, "agentd_mode": cfg.mode}
+                "agentd_data_fingerprint": self.checked.data_fingerprint, "agentd_mode": cfg.mode,
+                "agentd_model_family": cfg.model_family}
         meta.update(self.task.lora_metadata())
         return meta
 
@@ -377,7 +366,7 @@ class LoraTrainingJob:
 
     def cleanup(self) -> None:
         self.logs.close()
-        if self.task is not None and hasattr(self.task, "detach"):
+        if self.task is not None:
             self.task.detach()
         self.task = None
         if self.device.type == "cuda":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -67,6 +68,21 @@ def write_secret_file(path: Path, secret: Secret) -> bool:
     return True
 
 
+# What an agent.jar prints when it does not know an option agentd passed (remoting's Launcher.main catches
+# args4j's CmdLineException, prints the error and its usage, and returns: the process exits 0).
+_USAGE_TEXT = re.compile(r'^"?-\S+"? is not a valid option|^java -jar (agent|slave)\.jar \[options\.\.\.\]')
+
+
+def usage_problem(line: Optional[str], command: Sequence[str]) -> Optional[str]:
+    """The message for an agent.jar that exited 0 after printing ``line`` of its usage text."""
+    if line is None:
+        return None
+    options = " ".join(arg for arg in command if arg.startswith("-") and arg != "-jar")
+    return (f"agent.jar printed its usage and exited ({line.strip()!r}): this agent.jar (the controller's "
+            f"remoting) does not accept the options agentd starts it with ({options}); upgrade Jenkins to "
+            "2.440.1 or later. agentd does not restart it until the controller serves another agent.jar")
+
+
 def _log_level_for(line: str) -> int:
     """agent.jar logs with java.util.logging: map its level word to ours so errors stand out."""
     head = line.lstrip()[:8]
@@ -112,6 +128,8 @@ class AgentProcess:
         self._last_exit_code: Optional[int] = None
         self._last_error: Optional[str] = None
         self._next_start_at: Optional[float] = None
+        self._usage_line: Optional[str] = None       # a usage text line agent.jar printed this run
+        self._gave_up_reason: Optional[str] = None   # set when agent.jar exited with its usage text
 
     @classmethod
     def from_settings(cls, settings: JenkinsSettings, jar: Path, **overrides) -> "AgentProcess":
@@ -142,6 +160,7 @@ class AgentProcess:
                 raise RuntimeError("set_secret() before start()")
             self._stopping.clear()
             self._wake.clear()
+            self._gave_up_reason = None
             self._thread = threading.Thread(target=self._supervise, name="agentd-jenkins-agent", daemon=True)
             self._thread.start()
 
@@ -193,6 +212,7 @@ class AgentProcess:
                 "next_restart_in_s": (round(max(0.0, self._next_start_at - time.monotonic()), 1)
                                       if self._state == "backoff" and self._next_start_at else None),
                 "last_error": self._last_error,
+                "gave_up_reason": self._gave_up_reason,
                 "jar": str(self.jar),
                 "command": list(self.command),
             }
@@ -226,6 +246,8 @@ class AgentProcess:
             line = line.rstrip("\n")
             if secret and secret in line:  # agent.jar does not print it; make sure of it anyway
                 line = line.replace(secret, "***")
+            if self._usage_line is None and _USAGE_TEXT.search(line):
+                self._usage_line = line
             agent_log.log(_log_level_for(line), "%s", line)
 
     def _supervise(self) -> None:
@@ -253,6 +275,16 @@ class AgentProcess:
                     self._proc = None
                     if not self._stopping.is_set() and not self._restart_now:
                         self._last_error = f"agent.jar exited with code {code}"
+                        # Exit 0 with a usage text: this agent.jar cannot take agentd's options, and
+                        # restarting it would only print the usage again, forever.
+                        problem = usage_problem(self._usage_line, self.command) if code == 0 else None
+                        if problem:
+                            self._gave_up_reason = self._last_error = problem
+                            self._set_state("failed")
+                    self._usage_line = None
+                if self._gave_up_reason:
+                    log.error("agent.jar: %s", self._gave_up_reason)
+                    break
             ran = time.monotonic() - started
             with self._lock:
                 if self._stopping.is_set():
@@ -275,7 +307,8 @@ class AgentProcess:
                 self._wake.clear()
                 self._restart_now = False
         with self._lock:
-            self._set_state("stopped")
+            if self._gave_up_reason is None:   # "failed" stays visible in status after giving up
+                self._set_state("stopped")
         log.info("agent.jar supervisor stopped")
 
     def _terminate(self, proc: subprocess.Popen) -> None:

@@ -56,7 +56,8 @@ def start_jenkins(daemon):
     except TokenError as e:
         log.error("Jenkins link not started: %s", e)
         return TokenProblem(str(e)), None, None
-    link = JenkinsLink(s, token, daemon.gpus, lambda: len(daemon.slots))
+    # state_dir: the link remembers there that it took the node offline (and why), across restarts.
+    link = JenkinsLink(s, token, daemon.gpus, lambda: len(daemon.slots), state_dir=daemon.settings.state_dir)
     link.start()
     # READY=1 comes after the link has been tried once (bounded: a dead controller must not hold up the
     # start; the link keeps retrying in the background).

@@ -1,31 +1,45 @@
 """The Jenkins link: keep this box's node in Jenkins true to the daemon's state, with python-jenkins.
 
-What it keeps true, on every sync (at start, every ``sync_interval_s``, and when the daemon asks):
+What it keeps true, on every sync (at start, every ``sync_interval_s``, and when the wanted state changes):
 
 * the node exists (created again when a controller restart or an admin removed it), usage mode
   EXCLUSIVE (only builds whose label expression matches), executors = the daemon's slot count, labels =
   configured + derived from the GPUs, a description with the GPU summary and agentd's version. The node's
-  ``config.xml`` is read and posted back only when one of those differs (idempotent);
+  ``config.xml`` is read and posted back only when one of those differs; the fields agentd does not own
+  are written back byte for byte (:func:`plan_reconfig` edits the owned elements in place);
 * temporarily offline, with a reason, while the daemon asks for it (the VRAM gate cannot take a job, a
   GPU is unhealthy, ``agentd drain``), and online again when that clears. ``temporarilyOffline`` is read
   and ``toggleOffline`` posted only when it must change: python-jenkins' ``enable_node``/``disable_node``
   look at ``offline``, which is also true for a merely disconnected agent, and would toggle the wrong way.
-  Reasons are prefixed with ``agentd:``; a node an administrator marked offline by hand (any other
-  reason) is left offline, and ``status()`` shows it;
+  agentd remembers, in ``state_dir``, that *it* took the node offline and why (:class:`OfflineMark`), so
+  it brings the node back even when the controller changed the cause text: before Jenkins 2.482 a
+  reconnect clears the cause and a broken connection replaces it, and from 2.483 the text comes back
+  HTML-escaped. A node an administrator marked offline by hand is left offline, and ``status()`` shows it;
 * for ``launcher: inbound``: agent.jar is downloaded from the controller (cached, fetched again when the
-  controller's version changes), the agent secret is read from the node's JNLP file, and agent.jar is kept
-  running by :class:`~agentd.jenkins.agent_process.AgentProcess`.
+  controller's version changes), the agent secret is read from the node's JNLP file when agent.jar starts
+  or has exited (failed to connect), and agent.jar is kept running by
+  :class:`~agentd.jenkins.agent_process.AgentProcess`.
+
+Politeness: an idle box costs the controller two requests per ``sync_interval_s`` (the node's api/json and
+config.xml). :meth:`JenkinsLink.request_offline` / :meth:`~JenkinsLink.request_online`, which the daemon
+calls every tick, wake the loop only when the wanted state changes (online <-> offline, or another *kind*
+of reason, :func:`reason_kind`), never for new numbers inside a reason; the controller's version is read
+from the ``X-Jenkins`` header of the node's api/json response, never from an extra ``GET /``.
+
+Controller versions: :data:`MIN_CONTROLLER_VERSION` (2.440.1) is the oldest supported; below it the link
+reports ``unsupported-version`` and does not start agent.jar (see :func:`version_problem`). A response
+without ``X-Jenkins`` (a proxy stripped it) leaves the version unknown: the link keeps working and says so.
 
 Faults (controller down, timeouts, 5xx, bad credentials) never raise out of :meth:`JenkinsLink.sync` or
 the background thread: the link records a state (``disabled``, ``connecting``, ``online``, ``offline``,
-``auth-error``, ``error``) and a token-free ``last_error``, and retries with exponential backoff and
-jitter. The credentials are checked first with ``get_whoami`` because python-jenkins' ``node_exists``
-answers False on *any* error, so a bad token would otherwise look like a missing node.
+``unsupported-version``, ``auth-error``, ``error``) and a token-free ``last_error``, and retries with
+exponential backoff and jitter. The credentials are checked first with ``get_whoami`` because
+python-jenkins' ``node_exists`` answers False on *any* error, so a bad token would otherwise look like a
+missing node.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -47,16 +61,21 @@ from agentd import __version__
 from agentd.jenkins.agent_process import AgentProcess
 from agentd.jenkins.backoff import backoff_delay
 from agentd.jenkins.labels import GpuFactsLike, derive_labels, node_description
+from agentd.jenkins.node_config import (JNLP_LAUNCHER, SSH_LAUNCHER, ConfigError, NodeSpec, plan_reconfig,
+                                        xml_encoding)
+from agentd.jenkins.offline import (OFFLINE_PREFIX, OfflineMarkStore, jenkins_unescape, offline_action,
+                                    offline_message, reason_kind)
 from agentd.jenkins.settings import JenkinsSettings, Secret, token_source
+from agentd.jenkins.versions import MIN_CONTROLLER_VERSION, unknown_version_note, version_problem
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OFFLINE_PREFIX = "agentd: "
-JNLP_LAUNCHER = jenkins.LAUNCHER_JNLP
-SSH_LAUNCHER = jenkins.LAUNCHER_SSH
-_SSH_HOST_KEY_STRATEGY = "hudson.plugins.sshslaves.verifiers.KnownHostsFileKeyVerificationStrategy"
+# Re-exported: the node's spec and config.xml planning live in node_config, the offline decision in offline.
+__all__ = ["JenkinsLink", "LinkError", "AuthError", "Triggered", "NodeSpec", "plan_reconfig",
+           "offline_action", "OFFLINE_PREFIX", "JNLP_LAUNCHER", "SSH_LAUNCHER", "desired_spec", "job_problem"]
+
 _MAX_JAR_BYTES = 128 * 1024 * 1024
 
 # Jenkins permissions each operation needs, for the 403 message.
@@ -65,13 +84,16 @@ _PERMISSIONS = {
     "read controller version": "Overall/Read",
     "read node": "Overall/Read",
     "create node": "Agent/Create",
-    "read node config": "Agent/ExtendedRead",
+    # GET config.xml needs Agent/ExtendedRead, which Agent/Configure implies; ExtendedRead itself is only
+    # offered in the matrix when a system property enables it, so name the one an admin can grant.
+    "read node config": "Agent/Configure",
     "reconfigure node": "Agent/Configure",
     "mark node offline": "Agent/Disconnect",
     "mark node online": "Agent/Connect",
     "read agent secret": "Agent/Connect",
     "download agent.jar": "Overall/Read",
     "trigger build": "Job/Build",
+    "check job": "Job/Read",
 }
 
 
@@ -84,36 +106,6 @@ class AuthError(LinkError):
 
 
 # -- pure decisions ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """The node as agentd wants it. ``launcher_fields`` are the launcher's child elements to enforce."""
-
-    name: str
-    description: str
-    executors: int
-    labels: tuple[str, ...]
-    remote_fs: str
-    launcher_class: str
-    launcher_fields: tuple[tuple[str, str], ...]
-    manage_launcher: bool = True
-    mode: str = "EXCLUSIVE"
-
-    def create_params(self) -> dict:
-        """``launcher_params`` for python-jenkins' ``create_node`` (a fresh dict: it mutates its argument)."""
-        fields = dict(self.launcher_fields)
-        if self.launcher_class == SSH_LAUNCHER:
-            params: dict = {"host": fields["host"], "port": int(fields["port"]),
-                            "credentialsId": fields["credentialsId"],
-                            "sshHostKeyVerificationStrategy": {"stapler-class": _SSH_HOST_KEY_STRATEGY,
-                                                               "$class": _SSH_HOST_KEY_STRATEGY}}
-            if "javaPath" in fields:
-                params["javaPath"] = fields["javaPath"]
-            return params
-        return {"webSocket": fields.get("webSocket") == "true",
-                "workDirSettings": {"disabled": False, "workDirPath": "", "internalDir": "remoting",
-                                    "failIfWorkDirIsMissing": False}}
 
 
 def desired_spec(settings: JenkinsSettings, gpus: Sequence[GpuFactsLike], slots: int,
@@ -141,83 +133,6 @@ def desired_spec(settings: JenkinsSettings, gpus: Sequence[GpuFactsLike], slots:
         launcher_fields=launcher_fields,
         manage_launcher=settings.launcher != "none",
     )
-
-
-def _launcher_element(spec: NodeSpec) -> ET.Element:
-    launcher = ET.Element("launcher", {"class": spec.launcher_class})
-    if spec.launcher_class == JNLP_LAUNCHER:
-        work_dir = ET.SubElement(launcher, "workDirSettings")
-        for tag, text in (("disabled", "false"), ("internalDir", "remoting"),
-                          ("failIfWorkDirIsMissing", "false")):
-            ET.SubElement(work_dir, tag).text = text
-    for tag, text in spec.launcher_fields:
-        ET.SubElement(launcher, tag).text = text
-    if spec.launcher_class == SSH_LAUNCHER:
-        ET.SubElement(launcher, "sshHostKeyVerificationStrategy", {"class": _SSH_HOST_KEY_STRATEGY})
-    return launcher
-
-
-def plan_reconfig(config_xml: str, spec: NodeSpec) -> tuple[list[str], str]:
-    """Compare a node's ``config.xml`` with the spec: (names of the fields that differ, updated XML).
-
-    An empty list means nothing to do. Labels compare as sets (order and spacing do not matter); other
-    elements of the XML (node properties, retention strategy, unknown launcher fields) are kept as they are.
-    """
-    root = ET.fromstring(config_xml)
-    changed: list[str] = []
-
-    def enforce(tag: str, value: str, same: Callable[[str], bool]) -> None:
-        element = root.find(tag)
-        if element is None:
-            element = ET.SubElement(root, tag)
-        if not same(element.text or ""):
-            element.text = value
-            changed.append(tag)
-
-    enforce("description", spec.description, lambda text: text == spec.description)
-    enforce("remoteFS", spec.remote_fs, lambda text: text == spec.remote_fs)
-    enforce("numExecutors", str(spec.executors), lambda text: text.strip() == str(spec.executors))
-    enforce("mode", spec.mode, lambda text: text.strip() == spec.mode)
-    enforce("label", " ".join(spec.labels), lambda text: set(text.split()) == set(spec.labels))
-
-    if spec.manage_launcher:
-        launcher = root.find("launcher")
-        if launcher is None or launcher.get("class") != spec.launcher_class:
-            if launcher is not None:
-                root.remove(launcher)
-            root.append(_launcher_element(spec))
-            changed.append("launcher")
-        else:
-            for tag, text in spec.launcher_fields:
-                element = launcher.find(tag)
-                if element is None:
-                    element = ET.SubElement(launcher, tag)
-                if (element.text or "").strip() != text:
-                    element.text = text
-                    changed.append(f"launcher.{tag}")
-    xml = "<?xml version='1.1' encoding='UTF-8'?>\n" + ET.tostring(root, encoding="unicode")
-    return changed, xml
-
-
-def offline_action(info: Mapping, want_offline: bool, message: str) -> Optional[str]:
-    """What to post so the node's *temporary* offline state matches: 'toggle', 'change-cause' or None.
-
-    ``info`` is the node's api/json. Decides on ``temporarilyOffline``, never on ``offline`` (which is also
-    true when the agent is merely disconnected). A node marked offline by someone else (a reason without
-    the ``agentd:`` prefix) is neither brought online nor relabelled.
-    """
-    temporarily_offline = bool(info.get("temporarilyOffline"))
-    reason = info.get("offlineCauseReason") or ""
-    ours = reason.startswith(OFFLINE_PREFIX.strip())
-    if want_offline:
-        if not temporarily_offline:
-            return "toggle"
-        if ours and reason != message:
-            return "change-cause"
-        return None
-    if temporarily_offline and ours:
-        return "toggle"
-    return None
 
 
 def parse_jnlp_secret(jnlp_xml: str) -> str:
@@ -289,6 +204,41 @@ def _agent_settings(settings: JenkinsSettings) -> tuple:
             settings.agent_restart_max_s, settings.agent_stable_s, settings.agent_stop_timeout_s)
 
 
+def job_problem(info: Mapping, job: str, parameters: Sequence[str]) -> Optional[str]:
+    """Why ``job`` (its api/json) cannot take a build with these parameters, naming both, or None.
+
+    Jenkins answers a disabled job's buildWithParameters with 409, a job without parameters with an
+    error, and silently drops a parameter the job does not define (the build then runs with the
+    default): so all three are checked before the first trigger.
+    """
+    if info.get("buildable") is False or info.get("disabled") is True:
+        return f"Jenkins job {job!r} is disabled (not buildable): enable it in Jenkins"
+    defined = []
+    for holder in list(info.get("property") or []) + list(info.get("actions") or []):
+        if isinstance(holder, Mapping):
+            defined += [d.get("name") for d in holder.get("parameterDefinitions") or [] if isinstance(d, Mapping)]
+    if not defined:
+        return (f"Jenkins job {job!r} takes no parameters: make it parameterized with a string parameter "
+                f"{', '.join(repr(p) for p in parameters)} (the Jenkinsfile's parameters {{ }} block)")
+    missing = [p for p in parameters if p not in defined]
+    if missing:
+        return (f"Jenkins job {job!r} does not define the parameter {', '.join(repr(p) for p in missing)} "
+                f"(it defines {', '.join(repr(d) for d in defined)}): add it to the job, or set "
+                "jenkins.watch.parameter to one of those")
+    return None
+
+
+@dataclass(frozen=True)
+class Triggered:
+    """A trigger's outcome: a new queue item, or an identical build that was already queued (HTTP 303)."""
+
+    queue_id: Optional[int]
+    already_queued: bool = False
+
+    def __str__(self) -> str:
+        return "already queued" if self.already_queued else f"queue item {self.queue_id}"
+
+
 # -- the link ---------------------------------------------------------------------------------------
 
 
@@ -296,9 +246,10 @@ class JenkinsLink:
     """Registers this box as a Jenkins node and keeps it true; see the module docstring.
 
     The daemon constructs it with the settings, the token (``read_token(settings)``), a callable returning
-    the current GPU facts and the slot count, then calls :meth:`start` / :meth:`stop`,
-    :meth:`request_offline` / :meth:`request_online` when the gate or drain changes, :meth:`resync` when the
-    GPUs change, :meth:`status` for ``agentd status`` and :meth:`trigger_build` for the folder trigger.
+    the current GPU facts and the slot count (and ``state_dir`` for the offline mark), then calls
+    :meth:`start` / :meth:`stop`, :meth:`request_offline` / :meth:`request_online` every tick (cheap: only a
+    change of wanted state wakes the loop), :meth:`resync` when the GPUs change, :meth:`status` for
+    ``agentd status`` and :meth:`trigger_build` for the folder trigger.
     """
 
     def __init__(self, settings: JenkinsSettings, token: Optional[Secret],
@@ -306,7 +257,8 @@ class JenkinsLink:
                  slots: Union[int, Callable[[], int], None] = None, *,
                  version: str = __version__,
                  agent_factory: Optional[Callable[[JenkinsSettings, Path], AgentProcess]] = None,
-                 rng: Optional[random.Random] = None):
+                 rng: Optional[random.Random] = None,
+                 state_dir: Optional[Path] = None):
         self._settings = settings
         self._token = token
         self._gpus = gpus
@@ -314,6 +266,7 @@ class JenkinsLink:
         self._version = version
         self._agent_factory = agent_factory or AgentProcess.from_settings
         self._rng = rng or random.Random()
+        self._state_dir = state_dir
         self._ssh_host = socket.getfqdn() if settings.launcher == "ssh" else None
         self._io_lock = threading.RLock()      # one python-jenkins session, one user at a time
         self._lock = threading.Lock()          # the fields below
@@ -324,7 +277,10 @@ class JenkinsLink:
         self._client: Optional[jenkins.Jenkins] = None
         self._client_authed = False
         self._agent: Optional[AgentProcess] = None
+        self._agent_exits_seen = 0             # agent.jar exits already answered with a fresh secret
         self._want_offline_reason: Optional[str] = None
+        self._mark = OfflineMarkStore(state_dir, settings.url or "", settings.node_name)
+        self._checked_jobs: set[tuple[str, tuple[str, ...]]] = set()
         self._state = "connecting" if settings.enabled else "disabled"
         self._last_error: Optional[str] = None
         self._failures = 0
@@ -332,6 +288,7 @@ class JenkinsLink:
         self._last_ok: Optional[float] = None
         self._next_sync_at: Optional[float] = None
         self._controller_version: Optional[str] = None
+        self._version_seen = False             # a response was read (so a None version means "no header")
         self._jar_version: Optional[str] = None
         self._whoami: Optional[str] = None
         self._observed: dict = {}
@@ -366,16 +323,26 @@ class JenkinsLink:
             agent.stop()
 
     def request_offline(self, reason: str) -> None:
-        """Ask for the node to be temporarily offline with ``reason`` (applied by the loop, soon)."""
+        """Ask for the node to be temporarily offline with ``reason``.
+
+        Wakes the loop only when this changes what is wanted (online -> offline, or another
+        :func:`reason_kind`); new numbers in the same kind of reason are applied at the next regular sync
+        only if the kind changed by then, so the daemon may call this every tick.
+        """
+        reason = reason.strip() or "unavailable"
         with self._lock:
-            self._want_offline_reason = reason.strip() or "unavailable"
-        self._wake.set()
+            previous = self._want_offline_reason
+            self._want_offline_reason = reason
+        if previous is None or reason_kind(previous) != reason_kind(reason):
+            self._wake.set()
 
     def request_online(self) -> None:
-        """Ask for the node to take builds again (applied by the loop, soon)."""
+        """Ask for the node to take builds again (wakes the loop only if it was wanted offline)."""
         with self._lock:
+            previous = self._want_offline_reason
             self._want_offline_reason = None
-        self._wake.set()
+        if previous is not None:
+            self._wake.set()
 
     def resync(self) -> None:
         """Re-derive labels/executors/description (GPUs or slots changed) and apply them soon."""
@@ -391,10 +358,13 @@ class JenkinsLink:
             agent = None
             if _agent_settings(settings) != _agent_settings(self._settings):
                 agent, self._agent = self._agent, None
+            if (settings.url, settings.node_name) != (self._settings.url, self._settings.node_name):
+                self._mark = OfflineMarkStore(self._state_dir, settings.url or "", settings.node_name)
             self._settings = settings
             self._token = token
             self._ssh_host = socket.getfqdn() if settings.launcher == "ssh" else None
             self._client = None
+            self._checked_jobs.clear()
         if agent is not None:
             agent.stop()
         with self._lock:
@@ -408,13 +378,13 @@ class JenkinsLink:
         """Mark the node temporarily offline now (and keep it so). Raises :class:`LinkError` on failure."""
         self.request_offline(reason)
         with self._io_lock:
-            self._apply_offline_state(self._node_info())
+            self._apply_offline_state(self._node_info()[0])
 
     def set_online(self) -> None:
         """Bring the node back online now (and keep it so). Raises :class:`LinkError` on failure."""
         self.request_online()
         with self._io_lock:
-            self._apply_offline_state(self._node_info())
+            self._apply_offline_state(self._node_info()[0])
 
     def agent_secret(self) -> Secret:
         """The inbound agent's secret, from ``computer/NAME/jenkins-agent.jnlp``.
@@ -427,31 +397,39 @@ class JenkinsLink:
         """agent.jar from the controller into ``dest_dir``: reused while the controller version is the same,
         verified as a jar before it replaces the cached one. Raises :class:`LinkError`."""
         with self._io_lock:
-            version = self._op("read controller version", lambda c: c.get_version())
+            version = self._op("read controller version", self._whoami_version)
             return self._ensure_jar(Path(dest_dir), version)[0]
 
-    def trigger_build(self, job: str, params: Mapping[str, str]) -> int:
-        """Queue a parameterized build of ``job``; returns the queue item number.
+    def trigger_build(self, job: str, params: Mapping[str, str]) -> Triggered:
+        """Queue a parameterized build of ``job``.
 
-        Raises :class:`LinkError` (an :class:`AuthError` for 401/403)."""
+        Before the first trigger of a job (and after any failed one) its api/json is checked: it exists,
+        is buildable and defines every parameter (:func:`job_problem`). Jenkins answers 303 instead of 201
+        when an identical build is already queued: that is success, ``Triggered(None, already_queued=True)``.
+        Raises :class:`LinkError` (an :class:`AuthError` for 401/403) naming the job and parameter.
+        """
         if not self._settings.enabled:
             raise LinkError("the Jenkins link is disabled (no jenkins.url)")
+        key = (job, tuple(sorted(params)))
         with self._io_lock:
             try:
-                queue_id = self._op("trigger build", lambda c: c.build_job(job, dict(params)))
-            except LinkError as e:
-                if "HTTP 404" in str(e):
-                    raise LinkError(f"Jenkins job {job!r} not found") from None
+                if key not in self._checked_jobs:
+                    self._check_job(job, list(params))
+                    self._checked_jobs.add(key)
+                result = self._op("trigger build", lambda c: self._post_build(c, job, params))
+            except LinkError:
+                self._checked_jobs.discard(key)
                 raise
-        log.info("triggered Jenkins job %s with %s (queue item %s)", job, dict(params), queue_id)
-        return queue_id
+        log.info("triggered Jenkins job %s with %s: %s", job, dict(params), result)
+        return result
 
     def status(self) -> dict:
-        """The link's state for ``agentd status`` (token-free)."""
+        """The link's state for ``agentd status`` (token-free). Keys are stable; new ones are only added."""
         settings = self._settings
         with self._lock:
             now = time.monotonic()
             observed = dict(self._observed)
+            version = self._controller_version
             status = {
                 "state": self._state,
                 "url": settings.url,
@@ -460,7 +438,10 @@ class JenkinsLink:
                 "token_source": token_source(settings) if settings.enabled else None,
                 "launcher": settings.launcher,
                 "authenticated_as": self._whoami,
-                "controller_version": self._controller_version,
+                "controller_version": version,
+                "min_controller_version": MIN_CONTROLLER_VERSION,
+                "controller_version_note": (unknown_version_note() if self._version_seen and version is None
+                                            else version_problem(version, settings.launcher)),
                 "agent_jar_version": self._jar_version,
                 "last_error": self._last_error,
                 "consecutive_failures": self._failures,
@@ -470,6 +451,7 @@ class JenkinsLink:
                                    if self._next_sync_at else None),
                 "requested_offline": self._want_offline_reason is not None,
                 "requested_offline_reason": self._want_offline_reason,
+                "offline_mark": self._mark.as_dict(),
                 "labels": observed.get("labels"),
                 "executors": observed.get("executors"),
                 "node_offline": observed.get("offline"),
@@ -513,7 +495,7 @@ class JenkinsLink:
             self._last_attempt = time.time()
         try:
             with self._io_lock:
-                state = self._reconcile()
+                state, problem = self._reconcile()
         except AuthError as e:
             self._record_failure("auth-error", str(e))
             return False
@@ -527,11 +509,14 @@ class JenkinsLink:
         with self._lock:
             recovered = self._failures > 0 or self._state != state
             self._state = state
-            self._last_error = None
+            self._last_error = problem
             self._failures = 0
             self._last_ok = time.time()
         if recovered:
-            log.info("Jenkins link %s: node %s at %s", state, self._settings.node_name, self._settings.url)
+            if problem:
+                log.error("Jenkins link %s: %s", state, problem)
+            else:
+                log.info("Jenkins link %s: node %s at %s", state, self._settings.node_name, self._settings.url)
         return True
 
     def _record_failure(self, state: str, message: str) -> None:
@@ -552,7 +537,8 @@ class JenkinsLink:
 
     # -- reconcile -----------------------------------------------------------------------------------
 
-    def _reconcile(self) -> str:
+    def _reconcile(self) -> tuple[str, Optional[str]]:
+        """(state, problem): the node made as wanted; problem is what status shows as last_error."""
         settings = self._settings
         try:
             gpus = list(self._gpus())
@@ -563,94 +549,188 @@ class JenkinsLink:
             slots = max(1, len(gpus))
         spec = desired_spec(settings, gpus, slots, self._version, self._ssh_host)
 
-        version = self._op("read controller version", lambda c: c.get_version())
-        with self._lock:
-            self._controller_version = version
-
-        info = self._node_info()
-        if info is None:
+        info, version = self._node_info()
+        created = info is None
+        if created:
             log.info("creating Jenkins node %s (labels %s, %d executors, exclusive)",
                      spec.name, " ".join(spec.labels), spec.executors)
             self._op("create node", lambda c: c.create_node(
                 spec.name, numExecutors=spec.executors, nodeDescription=spec.description,
                 remoteFS=spec.remote_fs, labels=" ".join(spec.labels), exclusive=True,
                 launcher=spec.launcher_class, launcher_params=spec.create_params()))
-            info = self._node_info() or {}
+            info, version = self._node_info()
         else:
-            config = self._op("read node config", lambda c: c.get_node_config(spec.name))
+            config = self._op("read node config", lambda c: c.jenkins_request(requests.Request(
+                "GET", urljoin(c.server, f"computer/{self._quoted_name()}/config.xml"))).content)
             try:
                 changed, new_config = plan_reconfig(config, spec)
-            except ET.ParseError as e:
-                raise LinkError(f"node {spec.name}'s config.xml is not XML ({e})") from None
+            except ConfigError as e:
+                raise LinkError(f"node {spec.name}'s {e}") from None
             if changed:
                 log.info("reconfiguring Jenkins node %s: %s changed", spec.name, ", ".join(changed))
-                self._op("reconfigure node", lambda c: c.reconfig_node(spec.name, new_config))
+                self._post_config(new_config)
+        self._note_version(version)
 
         info = self._apply_offline_state(info)
         with self._lock:
             self._observed = {
                 "labels": list(spec.labels), "executors": spec.executors,
                 "offline": info.get("offline"), "temporarilyOffline": info.get("temporarilyOffline"),
-                "offlineCauseReason": info.get("offlineCauseReason") or None,
+                "offlineCauseReason": jenkins_unescape(info.get("offlineCauseReason") or "") or None,
             }
+        state = "offline" if info.get("temporarilyOffline") else "online"
+        problem = version_problem(version, settings.launcher)
+        if problem:
+            return "unsupported-version", problem
         if settings.launcher == "inbound":
-            self._ensure_agent(version)
-        return "offline" if info.get("temporarilyOffline") else "online"
+            agent_problem = self._ensure_agent(version, fresh_node=created)
+            if agent_problem:
+                return "unsupported-version", agent_problem
+        return state, None
+
+    def _note_version(self, version: Optional[str]) -> None:
+        with self._lock:
+            changed = version != self._controller_version or not self._version_seen
+            self._controller_version = version
+            self._version_seen = True
+        if changed and version is None:
+            log.warning("Jenkins link: %s", unknown_version_note())
 
     def _apply_offline_state(self, info: Optional[Mapping]) -> dict:
         """Post toggleOffline / changeOfflineCause when the node's temporary-offline state must change."""
         if info is None:
             raise LinkError(f"node {self._settings.node_name} does not exist in Jenkins (yet)")
         with self._lock:
-            reason = self._want_offline_reason
-        message = OFFLINE_PREFIX + reason if reason is not None else ""
-        action = offline_action(info, reason is not None, message)
+            wanted = offline_message(self._want_offline_reason)
+        action, mark = offline_action(info, wanted, self._mark.reason)
         if action is None:
-            if reason is None and info.get("temporarilyOffline"):
+            if wanted is None and info.get("temporarilyOffline"):
                 log.debug("node %s is held offline by someone else: %s", self._settings.node_name,
                           info.get("offlineCauseReason"))
+            self._mark.set(mark)
             return dict(info)
-        name = quote(self._settings.node_name.encode("utf-8"))
-        msg = quote(message.encode("utf-8"))
+        msg = quote((wanted or "").encode("utf-8"))
         if action == "toggle":
-            path = jenkins.TOGGLE_OFFLINE % {"name": name, "msg": msg}
-            what = "mark node offline" if reason is not None else "mark node online"
+            path = jenkins.TOGGLE_OFFLINE % {"name": self._quoted_name(), "msg": msg}
+            what = "mark node offline" if wanted is not None else "mark node online"
         else:
-            path = f"computer/{name}/changeOfflineCause?offlineMessage={msg}"
+            path = f"computer/{self._quoted_name()}/changeOfflineCause?offlineMessage={msg}"
             what = "mark node offline"
-        log.info("Jenkins node %s: %s%s", self._settings.node_name, what, f" ({message})" if message else "")
+        log.info("Jenkins node %s: %s%s", self._settings.node_name, what, f" ({wanted})" if wanted else "")
+        # The mark is written before the POST: if the daemon dies in between, it still knows the node may
+        # be offline by its hand (a stale mark only matters while the node is offline with our cause).
+        if mark is not None:
+            self._mark.set(mark)
         self._op(what, lambda c: c.jenkins_open(requests.Request("POST", urljoin(c.server, path))))
-        return self._node_info() or dict(info)
+        self._mark.set(mark)
+        return self._node_info()[0] or dict(info)
 
-    def _node_info(self) -> Optional[dict]:
-        """The node's api/json, or None when Jenkins answers 404 (other errors raise, unlike node_exists)."""
-        path = jenkins.NODE_INFO % {"name": quote(self._settings.node_name.encode("utf-8")), "depth": 0}
+    def _quoted_name(self) -> str:
+        return quote(self._settings.node_name.encode("utf-8"))
 
-        def get(client: jenkins.Jenkins) -> Optional[dict]:
+    def _node_info(self) -> tuple[Optional[dict], Optional[str]]:
+        """(the node's api/json or None when Jenkins answers 404, the X-Jenkins version of the response).
+
+        Other errors raise, unlike python-jenkins' node_exists. The version is read from this response,
+        so a sync costs no extra ``GET /``; without the header it is None.
+        """
+        path = jenkins.NODE_INFO % {"name": self._quoted_name(), "depth": 0}
+
+        def get(client: jenkins.Jenkins) -> tuple[Optional[dict], Optional[str]]:
             try:
-                return json.loads(client.jenkins_open(requests.Request("GET", urljoin(client.server, path))))
+                response = client.jenkins_request(requests.Request("GET", urljoin(client.server, path)))
             except jenkins.NotFoundException:
-                return None
+                return None, self._controller_version
+            return response.json(), response.headers.get("X-Jenkins")
 
         return self._op("read node", get)
 
+    def _whoami_version(self, client: jenkins.Jenkins) -> Optional[str]:
+        response = client.jenkins_request(requests.Request("GET", urljoin(client.server, "me/api/json?tree=id")))
+        return response.headers.get("X-Jenkins")
+
+    def _post_config(self, config: bytes) -> None:
+        """POST config.xml as the bytes plan_reconfig made, with the charset they are in."""
+        headers = {"Content-Type": f"application/xml; charset={xml_encoding(config)}"}
+        self._op("reconfigure node", lambda c: c.jenkins_open(requests.Request(
+            "POST", urljoin(c.server, f"computer/{self._quoted_name()}/config.xml"), data=config,
+            headers=headers)))
+
+    # -- folder trigger ------------------------------------------------------------------------------
+
+    def _check_job(self, job: str, parameters: list[str]) -> None:
+        def get(client: jenkins.Jenkins) -> dict:
+            try:
+                return client.get_job_info(job)
+            except jenkins.NotFoundException:
+                raise LinkError(f"Jenkins job {job!r} not found (check jenkins.watch.job; folders as "
+                                "'folder/job')") from None
+            except jenkins.JenkinsException as e:
+                if "does not exist" in str(e):   # python-jenkins' get_job_info turns 404 into this
+                    raise LinkError(f"Jenkins job {job!r} not found (check jenkins.watch.job; folders as "
+                                    "'folder/job')") from None
+                raise
+
+        problem = job_problem(self._op("check job", get), job, parameters)
+        if problem:
+            raise LinkError(problem)
+
+    @staticmethod
+    def _post_build(client: jenkins.Jenkins, job: str, params: Mapping[str, str]) -> Triggered:
+        try:
+            response = client.jenkins_request(requests.Request("POST", client.build_job_url(job, dict(params))))
+        except jenkins.NotFoundException:
+            raise LinkError(f"Jenkins job {job!r} not found") from None
+        except requests.HTTPError as e:
+            status = e.response.status_code
+            if status == 409:
+                raise LinkError(f"Jenkins job {job!r} is disabled (HTTP 409, not buildable): enable it") from None
+            if status == 400:
+                raise LinkError(f"Jenkins job {job!r} refused the parameters {sorted(params)} (HTTP 400): "
+                                "is it parameterized?") from None
+            raise
+        # requests followed the redirect: a 303 to the job's page means an identical item is queued.
+        if any(r.status_code == 303 for r in response.history):
+            return Triggered(None, already_queued=True)
+        location = response.headers.get("Location", "")
+        match = re.search(r"/queue/item/(\d+)/?$", location)
+        if response.status_code != 201 or not match:
+            raise LinkError(f"Jenkins answered the trigger of job {job!r} with HTTP {response.status_code} and "
+                            f"no queue item (Location {location or 'missing'})")
+        return Triggered(int(match.group(1)))
+
     # -- inbound agent -------------------------------------------------------------------------------
 
-    def _ensure_agent(self, version: str) -> None:
+    def _ensure_agent(self, version: Optional[str], fresh_node: bool = False) -> Optional[str]:
+        """Keep agent.jar running. Returns a problem for status when agent.jar cannot run (usage exit).
+
+        The JNLP secret is fetched only when agent.jar is (re)started, after it exited (it may have failed
+        to connect with a stale secret), or when the node was just created; not on every sync.
+        """
         settings = self._settings
         jar, jar_changed = self._ensure_jar(Path(settings.agent_jar_dir), version)
-        secret = self._fetch_secret()
-        if self._agent is None:
-            self._agent = self._agent_factory(settings, jar)
-        secret_changed = self._agent.set_secret(secret)
-        if not self._agent.running:
-            self._agent.start()
+        agent = self._agent
+        if agent is None:
+            agent = self._agent = self._agent_factory(settings, jar)
+        status = agent.status()
+        gave_up = status.get("gave_up_reason")
+        if gave_up and not jar_changed:
+            return gave_up                      # not restarted until a different agent.jar arrives
+        exits = int(status.get("restarts") or 0)
+        need_secret = not agent.running or jar_changed or fresh_node or exits != self._agent_exits_seen
+        if not need_secret:
+            return None
+        self._agent_exits_seen = exits
+        secret_changed = agent.set_secret(self._fetch_secret())
+        if not agent.running:
+            agent.start()
         elif jar_changed or secret_changed:
             log.info("restarting agent.jar (%s changed)", "agent.jar" if jar_changed else "agent secret")
-            self._agent.restart()
+            agent.restart()
+        return None
 
     def _fetch_secret(self) -> Secret:
-        name = quote(self._settings.node_name.encode("utf-8"))
+        name = self._quoted_name()
 
         def get(client: jenkins.Jenkins) -> str:
             try:
@@ -662,8 +742,10 @@ class JenkinsLink:
 
         return Secret(parse_jnlp_secret(self._op("read agent secret", get)))
 
-    def _ensure_jar(self, dest_dir: Path, version: str) -> tuple[Path, bool]:
-        """(path, downloaded now). The stamp file records which controller version the jar came from."""
+    def _ensure_jar(self, dest_dir: Path, version: Optional[str]) -> tuple[Path, bool]:
+        """(path, downloaded now). The stamp file records which controller version the jar came from
+        ("unknown" when the controller does not say: then the cached jar is kept)."""
+        version = version or "unknown"
         jar = dest_dir / "agent.jar"
         stamp = dest_dir / "agent.jar.version"
         try:
@@ -774,6 +856,9 @@ class JenkinsLink:
                 if isinstance(e, jenkins.TimeoutException):
                     raise LinkError(self._unreachable(what, e)) from None
                 raise LinkError(f"{what}: {describe_error(e, self._settings.timeout_s)}") from None
+            except requests.HTTPError as e:   # python-jenkins re-raises statuses other than 401/403/404/500
+                raise LinkError(f"{what}: HTTP {e.response.status_code} {e.response.reason or ''}".rstrip()
+                                ) from None
             except (requests.RequestException, OSError) as e:
                 self._client = None
                 raise LinkError(self._unreachable(what, e)) from None

@@ -12,8 +12,10 @@ half-written. So:
   save without edits) is not handled again; files already in the folder at start are not triggered.
 
 A settled file goes to ``validate(path)`` (the trainer's config validator: an error message or None).
-Valid: ``trigger_build(job, {parameter: absolute path})``. Invalid: logged with the error, no build. A
-failed trigger (controller down) is logged, and the next change of the file triggers again.
+Valid: ``trigger_build(job, {parameter: absolute path})``. Invalid: logged with the error, no build. When
+Jenkins already has an identical build queued (it answers 303, not 201) the outcome is "already queued", a
+success. A failed trigger (controller down; the job missing, disabled or without the parameter, which the
+link checks before the first trigger and names) is logged, and the next change of the file triggers again.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class ConfigWatcher:
         self._observer: Optional[Observer] = None
         self._thread: Optional[threading.Thread] = None
         self._tick = min(0.2, settings.debounce_s / 4)
-        self._counts = {"triggered": 0, "rejected": 0, "trigger_failed": 0}
+        self._counts = {"triggered": 0, "already_queued": 0, "rejected": 0, "trigger_failed": 0}
         self._last: Optional[dict] = None
 
     def start(self) -> None:
@@ -215,13 +217,17 @@ class ConfigWatcher:
             return
         job, params = self.settings.job, {self.settings.parameter: str(path)}
         try:
-            queue_id = self._trigger(job, params)
+            result = self._trigger(job, params)
         except Exception as e:
             log.error("config %s is valid but Jenkins job %s could not be triggered: %s", path, job, e)
             self._record(path, "trigger_failed", str(e))
             return
         self._handled[path] = digest
-        log.info("config %s: triggered Jenkins job %s (queue item %s)", path, job, queue_id)
+        if getattr(result, "already_queued", False):
+            log.info("config %s: Jenkins job %s already has an identical build queued", path, job)
+            self._record(path, "already_queued", None)
+            return
+        log.info("config %s: triggered Jenkins job %s (%s)", path, job, result)
         self._record(path, "triggered", None)
 
     def _record(self, path: Path, outcome: str, error: Optional[str]) -> None:
