@@ -109,7 +109,7 @@ def tiny_gpt2(folder: Path):
 
 
 def image_args(**over):
-    args = dict(mode="image", resolution=512, batch_size=1, lora_rank=8, target_modules=UNET_TARGETS,
+    args = dict(family="sd", resolution=512, batch_size=1, lora_rank=8, target_modules=UNET_TARGETS,
                 train_text_encoder=False, text_encoder_target_modules=TE_TARGETS, mixed_precision="fp16",
                 gradient_checkpointing=False, cache_latents=False)
     args.update(over)
@@ -140,14 +140,14 @@ def sd15(tmp_path_factory):
 
 def test_image_param_counts_equal_the_real_models(tiny_sd):
     folder, (unet, vae, te) = tiny_sd
-    assert model_param_counts(folder, "image") == {"unet": n_params(unet), "vae": n_params(vae),
+    assert model_param_counts(folder, "sd") == {"unet": n_params(unet), "vae": n_params(vae),
                                                    "text_encoder": n_params(te)}
 
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_text_param_counts_equal_the_real_model(tmp_path, builder):
     model = builder(tmp_path)
-    assert model_param_counts(tmp_path, "text") == {"model": n_params(model)}
+    assert model_param_counts(tmp_path, "causal_lm") == {"model": n_params(model)}
 
 
 def test_lora_counts_equal_what_peft_adds(tiny_sd):
@@ -176,7 +176,7 @@ def test_text_lora_count_equals_peft(tmp_path, builder, targets):
     model = builder(tmp_path)
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets,
                                                   fan_in_fan_out=builder is tiny_gpt2))
-    est = estimate_vram(tmp_path, mode="text", resolution=512, batch_size=1, lora_rank=8,
+    est = estimate_vram(tmp_path, family="causal_lm", resolution=512, batch_size=1, lora_rank=8,
                         target_modules=targets, train_text_encoder=False, text_encoder_target_modules=[],
                         mixed_precision="bf16", gradient_checkpointing=False, cache_latents=False,
                         max_seq_length=64)
@@ -210,7 +210,7 @@ def test_monotonic_in_sequence_length_and_batch_for_text(tmp_path):
     tiny_llama(tmp_path)
     prev = None
     for seq in (64, 128, 256, 512, 1024):
-        totals = [estimate_vram(tmp_path, mode="text", resolution=0, batch_size=b, lora_rank=8,
+        totals = [estimate_vram(tmp_path, family="causal_lm", resolution=0, batch_size=b, lora_rank=8,
                                 target_modules=LLM_TARGETS, train_text_encoder=False,
                                 text_encoder_target_modules=[], mixed_precision="bf16",
                                 gradient_checkpointing=False, cache_latents=False,
@@ -263,7 +263,7 @@ def test_unreadable_model_folders_fail_with_a_clear_error(tmp_path):
     with pytest.raises(VramEstimateError, match="base_model_config"):
         estimate_vram(single, **image_args())
     with pytest.raises(VramEstimateError, match="config.json not found"):
-        estimate_vram(tmp_path, **{**image_args(), "mode": "text"})
+        estimate_vram(tmp_path, **{**image_args(), "family": "causal_lm"})
 
 
 # --- advice and calibration -------------------------------------------------------------------------

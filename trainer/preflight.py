@@ -5,17 +5,16 @@ It raises one `ConfigError` holding every problem, so nothing is written when th
 """
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
-from trainer.data import Scan, fingerprint, scan_image_dataset, scan_text_dataset
+from trainer import families, runs, sampling, validation
+from trainer.data import Scan, fingerprint
 from trainer.errors import ConfigError, Problem
-
-SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt"}
+from trainer.families.probe import probe, safetensors_header
 
 
 @dataclass
@@ -24,6 +23,8 @@ class Checked:
     scan: Scan
     warnings: list[str] = field(default_factory=list)
     source: str | None = None
+    train_samples: list | None = None  # None: all of scan.samples (no validation split)
+    validation_samples: list = field(default_factory=list)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -37,8 +38,13 @@ def preflight(config_path: str | Path, overrides: dict | None = None) -> Checked
 
 
 def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
-    problems: list[Problem] = []
-    problems += _base_model_problems(cfg)
+    """Every problem of `cfg` at once (ConfigError), or the checked config completed with its model
+    family and the family's defaults (`trainer.families.resolve`)."""
+    problems: list[Problem] = _base_model_problems(cfg)
+    fam = model_probe = None
+    if not problems:
+        cfg, fam, model_probe, family_problems = families.resolve(cfg)
+        problems += family_problems
     out = cfg.output_dir
     if out.exists() and not out.is_dir():
         problems.append(Problem("output_dir", "exists and is a file", "point output_dir at a folder", str(out)))
@@ -48,25 +54,26 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     if cfg.init_lora_weights is not None and not cfg.init_lora_weights.is_file():
         problems.append(Problem("init_lora_weights", "file does not exist",
                                 "point it at a .safetensors LoRA, or remove the key", str(cfg.init_lora_weights)))
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+    if cfg.resume not in ("auto", "never", "strict") and not Path(cfg.resume).is_dir():
         problems.append(Problem("resume", "checkpoint folder does not exist",
-                                "use auto, never, or an existing checkpoints/step-N folder", cfg.resume))
-    if cfg.mode == "image":
-        scan = scan_image_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.skip_bad_images)
-    else:
-        scan = scan_text_dataset(cfg.train_data_dir)
-        if not problems:  # target modules are checked against the model's config (meta device, no weights)
-            from trainer.text_task import check_text_targets
-
-            problems += check_text_targets(cfg)
+                                "use auto, never, strict, or an existing checkpoints/step-N folder", cfg.resume))
+    if fam is not None:
+        problems += fam.check(cfg, model_probe)
+        problems += _init_lora_problems(cfg, fam)
+    # Without a family (the model is missing or unknown) the data is still checked, as `mode` says.
+    scan = (fam or families.family(cfg.family_name)).scan_dataset(cfg)
     problems += scan.problems
+    # The held-out validation set, sample prompts and compare_with (trainer.validation/sampling/runs).
+    scan_dir = lambda d: (fam or families.family(cfg.family_name)).scan_dataset(validation.as_train_dir(cfg, d))  # noqa: E731
+    train_samples, held_out, val_problems = validation.validation_set(cfg, scan.samples, scan_dir)
+    problems += val_problems + sampling.problems(cfg) + runs.problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     warnings = list(scan.warnings)
     if cfg.recommended_batch_size is not None and cfg.batch_size > cfg.recommended_batch_size:
         warnings.append(f"batch_size {cfg.batch_size} is larger than recommended_batch_size "
                         f"{cfg.recommended_batch_size}: it may not fit in GPU memory")
-    return Checked(cfg, scan, warnings, source)
+    return Checked(cfg, scan, warnings, source, train_samples, held_out)
 
 
 def _nearest_existing(path: Path) -> Path | None:
@@ -77,49 +84,34 @@ def _nearest_existing(path: Path) -> Path | None:
 
 
 def _base_model_problems(cfg: TrainConfig) -> list[Problem]:
-    p = cfg.base_model
-    marker = "model_index.json" if cfg.mode == "image" else "config.json"
-    if not p.exists():
-        return [Problem("base_model", "does not exist",
-                        f"point base_model at a diffusers folder ({marker}) or a .safetensors/.ckpt file", str(p))]
-    if p.is_dir():
-        if not (p / marker).is_file():
-            return [Problem("base_model", f"folder is not a {'diffusers' if cfg.mode == 'image' else 'transformers'} "
-                            f"model (no {marker})", "point it at the model's top folder", str(p))]
+    """The path itself (exists, a folder or a readable checkpoint); what it is, `families.resolve` says."""
+    p = probe(cfg.base_model)
+    if p.kind == "missing":
+        return [Problem("base_model", "does not exist", "point base_model at a model folder (diffusers: "
+                        "model_index.json; transformers: config.json) or a .safetensors/.ckpt file",
+                        str(cfg.base_model))]
+    if p.kind == "unreadable":
+        return [Problem("base_model", p.error or "is not a model checkpoint",
+                        "use a diffusers or transformers folder, or a .safetensors/.ckpt checkpoint",
+                        str(cfg.base_model))]
+    return []
+
+
+def _init_lora_problems(cfg: TrainConfig, fam) -> list[Problem]:
+    """A starting LoRA must be for this family (read from its header: no weights, no torch)."""
+    path = cfg.init_lora_weights
+    if path is None or not path.is_file() or path.suffix.lower() != ".safetensors":
         return []
-    if cfg.mode == "text":
-        return [Problem("base_model", "text mode needs a transformers model folder (config.json)",
-                        "save the model with save_pretrained and point base_model at that folder", str(p))]
-    if p.suffix.lower() not in SINGLE_FILE_SUFFIXES or not _looks_like_checkpoint(p):
-        return [Problem("base_model", "is not a model checkpoint", "use a diffusers folder or a Stable Diffusion "
-                        ".safetensors/.ckpt file", str(p))]
-    problems = []
-    if cfg.base_model_config is None:
-        problems.append(Problem(
-            "base_model_config", "a single-file base_model needs a local config folder to load offline",
-            "set base_model_config to a diffusers-format folder for the same architecture (model_index.json, "
-            "unet/vae/text_encoder configs, scheduler, tokenizer files), e.g. a saved pipeline or HF cache snapshot",
-            None))
-    elif not (cfg.base_model_config / "model_index.json").is_file():
-        problems.append(Problem("base_model_config", "is not a diffusers-format folder (no model_index.json)",
-                                "point it at a folder with model_index.json and component configs",
-                                str(cfg.base_model_config)))
-    return problems
-
-
-def _looks_like_checkpoint(p: Path) -> bool:
-    """Cheap header check: a safetensors JSON header, or a torch zip/pickle file."""
     try:
-        with p.open("rb") as f:
-            head = f.read(8)
-            if p.suffix.lower() == ".safetensors":
-                if len(head) < 8:
-                    return False
-                (n,) = struct.unpack("<Q", head)
-                if n <= 0 or n > 100_000_000:
-                    return False
-                json.loads(f.read(n))
-                return True
-            return head[:2] == b"PK" or head[:1] == b"\x80"
-    except (OSError, ValueError):
-        return False
+        shapes, metadata = safetensors_header(path)
+    except (OSError, ValueError, struct.error) as e:
+        return [Problem("init_lora_weights", f"is not a readable safetensors LoRA ({e})",
+                        "point it at a .safetensors LoRA", str(path))]
+    other = families.family_of_lora(set(shapes), metadata)
+    if other is not None and other != fam.NAME:
+        what = metadata.get("ss_base_model_version") or "its key names"
+        return [Problem("init_lora_weights", f"is a LoRA for {other} ({families.family(other).TITLE}; "
+                        f"{what}), but base_model is a {fam.NAME} model ({fam.TITLE})",
+                        f"start from a LoRA trained on a {fam.TITLE} model, or remove init_lora_weights",
+                        str(path))]
+    return []

@@ -28,7 +28,8 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
     from trainer.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
 
     cfg = checked.config
-    report = {"valid": True, "config": checked.source, "mode": cfg.mode, "samples": len(checked.scan.samples),
+    report = {"valid": True, "config": checked.source, "mode": cfg.mode, "model_family": cfg.model_family,
+              "samples": len(checked.scan.samples),
               "output_dir": str(cfg.output_dir), "warnings": list(checked.warnings), "margin_mib": margin_mib}
     try:
         est = estimate_for_config(cfg)
@@ -81,7 +82,7 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
         print(json.dumps(report, indent=2))
         return 0
     cfg = checked.config
-    print(f"{path}: valid ({cfg.mode} mode, {report['samples']} samples, batch {cfg.batch_size} x "
+    print(f"{path}: valid ({cfg.model_family}, {cfg.mode} mode, {report['samples']} samples, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps} -> {cfg.output_dir})")
     for w in report["warnings"]:
         print(f"WARNING: {w}")

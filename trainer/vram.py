@@ -27,7 +27,10 @@ Formula (all terms in bytes, summed, then rounded up to MiB)::
 
 Activations (fp32 element counts per sample; x 4 bytes, or x the mixed-precision factor below):
 
-- Image mode (UNet; latent side L = resolution / 8, a level's area A_l = (L / 2**l)**2):
+Each model family (trainer.families) supplies its parameter summary and per-sample activations
+(`vram_summary`, `vram_per_sample_bytes`); the two formulas it picks from are:
+
+- UNet families, sd and sdxl (latent side L = resolution / 8, a level's area A_l = (L / 2**l)**2):
       sum over ResNet blocks          3 x (in_channels + out_channels) x A_l
     + sum over Transformer2D models   4 x c x A_l  +  per transformer block (23 x c x A_l + 2 x T x c)
     + down/up samplers                c x A (at the larger of their two resolutions)
@@ -38,13 +41,14 @@ Activations (fp32 element counts per sample; x 4 bytes, or x the mixed-precision
   output and log-sum-exp, never the attention matrix - as CUDA's flash/memory-efficient kernels do).
   They scale with latent area and UNet width, which is what makes 512 px x batch 4 run out.
   With train_text_encoder the text encoder's activations (text formula below, T tokens) are added.
-- Text mode (causal LM; S = max_seq_length tokens, h hidden, i MLP width, kv = key/value width,
+- causal_lm (S = max_seq_length tokens, h hidden, i MLP width, kv = key/value width,
   V vocabulary, N layers):
       S x N x (5h + 2kv + m x i)  per decoder layer (norms, q/k/v/o inputs, RoPE, SDPA, MLP);
                                   m = 3 for a gated MLP (Llama, Mistral, Qwen...), 5.5 for GPT-2/CLIP's
                                   GELU MLP; + 12h when the config enables dropout (masks, outputs)
     + S x 4V                      logits, fp32 log-probabilities and their gradients in the loss
-- Mixed precision: activations x 0.58 (image) / 0.67 (text) of the fp32 bytes - "halved-ish": most
+- Mixed precision: activations x the family's ACT_FACTOR (0.58 for UNet families, 0.67 for causal LMs)
+  of the fp32 bytes - "halved-ish": most
   tensors are saved in half precision, but norms and the loss run in fp32 under autocast (measured
   with bf16 autocast; the logits term is not reduced).
 - Gradient checkpointing (diffusers' and transformers' per-block checkpointing): only each
@@ -86,7 +90,6 @@ common_card_sizes_gib = (8, 12, 16, 24, 48, 80)
 OVERHEAD_MIB = 700
 BACKWARD_FACTOR = 1.2
 LORA_BYTES_PER_PARAM = 16          # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
-MIXED_PRECISION_ACT_FACTOR = {"image": 0.58, "text": 0.67}
 
 # Image-mode activation coefficients (fp32 elements per channel per latent pixel), see the docstring.
 RESNET_COEF = 3.0            # x (in + out) channels
@@ -131,6 +134,7 @@ class VramEstimate:
     key: str = ""
     notes: tuple[str, ...] = ()
     measured_peak_mib: Optional[int] = None
+    family: str = ""
 
     def total_at(self, batch_size: int) -> int:
         """Estimated total at another batch size (everything else unchanged): linear in the batch."""
@@ -147,7 +151,7 @@ class VramEstimate:
         return {"total_mib": self.total_mib, "breakdown": dict(self.breakdown),
                 "per_sample_mib": round(self.per_sample_mib, 1), "batch_size": self.batch_size,
                 "mode": self.mode, "params": dict(self.params), "key": self.key, "notes": list(self.notes),
-                "measured_peak_mib": self.measured_peak_mib}
+                "measured_peak_mib": self.measured_peak_mib, "family": self.family}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +207,7 @@ def lora_params_per_rank(model: Any, target_modules: Iterable[str]) -> int:
             total += module.in_channels * kh * kw // module.groups + module.out_channels
         elif isinstance(module, nn.Embedding):
             total += module.num_embeddings + module.embedding_dim
-        elif type(module).__name__ == "Conv1D" and hasattr(module, "weight"):
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             n_in, n_out = module.weight.shape
             total += n_in + n_out
     return total
@@ -371,26 +375,37 @@ def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
                          vocab_size=int(getattr(config, "vocab_size", 0) or 0))
 
 
-def model_summary(model_dir: Path, mode: str, target_modules: Iterable[str],
+def unet_model_summary(model_dir: Path, target_modules: Iterable[str],
+                       text_encoder_target_modules: Iterable[str] = ()) -> _ModelSummary:
+    """A UNet diffusion family's summary (sd, sdxl): every component in model_index.json."""
+    files = ["model_index.json"] + [f"{c}/config.json" for c in _IMAGE_COMPONENTS]
+    return _image_summary(str(model_dir.resolve()), tuple(target_modules), tuple(text_encoder_target_modules),
+                          _folder_fingerprint(model_dir, files))
+
+
+def causal_lm_model_summary(model_dir: Path, target_modules: Iterable[str]) -> _ModelSummary:
+    return _text_summary(str(model_dir.resolve()), tuple(target_modules),
+                         _folder_fingerprint(model_dir, ["config.json"]))
+
+
+def model_summary(model_dir: Path, family: str, target_modules: Iterable[str],
                   text_encoder_target_modules: Iterable[str] = ()) -> _ModelSummary:
-    """Parameter counts and activation terms for a model folder (cached while its configs are unchanged)."""
+    """Parameter counts and activation terms for a model folder (cached while its configs are unchanged),
+    as the model's family (trainer.families) reads them."""
+    from trainer.families import FAMILIES, supported
+
     model_dir = Path(model_dir)
     if model_dir.is_file():
         raise VramEstimateError(f"{model_dir} is a single-file checkpoint: the estimate needs its diffusers "
                                 f"config folder (set base_model_config)")
-    if mode == "image":
-        files = ["model_index.json"] + [f"{c}/config.json" for c in _IMAGE_COMPONENTS]
-        return _image_summary(str(model_dir.resolve()), tuple(target_modules),
-                              tuple(text_encoder_target_modules), _folder_fingerprint(model_dir, files))
-    if mode == "text":
-        return _text_summary(str(model_dir.resolve()), tuple(target_modules),
-                             _folder_fingerprint(model_dir, ["config.json"]))
-    raise VramEstimateError(f"mode must be 'image' or 'text', not {mode!r}")
+    if family not in FAMILIES:
+        raise VramEstimateError(f"unknown model family {family!r}; supported: {supported()}")
+    return FAMILIES[family].vram_summary(model_dir, tuple(target_modules), tuple(text_encoder_target_modules))
 
 
-def model_param_counts(model_dir: Path, mode: str) -> dict[str, int]:
-    """Frozen parameter count per component ('unet', 'vae', 'text_encoder'... or 'model' in text mode)."""
-    return dict(model_summary(model_dir, mode, ()).frozen)
+def model_param_counts(model_dir: Path, family: str) -> dict[str, int]:
+    """Frozen parameter count per component ('unet', 'vae', 'text_encoder'... or 'model' for a causal LM)."""
+    return dict(model_summary(model_dir, family, ()).frozen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,29 +420,52 @@ def _text_layer_elems(n: int, layer: float, h: int, checkpointing: bool) -> floa
     return n * layer
 
 
-def estimate_vram(model_dir: Path, *, mode: str, resolution: int, batch_size: int, lora_rank: int,
+def unet_per_sample_bytes(summary: _ModelSummary, shape: dict) -> float:
+    """Activation bytes of one sample for a UNet family (before BACKWARD_FACTOR): the UNet at the latent
+    side resolution / 8, plus the text encoders' layers over the context tokens when they train."""
+    latent_side = max(1, shape["resolution"] // 8)
+    elems = unet_activation_elems(summary.unet_terms, latent_side, shape["gradient_checkpointing"])
+    if shape["train_text_encoder"]:
+        for n, layer, h in summary.te_layers:
+            elems += summary.context_tokens * _text_layer_elems(n, layer, h, shape["gradient_checkpointing"])
+    return elems * shape["act_bytes"]
+
+
+def causal_lm_per_sample_bytes(summary: _ModelSummary, shape: dict) -> float:
+    """Activation bytes of one full-length sample for a causal LM: its layers, plus the fp32 logits terms."""
+    n, layer, h = summary.text_layers
+    layers = _text_layer_elems(n, layer, h, shape["gradient_checkpointing"]) * shape["act_bytes"]
+    logits = TEXT_LOGITS_COEF * summary.vocab_size * 4.0
+    return shape["max_seq_length"] * (layers + logits)
+
+
+def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch_size: int, lora_rank: int,
                   target_modules: list[str], train_text_encoder: bool,
                   text_encoder_target_modules: list[str], mixed_precision: str,
                   gradient_checkpointing: bool, cache_latents: bool,
                   max_seq_length: int = 512) -> VramEstimate:
     """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
 
-    ``model_dir``: a diffusers folder (image mode: model_index.json, unet/, vae/, text_encoder/) or a
-    transformers causal-LM folder (text mode: config.json). Raises VramEstimateError when it cannot be read.
+    ``model_dir``: the model's config folder as its ``family`` (trainer.families) reads it: a diffusers
+    folder (model_index.json, unet/, vae/, text_encoder/...) or a transformers causal-LM folder
+    (config.json). Raises VramEstimateError when it cannot be read.
     """
+    from trainer.families import FAMILIES
+
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise VramEstimateError(f"mixed_precision must be no, fp16 or bf16, not {mixed_precision!r}")
     if batch_size < 1 or lora_rank < 1:
         raise VramEstimateError("batch_size and lora_rank must be at least 1")
-    te_targets = list(text_encoder_target_modules) if (mode == "image" and train_text_encoder) else []
-    summary = model_summary(model_dir, mode, target_modules, te_targets)
+    te_targets = list(text_encoder_target_modules) if train_text_encoder else []
+    summary = model_summary(model_dir, family, target_modules, te_targets)  # reports an unknown family
+    fam = FAMILIES[family]
     weight_bytes = 4 if mixed_precision == "no" else 2
-    act_bytes = 4.0 if mixed_precision == "no" else 4.0 * MIXED_PRECISION_ACT_FACTOR[mode]
+    act_bytes = 4.0 if mixed_precision == "no" else 4.0 * fam.ACT_FACTOR
     notes: list[str] = []
 
     frozen = dict(summary.frozen)
     weights = sum(v * (4 if k == "vae" else weight_bytes) for k, v in frozen.items())
-    if mode == "image" and cache_latents:
+    if cache_latents and "vae" in frozen:
         notes.append("cache_latents: the VAE encodes each image once, but stays resident (fp32) in the warm base")
 
     lora_counts = {k: v * lora_rank for k, v in summary.lora_per_rank.items()}
@@ -436,18 +474,10 @@ def estimate_vram(model_dir: Path, *, mode: str, resolution: int, batch_size: in
         notes.append(f"no module matches target_modules {target_modules}: nothing would be trained")
     lora_bytes = lora_total * LORA_BYTES_PER_PARAM
 
-    if mode == "image":
-        latent_side = max(1, resolution // 8)
-        act_elems = unet_activation_elems(summary.unet_terms, latent_side, gradient_checkpointing)
-        if train_text_encoder:
-            for n, layer, h in summary.te_layers:
-                act_elems += summary.context_tokens * _text_layer_elems(n, layer, h, gradient_checkpointing)
-        per_sample = act_elems * act_bytes * BACKWARD_FACTOR
-    else:
-        n, layer, h = summary.text_layers
-        layers = _text_layer_elems(n, layer, h, gradient_checkpointing) * act_bytes
-        logits = TEXT_LOGITS_COEF * summary.vocab_size * 4.0
-        per_sample = max_seq_length * (layers + logits) * BACKWARD_FACTOR
+    shape = {"resolution": resolution, "max_seq_length": max_seq_length, "cache_latents": cache_latents,
+             "gradient_checkpointing": gradient_checkpointing, "train_text_encoder": train_text_encoder,
+             "act_bytes": act_bytes}
+    per_sample = fam.vram_per_sample_bytes(summary, shape) * BACKWARD_FACTOR
 
     breakdown = {
         "weights": _mib(weights),
@@ -457,27 +487,35 @@ def estimate_vram(model_dir: Path, *, mode: str, resolution: int, batch_size: in
     }
     params = {f"frozen_{k}": v for k, v in frozen.items()}
     params.update({f"lora_{k}": v for k, v in lora_counts.items()})
-    key = _shape_key(mode, summary, resolution=resolution if mode == "image" else None,
-                     batch_size=batch_size, lora_rank=lora_rank, target_modules=list(target_modules),
-                     te_targets=te_targets, mixed_precision=mixed_precision,
+    key = _shape_key(family, summary, batch_size=batch_size, lora_rank=lora_rank,
+                     target_modules=list(target_modules), te_targets=te_targets, mixed_precision=mixed_precision,
                      gradient_checkpointing=gradient_checkpointing,
-                     cache_latents=cache_latents if mode == "image" else None,
-                     max_seq_length=max_seq_length if mode == "text" else None)
+                     **{k: shape[k] for k in fam.VRAM_SHAPE_FIELDS})
     return VramEstimate(total_mib=sum(breakdown.values()), breakdown=breakdown,
-                        per_sample_mib=per_sample / MIB, batch_size=batch_size, mode=mode, params=params,
-                        key=key, notes=tuple(notes))
+                        per_sample_mib=per_sample / MIB, batch_size=batch_size, mode=fam.MODE, params=params,
+                        key=key, notes=tuple(notes), family=family)
 
 
 def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
     """`estimate_vram` for a trainer.config.TrainConfig; ``overrides`` replace its fields (e.g. batch_size).
 
-    A single-file base_model is estimated from its base_model_config folder."""
-    model_dir = getattr(cfg, "base_model_config", None) or cfg.base_model
-    targets = cfg.effective_targets if hasattr(cfg, "effective_targets") else cfg.target_modules
-    args = dict(mode=cfg.mode, resolution=cfg.resolution, batch_size=cfg.batch_size,
-                lora_rank=cfg.lora_rank, target_modules=list(targets),
+    The config is resolved against its model family first (detection reads config files only); the
+    family says which folder holds the model's configs (a single file's base_model_config)."""
+    from trainer.errors import ConfigError
+    from trainer.families import family, resolved
+
+    try:
+        cfg = resolved(cfg)
+    except ConfigError as e:
+        raise VramEstimateError("; ".join(p.message for p in e.problems)) from None
+    model_dir = family(cfg.model_family).config_dir(cfg)
+    if model_dir is None:
+        raise VramEstimateError(f"{cfg.base_model} is a single-file checkpoint: the estimate needs its diffusers "
+                                f"config folder (set base_model_config)")
+    args = dict(family=cfg.model_family, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                lora_rank=cfg.lora_rank, target_modules=cfg.effective_targets,
                 train_text_encoder=cfg.train_text_encoder,
-                text_encoder_target_modules=list(cfg.text_encoder_target_modules),
+                text_encoder_target_modules=cfg.effective_te_targets,
                 mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                 cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length)
     args.update(overrides)
@@ -488,10 +526,10 @@ def _mib(nbytes: float) -> int:
     return int(math.ceil(nbytes / MIB))
 
 
-def _shape_key(mode: str, summary: _ModelSummary, **shape: Any) -> str:
+def _shape_key(family: str, summary: _ModelSummary, **shape: Any) -> str:
     """Same key = same model architecture (parameter counts; fine-tunes of one base share it) and the
     same memory-relevant settings, batch size included (for calibration records)."""
-    data = {"mode": mode, "frozen": summary.frozen, "lora_per_rank": summary.lora_per_rank, **shape}
+    data = {"family": family, "frozen": summary.frozen, "lora_per_rank": summary.lora_per_rank, **shape}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

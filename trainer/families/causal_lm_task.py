@@ -1,4 +1,5 @@
-"""Text mode: a LoRA on a causal language model (transformers + peft), same interface as `ImageTask`.
+"""Family `causal_lm`, the heavy half: a LoRA on a causal language model (transformers + peft), a
+`trainer.families.Task`.
 
 The frozen base (`TextBase`: model + tokenizer) is loaded once, offline, and may be kept warm by the
 daemon between jobs; the task injects LoRA layers for one job and removes them in `detach()`.
@@ -195,6 +196,9 @@ class TextTask:
         return [{"params": [p for p in self.base.model.parameters() if p.requires_grad],
                  "lr": self.cfg.learning_rate}]
 
+    def prepare(self, dataset: TextDataset) -> None:
+        return None  # texts are tokenized per micro-batch: cheap next to the model's forward pass
+
     def train(self):
         self.base.model.train()
 
@@ -299,19 +303,18 @@ class TextTask:
                                ignore_index=-100)
 
     # --- samples ----------------------------------------------------------------------------------
-    def render_samples(self, prompts: list[str], folder: Path, seed: int) -> list[Path]:
-        """Greedy continuations of the sample prompts with the trained LoRA active, one .txt each."""
+    def eval(self) -> None:
+        self.base.model.eval()
+
+    def render_sample(self, prompt, path: Path) -> Path:
+        """The greedy continuation of `prompt.prompt` (a `trainer.sampling.SamplePrompt`) with the LoRA as
+        trained so far, saved as `path`.txt (prompt + completion)."""
         model, tok = self.base.model, self.base.tokenizer
-        model.eval()
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
         with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                enc = tok(prompt, return_tensors="pt").to(self.device)
-                out = model.generate(**enc, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                path = folder / f"sample-{i:02d}.txt"
-                path.write_text(f"{prompt}{text}\n", encoding="utf-8")
-                paths.append(path)
-        return paths
+            enc = tok(prompt.prompt, return_tensors="pt").to(self.device)
+            out = model.generate(**enc, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        dest = Path(path).with_suffix(".txt")
+        dest.write_text(f"{prompt.prompt}{text}\n", encoding="utf-8")
+        return dest

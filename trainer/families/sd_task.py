@@ -1,6 +1,6 @@
-"""Image mode: a LoRA on a Stable Diffusion UNet (and optionally its CLIP text encoder).
+"""Family `sd`, the heavy half: a LoRA on a Stable Diffusion UNet (and optionally its CLIP text encoder).
 
-The frozen base (`ImageBase`) is loaded once and may be kept warm by the daemon between jobs; the
+The frozen base (`SdBase`) is loaded once and may be kept warm by the daemon between jobs; the
 task adds LoRA layers to it for one job and removes them in `detach()`, so nothing of one job's LoRA
 reaches the next.
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ImageBase:
+class SdBase:
     """The frozen parts of a Stable Diffusion model."""
 
     unet: torch.nn.Module
@@ -47,7 +47,7 @@ def preload() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
 
-def load_image_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> ImageBase:
+def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> SdBase:
     """Load the base from a diffusers folder or a single-file checkpoint, offline, frozen, on `device`."""
     quiet_libraries()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -74,13 +74,13 @@ def load_image_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.
     for m in (unet, text_encoder):
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     version = "sd_v2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd_v1"
-    return ImageBase(unet, vae, text_encoder, tokenizer, scheduler, str(path), version)
+    return SdBase(unet, vae, text_encoder, tokenizer, scheduler, str(path), version)
 
 
-class ImageTask:
-    """One job's LoRA on an `ImageBase`: trainable parameters, the loss, and the LoRA's file format."""
+class SdTask:
+    """One job's LoRA on an `SdBase`: trainable parameters, the loss, and the LoRA's file format."""
 
-    def __init__(self, cfg: TrainConfig, base: ImageBase, device: torch.device):
+    def __init__(self, cfg: TrainConfig, base: SdBase, device: torch.device):
         from peft import LoraConfig, inject_adapter_in_model
 
         self.cfg, self.base, self.device = cfg, base, device
@@ -93,7 +93,7 @@ class ImageTask:
         self.models = {"unet": base.unet}
         if cfg.train_text_encoder:
             te_lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.text_encoder_target_modules, init_lora_weights="gaussian")
+                                 target_modules=cfg.effective_te_targets, init_lora_weights="gaussian")
             inject_adapter_in_model(te_lora, base.text_encoder)
             self.models["text_encoder"] = base.text_encoder
         for m in self.models.values():
@@ -140,15 +140,18 @@ class ImageTask:
             self.base.unet.disable_gradient_checkpointing()
         for m in self.models.values():
             recurse_remove_peft_layers(m)
-            if hasattr(m, "peft_config"):
+            if "peft_config" in m.__dict__:
                 del m.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
             m.requires_grad_(False)
             m.eval()
         self.latent_cache.clear()
 
     # --- data -------------------------------------------------------------------------------------
-    def cache_latents(self, dataset: ImageDataset) -> None:
-        """Encode every image once; keep the latent distribution (mean, std), sample it per step."""
+    def prepare(self, dataset: ImageDataset) -> None:
+        """With cache_latents: encode every image once; keep the latent distribution (mean, std), sample it
+        per step."""
+        if not self.cfg.cache_latents:
+            return
         with torch.no_grad():
             for i in range(len(dataset)):
                 pixels, _ = dataset.load(i)
@@ -189,26 +192,33 @@ class ImageTask:
             pred = base.unet(noisy, steps, hidden).sample
         return F.mse_loss(pred.float(), target.float())
 
-    # --- samples ----------------------------------------------------------------------------------
-    def render_samples(self, prompts: list[str], folder: Path, seed: int) -> list[Path]:
-        """Render prompts with the trained LoRA active (a quick look at what it learned)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    def export_extra(self, output_dir: Path) -> list[Path]:
+        return []  # the kohya-format <name>.safetensors is the one format A1111, ComfyUI and diffusers read
 
-        base = self.base
-        pipe = StableDiffusionPipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
-                                       tokenizer=base.tokenizer,
-                                       scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+    # --- samples ----------------------------------------------------------------------------------
+    def eval(self) -> None:
         for m in self.models.values():
             m.eval()
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
+
+    def render_sample(self, prompt, path: Path) -> Path:
+        """One image of `prompt` (a `trainer.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
+        sampler) with the LoRA as trained so far, saved as `path`.png."""
+        import diffusers
+        from diffusers import StableDiffusionPipeline
+
+        from trainer.sampling import SCHEDULERS
+
+        base = self.base
+        cls_name, extra = SCHEDULERS[prompt.sampler]
+        scheduler = getattr(diffusers, cls_name).from_config(base.noise_scheduler.config, **extra)
+        pipe = StableDiffusionPipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
+                                       tokenizer=base.tokenizer, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                image = pipe(prompt, num_inference_steps=20, height=self.cfg.resolution, width=self.cfg.resolution,
-                             generator=torch.Generator().manual_seed(seed + i)).images[0]
-                path = folder / f"sample-{i:02d}.png"
-                image.save(path)
-                paths.append(path)
-        return paths
+            image = pipe(prompt.prompt, negative_prompt=prompt.negative or None, num_inference_steps=prompt.steps,
+                         guidance_scale=prompt.guidance, height=prompt.height, width=prompt.width,
+                         generator=torch.Generator().manual_seed(prompt.seed)).images[0]
+        out = Path(path).with_suffix(".png")
+        image.save(out)
+        return out

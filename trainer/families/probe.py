@@ -1,0 +1,136 @@
+"""What a base model's files say about its architecture, read cheaply (no weights, no torch).
+
+`probe(path)` looks at:
+- a folder: `model_index.json` (`_class_name`, the diffusers pipeline) and the UNet's `in_channels`, or
+  `config.json` (`architectures`, a transformers model);
+- a single file: the tensor names (and, for safetensors, shapes) from its header. A `.safetensors`
+  header is JSON; a `.ckpt` is a torch zip whose pickle is scanned for strings with `pickletools`
+  (never executed), so detection reads no weights and imports no torch.
+
+Family modules decide from the `Probe` whether a model is theirs (`detect`); this module only reads.
+"""
+from __future__ import annotations
+
+import json
+import pickletools
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt"}
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The architecture facts of one model path. `kind`: folder | file | missing | unreadable."""
+
+    path: Path
+    kind: str
+    class_name: str | None = None          # model_index.json _class_name
+    architectures: tuple[str, ...] = ()    # config.json architectures
+    unet_in_channels: int | None = None    # from unet/config.json or the first conv's shape
+    keys: frozenset[str] = field(default_factory=frozenset)  # single file: tensor names
+    shapes: dict = field(default_factory=dict, compare=False, hash=False)  # safetensors: name -> shape
+    error: str | None = None
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.keys)
+
+    def describe(self) -> str:
+        """What the files say, for error messages."""
+        if self.kind == "folder":
+            if self.class_name:
+                extra = f", UNet with {self.unet_in_channels} input channels" if self.unet_in_channels else ""
+                return f"a diffusers {self.class_name} folder{extra}"
+            if self.architectures:
+                return f"a transformers {', '.join(self.architectures)} folder"
+            return "a folder with neither model_index.json nor config.json"
+        if self.kind == "file":
+            sample = sorted({k.split(".")[0] + "." + k.split(".")[1] if "." in k else k for k in self.keys})[:4]
+            return f"a single-file checkpoint with {len(self.keys)} tensors (e.g. {', '.join(sample)})"
+        return self.error or self.kind
+
+
+def probe(path: Path) -> Probe:
+    path = Path(path)
+    if not path.exists():
+        return Probe(path, "missing", error="does not exist")
+    if path.is_dir():
+        return _probe_folder(path)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        return Probe(path, "unreadable", error="is not a model checkpoint (.safetensors or .ckpt)")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            shapes = _safetensors_shapes(path)
+            keys = frozenset(shapes)
+        else:
+            shapes, keys = {}, _ckpt_keys(path)
+    except (OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
+        return Probe(path, "unreadable", error=f"is not a model checkpoint ({type(e).__name__}: {e})")
+    in_conv = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    return Probe(path, "file", keys=keys, shapes=shapes,
+                 unet_in_channels=int(in_conv[1]) if in_conv and len(in_conv) == 4 else None)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _probe_folder(path: Path) -> Probe:
+    index = _read_json(path / "model_index.json")
+    if index is not None:
+        unet = _read_json(path / "unet" / "config.json") or {}
+        transformer = _read_json(path / "transformer" / "config.json") or {}
+        channels = unet.get("in_channels", transformer.get("in_channels"))
+        return Probe(path, "folder", class_name=str(index.get("_class_name") or ""),
+                     unet_in_channels=int(channels) if isinstance(channels, int) else None)
+    config = _read_json(path / "config.json")
+    if config is not None:
+        return Probe(path, "folder", architectures=tuple(config.get("architectures") or ()))
+    return Probe(path, "folder")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    return safetensors_header(path)[0]
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(tensor name -> shape, the `__metadata__` strings) of a .safetensors file, from its JSON header."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > MAX_HEADER_BYTES:
+            raise ValueError("no safetensors header")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    return ({k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)},
+            {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
+
+
+def _ckpt_keys(path: Path) -> frozenset[str]:
+    """Strings in a torch checkpoint's pickle that look like tensor names (dotted), without unpickling."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                raise ValueError("torch zip without data.pkl")
+            data = z.read(name)
+    else:
+        data = path.read_bytes()
+        if data[:1] != b"\x80":
+            raise ValueError("not a pickle")
+    keys = set()
+    for op, arg, _ in pickletools.genops(data):
+        if isinstance(arg, str) and "." in arg and " " not in arg and op.name.endswith("UNICODE"):
+            keys.add(arg)
+    return frozenset(keys)
