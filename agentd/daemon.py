@@ -15,8 +15,10 @@ import faulthandler
 import logging
 import os
 import signal
+import stat
 import threading
 import time
+from pathlib import Path
 
 from agentd import __version__
 from agentd.settings import Settings
@@ -59,6 +61,9 @@ class Daemon:
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
             vram_margin_mib=s.vram_margin_mib, gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s,
             max_foreign_vram_mib=s.max_foreign_vram_mib)
+        from agentd.access import authorizer
+
+        self.scheduler.authorize = authorizer(self.own_folders())
         recovered = self.scheduler.start()
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
@@ -77,6 +82,21 @@ class Daemon:
             self.metrics = Metrics()
             port = self.metrics.start(s.metrics.host, s.metrics.port)
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, port)
+
+    def own_folders(self) -> dict[str, Path]:
+        """The daemon's folders no job may write into or around (agentd.access.daemon_folder_problem)."""
+        s = self.settings
+        folders = {"state": s.state_dir, "cache": s.cache_dir}
+        runtime = s.socket.parent
+        try:
+            shared = runtime.stat().st_mode & stat.S_ISVTX  # /tmp and the like: not the daemon's own
+        except OSError:
+            shared = False
+        if not shared:
+            folders["runtime"] = runtime
+        if s.jenkins.enabled and s.jenkins.launcher == "inbound":
+            folders["agent"] = Path(s.jenkins.agent_jar_dir)  # agent.jar and its secret
+        return folders
 
     def _make_slots(self):
         from agentd.gate import CPU_SLOT
@@ -259,6 +279,15 @@ def serve(settings: Settings, probe=None) -> int:
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     faulthandler.enable()  # a watchdog abort prints every thread's stack to the journal
+    from agentd.privileges import settle_capabilities
+
+    j = settings.jenkins
+    agent_user = j.agent_user if j.enabled and j.launcher == "inbound" else None
+    settle_capabilities(agent_user)
+    if j.enabled and j.launcher == "inbound" and not agent_user:
+        log.warning("jenkins.agent_user is not set: agent.jar and every build run as the daemon's user and can "
+                    "read what the daemon can (its journal, and the API token unless it comes from a file "
+                    "they cannot open); set agent_user: agentd-build (see README, Run it on a GPU box)")
     daemon = Daemon(settings, probe)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)

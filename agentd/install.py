@@ -5,12 +5,15 @@ What it does, in order (every step is listed in the returned lines; `dry_run` li
 1. /etc/systemd/system/agentd.service   from systemd/agentd.service, ExecStart= rewritten to
                                         <venv>/bin/agentd (replaced on every install: change settings
                                         with `systemctl edit agentd`, which survives re-installs)
-2. /etc/sysusers.d/agentd.conf          from systemd/agentd.sysusers (user/group agentd)
-3. /etc/tmpfiles.d/agentd.conf          from systemd/agentd.tmpfiles (/srv/agentd)
+2. /etc/sysusers.d/agentd.conf          from systemd/agentd.sysusers (users agentd and agentd-build)
+3. /etc/tmpfiles.d/agentd.conf          from systemd/agentd.tmpfiles (/srv/agentd, its jenkins/ and agent/)
 4. runs `systemd-sysusers` and `systemd-tmpfiles --create` on those two files, when present
 5. /etc/agentd/agentd.yaml              from configs/agentd.yaml, only when absent (never overwritten);
                                         mode 0640, group agentd, so the daemon can read it
-6. runs `systemctl daemon-reload` when systemd is running
+6. /etc/sysusers.d/agentd-socket-group.conf, when agentd.yaml sets a socket_group other than agentd:
+                                        the daemon (which must own the socket and give it to that group)
+                                        and agentd-build (which submits) become members; sysusers runs on it
+7. runs `systemctl daemon-reload` when systemd is running
 
 It does not enable or start the service: the Jenkins token and the settings come first (next steps).
 
@@ -35,6 +38,8 @@ UNIT_PATH = Path("etc/systemd/system/agentd.service")
 SYSUSERS_PATH = Path("etc/sysusers.d/agentd.conf")
 TMPFILES_PATH = Path("etc/tmpfiles.d/agentd.conf")
 SETTINGS_PATH = Path("etc/agentd/agentd.yaml")
+SOCKET_GROUP_PATH = Path("etc/sysusers.d/agentd-socket-group.conf")
+DAEMON_USER, BUILD_USER = "agentd", "agentd-build"
 TOKEN_PATH = Path("etc/agentd/jenkins-token")
 
 
@@ -78,6 +83,25 @@ def _run(cmd: list[str]) -> None:
     if proc.returncode != 0:
         raise InstallError(f"`{' '.join(cmd)}` failed ({proc.returncode}): "
                            f"{(proc.stderr or proc.stdout).strip()}")
+
+
+def socket_group_snippet(group: str) -> str:
+    """sysusers.d lines that put the daemon and the build user in the configured socket group."""
+    return (f"# Written by `agentd install-service` from socket_group: {group} in /{SETTINGS_PATH}.\n"
+            f"# The daemon may only give its socket to a group it belongs to; the build user submits jobs.\n"
+            f"m {DAEMON_USER} {group}\nm {BUILD_USER} {group}\n")
+
+
+def configured_socket_group(settings_path: Path) -> Optional[str]:
+    """socket_group from agentd.yaml (None when unset, the default group, or the file is unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(settings_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    group = data.get("socket_group") if isinstance(data, dict) else None
+    return str(group) if group and str(group) != DAEMON_USER else None
 
 
 def next_steps() -> list[str]:
@@ -142,7 +166,11 @@ def install_service(prefix_venv: Path, dry_run: bool = False, root: Path = Path(
         elif shutil.which(tool) is None:
             lines.append(f"skip `{tool}`: not installed. Do by hand what {root / dest} says "
                          f"(e.g. useradd --system --home-dir /var/lib/agentd --shell /usr/sbin/nologin "
-                         f"--groups video agentd; install -d -m 0770 -o agentd -g agentd /srv/agentd)")
+                         f"--groups video agentd; useradd --system --home-dir /srv/agentd/jenkins "
+                         f"--shell /usr/sbin/nologin --groups agentd agentd-build; "
+                         f"install -d -m 2770 -o agentd -g agentd /srv/agentd; "
+                         f"install -d -m 2770 -o agentd-build -g agentd /srv/agentd/jenkins; "
+                         f"install -d -m 2750 -o agentd -g agentd-build /srv/agentd/agent)")
         else:
             if not dry_run:
                 _run(cmd)
@@ -165,6 +193,23 @@ def install_service(prefix_venv: Path, dry_run: bool = False, root: Path = Path(
                 except (LookupError, OSError):
                     os.chmod(settings, 0o644)
                     lines.append(f"  group agentd not found: made {settings} world-readable instead")
+
+    group = configured_socket_group(settings)
+    if group is not None:
+        dest = root / SOCKET_GROUP_PATH
+        if not dry_run:
+            _write(dest, socket_group_snippet(group), 0o644)
+        lines.append(f"{verb}install {dest} (users {DAEMON_USER} and {BUILD_USER} join socket_group {group})")
+        cmd = ["systemd-sysusers", str(dest)]
+        if not live:
+            lines.append(f"skip `{' '.join(cmd)}` (installing under {root}, not /)")
+        elif shutil.which("systemd-sysusers") is None:
+            lines.append(f"skip `systemd-sysusers`: not installed. Do it by hand: usermod -aG {group} {DAEMON_USER}; "
+                         f"usermod -aG {group} {BUILD_USER}")
+        else:
+            if not dry_run:
+                _run(cmd)
+            lines.append(f"{verb}run `{' '.join(cmd)}`")
 
     if not live:
         lines.append(f"skip `systemctl daemon-reload` (installing under {root}, not /)")

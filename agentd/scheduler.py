@@ -98,6 +98,7 @@ class Scheduler:
         self.gate_poll_s = gate_poll_s
         self.max_foreign = max_foreign_vram_mib
         self.on_change = on_change or (lambda: None)
+        self.authorize = lambda cfg, checked, submitter, source=None: None  # the daemon sets agentd.access's
         self.live: dict[str, LiveJob] = {}
         self.order: list[str] = []  # queued/gated job ids, head first
         self.busy: dict[int, str] = {}  # slot index -> job id
@@ -151,7 +152,11 @@ class Scheduler:
 
         try:
             cfg = parse_config(config_text, base_dir=Path(config_path).parent, source=config_path)
+            # The submitter's own rights bound what the daemon reads and writes for them (agentd.access):
+            # the paths first, so the dataset scan never opens a file they may not read.
+            self.authorize(cfg, None, submitter, config_path)
             checked = check_config(cfg, source=config_path)
+            self.authorize(cfg, checked, submitter, config_path)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.

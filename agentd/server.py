@@ -8,6 +8,7 @@ the connection is closed; a client that connects and says nothing is dropped aft
 """
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -28,14 +29,67 @@ class SocketInUse(Exception):
     pass
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no constant for it
+
+
 def peer_credentials(conn: socket.socket) -> dict:
+    """The connecting process as the kernel saw it at connect(): pid, uid, gid, every group, user name.
+
+    The groups decide what the submitter may read and write (agentd.access), so they come from the
+    kernel too (SO_PEERGROUPS), not from the group database, which may have changed since that
+    process logged in; the database is the fallback on kernels without SO_PEERGROUPS.
+    """
     data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = None
-    return {"pid": pid, "uid": uid, "gid": gid, "user": user}
+    return {"pid": pid, "uid": uid, "gid": gid, "groups": _peer_groups(conn, uid, gid), "user": user}
+
+
+def _peer_groups(conn: socket.socket, uid: int, gid: int) -> list[int]:
+    size = 64 * 4
+    while size <= 65536 * 4:
+        try:
+            data = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                size *= 4
+                continue
+            break
+        return sorted(set(struct.unpack(f"{len(data) // 4}I", data)) | {gid})
+    from agentd.access import _groups_from_database
+
+    return sorted(set(_groups_from_database(uid, gid)) | {gid})
+
+
+class SocketGroupError(Exception):
+    """The socket cannot be given to `socket_group`; the message says why and how to fix it."""
+
+
+def _give_to_group(path: Path, group: str) -> None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SocketGroupError(f"socket_group {group!r} does not exist: create it (groupadd {group}) or fix "
+                               "socket_group in agentd.yaml") from None
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        me = _user_name(os.geteuid())
+        raise SocketGroupError(
+            f"cannot give {path} to group {group}: user {me} is not a member of group {group}, and a process "
+            f"may only give its files to groups it belongs to. Fix: add the daemon's user to the group "
+            f"(`usermod -aG {group} {me}`; `agentd install-service` does it for the configured socket_group), "
+            f"then restart agentd") from None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
@@ -62,7 +116,12 @@ def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
         os.umask(old)
     os.chmod(path, mode)
     if group:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        try:
+            _give_to_group(path, group)
+        except SocketGroupError:
+            sock.close()
+            path.unlink(missing_ok=True)
+            raise
     sock.listen(64)
     return sock
 

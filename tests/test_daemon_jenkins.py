@@ -17,7 +17,7 @@ FAKE_JAVA = f"{sys.executable} {Path(__file__).parent / 'fake_java.py'}"
 def settings_for(fake: FakeJenkins, tmp_path: Path, launcher: str = "inbound") -> str:
     return (f"jenkins:\n  url: {fake.url}\n  user: agentd\n  token_env: AGENTD_TEST_TOKEN\n  node_name: gpubox\n"
             f"  labels: [gpu-node]\n  launcher: {launcher}\n  remote_fs: {tmp_path / 'remote'}\n"
-            f"  agent_jar_dir: {tmp_path / 'agent'}\n  java: {FAKE_JAVA}\n  timeout_s: 5\n  sync_interval_s: 0.3\n"
+            f"  agent_jar_dir: {tmp_path / 'agent'}\n  java: env FAKE_JAVA_LOG={tmp_path / 'java.jsonl'} {FAKE_JAVA}\n  timeout_s: 5\n  sync_interval_s: 0.3\n"
             f"  retry_min_s: 0.1\n  retry_max_s: 0.5\n  agent_restart_min_s: 0.1\n  agent_restart_max_s: 0.5\n")
 
 

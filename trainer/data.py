@@ -53,8 +53,9 @@ def scan_image_dataset(data_dir: Path, metadata_path: Path | None, skip_bad: boo
     if not data_dir.is_dir():
         return Scan([], [Problem("train_data_dir", "is not a folder",
                                  "point train_data_dir at the folder that holds the images", str(data_dir))], [])
+    listed_on: dict[Path, int] = {}  # image -> metadata line that names it: errors cite the line, not the name
     if metadata_path is not None:
-        samples, meta_problems = _read_metadata(data_dir, metadata_path)
+        samples, meta_problems, listed_on = _read_metadata(data_dir, metadata_path)
         problems += meta_problems
     else:
         samples = []
@@ -71,12 +72,14 @@ def scan_image_dataset(data_dir: Path, metadata_path: Path | None, skip_bad: boo
     good: list[Sample] = []
     for s in samples:
         reason = _image_problem(s.path)
+        # A file named by the metadata is cited by its line: the name is the metadata file's content.
+        which = f"the image on line {listed_on[s.path]} of {metadata_path}" if s.path in listed_on else str(s.path)
         if reason is None:
             good.append(s)
         elif skip_bad:
-            warnings.append(f"skipped {s.path}: {reason}")
+            warnings.append(f"skipped {which}: {reason}")
         else:
-            problems.append(Problem("train_data_dir", f"{reason}: {s.path}",
+            problems.append(Problem("train_data_dir", f"{reason}: {which}",
                                     "fix or remove the file, or set skip_bad_images: true"))
     if not good and not problems:
         where = f"{metadata_path} lists none" if metadata_path else f"no {', '.join(sorted(IMAGE_EXTENSIONS))} files"
@@ -85,33 +88,74 @@ def scan_image_dataset(data_dir: Path, metadata_path: Path | None, skip_bad: boo
     return Scan(good, problems, warnings)
 
 
-def _read_metadata(data_dir: Path, metadata_path: Path) -> tuple[list[Sample], list[Problem]]:
+def _read_metadata(data_dir: Path, metadata_path: Path) -> tuple[list[Sample], list[Problem], dict[Path, int]]:
+    """Samples from the CSV, problems, and the line that names each image.
+
+    Errors describe the file by position and count (line N, column K, how many columns), never by its
+    bytes: the path may name a file the submitter cannot read, and the daemon must not echo it.
+    """
     if not metadata_path.is_file():
         return [], [Problem("metadata_path", "file does not exist",
-                            "create the CSV or remove metadata_path to use .txt captions", str(metadata_path))]
+                            "create the CSV or remove metadata_path to use .txt captions", str(metadata_path))], {}
+    fix_encoding = "save it as UTF-8 CSV with a header line, e.g. 'file_name,text'"
     try:
         with metadata_path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        return [], [Problem("metadata_path", f"cannot read CSV: {e}", "save it as UTF-8 CSV", str(metadata_path))]
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as e:
+        return [], [Problem("metadata_path", f"is not UTF-8 text (undecodable byte at offset {e.start})",
+                            fix_encoding, str(metadata_path))], {}
+    except csv.Error as e:
+        return [], [Problem("metadata_path", f"is not valid CSV ({_csv_error_kind(e)})", fix_encoding,
+                            str(metadata_path))], {}
+    except OSError as e:
+        return [], [Problem("metadata_path", f"cannot read it: {e.strerror or type(e).__name__}", fix_encoding,
+                            str(metadata_path))], {}
     file_col = next((c for c in FILE_COLUMNS if c in header), None)
     cap_col = next((c for c in CAPTION_COLUMNS if c in header), None)
     if file_col is None or cap_col is None:
-        return [], [Problem("metadata_path", f"wrong columns {header}",
-                            f"the header needs a file column ({'|'.join(FILE_COLUMNS)}) and a caption "
-                            f"column ({'|'.join(CAPTION_COLUMNS)}), e.g. 'file_name,text'", str(metadata_path))]
-    samples, problems = [], []
-    for line_no, row in enumerate(rows, start=2):
+        return [], [Problem("metadata_path", _header_problem(header, file_col, cap_col),
+                            f"the header (line 1) needs a file column ({'|'.join(FILE_COLUMNS)}) and a caption "
+                            f"column ({'|'.join(CAPTION_COLUMNS)}), e.g. 'file_name,text'", str(metadata_path))], {}
+    samples, problems, listed_on = [], [], {}
+    for line_no, row in rows:
         row = {(k or "").strip(): (v or "") for k, v in row.items()}
         name = row.get(file_col, "").strip()
         if not name:
-            problems.append(Problem("metadata_path", f"row {line_no} has an empty {file_col}",
-                                    "fill in the file name or delete the row", str(metadata_path)))
+            problems.append(Problem("metadata_path", f"line {line_no} has an empty {file_col}",
+                                    "fill in the file name or delete the line", str(metadata_path)))
             continue
-        samples.append(Sample(data_dir / name, row.get(cap_col, "").strip()))
-    return samples, problems
+        sample = Sample(data_dir / name, row.get(cap_col, "").strip())
+        samples.append(sample)
+        listed_on.setdefault(sample.path, line_no)
+    return samples, problems, listed_on
+
+
+def _header_problem(header: list[str], file_col: str | None, cap_col: str | None) -> str:
+    """What is wrong with the header line, by count and position (its text is the file's content)."""
+    if not header or header == [""]:
+        return "has no header line (line 1 is empty)"
+    found = []
+    if file_col is not None:
+        found.append(f"the file column is column {header.index(file_col) + 1}")
+    if cap_col is not None:
+        found.append(f"the caption column is column {header.index(cap_col) + 1}")
+    missing = [what for what, col in (("file", file_col), ("caption", cap_col)) if col is None]
+    return (f"header (line 1) has {len(header)} column{'s' if len(header) != 1 else ''} and no "
+            f"{' and no '.join(missing)} column" + (f" ({'; '.join(found)})" if found else ""))
+
+
+def _csv_error_kind(e: csv.Error) -> str:
+    """csv's messages name characters, not content; keep only the known phrase and the line."""
+    text = str(e)
+    known = {"field larger than field limit": "a field is larger than the CSV field limit",
+             "line contains NUL": "a line contains a NUL byte",
+             "new-line character seen in unquoted field": "a new-line inside an unquoted field",
+             "unexpected end of data": "the file ends inside a quoted field",
+             "expected after": "a quote is followed by a character other than the delimiter"}
+    kind = next((v for k, v in known.items() if k in text), "malformed")
+    return kind
 
 
 def _image_problem(path: Path) -> str | None:

@@ -51,7 +51,8 @@ def load_kohya(models: dict[str, torch.nn.Module], state: dict[str, torch.Tensor
                 if extra or missing else "")
         raise LoraFormatError(
             f"{source}: LoRA layers do not match this config ({len(missing)} missing, {len(extra)} unexpected; "
-            f"e.g. missing {missing[:2]}, unexpected {extra[:2]}): {hint}; set target_modules/train_text_encoder "
+            # Only this config's own layer names are quoted: the file's key names are its content.
+            f"e.g. missing {missing[:2]}): {hint}; set target_modules/train_text_encoder "
             "to what the file was trained with")
     with torch.no_grad():
         for kname, (a, b) in expected.items():

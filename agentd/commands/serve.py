@@ -11,7 +11,7 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--socket", help="override the settings' control socket path")
     args = p.parse_args(argv)
     from agentd.commands import load_settings_or_exit
-    from agentd.server import SocketInUse
+    from agentd.server import SocketGroupError, SocketInUse
 
     settings = load_settings_or_exit(args.config)
     if args.socket:
@@ -25,6 +25,11 @@ def main(name: str, argv: list[str]) -> int:
     except SocketInUse as e:
         print(f"agentd: {e}", file=sys.stderr)
         return 1
+    except SocketGroupError as e:
+        from agentd.settings import EXIT_BAD_SETTINGS
+
+        print(f"agentd: {e}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS  # restarting cannot fix it (the unit does not restart on 78)
     except PermissionError as e:
         print(f"agentd: permission denied on {e.filename}: run it as the service (systemctl start agentd) or set "
               "socket, state_dir and cache_dir in agentd.yaml to folders you can write", file=sys.stderr)

@@ -43,23 +43,25 @@ def build_agent_command(java: Union[str, Sequence[str]], jar: Path, url: str, na
     return command
 
 
-def write_secret_file(path: Path, secret: Secret) -> bool:
-    """Write the secret to ``path`` with mode 0600 (folder 0700), atomically. True when it changed.
+def write_secret_file(path: Path, secret: Secret, mode: int = 0o600) -> bool:
+    """Write the secret to ``path`` with ``mode`` (folder 0700 when created here), atomically. True when
+    it changed.
 
-    The file is created 0600 from the start (never briefly world-readable) and renamed into place, so
-    agent.jar never reads a half-written secret.
+    The file is created with its final mode from the start (never briefly world-readable) and renamed
+    into place, so agent.jar never reads a half-written secret. ``mode`` is 0640 when agent.jar runs as
+    the build user: the folder's group (setgid, the build user's group) lets that user read it.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     content = (secret.reveal() + "\n").encode("utf-8")
     try:
-        if path.read_bytes() == content and (path.stat().st_mode & 0o777) == 0o600:
+        if path.read_bytes() == content and (path.stat().st_mode & 0o777) == mode:
             return False
     except OSError:
         pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask; make it exact
+        os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; make it exact
         os.write(fd, content)
         os.fsync(fd)
     finally:
@@ -103,7 +105,8 @@ class AgentProcess:
     def __init__(self, *, java: Union[str, Sequence[str]], jar: Path, url: str, name: str, work_dir: Path,
                  secret_file: Path, websocket: bool = False, restart_min_s: float = 1.0,
                  restart_max_s: float = 60.0, stable_s: float = 60.0, stop_timeout_s: float = 10.0,
-                 env: Optional[Mapping[str, str]] = None, rng: Optional[random.Random] = None):
+                 env: Optional[Mapping[str, str]] = None, rng: Optional[random.Random] = None,
+                 user: Optional[str] = None):
         self.command = build_agent_command(java, jar, url, name, secret_file, work_dir, websocket)
         self.jar = Path(jar)
         self.work_dir = Path(work_dir)
@@ -112,7 +115,10 @@ class AgentProcess:
         self.restart_max_s = restart_max_s
         self.stable_s = stable_s
         self.stop_timeout_s = stop_timeout_s
-        self._env = dict(os.environ, **env) if env else None
+        # agent.jar runs every build: it gets the build user and an allow-listed environment (agentd.privileges),
+        # never the daemon's (credentials, NOTIFY_SOCKET, token variables). `env` adds explicit variables.
+        self.user = user
+        self._extra_env = dict(env or {})
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -139,7 +145,7 @@ class AgentProcess:
                       secret_file=Path(settings.agent_jar_dir) / SECRET_FILE_NAME,
                       websocket=settings.websocket, restart_min_s=settings.agent_restart_min_s,
                       restart_max_s=settings.agent_restart_max_s, stable_s=settings.agent_stable_s,
-                      stop_timeout_s=settings.agent_stop_timeout_s)
+                      stop_timeout_s=settings.agent_stop_timeout_s, user=settings.agent_user)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -149,7 +155,7 @@ class AgentProcess:
         """Store the agent secret in the 0600 file. True when it changed (the caller then restarts)."""
         with self._lock:
             self._secret = secret
-        return write_secret_file(self.secret_file, secret)
+        return write_secret_file(self.secret_file, secret, 0o640 if self.user else 0o600)
 
     def start(self) -> None:
         """Start supervising (idempotent). The secret must have been set."""
@@ -230,14 +236,38 @@ class AgentProcess:
                 return None
             self._set_state("starting")
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            identity = self._identity()
             proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=self._env, start_new_session=True,
-                                    text=True, errors="replace", bufsize=1)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    text=True, errors="replace", bufsize=1, cwd=self.work_dir, **identity)
             self._proc = proc
             self._started_at = time.time()
             self._set_state("running")
         log.info("agent.jar started (pid %d): %s", proc.pid, shlex.join(self.command))
         return proc
+
+    def _identity(self) -> dict:
+        """Popen's user/group/groups/env/umask for agent.jar. Raises PermissionError (an OSError, reported as
+        the agent's last error) when the build user is missing or cannot use its files."""
+        from agentd.privileges import (BuildUser, agent_environment, agent_files_problem,
+                                       may_switch_to, own_effective_capabilities)
+
+        if self.user is None:
+            return {"env": agent_environment(os.environ, None, self._extra_env)}
+        try:
+            user = BuildUser.lookup(self.user)
+        except LookupError as e:
+            raise PermissionError(str(e)) from None
+        problem = (may_switch_to(user, os.geteuid(), own_effective_capabilities())
+                   or agent_files_problem(user, self.jar, self.secret_file, self.work_dir))
+        if problem:
+            raise PermissionError(problem)
+        # umask 0007: what builds write (their outputs, the workspace) stays readable and writable by the
+        # group of the socket (the daemon, operators), and by nobody else.
+        identity = {"env": agent_environment(os.environ, user, self._extra_env), "umask": 0o007}
+        if os.geteuid() != user.uid:
+            identity.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
+        return identity
 
     def _forward_output(self, proc: subprocess.Popen) -> None:
         secret = self._secret.reveal() if self._secret else None

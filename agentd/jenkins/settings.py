@@ -120,7 +120,9 @@ class JenkinsSettings(_Model):
         default_factory=socket.gethostname,
         description="Name of this box's node in Jenkins; default: host name.")
     remote_fs: str = Field(
-        default="/var/lib/agentd/jenkins", description="Node's remote root directory (the agent's -workDir).")
+        default="/srv/agentd/jenkins",
+        description="Node's remote root directory (the agent's -workDir): owned by agent_user, outside the "
+                    "daemon's state folder.")
     labels: list[str] = Field(
         default_factory=list, description="Extra labels, added to the ones derived from the GPUs.")
     launcher: Literal["inbound", "ssh", "none"] = Field(
@@ -132,8 +134,14 @@ class JenkinsSettings(_Model):
         description="inbound: connect agent.jar over WebSocket (-webSocket), through HTTP(S) only.")
     ssh: Optional[SshLauncherSettings] = Field(default=None, description="Required when launcher is 'ssh'.")
     agent_jar_dir: Path = Field(
-        default=Path("/var/lib/agentd/agent"),
-        description="Where agent.jar is cached and the agent secret file (0600) is kept.")
+        default=Path("/srv/agentd/agent"),
+        description="Where agent.jar is cached and the agent secret file is kept (0600, or 0640 with "
+                    "agent_user: then the folder's group must be the build user's, setgid).")
+    agent_user: Optional[str] = Field(
+        default=None,
+        description="Run agent.jar, hence every build on this node, as this user (agentd-build in the shipped "
+                    "settings); it must not be the daemon's user, or builds can read the API token. Needs "
+                    "CAP_SETUID/CAP_SETGID (the unit grants them). None: agent.jar runs as the daemon's user.")
     java: str = Field(
         default="java",
         description="Java command for agent.jar (split like a shell word list, so 'java -Xmx512m' works).")
