@@ -1,7 +1,8 @@
 """The `agentd` command line. Subcommands are a table of handlers, imported only when used,
 so `agentd --help` and `agentd status` stay fast and never import torch.
 
-Exit codes (agentd run): 0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable.
+Exit codes (agentd run): 0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable,
+5 infrastructure failure (a GPU fault; retries exhausted).
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ COMMANDS = {
     "status": ("status", "daemon, Jenkins link, GPUs, running job, queue, recent jobs"),
     "jobs": ("jobs", "list jobs"),
     "cancel": ("jobs", "cancel a job"),
+    "pause": ("jobs", "checkpoint a running job at its next step and park it (frees the GPU)"),
+    "resume": ("jobs", "queue a paused job again; it continues from its checkpoint"),
     "logs": ("jobs", "print a job's events (--follow to stream)"),
     "drain": ("jobs", "finish the running job, take no new ones (node offline in Jenkins)"),
     "undrain": ("jobs", "take jobs again"),
     "validate": ("validate", "check a training config; VRAM estimate and batch-size advice"),
     "demo": ("demo", "run the tiny demo job through an embedded daemon"),
+    "compare": ("compare", "compare two runs (config diff, loss figures, verdict; --html for the page)"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
     "install-service": ("install", "install the systemd unit and the agentd user"),
 }

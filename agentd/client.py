@@ -8,7 +8,12 @@ from agentd.protocol import DEFAULT_MAX_BYTES, LineReader, ProtocolError, encode
 
 
 class DaemonUnreachable(Exception):
-    pass
+    """No answer from agentd. `starting` is True when it may just not be up yet (no socket, connection
+    refused: a restart or a boot in progress), False when waiting cannot help (permission denied)."""
+
+    def __init__(self, message: str, starting: bool = True):
+        super().__init__(message)
+        self.starting = starting
 
 
 class Connection:
@@ -42,7 +47,7 @@ def open_request(socket_path: Path, msg: dict, timeout: float = 10.0) -> Connect
     except PermissionError:
         sock.close()
         raise DaemonUnreachable(f"permission denied on {socket_path}: join the socket's group "
-                                "(see socket_group in agentd.yaml) or run as its owner") from None
+                                "(see socket_group in agentd.yaml) or run as its owner", starting=False) from None
     except (ConnectionRefusedError, socket.timeout, OSError) as e:
         sock.close()
         raise DaemonUnreachable(f"agentd is not answering on {socket_path} ({e.__class__.__name__})") from None

@@ -1,9 +1,11 @@
 """`agentd serve`: the long-running daemon.
 
 Start order: settings -> journal -> GPU probe and slots -> scheduler (re-queues interrupted jobs
-first) -> control socket -> Jenkins link (tried once) -> READY=1. Then the main loop: it alone
-sends WATCHDOG=1 (only while the scheduler's dispatcher is alive), keeps STATUS= current, runs the
-daily retention pass, refreshes metrics and tells the Jenkins link when the node must go offline.
+first) -> control socket -> Jenkins link (tried once) -> READY=1. Then the main loop, every tick
+(0.5 s): it builds the typed status once (`agentd.status_model.Status`: `agentd status`, STATUS= and
+the metrics all read it), alone sends WATCHDOG=1 (only while the scheduler's dispatcher is alive),
+moves a warm base model whose `warm_vram_ttl_s` ran out to host memory, runs the daily retention
+pass and tells the Jenkins link when the node must go offline.
 
 Signals only set flags (SIGTERM/SIGINT: stop; SIGHUP: reload nothing yet, log). On stop: STOPPING=1,
 the control socket closes, running jobs checkpoint at their next step boundary and are journaled
@@ -26,6 +28,7 @@ from agentd.settings import Settings
 log = logging.getLogger("agentd")
 
 STATUS_GPU_TTL_S = 1.0
+STATUS_MAX_AGE_S = 0.25  # a status request between ticks rebuilds it when the last one is older than this
 
 
 class Daemon:
@@ -41,6 +44,9 @@ class Daemon:
         self.agent = None
         self.watcher = None
         self.metrics = None
+        self._status = None
+        self._status_at = 0.0
+        self._status_lock = threading.Lock()
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -57,7 +63,8 @@ class Daemon:
             self.probe = probe_from_settings(s)
         self.slots = self._make_slots()
         self.scheduler = Scheduler(
-            self.journal, self.slots, base_cache=BaseModelCache(s.model_cache_size), probe=self.probe,
+            self.journal, self.slots, base_cache=BaseModelCache(s.model_cache_size, s.warm_vram_ttl_s),
+            probe=self.probe, max_wait_s=s.max_wait_s, max_infra_retries=s.max_infra_retries,
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
             vram_margin_mib=s.vram_margin_mib, gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s,
             max_foreign_vram_mib=s.max_foreign_vram_mib)
@@ -135,47 +142,54 @@ class Daemon:
             self._gpu_cache = (time.monotonic(), facts)
         return facts
 
-    def status(self) -> dict:
+    def build_status(self):
+        """The typed status (agentd.status_model.Status), built from the scheduler, probe, link and cache."""
+        from agentd.status_model import (DaemonInfo, JenkinsInfo, ModelCacheInfo, RecentJob, SlotInfo, Status,
+                                         _build)
+
         sched = self.scheduler.snapshot()
-        gpus = {g.index: g for g in self.gpus()}
+        gpus = {g.index: g for g in self.scheduler.gpu_view(self.gpus())}
+        own = _own_mib_per_gpu(self.gpus())
         slots = []
         for sl in self.slots:
             g = gpus.get(sl.index)
-            slots.append({"name": sl.name, "index": sl.index, "job": sched["busy_slots"].get(str(sl.index)),
-                          "healthy": g.healthy if g else sl.index < 0, "gpu": g.to_dict() if g else None})
-        recent = [_recent_view(r) for r in self.journal.jobs(("succeeded", "failed", "cancelled"), limit=10,
-                                                            newest_first=True)]
-        return {
-            "daemon": {"pid": os.getpid(), "version": self.version, "uptime_s": round(time.time() - self.started, 1),
-                       "socket": str(self.settings.socket), "protocol": 1, "draining": sched["draining"],
-                       "gpu_probe": getattr(self.probe, "reason", "") if not self.probe.available else "nvml",
-                       "metrics": (f"http://{self.settings.metrics.host}:{self.metrics.port}/metrics"
-                                   if self.metrics else None)},
-            "jenkins": self.link.status() if self.link else {"state": "disabled"},
-            "agent": self.agent.status() if self.agent else None,
-            "slots": slots,
-            "running": sched["running"],
-            "queue": sched["queue"],
-            "recent": recent,
-            "counters": sched["counters"],
-            "model_cache": {"entries": len(self.scheduler.base_cache.keys()),
-                            "hits": self.scheduler.base_cache.hits, "misses": self.scheduler.base_cache.misses},
-        }
+            healthy = sl.unhealthy_reason is None and (g.healthy if g else sl.index < 0)
+            reason = sl.unhealthy_reason or (g.error if g and not g.healthy else None)
+            if sl.index >= 0 and g is None:
+                reason = reason or f"GPU {sl.index}: not found by the probe"
+            slots.append(SlotInfo(name=sl.name, index=sl.index, healthy=healthy, unhealthy_reason=reason,
+                                  job=sched["busy_slots"].get(sl.index), uuid=g.uuid if g else None,
+                                  gpu=g.to_dict() if g else None, agentd_vram_mib=own.get(sl.index)))
+        recent = [_build(RecentJob, _recent_view(r)) for r in self.journal.jobs(("succeeded", "failed", "cancelled"),
+                                                                              limit=10, newest_first=True)]
+        metrics_url = (f"http://{self.settings.metrics.host}:{self.metrics.port}/metrics" if self.metrics else None)
+        return Status(
+            daemon=DaemonInfo(pid=os.getpid(), version=self.version, uptime_s=round(time.time() - self.started, 1),
+                              socket=str(self.settings.socket), protocol=1, draining=sched["draining"],
+                              gpu_probe=getattr(self.probe, "reason", "") if not self.probe.available else "nvml",
+                              metrics=metrics_url),
+            jenkins=JenkinsInfo.from_link(self.link.status()) if self.link else JenkinsInfo(),
+            slots=slots, running=sched["running"], queue=sched["queue"], paused=sched["paused"], recent=recent,
+            counters=sched["counters"], model_cache=_build(ModelCacheInfo, self.scheduler.base_cache.info()))
+
+    def current_status(self):
+        """The status of this tick (rebuilt when older than STATUS_MAX_AGE_S, e.g. between ticks)."""
+        with self._status_lock:
+            if self._status is None or time.monotonic() - self._status_at > STATUS_MAX_AGE_S:
+                self._status = self.build_status()
+                self._status_at = time.monotonic()
+            return self._status
+
+    def status(self) -> dict:
+        """`agentd status --json` (the control socket's status op)."""
+        return self.current_status().to_dict()
 
     def jobs(self, limit: int) -> list[dict]:
-        return [_recent_view(r) | {"state": r["state"]} for r in self.journal.jobs(limit=limit, newest_first=True)]
+        return [_recent_view(r) | {"state": r["state"], "priority": r.get("priority") or 0}
+                for r in self.journal.jobs(limit=limit, newest_first=True)]
 
     def status_line(self) -> str:
-        snap = self.scheduler.snapshot()
-        gpu_count = sum(1 for s in self.slots if s.index >= 0)
-        where = f"{gpu_count} GPU" if gpu_count else "CPU only"
-        link = f" · jenkins {self.link.status().get('state')}" if self.link else ""
-        if snap["running"]:
-            r = snap["running"][0]
-            return f"training {r['id']} step {r.get('step') or 0}/{r.get('total_steps') or '?'} · {where}{link}"
-        state = "draining" if snap["draining"] else "idle"
-        queued = f" · {len(snap['queue'])} queued" if snap["queue"] else ""
-        return f"{state} · {where}{queued}{link}"
+        return self.current_status().line()
 
     # --- main loop --------------------------------------------------------------------------------
     def request_stop(self, *_):
@@ -190,6 +204,9 @@ class Daemon:
         while not self._stop.wait(0.5):
             if self.scheduler._dispatcher.is_alive():
                 notifier.watchdog_tick()
+            self.scheduler.base_cache.offload_expired()  # the polite warm cache: off the GPU after its TTL
+            with self._status_lock:
+                self._status, self._status_at = self.build_status(), time.monotonic()
             notifier.status(self.status_line())
             self._periodic()
         notifier.stopping("stopping: checkpointing running jobs")
@@ -207,27 +224,18 @@ class Daemon:
             except Exception:
                 log.exception("retention pass failed")
         if self.metrics is not None:
-            self.metrics.update(self._metrics_snapshot())
+            self.metrics.update(self.current_status())
         if self.link is not None:
             from agentd.gate import node_blocked_reason
 
-            reason = node_blocked_reason(self.gpus(), self.settings.max_foreign_vram_mib,
-                                         self.scheduler.draining, {os.getpid()})
+            # Slots marked unhealthy after an infrastructure failure count as unhealthy GPUs here.
+            gpus = self.scheduler.gpu_view(self.gpus())
+            reason = node_blocked_reason(gpus, self.settings.max_foreign_vram_mib, self.scheduler.draining,
+                                         {os.getpid()}, _own_mib_per_gpu(gpus))
             if reason:
                 self.link.request_offline(reason)
             else:
                 self.link.request_online()
-
-    def _metrics_snapshot(self) -> dict:
-        snap = self.scheduler.snapshot()
-        return {"queue": snap["queue"],
-                "running": [{"id": r["id"], "gpu": r["slot"], "step": r.get("step"),
-                             "total_steps": r.get("total_steps"), "loss": r.get("loss")} for r in snap["running"]],
-                "gpus": [{"index": g.index, "name": g.name,
-                          "memory_used_bytes": g.memory_used_mib * 2**20 if g.memory_used_mib is not None else None,
-                          "memory_total_bytes": g.memory_total_mib * 2**20 if g.memory_total_mib is not None else None}
-                         for g in self.gpus()],
-                "counters": snap["counters"]}
 
     def shutdown(self) -> None:
         log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)
@@ -254,13 +262,32 @@ def _preload_trainer() -> None:
         log.exception("preloading the trainer failed")
 
 
+def _own_mib_per_gpu(gpus: list) -> dict[int, int]:
+    """VRAM this daemon holds per GPU: NVML's figure for our pid when it lists processes, else CUDA's
+    reserved memory (what the gate must not count as someone else's)."""
+    from agentd.scheduler import own_vram_mib
+
+    cuda = own_vram_mib()
+    out = {}
+    for g in gpus:
+        mine = [p.used_mib for p in (g.processes or []) if p.pid == os.getpid() and p.used_mib is not None]
+        if mine:
+            out[g.index] = sum(mine)
+        elif g.processes is not None:
+            out[g.index] = cuda.get(g.index, 0)
+        elif g.index in cuda:
+            out[g.index] = cuda[g.index]
+    return out
+
+
 def _recent_view(r: dict) -> dict:
     env = r.get("env") or {}
     return {"id": r["id"], "name": r.get("name"), "config": r.get("config_path"), "outcome": r["state"],
             "created": r.get("created"), "started": r.get("started"), "ended": r.get("ended"),
             "step": r.get("step"), "total_steps": r.get("total_steps"), "loss": r.get("loss"),
             "error": r.get("error"), "output_dir": r.get("output_dir"), "build_url": env.get("BUILD_URL"),
-            "estimate_mib": r.get("estimate_mib"), "peak_mib": r.get("peak_mib")}
+            "estimate_mib": r.get("estimate_mib"), "peak_mib": r.get("peak_mib"),
+            "infra_retries": r.get("infra_retries") or 0}
 
 
 def _estimator(journal):

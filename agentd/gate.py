@@ -25,6 +25,10 @@ Rules (and why):
 - Unhealthy GPUs are skipped; the others keep working.
 - A healthy GPU whose NVML reports no free-memory figure (some GPUs do not) is used only when no GPU
   with a known figure fits, and the reason says the memory check was skipped.
+- ``allowed`` (a config's ``device:``, see `match_device`): only those GPUs are considered; the others
+  are listed as "not the requested device".
+- ``own_mib``: what agentd itself holds on each GPU (a warm base model, the CUDA context). It is never
+  counted as foreign, even when NVML cannot list processes.
 - No GPU at all (``gpus == []``, a CPU-only box): a single CPU slot, ``CPU_SLOT`` (-1). The gate always
   starts there unless it is busy: the VRAM estimate says nothing about host RAM, and there is nothing
   else to wait for.
@@ -32,6 +36,7 @@ Rules (and why):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import fnmatch
 from typing import Iterable, Literal, Optional
 
 from agentd.gpu import GpuFacts
@@ -76,8 +81,34 @@ def _holders(g: GpuFacts, own_pids: Iterable[int]) -> str:
     return "; held by " + ", ".join(items)
 
 
+class NoSuchDevice(ValueError):
+    """A config's ``device:`` matches no GPU here; the message lists the GPUs there are."""
+
+
+def gpu_list(gpus: list[GpuFacts]) -> str:
+    return "; ".join(f"{g.index}: {g.name or 'N/A'} ({g.uuid or 'no UUID'})" for g in gpus) or "none (CPU only)"
+
+
+def match_device(spec, gpus: list[GpuFacts]) -> set[int]:
+    """The NVML indices a config's ``device:`` names: an index (0 or "0"), a GPU UUID ("GPU-8f2c...",
+    a unique prefix is enough) or a name pattern ("*4090*", case-insensitive). Pure.
+    Raises NoSuchDevice naming the GPUs on this box when nothing matches."""
+    text = str(spec).strip()
+    if text.isdigit():
+        found = {g.index for g in gpus if g.index == int(text)}
+    elif text.upper().startswith(("GPU-", "MIG-")):
+        found = {g.index for g in gpus if g.uuid and g.uuid.lower().startswith(text.lower())}
+    else:
+        found = {g.index for g in gpus if g.name and fnmatch.fnmatch(g.name.lower(), text.lower())}
+    if not found:
+        raise NoSuchDevice(f"device {text!r} matches no GPU on this box; GPUs here: {gpu_list(gpus)}. "
+                           "Use an index, a GPU UUID or a name pattern such as \"*4090*\"")
+    return found
+
+
 def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int], margin_mib: int,
-                  max_foreign_vram_mib: Optional[int], own_pids: set[int]) -> GateDecision:
+                  max_foreign_vram_mib: Optional[int], own_pids: set[int], allowed: Optional[set[int]] = None,
+                  own_mib: Optional[dict[int, int]] = None) -> GateDecision:
     """Decide where a job that needs ``estimate_mib`` (plus ``margin_mib``) may start. Pure.
 
     See the module docstring for the rules. ``busy_indices`` holds the slots running agentd jobs
@@ -94,10 +125,15 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
         return GateDecision("start", "no GPU on this box: running on the CPU slot (the VRAM gate does "
                             "not apply)", needed, slot=CPU_SLOT, per_gpu=("CPU: free",))
 
+    lines: list[str] = []
+    if allowed is not None:
+        lines = [f"{_gpu_label(g)}: not the requested device" for g in gpus if g.index not in allowed]
+        gpus = [g for g in gpus if g.index in allowed]
     healthy = [g for g in gpus if g.healthy]
     if not healthy:
         errors = "; ".join(g.error or f"{_gpu_label(g)}: unhealthy" for g in gpus)
-        return GateDecision("unavailable", f"no healthy GPU: {errors}", needed,
+        what = "requested GPU" if allowed is not None else "GPU"
+        return GateDecision("unavailable", f"no healthy {what}: {errors}", needed,
                             per_gpu=tuple(g.error or f"{_gpu_label(g)}: unhealthy" for g in gpus))
 
     totals = [g.memory_total_mib for g in healthy if g.memory_total_mib is not None]
@@ -110,7 +146,6 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
                             f"total: {_gpu_label(big)} {big.memory_total_mib} MiB", needed,
                             largest_total_mib=largest)
 
-    lines: list[str] = []
     fits: list[GpuFacts] = []
     unknown_free: list[GpuFacts] = []
     for g in gpus:
@@ -121,7 +156,7 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
         if g.index in busy_indices:
             lines.append(f"{label}: running another agentd job")
             continue
-        foreign = g.foreign_mib(own_pids)
+        foreign = g.foreign_mib(own_pids, (own_mib or {}).get(g.index, 0))
         if max_foreign_vram_mib is not None and foreign is not None and foreign > max_foreign_vram_mib:
             lines.append(f"{label}: other processes hold {foreign} MiB, over max_foreign_vram_mib "
                          f"{max_foreign_vram_mib}{_holders(g, own_pids)}")
@@ -154,7 +189,7 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
 
 
 def node_blocked_reason(gpus: list[GpuFacts], max_foreign_vram_mib: Optional[int], draining: bool,
-                        own_pids: set[int] = frozenset()) -> Optional[str]:
+                        own_pids: set[int] = frozenset(), own_mib: Optional[dict[int, int]] = None) -> Optional[str]:
     """Why Jenkins should see this node offline now, or None when it can take jobs. Pure.
 
     Offline when the daemon is draining, when the box has GPUs but none is healthy, or when every
@@ -172,7 +207,7 @@ def node_blocked_reason(gpus: list[GpuFacts], max_foreign_vram_mib: Optional[int
         return None
     blocked = []
     for g in healthy:
-        foreign = g.foreign_mib(own_pids)
+        foreign = g.foreign_mib(own_pids, (own_mib or {}).get(g.index, 0))
         if foreign is None or foreign <= max_foreign_vram_mib:
             return None
         blocked.append(f"{_gpu_label(g)} {foreign} MiB{_holders(g, own_pids)}")

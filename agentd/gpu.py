@@ -96,14 +96,17 @@ class GpuFacts:
         """Processes on this GPU that are not ours (not in ``own_pids``)."""
         return [p for p in (self.processes or []) if p.pid not in own_pids]
 
-    def foreign_mib(self, own_pids: set[int] | frozenset[int] = frozenset()) -> Optional[int]:
+    def foreign_mib(self, own_pids: set[int] | frozenset[int] = frozenset(), own_mib: int = 0) -> Optional[int]:
         """MiB held by processes that are not ours.
 
-        When the process list is unknown, all used memory counts as foreign (the cautious reading);
-        None only when that is unknown too. A process whose own usage is unknown counts as 0.
+        When the process list is unknown, all used memory but ``own_mib`` (what agentd knows it holds
+        itself) counts as foreign (the cautious reading); None only when that is unknown too. A process
+        whose own usage is unknown counts as 0.
         """
         if self.processes is None:
-            return self.memory_used_mib
+            if self.memory_used_mib is None:
+                return None
+            return max(0, self.memory_used_mib - int(own_mib or 0))
         return sum(p.used_mib or 0 for p in self.foreign_processes(own_pids))
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 States: queued -> gated -> running -> succeeded | failed | cancelled, plus interrupted (the job was
 running when the daemon stopped or died; it is queued again, first, at the next start, and resumes
-from its last checkpoint). WAL mode with synchronous=FULL: a committed transition survives a power cut.
+from its last checkpoint) and paused (`agentd pause`: checkpointed, parked until `agentd resume`; it
+stays paused across daemon restarts). A job re-queued after an infrastructure fault goes back to
+queued (`infra_retries` counts them). WAL mode with synchronous=FULL: a committed transition survives a power cut.
 
 One connection, guarded by a lock: the daemon's threads (socket handlers, slot workers) share it.
 """
@@ -14,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-ACTIVE = ("queued", "gated", "running", "interrupted")
+ACTIVE = ("queued", "gated", "running", "interrupted", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
 
 SCHEMA = """
@@ -42,7 +44,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifacts TEXT,
     estimate_mib REAL,
     peak_mib REAL,
-    shape_key TEXT
+    shape_key TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    infra_retries INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL, state TEXT NOT NULL, time REAL NOT NULL, detail TEXT
@@ -56,6 +60,7 @@ CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 """
 
 JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts")
+NEWER_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "infra_retries": "INTEGER NOT NULL DEFAULT 0"}
 
 
 class Journal:
@@ -69,6 +74,14 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A journal written by an older agentd lacks the newer columns: add them (sqlite's ALTER TABLE)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+        for name, decl in NEWER_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -88,15 +101,16 @@ class Journal:
     # --- jobs -------------------------------------------------------------------------------------
     def create(self, *, config_path: str, config_text: str, config_hash: str, resolved: dict, output_dir: str,
                name: str, submitter: dict, env: dict, shape_key: str | None = None,
-               estimate_mib: float | None = None) -> str:
+               estimate_mib: float | None = None, priority: int = 0) -> str:
         now = time.time()
 
         def fn(db):
             cur = db.execute(
                 "INSERT INTO jobs (id, state, config_path, config_text, config_hash, resolved, output_dir, name, "
-                "submitter, env, created, shape_key, estimate_mib) VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "submitter, env, created, shape_key, estimate_mib, priority) "
+                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (config_path, config_text, config_hash, json.dumps(resolved), output_dir, name,
-                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib))
+                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority))
             job_id = f"job-{cur.lastrowid:06d}"
             db.execute("UPDATE jobs SET id = ? WHERE seq = ?", (job_id, cur.lastrowid))
             db.execute("INSERT INTO transitions VALUES (?, 'queued', ?, NULL)", (job_id, now))

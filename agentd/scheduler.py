@@ -1,4 +1,8 @@
-"""The scheduler: a FIFO queue, one job per slot, the VRAM gate, and jobs run in-process.
+"""The scheduler: a priority queue, one job per slot, the VRAM gate, and jobs run in-process.
+
+Order: `agentd.queue_order.run_order` (re-queued jobs first, then any job that waited `max_wait_s`,
+then higher `priority`, FIFO within a priority). The head of that order waits at the gate; the others
+wait behind it.
 
 Threads: one dispatcher places the head of the queue (the gate decides where and whether); each
 placed job runs in its own runner thread, calling the trainer library (`LoraTrainingJob.run`).
@@ -9,6 +13,18 @@ Interruptions: `cancel` sets the job's stop flag (it checkpoints at the next ste
 cancelled); `shutdown` sets every running job's stop flag with reason "shutdown", so they end
 *interrupted* and are queued again, first, when the daemon starts next. A daemon that died without
 a shutdown leaves jobs "running" in the journal; `Journal.recover_after_start` re-queues them.
+`pause` sets the job's pause flag: it checkpoints at the next step boundary, frees its slot and is
+parked (state paused, its followers stay attached) until `resume` queues it again.
+
+Infrastructure failures (`agentd.failures.classify_failure`: CUDA errors other than out-of-memory, a
+GPU NVML reports unhealthy) mark the slot unhealthy with the reason and re-queue the job first, from
+its last checkpoint, up to `max_infra_retries` times; then it fails with `infra` set (`agentd run`
+exits 5). An unhealthy slot takes no job until the daemon restarts (a CUDA error such as an illegal
+address can leave the process's CUDA context unusable, so only a new process trusts that GPU again).
+
+Fault injection for tests: AGENTD_INJECT_INFRA_FAULT=STEP[:ATTEMPTS] makes the first ATTEMPTS (default
+1) attempts of every job raise a CUDA-like "illegal memory access" error when they report step STEP.
+Unset (the default) it does nothing.
 """
 from __future__ import annotations
 
@@ -16,14 +32,20 @@ import logging
 import os
 import queue
 import threading
+import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agentd.gate import CPU_SLOT, gate_decision
+from agentd.failures import classify_failure
+from agentd.gate import CPU_SLOT, GateDecision, NoSuchDevice, gate_decision, gpu_list, match_device
 from agentd.journal import FINAL, Journal
-from trainer.events import event
+from agentd.queue_order import Waiting, run_order
+from agentd.status_model import Counters, PausedJob, QueuedJob, RunningJob, Submitter
+from trainer.events import Event, event
+
+INJECT_ENV = "AGENTD_INJECT_INFRA_FAULT"
 
 log = logging.getLogger("agentd.scheduler")
 
@@ -33,6 +55,7 @@ class Slot:
     index: int  # NVML index, or CPU_SLOT
     device: str  # torch device string
     label: str | None = None  # shown in status; default: the device
+    unhealthy_reason: str | None = None  # set after an infrastructure failure on it
 
     @property
     def name(self) -> str:
@@ -52,7 +75,15 @@ class LiveJob:
     id: str
     record: dict
     stop: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None  # "cancel" | "shutdown"
+    stop_reason: str | None = None  # "cancel" | "shutdown" | "pause"
+    pause: threading.Event = field(default_factory=threading.Event)
+    priority: int = 0
+    enqueued: float = field(default_factory=time.monotonic)  # when it (re)entered the queue, for max_wait_s
+    first: bool = False  # re-queued after an interruption or infrastructure fault: runs before the others
+    attempt: int = 1
+    infra_retries: list = field(default_factory=list)  # {"attempt", "slot", "error", "at"} per re-queue
+    allowed: set | None = None  # NVML indices its config's device: allows (None: any)
+    device_uuid: str | None = None
     seq: int = 0
     subscribers: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
@@ -69,25 +100,27 @@ class JobChannel:
     def __init__(self, scheduler: "Scheduler", job: LiveJob):
         self.s, self.job = scheduler, job
 
-    def emit(self, ev: dict) -> None:
+    def emit(self, ev: Event) -> None:
         job = self.job
         if ev.get("type") == "finished":
             return  # the scheduler emits the job's end itself, with the journal's outcome
         if ev.get("type") == "step":
-            job.progress = {k: ev.get(k) for k in ("step", "total", "epoch", "loss", "loss_mean", "lr", "it_s",
-                                                   "eta_s")}
+            self.s.inject_fault(job, ev["step"])
+            job.progress = {k: ev.get(k) for k in ("step", "total_steps", "epoch", "loss", "loss_mean", "lr",
+                                                   "it_s", "eta_s")}
             if not ev.get("logged"):
                 return
-            self.s.journal.update(job.id, step=ev["step"], total_steps=ev["total"], loss=ev["loss"])
+            self.s.journal.update(job.id, step=ev["step"], total_steps=ev["total_steps"], loss=ev["loss"])
         if ev.get("type") == "started":
-            job.progress.update(total=ev.get("total_steps"), step=ev.get("resumed_from") or 0)
+            job.progress.update(total_steps=ev.get("total_steps"), step=ev.get("resumed_from") or 0)
         self.s.publish(job, ev)
 
 
 class Scheduler:
     def __init__(self, journal: Journal, slots: list[Slot], *, base_cache=None, probe=None, estimator=None,
                  vram_margin_mib: int = 1024, gate_timeout_s: float = 3600, gate_poll_s: float = 2.0,
-                 max_foreign_vram_mib: int | None = None, on_change=None):
+                 max_foreign_vram_mib: int | None = None, on_change=None, max_wait_s: float = 3600,
+                 max_infra_retries: int = 2):
         self.journal = journal
         self.slots = slots
         self.base_cache = base_cache
@@ -97,6 +130,9 @@ class Scheduler:
         self.gate_timeout_s = gate_timeout_s
         self.gate_poll_s = gate_poll_s
         self.max_foreign = max_foreign_vram_mib
+        self.max_wait_s = max_wait_s
+        self.max_infra_retries = max_infra_retries
+        self.fault = _parse_fault(os.environ.get(INJECT_ENV))
         self.on_change = on_change or (lambda: None)
         self.authorize = lambda cfg, checked, submitter, source=None: None  # the daemon sets agentd.access's
         self.live: dict[str, LiveJob] = {}
@@ -106,17 +142,22 @@ class Scheduler:
         self.draining = False
         self.stopping = False
         self.cond = threading.Condition()
-        self.counters = {"jobs_finished": {"succeeded": 0, "failed": 0, "cancelled": 0}, "gate_waits": 0}
+        self.counters = {"jobs_finished": {"succeeded": 0, "failed": 0, "cancelled": 0}, "gate_waits": 0,
+                         "infra_retries": 0}
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> list[str]:
         """Load the journal's unfinished jobs (interrupted ones first) and start dispatching."""
         recovered = self.journal.recover_after_start()
-        for rec in self.journal.jobs(("interrupted", "queued")):
-            job = LiveJob(rec["id"], rec, seq=self.journal.last_event_seq(rec["id"]), estimate=self._reestimate(rec))
+        for rec in self.journal.jobs(("interrupted", "queued", "paused")):
+            job = LiveJob(rec["id"], rec, seq=self.journal.last_event_seq(rec["id"]), estimate=self._reestimate(rec),
+                          priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
+                          attempt=(rec.get("infra_retries") or 0) + 1,
+                          allowed=self._allowed_or_none((rec.get("resolved") or {}).get("device")))
             self.live[job.id] = job
-            self.order.append(job.id)
+            if rec["state"] != "paused":  # a paused job stays parked until `agentd resume`
+                self.order.append(job.id)
         self._dispatcher.start()
         return recovered
 
@@ -135,7 +176,8 @@ class Scheduler:
         with self.cond:
             for job_id in list(self.live):
                 job = self.live[job_id]
-                if job_id in self.order:  # queued stays queued; wake its followers so they re-attach later
+                if job_id in self.order or job.record["state"] == "paused":
+                    # queued stays queued, paused stays paused; wake their followers so they re-attach later
                     self._close_subscribers(job)
                 elif job.slot is not None and job_id in self.busy.values():
                     # Did not reach a step boundary in time: journal says interrupted, resumes next start.
@@ -144,8 +186,10 @@ class Scheduler:
                     self._close_subscribers(job)
 
     # --- requests ---------------------------------------------------------------------------------
-    def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict) -> tuple[str, bool]:
-        """Queue a job, or return the active job that already trains into the same output folder."""
+    def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict,
+               priority: int | None = None) -> tuple[str, bool]:
+        """Queue a job, or return the active job that already trains into the same output folder.
+        `priority` (agentd run --priority) overrides the config's."""
         from trainer.config import parse_config
         from trainer.errors import ConfigError
         from trainer.preflight import check_config
@@ -159,6 +203,10 @@ class Scheduler:
             self.authorize(cfg, checked, submitter, config_path)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise SubmitRefused("bad_request", f"priority must be an integer, not {priority!r}")
+        priority = cfg.priority if priority is None else priority
+        allowed = self._allowed(cfg.device, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         estimate = self._estimate(checked)
         with self.cond:
@@ -172,16 +220,36 @@ class Scheduler:
                                          config_hash=cfg.full_hash(), resolved=cfg.resolved(),
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
-                                         estimate_mib=estimate.total_mib if estimate else None)
-            job = LiveJob(job_id, self.journal.get(job_id), estimate=estimate)
+                                         estimate_mib=estimate.total_mib if estimate else None, priority=priority)
+            job = LiveJob(job_id, self.journal.get(job_id), estimate=estimate, priority=priority, allowed=allowed)
             self.live[job_id] = job
             self.order.append(job_id)
             # Position in line: the jobs running now count as ahead of it, so the first job is 1.
-            ahead = len(self.busy) + len(self.order) - 1
-            self.publish(job, event("queued", job_id=job_id, position=ahead + 1, ahead=ahead))
+            ahead = len(self.busy) + self._run_order().index(job_id)
+            self.publish(job, event("queued", job_id=job_id, position=ahead + 1, ahead=ahead, priority=priority))
             self.cond.notify_all()
         self.on_change()
         return job_id, False
+
+    def _allowed(self, device, source: str) -> set[int] | None:
+        """The GPUs a config's `device:` names (None: any); refused with the GPU list when none match."""
+        if device is None:
+            return None
+        gpus = self.probe.list_gpus() if self.probe else []
+        try:
+            return match_device(device, gpus)
+        except NoSuchDevice as e:
+            from trainer.errors import ConfigError, Problem
+
+            err = ConfigError([Problem("device", str(e), "set device: to one of the GPUs listed, or remove it",
+                                       device)], source)
+            raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
+
+    def _allowed_or_none(self, device) -> set[int] | None:
+        try:
+            return self._allowed(device, "")
+        except SubmitRefused:
+            return set()  # the GPU it asked for is gone: it waits as unavailable and fails with the reason
 
     def cancel(self, job_id: str) -> str:
         with self.cond:
@@ -195,9 +263,54 @@ class Scheduler:
                 self.order.remove(job_id)
                 self._finish(job, "cancelled", "cancelled while queued")
                 return "cancelled"
+            if job.record["state"] == "paused":
+                self._finish(job, "cancelled", "cancelled while paused")
+                return "cancelled"
             job.stop_reason = "cancel"
+            job.pause.clear()  # a cancel wins over a pending pause
             job.stop.set()
             return "cancelling"
+
+    def pause(self, job_id: str) -> str:
+        """Ask a running job to checkpoint at its next step and park (state paused, slot freed)."""
+        with self.cond:
+            job = self.live.get(job_id)
+            state = job.record["state"] if job else (self.journal.get(job_id) or {}).get("state")
+            if state is None:
+                raise SubmitRefused("not_found", f"no job {job_id}")
+            if job is None or job_id not in self.busy.values():
+                raise SubmitRefused("bad_state", f"{job_id} is {state}: only a running job can be paused "
+                                    "(`agentd cancel` removes a queued one)")
+            if job.stop.is_set() or job.pause.is_set():
+                return "pausing" if job.pause.is_set() else "stopping"
+            job.stop_reason = "pause"
+            job.pause.set()
+            log.info("%s: pause requested; it checkpoints at its next step", job_id)
+        self.on_change()
+        return "pausing"
+
+    def resume(self, job_id: str) -> str:
+        """Queue a paused job again; it continues from its checkpoint."""
+        with self.cond:
+            job = self.live.get(job_id)
+            state = job.record["state"] if job else (self.journal.get(job_id) or {}).get("state")
+            if state is None:
+                raise SubmitRefused("not_found", f"no job {job_id}")
+            if job is None or state != "paused":
+                raise SubmitRefused("bad_state", f"{job_id} is {state}: only a paused job can be resumed")
+            job.pause.clear()
+            job.stop.clear()
+            job.stop_reason = None
+            job.enqueued = time.monotonic()
+            job.gated_since = None
+            self.journal.transition(job_id, "queued", "resumed after a pause")
+            job.record["state"] = "queued"
+            self.order.append(job_id)
+            position = len(self.busy) + self._run_order().index(job_id) + 1
+            self.publish(job, event("state", state="queued", detail=f"resumed; position {position} in the queue"))
+            self.cond.notify_all()
+        self.on_change()
+        return "queued"
 
     def subscribe(self, job_id: str, after_seq: int = 0) -> tuple[list[dict], queue.Queue | None]:
         """Events after `after_seq` so far, and a queue of the live ones (None when the job has ended)."""
@@ -226,20 +339,26 @@ class Scheduler:
         self.on_change()
 
     # --- events -----------------------------------------------------------------------------------
-    def publish(self, job: LiveJob, ev: dict) -> None:
+    def publish(self, job: LiveJob, ev: Event) -> None:
         """Journal the event, send it to the job's followers, and log it as one line (journald's copy).
         Step events arrive here only every `log_every` steps, so the log never floods."""
-        from trainer.events import format_event
-
         with job.lock:
             job.seq += 1
-            ev = {**ev, "seq": job.seq, "job_id": job.id}
-            line = format_event(ev)
+            ev = ev.with_fields(seq=job.seq, job_id=job.id)
+            line = ev.line()
             if line:
-                log.log(logging.WARNING if ev["type"] == "warning" else logging.INFO, "%s: %s", job.id, line)
-            self.journal.add_event(job.id, job.seq, ev)
+                log.log(logging.WARNING if ev.kind in ("warning", "infra_retry") else logging.INFO, "%s: %s",
+                        job.id, line)
+            data = ev.to_dict()
+            self.journal.add_event(job.id, job.seq, data)
             for q in job.subscribers:
-                q.put(ev)
+                q.put(data)
+
+    def inject_fault(self, job: LiveJob, step: int) -> None:
+        """The test-only fault injection point (see the module doc); does nothing unless configured."""
+        if self.fault is not None and step == self.fault[0] and job.attempt <= self.fault[1]:
+            raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected by {INJECT_ENV} "
+                               f"at step {step}, attempt {job.attempt})")
 
     def _close_subscribers(self, job: LiveJob) -> None:
         with job.lock:
@@ -258,30 +377,37 @@ class Scheduler:
                 except Exception as e:  # one bad job must not stop the queue: fail it, go on with the next
                     log.exception("dispatching failed")
                     if self.order:
-                        self._finish(self.live[self.order.pop(0)], "failed", f"internal error while scheduling: {e}")
+                        head = self._run_order()[0]
+                        self.order.remove(head)
+                        self._finish(self.live[head], "failed", f"internal error while scheduling: {e}")
                 self.cond.wait(timeout=self.gate_poll_s)
 
+    def _run_order(self) -> list[str]:
+        now = time.monotonic()
+        return run_order([Waiting(j, self.live[j].priority, now - self.live[j].enqueued, self.live[j].first)
+                          for j in self.order], self.max_wait_s)
+
     def _place_head(self) -> None:
-        """Start the head of the queue if the gate lets it (strict FIFO: the head waits, others wait too)."""
+        """Start the head of the queue if the gate lets it (the head waits, the others wait behind it)."""
         while self.order and not self.stopping and not self.draining:
-            job = self.live[self.order[0]]
+            job = self.live[self._run_order()[0]]
             decision = self._decide(job)
             if decision is None:
                 return
             if decision.outcome == "start":
-                self.order.pop(0)
+                self.order.remove(job.id)
                 slot = next(s for s in self.slots if s.index == decision.slot)
                 self._launch(job, slot, decision.reason if decision.slot != CPU_SLOT else None)
                 continue
             if decision.outcome in ("never_fits", "unavailable"):
-                self.order.pop(0)
-                self._finish(job, "failed", self._advice(job, decision))
+                self.order.remove(job.id)
+                # No healthy GPU (left) is the machine's fault, not the job's: agentd run exits 5.
+                self._finish(job, "failed", self._advice(job, decision), infra=decision.outcome == "unavailable")
                 continue
-            if not self.busy and self.base_cache is not None and self.base_cache.keys():
-                # Our own warm base model may be what holds the memory: drop it and decide again.
-                log.info("evicting the warm model cache to make room for %s", job.id)
-                self.base_cache.clear()
-                _free_cuda()
+            if not self.busy and self.base_cache is not None and self.base_cache.info()["on_device"]:
+                # Our own warm base model may be what holds the memory: move it to host memory, decide again.
+                log.info("moving the warm model cache to host memory to make room for %s", job.id)
+                self.base_cache.offload_expired(force=True)
                 continue
             self._note_wait(job, decision)
             return
@@ -291,6 +417,9 @@ class Scheduler:
         free_slots = [s for s in self.slots if s.index not in self.busy]
         if not free_slots:
             return None
+        if all(s.index == CPU_SLOT for s in self.slots) and all(s.unhealthy_reason for s in self.slots):
+            reason = "; ".join(f"{s.name}: {s.unhealthy_reason}" for s in self.slots)
+            return GateDecision("unavailable", f"no healthy slot: {reason}", 0)
         gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
         if not gpus and any(s.index != CPU_SLOT for s in self.slots):
             # A GPU slot whose GPU vanished from the probe: report it unhealthy through the gate.
@@ -300,8 +429,21 @@ class Scheduler:
                              memory_free_mib=None, utilization_pct=None, temperature_c=None, cuda_version=None,
                              processes=None, healthy=False, error=f"GPU {s.index}: not found by the probe")
                     for s in self.slots if s.index != CPU_SLOT]
+        gpus = self.gpu_view(gpus)
+        job.device_uuid = None
         estimate = job.record.get("estimate_mib") or 0
-        return gate_decision(int(estimate), gpus, set(self.busy), self.margin, self.max_foreign, {os.getpid()})
+        decision = gate_decision(int(estimate), gpus, set(self.busy), self.margin, self.max_foreign, {os.getpid()},
+                                 allowed=job.allowed, own_mib=own_vram_mib())
+        if decision.outcome == "start":
+            job.device_uuid = next((g.uuid for g in gpus if g.index == decision.slot), None)
+        return decision
+
+    def gpu_view(self, gpus: list) -> list:
+        """The probe's GPUs with what the scheduler knows on top: a slot marked unhealthy after an
+        infrastructure failure is unhealthy with that reason, even if NVML still answers for it."""
+        reasons = {s.index: s.unhealthy_reason for s in self.slots if s.unhealthy_reason}
+        return [replace(g, healthy=False, error=f"{g.error + '; ' if g.error else ''}GPU {g.index}: {reasons[g.index]}")
+                if g.index in reasons else g for g in gpus]
 
     def _reestimate(self, rec: dict):
         if self.estimator is None:
@@ -365,6 +507,7 @@ class Scheduler:
         detail = f"on {slot.name}" + (f" ({gate_note})" if gate_note else "")
         self.journal.transition(job.id, "running", detail, slot=slot.name, requeue_first=0)
         job.record["state"] = "running"
+        job.first = False
         self.publish(job, event("state", state="running", detail=detail))
         t = threading.Thread(target=self._run, args=(job, slot), name=f"job-{job.id}", daemon=True)
         self.runners[job.id] = t
@@ -381,7 +524,8 @@ class Scheduler:
         rec = job.record
         outcome, error, extra = "failed", None, {}
         try:
-            was_interrupted = any(t["state"] == "interrupted" for t in self.journal.transitions(job.id))
+            history = [t["state"] for t in self.journal.transitions(job.id)]
+            was_interrupted = "interrupted" in history or "paused" in history or bool(job.infra_retries)
             # An interrupted job continues from its own checkpoints even when its config said `resume: never`
             # (that asked for a fresh start of the job, not of every restart of it).
             cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
@@ -390,10 +534,12 @@ class Scheduler:
             checked = check_config(cfg, source=rec["config_path"])
             trainer_job = LoraTrainingJob(
                 checked, JobChannel(self, job), job.stop, base_cache=self.base_cache, env=rec.get("env") or {},
-                device=slot.device,
-                resume_reason="daemon restarted after an interruption" if was_interrupted else "resume: auto")
+                device=slot.device, pause=job.pause, infra_retries=job.infra_retries,
+                resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto")
             result = trainer_job.run()
-            if result.outcome == "cancelled":
+            if result.outcome == "paused":
+                outcome, error = "paused", f"paused at step {result.steps}"
+            elif result.outcome == "cancelled":
                 outcome = "interrupted" if job.stop_reason == "shutdown" else "cancelled"
                 error = f"stopped at step {result.steps}"
             else:
@@ -404,6 +550,11 @@ class Scheduler:
             error = e.render()
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
+            if classify_failure(error, self._gpu_healthy(slot)) == "infra":
+                log.error("job %s: infrastructure failure on %s: %s\n%s", job.id, slot.name, error,
+                          traceback.format_exc())
+                self._infra_failure(job, slot, error)
+                return
             if _is_oom(e):
                 error = self._oom_message(job, e)
                 if self.base_cache is not None:
@@ -419,19 +570,69 @@ class Scheduler:
                 self.publish(job, event("state", state="interrupted",
                                         detail="daemon stopping; the job resumes when it starts again"))
                 self._close_subscribers(job)
+            elif outcome == "paused":
+                self.journal.transition(job.id, "paused", error, **_progress_fields(job))
+                job.record["state"] = "paused"
+                job.record["paused_at"] = time.time()
+                job.slot = None
+                self.publish(job, event("state", state="paused", detail=f"{error}, checkpoint saved; "
+                                        f"`agentd resume {job.id}` continues it"))
             else:
                 self._finish(job, outcome, error, **extra)
             self.cond.notify_all()
         self.on_change()
 
-    def _finish(self, job: LiveJob, outcome: str, error: str | None, **fields) -> None:
+    def _gpu_healthy(self, slot: Slot) -> bool | None:
+        """After a failure: does NVML still see the slot's GPU as healthy? (None: no GPU / not known)"""
+        if slot.index == CPU_SLOT or self.probe is None:
+            return None
+        try:
+            gpus = {g.index: g for g in self.probe.list_gpus()}
+        except Exception:
+            return None
+        g = gpus.get(slot.index)
+        return False if g is None else g.healthy
+
+    def _infra_failure(self, job: LiveJob, slot: Slot, error: str) -> None:
+        """The machine failed, not the job: mark the slot unhealthy and re-queue the job first (from its
+        last checkpoint) while retries are left; otherwise fail it as an infrastructure failure."""
+        if self.base_cache is not None:
+            self.base_cache.clear()  # the base lived on the failed device
+        with self.cond:
+            self.busy.pop(slot.index, None)
+            self.runners.pop(job.id, None)
+            slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
+            if job.stop.is_set():  # a cancel or shutdown came meanwhile: honour it
+                self._finish(job, "cancelled" if job.stop_reason == "cancel" else "failed", error)
+            elif job.attempt > self.max_infra_retries:
+                self._finish(job, "failed", f"infrastructure failure on {slot.name}; {self.max_infra_retries} "
+                             f"infrastructure retries exhausted: {error}", infra=True)
+            else:
+                self.counters["infra_retries"] += 1
+                job.infra_retries.append({"attempt": job.attempt, "slot": slot.name, "error": error,
+                                          "at": time.time()})
+                from_step = _last_checkpoint_step(job.record.get("output_dir"))
+                job.attempt += 1
+                job.first, job.slot, job.gated_since = True, None, None
+                job.enqueued = time.monotonic()
+                self.journal.transition(job.id, "queued", f"infrastructure retry {job.attempt - 1}/"
+                                        f"{self.max_infra_retries} after: {error}", requeue_first=1,
+                                        infra_retries=len(job.infra_retries), **_progress_fields(job))
+                job.record["state"] = "queued"
+                self.order.append(job.id)
+                self.publish(job, event("infra_retry", attempt=job.attempt - 1, max_retries=self.max_infra_retries,
+                                        slot=slot.name, error=error, from_step=from_step))
+            self.cond.notify_all()
+        self.on_change()
+
+    def _finish(self, job: LiveJob, outcome: str, error: str | None, infra: bool = False, **fields) -> None:
         fields = {**_progress_fields(job), **{k: v for k, v in fields.items() if v is not None}}
         self.journal.transition(job.id, outcome, error, error=error, **fields)
         job.record = self.journal.get(job.id)
         self.counters["jobs_finished"][outcome] = self.counters["jobs_finished"].get(outcome, 0) + 1
         ev = event("finished", outcome=outcome, error=error, output_dir=job.record["output_dir"],
                    final_loss=job.record.get("loss"), step=job.record.get("step"),
-                   artifacts=job.record.get("artifacts") or [])
+                   artifacts=job.record.get("artifacts") or [], infra=infra)
         self.publish(job, ev)
         self._close_subscribers(job)
         self.live.pop(job.id, None)
@@ -454,21 +655,37 @@ class Scheduler:
 
     # --- status -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
+        """Running, queued (in run order) and paused jobs as `agentd.status_model` objects, and counters."""
+        now = time.monotonic()
         with self.cond:
-            running, queued = [], []
+            running, queued, paused = [], [], []
             for job_id in self.busy.values():
                 job = self.live[job_id]
-                running.append(_job_view(job.record) | {
-                    "slot": job.slot.name if job.slot else None, **{k: job.progress.get(k) for k in (
-                        "step", "loss", "loss_mean", "lr", "it_s", "eta_s", "epoch")},
-                    "total_steps": job.progress.get("total"), "stopping": job.stop.is_set()})
-            for pos, job_id in enumerate(self.order, start=1):
+                p, rec = job.progress, job.record
+                running.append(RunningJob(
+                    **_job_view(rec), slot=job.slot.name if job.slot else None, device_uuid=job.device_uuid,
+                    step=p.get("step"), total_steps=p.get("total_steps"), loss=p.get("loss"),
+                    loss_mean=p.get("loss_mean"), lr=p.get("lr"), it_s=p.get("it_s"), eta_s=p.get("eta_s"),
+                    epoch=p.get("epoch"), priority=job.priority, attempt=job.attempt, started=rec.get("started"),
+                    stopping=job.stop_reason if (job.stop.is_set() or job.pause.is_set()) else None))
+            for pos, job_id in enumerate(self._run_order(), start=1):
                 job = self.live[job_id]
-                queued.append(_job_view(job.record) | {"position": pos, "state": job.record["state"]})
-            return {"running": running, "queue": queued, "draining": self.draining,
-                    "busy_slots": {str(k): v for k, v in self.busy.items()},
-                    "counters": {"jobs_finished": dict(self.counters["jobs_finished"]),
-                                 "gate_waits": self.counters["gate_waits"]}}
+                queued.append(QueuedJob(**_job_view(job.record), position=len(self.busy) + pos,
+                                        state=job.record["state"], priority=job.priority,
+                                        waited_s=round(now - job.enqueued, 1),
+                                        device=_str_or_none((job.record.get("resolved") or {}).get("device")),
+                                        submitted=job.record.get("created")))
+            for job in self.live.values():
+                if job.record["state"] == "paused":
+                    paused.append(PausedJob(id=job.id, name=job.record.get("name"),
+                                            config=job.record.get("config_path"), step=job.progress.get("step"),
+                                            total_steps=job.progress.get("total_steps"), priority=job.priority,
+                                            paused_at=job.record.get("paused_at")))
+            return {"running": running, "queue": queued, "paused": paused, "draining": self.draining,
+                    "busy_slots": {k: v for k, v in self.busy.items()},
+                    "counters": Counters(jobs_finished=dict(self.counters["jobs_finished"]),
+                                         gate_waits=self.counters["gate_waits"],
+                                         infra_retries=self.counters["infra_retries"])}
 
     def idle(self) -> bool:
         with self.cond:
@@ -476,12 +693,66 @@ class Scheduler:
 
 
 def _job_view(rec: dict) -> dict:
+    """The fields running and queued jobs share (`agentd.status_model`)."""
     env = rec.get("env") or {}
     sub = rec.get("submitter") or {}
     return {"id": rec["id"], "name": rec.get("name"), "config": rec.get("config_path"),
-            "output_dir": rec.get("output_dir"), "submitted": rec.get("created"), "started": rec.get("started"),
-            "submitter": {"uid": sub.get("uid"), "pid": sub.get("pid"), "user": sub.get("user")},
+            "output_dir": rec.get("output_dir"),
+            "submitter": Submitter(uid=sub.get("uid"), pid=sub.get("pid"), user=sub.get("user")),
             "build_url": env.get("BUILD_URL"), "estimate_mib": rec.get("estimate_mib")}
+
+
+def _str_or_none(v) -> str | None:
+    return None if v is None else str(v)
+
+
+def _resume_reason(history: list[str], job: LiveJob) -> str:
+    if job.infra_retries:
+        last = job.infra_retries[-1]
+        return (f"infrastructure retry {len(job.infra_retries)} after a failure on {last['slot']}: "
+                f"{last['error'].splitlines()[0][:200]}")
+    # history ends with this run's "running"; before it: paused -> queued when `agentd resume` queued it.
+    if history[-3:-1] == ["paused", "queued"]:
+        return "resumed after a pause (agentd resume)"
+    return "daemon restarted after an interruption"
+
+
+def _last_checkpoint_step(output_dir: str | None) -> int | None:
+    """The newest checkpoint's step in a job's output folder (what a retry resumes from), if any."""
+    if not output_dir:
+        return None
+    steps = []
+    for p in (Path(output_dir) / "checkpoints").glob("step-*"):
+        try:
+            steps.append(int(p.name.split("-", 1)[1]))
+        except ValueError:
+            continue
+    return max(steps) if steps else None
+
+
+def _parse_fault(value: str | None) -> tuple[int, int] | None:
+    """AGENTD_INJECT_INFRA_FAULT=STEP[:ATTEMPTS] -> (STEP, ATTEMPTS); None when unset or malformed."""
+    if not value:
+        return None
+    try:
+        step, _, attempts = value.partition(":")
+        return int(step), int(attempts or 1)
+    except ValueError:
+        log.error("ignoring %s=%r: expected STEP or STEP:ATTEMPTS (integers)", INJECT_ENV, value)
+        return None
+
+
+def own_vram_mib() -> dict[int, int]:
+    """MiB this process holds on each GPU (CUDA's reserved memory), without importing torch for it."""
+    torch = sys.modules.get("torch")
+    out: dict[int, int] = {}
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                out[i] = int(torch.cuda.memory_reserved(i) // 2**20)
+    except Exception:
+        pass
+    return out
 
 
 def _progress_fields(job: LiveJob) -> dict:
@@ -489,8 +760,8 @@ def _progress_fields(job: LiveJob) -> dict:
     out = {}
     if p.get("step") is not None:
         out["step"] = p["step"]
-    if p.get("total") is not None:
-        out["total_steps"] = p["total"]
+    if p.get("total_steps") is not None:
+        out["total_steps"] = p["total_steps"]
     if p.get("loss") is not None:
         out["loss"] = p["loss"]
     return out

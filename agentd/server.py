@@ -228,7 +228,8 @@ class ControlServer:
             raise ProtocolError("bad_request", "submit needs config_path and config_text (strings)")
         env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
         job_id, attached = self.daemon.scheduler.submit(config_path=path, config_text=text, env=env,
-                                                        submitter=peer_credentials(conn))
+                                                        submitter=peer_credentials(conn),
+                                                        priority=msg.get("priority"))
         self._send(conn, {"ok": True, "job_id": job_id, "attached": attached})
         if not msg.get("detach"):
             self._stream(conn, job_id, 0)
@@ -251,6 +252,18 @@ class ControlServer:
     def op_cancel(self, conn, msg) -> None:
         job_id = str(msg.get("job_id", ""))
         state = self.daemon.scheduler.cancel(job_id)
+        self._send(conn, {"ok": True, "job_id": job_id, "state": state})
+
+    def op_pause(self, conn, msg) -> None:
+        job_id = str(msg.get("job_id", ""))
+        state = self.daemon.scheduler.pause(job_id)
+        log.info("pause of %s requested by %s", job_id, peer_credentials(conn).get("user"))
+        self._send(conn, {"ok": True, "job_id": job_id, "state": state})
+
+    def op_resume(self, conn, msg) -> None:
+        job_id = str(msg.get("job_id", ""))
+        state = self.daemon.scheduler.resume(job_id)
+        log.info("resume of %s requested by %s", job_id, peer_credentials(conn).get("user"))
         self._send(conn, {"ok": True, "job_id": job_id, "state": state})
 
     def op_status(self, conn, msg) -> None:

@@ -61,6 +61,14 @@ class Settings(BaseModel):
     """How often a waiting job re-checks GPU memory (and tells its client why it waits)."""
     max_foreign_vram_mib: Optional[int] = Field(None, ge=0)
     """Block a GPU while processes not run by agentd hold more than this (the seed's nvidia-smi check)."""
+    warm_vram_ttl_s: float = Field(30, ge=0)
+    """How long a finished job's base model stays on the GPU for the next job (a queue on the same base
+    skips the move); then it moves to host memory and agentd holds ~0 VRAM while idle. 0: move at once."""
+    max_wait_s: float = Field(3600, gt=0)
+    """Priorities: a queued job that has waited this long goes next, whatever the priorities behind it."""
+    max_infra_retries: int = Field(2, ge=0)
+    """A job hit by an infrastructure failure (a CUDA error that is not out-of-memory, a lost GPU) is
+    re-queued from its last checkpoint on a healthy slot up to this many times; then `agentd run` exits 5."""
     retention_days: int = Field(30, gt=0)
     """`agentd gc` and the daily pass: journal entries and daemon caches older than this are removed."""
     gc_user_outputs: bool = False

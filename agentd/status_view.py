@@ -1,10 +1,13 @@
 """Rendering `agentd status`: plain text (pipes, logs) and a rich layout (TTY).
 
-Only formats the snapshot the daemon sent; a missing metric shows N/A, never a crash.
+Only formats the typed status the daemon built (`agentd.status_model.Status`, rebuilt on the client
+side with `Status.from_dict`); a missing metric shows N/A, never a crash.
 """
 from __future__ import annotations
 
 import time
+
+from agentd.status_model import JenkinsInfo, RunningJob, SlotInfo, Status
 
 NA = "N/A"
 
@@ -26,105 +29,160 @@ def _ago(ts) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def gpu_line(slot: dict) -> str:
-    g = slot.get("gpu")
-    holder = f"job {slot['job']}" if slot.get("job") else "free"
+def _status(s) -> Status:
+    return s if isinstance(s, Status) else Status.from_dict(s)
+
+
+def jenkins_line(j: JenkinsInfo) -> str:
+    line = f"jenkins: {j.state}"
+    if j.url:
+        line += f" {j.url} node {j.node_name or NA}"
+    if j.offline_reason:
+        line += f" (offline: {j.offline_reason})"
+    if j.last_error:
+        line += f" (last error: {j.last_error})"
+    return line
+
+
+def agent_line(j: JenkinsInfo) -> str | None:
+    a = j.agent
+    if a is None:
+        return None
+    extra = f" last error: {a.last_error}" if a.last_error else ""
+    return f"agent.jar: {a.state} pid {_num(a.pid)} restarts {_num(a.restarts)}{extra}"
+
+
+def gpu_line(slot: SlotInfo) -> str:
+    g = slot.gpu
+    holder = f"job {slot.job}" if slot.job else "free"
+    if not slot.healthy:
+        name = (g or {}).get("name") or ("CPU" if slot.index < 0 else NA)
+        return f"{slot.name:<8} {name:<28} UNHEALTHY: {slot.unhealthy_reason or (g or {}).get('error') or NA}"
     if g is None:
-        return f"{slot['name']:<8} {'CPU' if slot['index'] < 0 else NA:<28} {holder}"
-    if not g.get("healthy", True):
-        return f"{slot['name']:<8} {g.get('name') or NA:<28} UNHEALTHY: {g.get('error') or NA}"
+        return f"{slot.name:<8} {'CPU' if slot.index < 0 else NA:<28} {holder}"
     mem = f"{_num(g.get('memory_used_mib'))}/{_num(g.get('memory_total_mib'))} MiB"
     util = _num(g.get("utilization_pct"), "{}%")
     temp = _num(g.get("temperature_c"), "{}C")
     holders = [f"{p.get('name') or '?'} (pid {p.get('pid')}, {_num(p.get('used_mib'))} MiB)"
                for p in (g.get("processes") or [])]
     others = f"; processes: {', '.join(holders)}" if holders else ""
-    return f"{slot['name']:<8} {g.get('name') or NA:<28} {mem:<20} util {util:<5} {temp:<5} {holder}{others}"
+    own = f" agentd {_num(slot.agentd_vram_mib)} MiB"
+    return (f"{slot.name:<8} {g.get('name') or NA:<28} {mem:<20} util {util:<5} {temp:<5}{own} {holder}{others}"
+            f"\n           {slot.uuid or 'UUID ' + NA}")
 
 
-def running_line(r: dict) -> str:
-    loss = _num(r.get("loss"), "{:.4f}")
-    speed = _num(r.get("it_s"), "{:.2f} it/s")
-    who = r.get("build_url") or (r.get("submitter") or {}).get("user") or NA
-    stop = " (stopping)" if r.get("stopping") else ""
-    return (f"{r['id']} {r.get('name') or ''} on {r.get('slot')}: step {_num(r.get('step'), na='0')}/"
-            f"{_num(r.get('total_steps'), na='?')} loss {loss} {speed} ETA {_dur(r.get('eta_s'))}{stop}"
-            f"\n    config {r.get('config')}\n    by {who}")
+def running_line(r: RunningJob) -> str:
+    loss = _num(r.loss, "{:.4f}")
+    speed = _num(r.it_s, "{:.2f} it/s")
+    who = r.build_url or r.submitter.user or NA
+    stop = f" ({r.stopping}...)" if r.stopping else ""
+    prio = f" priority {r.priority}" if r.priority else ""
+    attempt = f" attempt {r.attempt}" if r.attempt > 1 else ""
+    device = f" ({r.device_uuid})" if r.device_uuid else ""
+    return (f"{r.id} {r.name or ''} on {r.slot}{device}: step {_num(r.step, na='0')}/"
+            f"{_num(r.total_steps, na='?')} loss {loss} {speed} ETA {_dur(r.eta_s)}{prio}{attempt}{stop}"
+            f"\n    config {r.config}\n    by {who}")
 
 
-def render_plain(s: dict) -> str:
-    d = s["daemon"]
-    lines = [f"agentd {d['version']}  pid {d['pid']}  up {_dur(d['uptime_s'])}  socket {d['socket']}"
-             + ("  DRAINING" if d.get("draining") else "")]
-    j = s.get("jenkins") or {}
-    jline = f"jenkins: {j.get('state', NA)}"
-    if j.get("url"):
-        jline += f" {j['url']} node {j.get('node_name', NA)}"
-    if j.get("last_error"):
-        jline += f" (last error: {j['last_error']})"
-    lines.append(jline)
-    if s.get("agent"):
-        a = s["agent"]
-        lines.append(f"agent.jar: {a.get('state', NA)} pid {_num(a.get('pid'))} restarts {_num(a.get('restarts'))}")
+def cache_line(s: Status) -> str:
+    c = s.model_cache
+    where = (f"{c.on_device} on a GPU ({c.device_mib:.0f} MiB, to host memory in {_num(c.device_expires_in_s)} s)"
+             if c.on_device else "none on a GPU")
+    return (f"warm models: {c.entries} ({where}; host memory {c.host_mib:.0f} MiB; warm_vram_ttl_s "
+            f"{c.warm_vram_ttl_s:g})  hits {c.hits} misses {c.misses}")
+
+
+def render_plain(snapshot) -> str:
+    s = _status(snapshot)
+    d = s.daemon
+    lines = [f"agentd {d.version}  pid {d.pid}  up {_dur(d.uptime_s)}  socket {d.socket}"
+             + ("  DRAINING" if d.draining else "")]
+    lines.append(jenkins_line(s.jenkins))
+    agent = agent_line(s.jenkins)
+    if agent:
+        lines.append(agent)
     lines.append("slots:")
-    lines += ["  " + gpu_line(sl) for sl in s["slots"]]
-    lines.append("running:" if s["running"] else "running: none")
-    lines += ["  " + running_line(r).replace("\n", "\n  ") for r in s["running"]]
-    lines.append(f"queue: {len(s['queue'])}")
-    lines += [f"  {q['position']}. {q['id']} {q.get('state')} {q.get('config')}" for q in s["queue"]]
-    lines.append("recent:" if s["recent"] else "recent: none")
-    for r in s["recent"]:
-        est = f" est {_num(r.get('estimate_mib'), '{:.0f}')} / peak {_num(r.get('peak_mib'), '{:.0f}')} MiB"
-        err = f" - {r['error'].splitlines()[0][:100]}" if r.get("error") and r["outcome"] != "succeeded" else ""
-        lines.append(f"  {r['id']} {r['outcome']:<9} {_ago(r.get('ended'))} loss {_num(r.get('loss'), '{:.4f}')}"
-                     f"{est} {r.get('name') or ''}{err}")
+    lines += ["  " + gpu_line(sl) for sl in s.slots]
+    lines.append(cache_line(s))
+    lines.append("running:" if s.running else "running: none")
+    lines += ["  " + running_line(r).replace("\n", "\n  ") for r in s.running]
+    lines.append(f"queue: {len(s.queue)}")
+    for q in s.queue:
+        prio = f" priority {q.priority}" if q.priority else ""
+        lines.append(f"  {q.position}. {q.id} {q.state}{prio} waited {_dur(q.waited_s)} {q.config}")
+    if s.paused:
+        lines.append(f"paused: {len(s.paused)}")
+        lines += [f"  {p.id} at step {_num(p.step)}/{_num(p.total_steps)} {p.config} (agentd resume {p.id})"
+                  for p in s.paused]
+    lines.append("recent:" if s.recent else "recent: none")
+    for r in s.recent:
+        est = f" est {_num(r.estimate_mib, '{:.0f}')} / peak {_num(r.peak_mib, '{:.0f}')} MiB"
+        retries = f" infra retries {r.infra_retries}" if r.infra_retries else ""
+        err = f" - {r.error.splitlines()[0][:100]}" if r.error and r.outcome != "succeeded" else ""
+        lines.append(f"  {r.id} {r.outcome:<9} {_ago(r.ended)} loss {_num(r.loss, '{:.4f}')}"
+                     f"{est}{retries} {r.name or ''}{err}")
     return "\n".join(lines)
 
 
-def rich_renderable(s: dict):
+def rich_renderable(snapshot):
     from rich.console import Group
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
-    d = s["daemon"]
-    j = s.get("jenkins") or {}
-    head = (f"[bold]agentd {d['version']}[/] pid {d['pid']} up {_dur(d['uptime_s'])} · {d['socket']}"
-            + (" · [yellow]DRAINING[/]" if d.get("draining") else "")
-            + f"\njenkins: {j.get('state', NA)}" + (f" · {j.get('url')}" if j.get("url") else "")
-            + (f" · [red]{j['last_error']}[/]" if j.get("last_error") else ""))
+    s = _status(snapshot)
+    d, j = s.daemon, s.jenkins
+    head = (f"[bold]agentd {d.version}[/] pid {d.pid} up {_dur(d.uptime_s)} · {escape(d.socket)}"
+            + (" · [yellow]DRAINING[/]" if d.draining else "")
+            + "\n" + escape(jenkins_line(j))
+            + (f"\n{escape(agent_line(j))}" if j.agent else "")
+            + f"\n{escape(cache_line(s))}")
     slots = Table(title="slots", expand=True)
-    for col in ("slot", "device", "memory", "util", "temp", "job"):
+    for col in ("slot", "device", "memory", "agentd", "util", "temp", "job"):
         slots.add_column(col)
-    for sl in s["slots"]:
-        g = sl.get("gpu") or {}
-        slots.add_row(sl["name"], g.get("name") or ("CPU" if sl["index"] < 0 else NA),
+    for sl in s.slots:
+        g = sl.gpu or {}
+        device = (g.get("name") or ("CPU" if sl.index < 0 else NA)) + (f"\n{sl.uuid}" if sl.uuid else "")
+        holder = sl.job or "free"
+        if not sl.healthy:
+            holder = f"[red]unhealthy[/]: {escape(sl.unhealthy_reason or NA)}"
+        slots.add_row(sl.name, device,
                       f"{_num(g.get('memory_used_mib'))}/{_num(g.get('memory_total_mib'))} MiB" if g else NA,
-                      _num(g.get("utilization_pct"), "{}%"), _num(g.get("temperature_c"), "{}C"),
-                      sl.get("job") or ("[red]unhealthy[/]" if not sl.get("healthy", True) else "free"))
+                      f"{_num(sl.agentd_vram_mib)} MiB", _num(g.get("utilization_pct"), "{}%"),
+                      _num(g.get("temperature_c"), "{}C"), holder)
     running = Table(title="running", expand=True)
-    for col in ("job", "step", "loss", "speed", "ETA", "config / build"):
+    for col in ("job", "step", "loss", "speed", "ETA", "prio", "config / build"):
         running.add_column(col)
-    for r in s["running"]:
-        running.add_row(r["id"], f"{_num(r.get('step'), na='0')}/{_num(r.get('total_steps'), na='?')}",
-                        _num(r.get("loss"), "{:.4f}"), _num(r.get("it_s"), "{:.2f} it/s"), _dur(r.get("eta_s")),
-                        f"{r.get('config')}\n{r.get('build_url') or ''}")
-    queue = Table(title=f"queue ({len(s['queue'])})", expand=True)
-    for col in ("#", "job", "state", "config"):
+    for r in s.running:
+        running.add_row(r.id + (f" ({r.stopping}...)" if r.stopping else ""),
+                        f"{_num(r.step, na='0')}/{_num(r.total_steps, na='?')}",
+                        _num(r.loss, "{:.4f}"), _num(r.it_s, "{:.2f} it/s"), _dur(r.eta_s), str(r.priority),
+                        f"{r.config}\n{r.build_url or ''}")
+    queue = Table(title=f"queue ({len(s.queue)})", expand=True)
+    for col in ("#", "job", "state", "prio", "waited", "config"):
         queue.add_column(col)
-    for q in s["queue"]:
-        queue.add_row(str(q["position"]), q["id"], q.get("state") or "", q.get("config") or "")
+    for q in s.queue:
+        queue.add_row(str(q.position), q.id, q.state, str(q.priority), _dur(q.waited_s), q.config or "")
+    parts = [Panel(head), slots, running, queue]
+    if s.paused:
+        paused = Table(title=f"paused ({len(s.paused)})", expand=True)
+        for col in ("job", "step", "config"):
+            paused.add_column(col)
+        for p in s.paused:
+            paused.add_row(p.id, f"{_num(p.step)}/{_num(p.total_steps)}", p.config or "")
+        parts.append(paused)
     recent = Table(title="recent", expand=True)
     for col in ("job", "outcome", "ended", "loss", "est/peak MiB", "name"):
         recent.add_column(col)
-    for r in s["recent"]:
-        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(r["outcome"], "white")
-        recent.add_row(r["id"], f"[{colour}]{r['outcome']}[/]", _ago(r.get("ended")), _num(r.get("loss"), "{:.4f}"),
-                       f"{_num(r.get('estimate_mib'), '{:.0f}')}/{_num(r.get('peak_mib'), '{:.0f}')}",
-                       r.get("name") or "")
-    return Group(Panel(head), slots, running, queue, recent)
+    for r in s.recent:
+        colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(r.outcome, "white")
+        recent.add_row(r.id, f"[{colour}]{r.outcome}[/]", _ago(r.ended), _num(r.loss, "{:.4f}"),
+                       f"{_num(r.estimate_mib, '{:.0f}')}/{_num(r.peak_mib, '{:.0f}')}", r.name or "")
+    parts.append(recent)
+    return Group(*parts)
 
 
-def render_rich(s: dict) -> None:
+def render_rich(snapshot) -> None:
     from rich.console import Console
 
-    Console().print(rich_renderable(s))
+    Console().print(rich_renderable(snapshot))

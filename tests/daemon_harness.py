@@ -15,8 +15,9 @@ from tests.conftest import BIN
 
 class DaemonProc:
     def __init__(self, root: Path, extra_settings: str = "", env: dict | None = None,
-                 memory_limit_bytes: int | None = None):
+                 memory_limit_bytes: int | None = None, fake_gpus: list[dict] | None = None):
         self.memory_limit_bytes = memory_limit_bytes
+        self.fake_gpus = fake_gpus  # run tests/fake_gpu_daemon.py: these fake GPUs, slots on the CPU
         self.root = root
         # Socket paths are limited to 107 bytes: keep it short, under /tmp.
         self.rundir = Path(tempfile.mkdtemp(prefix="agd-"))
@@ -37,7 +38,11 @@ class DaemonProc:
 
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-        self.proc = subprocess.Popen([str(BIN / "agentd"), "serve", "--config", str(self.settings)],
+        argv = [str(BIN / "agentd"), "serve", "--config", str(self.settings)]
+        if self.fake_gpus is not None:
+            argv = [str(BIN / "python"), str(Path(__file__).parent / "fake_gpu_daemon.py"), str(self.settings),
+                    json.dumps(self.fake_gpus)]
+        self.proc = subprocess.Popen(argv,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "a"), env=self.env,
                                      preexec_fn=limit_memory if limit else None)
         deadline = time.monotonic() + timeout

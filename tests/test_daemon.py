@@ -119,18 +119,24 @@ def test_bad_protocol_input_is_answered_and_daemon_keeps_serving(daemon, tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+OPT_NUM = (int, float, type(None))
 STATUS_SCHEMA = {
     "daemon": {"pid": int, "version": str, "uptime_s": (int, float), "socket": str, "protocol": int, "draining": bool},
-    "jenkins": {"state": str},
-    "slots": [{"name": str, "index": int, "healthy": bool}],
-    "running": [{"id": str, "config": str, "slot": str, "step": (int, type(None)),
+    "jenkins": {"state": str, "node_name": (str, type(None)), "agent": (dict, type(None))},
+    "slots": [{"name": str, "index": int, "healthy": bool, "unhealthy_reason": (str, type(None)),
+               "job": (str, type(None)), "uuid": (str, type(None)), "agentd_vram_mib": OPT_NUM}],
+    "running": [{"id": str, "config": str, "slot": str, "device_uuid": (str, type(None)), "step": (int, type(None)),
                  "total_steps": (int, type(None)), "loss": (float, type(None)), "it_s": (float, type(None)),
-                 "eta_s": (float, int, type(None)), "submitter": dict, "build_url": (str, type(None))}],
-    "queue": [{"id": str, "position": int, "state": str, "config": str}],
+                 "eta_s": OPT_NUM, "priority": int, "attempt": int,
+                 "submitter": {"uid": (int, type(None)), "user": (str, type(None))}, "build_url": (str, type(None)),
+                 "stopping": (str, type(None))}],
+    "queue": [{"id": str, "position": int, "state": str, "config": str, "priority": int, "waited_s": OPT_NUM}],
+    "paused": [{"id": str, "step": (int, type(None)), "total_steps": (int, type(None))}],
     "recent": [{"id": str, "outcome": str, "ended": (float, type(None)), "loss": (float, type(None)),
-                "estimate_mib": (float, int, type(None)), "peak_mib": (float, int, type(None))}],
-    "counters": {"jobs_finished": dict, "gate_waits": int},
-    "model_cache": {"entries": int, "hits": int, "misses": int},
+                "estimate_mib": OPT_NUM, "peak_mib": OPT_NUM, "infra_retries": int}],
+    "counters": {"jobs_finished": dict, "gate_waits": int, "infra_retries": int},
+    "model_cache": {"entries": int, "hits": int, "misses": int, "on_device": int, "device_mib": (int, float),
+                    "host_mib": (int, float), "warm_vram_ttl_s": (int, float), "device_expires_in_s": OPT_NUM},
 }
 
 

@@ -9,21 +9,26 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.metrics import Metrics
+from agentd.status_model import Status
 
 GiB = 1024 ** 3
 
-SNAPSHOT = {
+def gpu(index: int, used_mib: int) -> dict:
+    return {"index": index, "name": "NVIDIA GeForce RTX 3090", "memory_used_mib": used_mib, "memory_total_mib": 24576}
+
+
+SNAPSHOT = Status.from_dict({
     "queue": [{"id": "job-3"}, {"id": "job-4"}],
-    "running": [{"id": "job-2", "name": "style-lora", "gpu": 0, "step": 120, "total_steps": 500,
+    "running": [{"id": "job-2", "name": "style-lora", "slot": "cuda:0", "step": 120, "total_steps": 500,
                  "loss": 0.0831}],
-    "gpus": [
-        {"index": 0, "name": "NVIDIA GeForce RTX 3090", "memory_used_bytes": 18 * GiB,
-         "memory_total_bytes": 24 * GiB},
-        {"index": 1, "name": "NVIDIA GeForce RTX 3090", "memory_used_bytes": 0,
-         "memory_total_bytes": 24 * GiB},
-    ],
-    "counters": {"jobs_finished": {"succeeded": 7, "failed": 2, "cancelled": 1}, "gate_waits": 4},
-}
+    "paused": [{"id": "job-1"}],
+    "slots": [{"name": "cuda:0", "index": 0, "job": "job-2", "gpu": gpu(0, 18 * 1024), "agentd_vram_mib": 17000},
+              {"name": "cuda:1", "index": 1, "healthy": False, "unhealthy_reason": "illegal memory access",
+               "gpu": gpu(1, 0)}],
+    "counters": {"jobs_finished": {"succeeded": 7, "failed": 2, "cancelled": 1}, "gate_waits": 4,
+                 "infra_retries": 1},
+    "model_cache": {"device_mib": 1024},
+})
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -64,6 +69,12 @@ def test_series_reflect_the_snapshot(metrics):
         ("agentd_jobs_finished_total", (("outcome", "failed"),)): 2,
         ("agentd_jobs_finished_total", (("outcome", "cancelled"),)): 1,
         ("agentd_gate_waits_total", ()): 4,
+        ("agentd_infra_retries_total", ()): 1,
+        ("agentd_jobs_paused", ()): 1,
+        ("agentd_gpu_agentd_memory_bytes", gpu0): 17000 * 2**20,
+        ("agentd_slot_healthy", (("slot", "cuda:0"),)): 1,
+        ("agentd_slot_healthy", (("slot", "cuda:1"),)): 0,
+        ("agentd_model_cache_device_bytes", ()): GiB,
     }
     for key, value in expected.items():
         assert got.get(key) == value, key
@@ -73,8 +84,9 @@ def test_series_reflect_the_snapshot(metrics):
 
 def test_update_replaces_the_previous_snapshot(metrics):
     metrics.update(SNAPSHOT)
-    later = dict(SNAPSHOT, queue=[], running=None, gpus=SNAPSHOT["gpus"][:1],
-                 counters={"jobs_finished": {"succeeded": 8, "failed": 2, "cancelled": 1}, "gate_waits": 4})
+    later = Status.from_dict({**SNAPSHOT.to_dict(), "queue": [], "running": [], "slots": [SNAPSHOT.to_dict()["slots"][0]],
+                              "counters": {"jobs_finished": {"succeeded": 8, "failed": 2, "cancelled": 1},
+                                           "gate_waits": 4}})
     metrics.update(later)
     got = scrape(metrics.port)
     assert got[("agentd_queue_length", ())] == 0
@@ -84,46 +96,26 @@ def test_update_replaces_the_previous_snapshot(metrics):
     assert got[("agentd_jobs_finished_total", (("outcome", "succeeded"),))] == 8
 
 
-def test_snapshot_is_copied(metrics):
-    snap = {"queue": [1, 2, 3]}
-    metrics.update(snap)
-    snap["queue"].clear()
+def test_status_is_copied(metrics):
+    status = Status.from_dict({"queue": [{"id": "a"}, {"id": "b"}, {"id": "c"}]})
+    metrics.update(status)
+    status.queue.clear()
     assert scrape(metrics.port)[("agentd_queue_length", ())] == 3
 
 
-def test_missing_keys(metrics):
+def test_before_the_first_status_and_na_metrics(metrics):
     got = scrape(metrics.port)  # before any update
     assert got[("agentd_jobs_running", ())] == 0
-    metrics.update({})
-    got = scrape(metrics.port)
     assert ("agentd_queue_length", ()) not in got  # unknown, not zero
-    assert got[("agentd_jobs_running", ())] == 0
     for outcome in ("succeeded", "failed", "cancelled"):  # present from the start for rate()
         assert got[("agentd_jobs_finished_total", (("outcome", outcome),))] == 0
     assert got[("agentd_gate_waits_total", ())] == 0
-
-
-def test_queue_length_key_and_single_running_dict(metrics):
-    metrics.update({"queue_length": 5, "running": {"id": "j", "gpu": 1, "step": 3}})
+    # A GPU whose NVML reports no memory figures and a job that has not logged a loss: left out, not 0.
+    metrics.update(Status.from_dict({"slots": [{"name": "cuda:0", "index": 0, "gpu": {"index": 0, "name": "x"}}],
+                                     "running": [{"id": "j", "slot": "cuda:0", "step": 3}]}))
     got = scrape(metrics.port)
-    assert got[("agentd_queue_length", ())] == 5
-    assert got[("agentd_job_step", (("gpu", "1"), ("job", "j")))] == 3
-    assert not [k for k in got if k[0] == "agentd_job_loss"]  # no loss logged yet
-
-
-def test_wrong_types_never_break_a_scrape(metrics):
-    metrics.update({
-        "queue": 5, "queue_length": "many",
-        "running": ["not a job", {"id": "j", "step": "ten", "loss": None, "total_steps": True}],
-        "gpus": [1, {"index": 0, "memory_used_bytes": "lots", "memory_total_bytes": 1024}],
-        "counters": {"jobs_finished": ["x"], "gate_waits": "some"},
-    })
-    got = scrape(metrics.port)
-    assert got[("agentd_jobs_running", ())] == 1
-    assert got[("agentd_gpu_memory_total_bytes", (("gpu", "0"), ("name", "")))] == 1024
-    assert not [k for k in got if k[0] == "agentd_gpu_memory_used_bytes"]
-    metrics.update("not a dict")
-    assert scrape(metrics.port)[("agentd_jobs_running", ())] == 0
+    assert got[("agentd_job_step", (("gpu", "0"), ("job", "j")))] == 3
+    assert not [k for k in got if k[0] in ("agentd_job_loss", "agentd_gpu_memory_used_bytes")]
 
 
 def test_own_registry_and_loopback(metrics):
@@ -133,7 +125,7 @@ def test_own_registry_and_loopback(metrics):
     other = Metrics()  # a second instance does not collide
     try:
         other.start("127.0.0.1", 0)
-        other.update({"queue_length": 9})
+        other.update(Status.from_dict({"queue": [{"id": "x"}] * 9}))
         assert scrape(other.port)[("agentd_queue_length", ())] == 9
         assert scrape(metrics.port)[("agentd_queue_length", ())] == 2
     finally:

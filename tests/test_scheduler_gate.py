@@ -81,10 +81,10 @@ def test_busy_gpu_waits_then_starts_when_memory_frees(tmp_path, assets, nvml):
         time.sleep(0.3)
         gated = events(s, job, "gated")
         assert gated and "pid 4242" in gated[0]["reason"] and "MiB free" in gated[0]["reason"]
-        assert s.snapshot()["queue"][0]["state"] == "gated"
+        assert s.snapshot()["queue"][0].state == "gated"
         nvml.remove_process(0, 4242)
         assert wait_state(s, job, ("succeeded", "failed"))["state"] == "succeeded"
-        assert s.snapshot()["counters"]["gate_waits"] == 1
+        assert s.snapshot()["counters"].gate_waits == 1
     finally:
         s.shutdown(30)
 

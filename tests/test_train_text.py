@@ -121,8 +121,8 @@ def test_warm_base_is_clean_after_the_job(assets, tmp_path):
     path = write_text_config(tmp_path, assets, max_train_steps=2)
     LoraTrainingJob(preflight(path), base_cache=cache).run()
     (key,) = cache.keys()
-    base, warm = cache.get(key, lambda: None)
-    assert warm
+    base, how, _ = cache.get(key, lambda: None)
+    assert how == "device"  # still warm on the job's device (within warm_vram_ttl_s)
     assert not [n for n, _ in base.model.named_parameters() if "lora" in n]
     assert not any(p.requires_grad for p in base.model.parameters()) and not base.model.training
     assert torch.equal(logits_of(base.model), logits_of(load_base(assets)))

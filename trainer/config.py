@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,7 +29,7 @@ from trainer.yaml_schema import read_yaml_mapping, resolve_relative, validate_mo
 # Fields that do not change the trained model: editing them must not block a resume.
 NON_TRAINING_FIELDS = frozenset({
     "name", "output_dir", "save_steps", "log_every", "keep_checkpoints", "resume",
-    "skip_bad_images", "recommended_batch_size", "sample_prompts",
+    "skip_bad_images", "recommended_batch_size", "sample_prompts", "priority", "device",
 })
 PATH_FIELDS = ("train_data_dir", "metadata_path", "base_model", "base_model_config",
                "init_lora_weights", "output_dir")
@@ -154,6 +154,12 @@ class TrainConfig(_Strict):
     Or a path to a checkpoint folder."""
     recommended_batch_size: Optional[int] = Field(None, gt=0)
     """Advisory (the seed's field): warn when batch_size is larger."""
+    priority: int = 0
+    """agentd's queue: higher runs first, FIFO within a priority (`agentd run --priority N` overrides);
+    a lower one still runs once it has waited the daemon's max_wait_s."""
+    device: Optional[Union[int, str]] = None
+    """agentd only: the GPU to train on - an NVML index (0), a GPU UUID (GPU-8f2c...) or a name pattern
+    ("*4090*"). Default: any GPU the VRAM gate picks. A pattern that matches no GPU is refused with the list."""
     sample_prompts: list[str] = Field(default_factory=list)
     """Prompts to render with the trained LoRA at the end (image mode), saved under samples/."""
 

@@ -55,3 +55,8 @@ class ConfigError(Exception):
 
 class TrainingInterrupted(Exception):
     """Raised inside the loop when a stop was requested; the job has saved a checkpoint."""
+
+
+class TrainingPaused(TrainingInterrupted):
+    """Raised inside the loop when a pause was requested (`agentd pause`); the job has saved a checkpoint
+    and continues from it, bit-identically, when resumed."""

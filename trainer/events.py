@@ -1,38 +1,77 @@
-"""Job events: the one update interface a training job reports through.
+"""Job events: one typed class per event kind, one name per fact, from the trainer to every reader.
 
-A job calls `reporter.emit(event)` with a plain dict (`{"type": ..., "time": ...}`); the console, the
-events.jsonl file, the daemon's journal and `agentd run`'s stream are all reporters. `format_event`
-turns an event into the one plain line a Jenkins console shows; it imports nothing heavy, so the
-`agentd` client uses it too.
+A job calls `reporter.emit(ev)` with an `Event` (build one with its class, `Step(step=3, ...)`, or by
+kind name, `event("step", step=3, ...)`); the console, logs/events.jsonl, the daemon's journal and
+`agentd run`'s stream are all reporters. Everything that leaves the process is `ev.to_dict()`
+(`{"type": kind, "time": ..., **fields}`), and `from_dict` turns such a dict back into the typed event,
+so the same field names hold end to end (a step's total is `total_steps` everywhere, as in `started`).
 
-Event types: started, resumed, warning, step (every optimizer step; `logged` marks the ones the
-console shows, every `log_every`), checkpoint, artifact, finished (outcome succeeded|failed|cancelled),
-and from the daemon: queued, gated, state.
+An event also reads like a read-only mapping (`ev["step"]`, `ev.get("logged")`, `{**ev}`), for the
+places that only look at one field.
+
+Adding a kind (others do: samples, validation, run-started...): write a `@dataclass(kw_only=True)`
+subclass of `Event` with `kind = "name"` and its fields, and a `line()` if the console shows it. The
+class registers itself by its `kind`; nothing else changes. Unknown kinds arriving from a newer
+daemon become `UnknownEvent` (kept as-is, not shown).
+
+`format_event` turns an event (typed or dict) into the one plain line a Jenkins console shows; this
+module imports nothing heavy, so the `agentd` client uses it too.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Protocol
+
+KINDS: dict[str, type["Event"]] = {}
 
 
-class Reporter(Protocol):
-    def emit(self, event: dict) -> None: ...
+def _now() -> float:
+    return round(time.time(), 3)
 
 
-def event(kind: str, **fields) -> dict:
-    return {"type": kind, "time": round(time.time(), 3), **fields}
+@dataclass(kw_only=True)
+class Event(Mapping):
+    """Fields every event has. `seq` and `job_id` are set by the daemon when it journals the event."""
 
+    kind: ClassVar[str] = ""
+    time: float = field(default_factory=_now)
+    seq: int | None = None
+    job_id: str | None = None
 
-class FanOut:
-    """Send each event to several reporters."""
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("kind"):
+            KINDS[cls.kind] = cls
 
-    def __init__(self, *reporters: Reporter):
-        self.reporters = [r for r in reporters if r is not None]
+    def to_dict(self) -> dict:
+        out = {"type": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in ("seq", "job_id"):
+                continue
+            out[f.name] = value
+        return out
 
-    def emit(self, ev: dict) -> None:
-        for r in self.reporters:
-            r.emit(ev)
+    def line(self) -> str | None:
+        """The console line for this event, or None when the console does not show it."""
+        return None
+
+    def with_fields(self, **changes) -> "Event":
+        return dataclasses.replace(self, **changes)
+
+    # read-only mapping view of to_dict()
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
 
 
 def _duration(seconds) -> str:
@@ -42,46 +81,283 @@ def _duration(seconds) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_event(ev: dict) -> str | None:
-    """One plain console line for an event, or None for events the console does not show."""
-    t = ev.get("type")
-    if t == "step":
-        if not ev.get("logged", True):
+# --- the trainer's events ------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Started(Event):
+    kind: ClassVar[str] = "started"
+    name: str
+    total_steps: int
+    device: str
+    samples: int
+    batch_size: int
+    grad_accum: int
+    resumed_from: int | None = None
+    output_dir: str | None = None
+    warm: str | None = None  # how the base model was had: "cold" | "host" (moved back to the device) | "device"
+    warm_move_s: float | None = None  # seconds the move from host memory to the device took
+
+    def line(self) -> str:
+        res = f", resuming from step {self.resumed_from}" if self.resumed_from else ""
+        base = ""
+        if self.warm == "host":
+            base = f"; base model warm in host memory, moved to {self.device} in {self.warm_move_s or 0:.2f} s"
+        elif self.warm == "device":
+            base = "; base model warm on the device"
+        return (f"training {self.name}: {self.total_steps} steps on {self.device} "
+                f"({self.samples} samples, batch {self.batch_size} x {self.grad_accum}){res}{base}")
+
+
+@dataclass(kw_only=True)
+class Resumed(Event):
+    kind: ClassVar[str] = "resumed"
+    from_step: int
+    checkpoint: str
+    reason: str | None = None
+
+    def line(self) -> str:
+        return f"resumed from step {self.from_step} ({self.checkpoint})"
+
+
+@dataclass(kw_only=True)
+class WarningEvent(Event):
+    kind: ClassVar[str] = "warning"
+    message: str
+
+    def line(self) -> str:
+        return f"WARNING: {self.message}"
+
+
+@dataclass(kw_only=True)
+class Step(Event):
+    """One optimizer step. `logged` marks the steps the console shows (every `log_every`)."""
+
+    kind: ClassVar[str] = "step"
+    step: int
+    total_steps: int
+    epoch: str
+    loss: float
+    loss_mean: float
+    lr: float
+    it_s: float | None = None
+    eta_s: float | None = None
+    logged: bool = True
+
+    def line(self) -> str | None:
+        if not self.logged:
             return None
-        return (f"step {ev['step']}/{ev['total']}  epoch {ev['epoch']}  loss {ev['loss']:.4f} "
-                f"(mean {ev['loss_mean']:.4f})  lr {ev['lr']:.2e}  {ev.get('it_s') or 0:.2f} it/s  "
-                f"ETA {_duration(ev.get('eta_s'))}")
-    if t == "started":
-        res = f", resuming from step {ev['resumed_from']}" if ev.get("resumed_from") else ""
-        return (f"training {ev['name']}: {ev['total_steps']} steps on {ev['device']} "
-                f"({ev['samples']} samples, batch {ev['batch_size']} x {ev['grad_accum']}){res}")
-    if t == "resumed":
-        return f"resumed from step {ev['from_step']} ({ev['checkpoint']})"
-    if t == "warning":
-        return f"WARNING: {ev['message']}"
-    if t == "checkpoint":
-        return f"checkpoint step {ev['step']} -> {ev['path']}"
-    if t == "artifact":
-        return f"artifact: {ev['path']}"
-    if t == "finished":
-        outcome = ev["outcome"]
-        if outcome == "succeeded":
-            loss = ev.get("final_loss")
-            return f"succeeded{f' (final loss {loss:.4f})' if loss is not None else ''} -> {ev.get('output_dir', '')}"
-        if outcome == "cancelled":
-            at = f" at step {ev['step']}" if ev.get("step") is not None else ""
+        return (f"step {self.step}/{self.total_steps}  epoch {self.epoch}  loss {self.loss:.4f} "
+                f"(mean {self.loss_mean:.4f})  lr {self.lr:.2e}  {self.it_s or 0:.2f} it/s  "
+                f"ETA {_duration(self.eta_s)}")
+
+
+@dataclass(kw_only=True)
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+    def line(self) -> str:
+        return f"checkpoint step {self.step} -> {self.path}"
+
+
+@dataclass(kw_only=True)
+class Artifact(Event):
+    kind: ClassVar[str] = "artifact"
+    path: str
+
+    def line(self) -> str:
+        return f"artifact: {self.path}"
+
+
+@dataclass(kw_only=True)
+class Finished(Event):
+    """The job's end. outcome: succeeded | failed | cancelled. `infra`: the failure was the machine's
+    (a GPU fault), not the job's, and its infrastructure retries are exhausted (`agentd run` exits 5)."""
+
+    kind: ClassVar[str] = "finished"
+    outcome: str
+    error: str | None = None
+    output_dir: str | None = None
+    final_loss: float | None = None
+    step: int | None = None
+    artifacts: list[str] = field(default_factory=list)
+    infra: bool = False
+
+    def line(self) -> str:
+        if self.outcome == "succeeded":
+            loss = f" (final loss {self.final_loss:.4f})" if self.final_loss is not None else ""
+            return f"succeeded{loss} -> {self.output_dir or ''}"
+        if self.outcome == "cancelled":
+            at = f" at step {self.step}" if self.step is not None else ""
             return f"cancelled{at}; checkpoint saved, run again to resume"
-        return f"FAILED: {ev.get('error', 'unknown error')}"
-    if t == "queued":
-        ahead = ev.get("ahead", ev["position"] - 1)
-        return f"queued as {ev['job_id']} (position {ev['position']}: {ahead} job{'s' if ahead != 1 else ''} ahead)"
-    if t == "gated":
-        return f"waiting for GPU memory: {ev['reason']}"
-    if t == "state":
-        return f"job {ev['job_id']} {ev['state']}" + (f": {ev['detail']}" if ev.get("detail") else "")
-    if t == "message":
-        return ev["text"]
-    return None
+        if self.infra:
+            return f"FAILED (infrastructure, retries exhausted): {self.error or 'unknown error'}"
+        return f"FAILED: {self.error or 'unknown error'}"
+
+
+@dataclass(kw_only=True)
+class Message(Event):
+    kind: ClassVar[str] = "message"
+    text: str
+
+    def line(self) -> str:
+        return self.text
+
+
+@dataclass(kw_only=True)
+class Run(Event):
+    """Which run of the output folder this is (trainer.runs): new, resume, or nothing to do."""
+
+    kind: ClassVar[str] = "run"
+    action: str
+    reason: str | None = None
+    run_id: str | None = None
+    previous: str | None = None
+
+    def line(self) -> str:
+        return self.reason or f"run {self.run_id}: {self.action}"
+
+
+@dataclass(kw_only=True)
+class Sample(Event):
+    """A sampling round (trainer.sampling): the files written and how long it took (not in step time)."""
+
+    kind: ClassVar[str] = "sample"
+    step: int
+    files: list[str] = field(default_factory=list)
+    seconds: float | None = None
+
+    def line(self) -> str:
+        return f"samples at step {self.step}: {len(self.files)} file(s) in {self.seconds or 0:.2f} s"
+
+
+@dataclass(kw_only=True)
+class Validation(Event):
+    """The validation loss at a step (trainer.validation), at fixed noise and timesteps."""
+
+    kind: ClassVar[str] = "validation"
+    step: int
+    val_loss: float
+    best: float | None = None
+    samples: int | None = None
+    seconds: float | None = None
+
+    def line(self) -> str:
+        best = f" (best {self.best:.4f})" if self.best is not None else ""
+        return (f"validation loss {self.val_loss:.4f}{best} at step {self.step} on {self.samples} samples, "
+                f"{self.seconds or 0:.2f} s")
+
+
+# --- the daemon's events -------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class Queued(Event):
+    kind: ClassVar[str] = "queued"
+    position: int
+    ahead: int
+    priority: int = 0
+
+    def line(self) -> str:
+        prio = f", priority {self.priority}" if self.priority else ""
+        return (f"queued as {self.job_id} (position {self.position}: {self.ahead} "
+                f"job{'s' if self.ahead != 1 else ''} ahead{prio})")
+
+
+@dataclass(kw_only=True)
+class Gated(Event):
+    kind: ClassVar[str] = "gated"
+    reason: str
+    per_gpu: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"waiting for GPU memory: {self.reason}"
+
+
+@dataclass(kw_only=True)
+class State(Event):
+    """A state change the journal records: running, paused, interrupted, queued (resumed or retried)."""
+
+    kind: ClassVar[str] = "state"
+    state: str
+    detail: str | None = None
+
+    def line(self) -> str:
+        return f"job {self.job_id} {self.state}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass(kw_only=True)
+class InfraRetry(Event):
+    """An infrastructure failure (not the job's fault): the slot is marked unhealthy, the job re-queued."""
+
+    kind: ClassVar[str] = "infra_retry"
+    attempt: int  # the retry about to happen (1 = first retry)
+    max_retries: int
+    slot: str
+    error: str
+    from_step: int | None = None
+
+    def line(self) -> str:
+        at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
+        return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
+                f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")
+
+
+@dataclass(kw_only=True)
+class UnknownEvent(Event):
+    """A kind this version does not know (e.g. from a newer daemon): kept, not shown."""
+
+    type: str = "unknown"
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.data)
+
+
+# --- building and reading events -----------------------------------------------------------------
+def event(kind: str, **fields) -> Event:
+    """The typed event of `kind` with `fields` (a TypeError names a field the kind does not have)."""
+    try:
+        cls = KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(sorted(KINDS))}") from None
+    return cls(**fields)
+
+
+def from_dict(data: Mapping) -> Event:
+    """The typed event for a dict from the journal, events.jsonl or the socket. Fields this version does
+    not know are dropped; a step written by an older version (`total`) reads as `total_steps`."""
+    if isinstance(data, Event):
+        return data
+    cls = KINDS.get(data.get("type", ""))
+    if cls is None:
+        return UnknownEvent(type=str(data.get("type")), data=dict(data))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in names}
+    if cls is Step and "total_steps" not in values and "total" in data:
+        values["total_steps"] = data["total"]
+    try:
+        return cls(**values)
+    except TypeError:  # a required field missing: keep it, do not crash the reader
+        return UnknownEvent(type=cls.kind, data=dict(data))
+
+
+def format_event(ev: Mapping) -> str | None:
+    """One plain console line for an event (typed or its dict), or None for events the console hides."""
+    return from_dict(ev).line()
+
+
+class Reporter(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class FanOut:
+    """Send each event to several reporters."""
+
+    def __init__(self, *reporters: Reporter):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def emit(self, ev: Event) -> None:
+        for r in self.reporters:
+            r.emit(ev)
 
 
 class ConsoleReporter:
@@ -93,28 +369,29 @@ class ConsoleReporter:
         self._progress = None
         self._task = None
 
-    def emit(self, ev: dict) -> None:
-        if self.tty and ev.get("type") == "step":
+    def emit(self, ev: Event) -> None:
+        ev = from_dict(ev)
+        if self.tty and isinstance(ev, Step):
             self._rich_step(ev)
             return
-        line = format_event(ev)
+        line = ev.line()
         if line is None:
             return
         if self._progress is not None:
             self._progress.console.print(line)
         else:
             print(line, file=self.stream, flush=True)
-        if ev.get("type") == "finished" and self._progress is not None:
+        if isinstance(ev, Finished) and self._progress is not None:
             self._progress.stop()
             self._progress = None
 
-    def _rich_step(self, ev: dict) -> None:
+    def _rich_step(self, ev: Step) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         if self._progress is None:
             self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
             self._progress.start()
-            self._task = self._progress.add_task("train", total=ev["total"], info="")
-        info = f"epoch {ev['epoch']} loss {ev['loss']:.4f} (mean {ev['loss_mean']:.4f}) {ev.get('it_s') or 0:.2f} it/s"
-        self._progress.update(self._task, completed=ev["step"], info=info)
+            self._task = self._progress.add_task("train", total=ev.total_steps, info="")
+        info = f"epoch {ev.epoch} loss {ev.loss:.4f} (mean {ev.loss_mean:.4f}) {ev.it_s or 0:.2f} it/s"
+        self._progress.update(self._task, completed=ev.step, info=info)

@@ -28,7 +28,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import families
 from trainer.config import TrainConfig, dump_config
-from trainer.errors import ConfigError, Problem, TrainingInterrupted
+from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
 from trainer.model_cache import BaseModelCache, file_identity
 from trainer.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
@@ -85,10 +85,15 @@ class JobResult:
 class LoraTrainingJob:
     def __init__(self, checked: Checked, reporter: Reporter | None = None, stop: threading.Event | None = None,
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
-                 resume_reason: str = "resume: auto found a checkpoint"):
+                 resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
+                 infra_retries: list[dict] | None = None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
+        self.pause = pause or threading.Event()  # agentd pause: checkpoint at the next step, raise TrainingPaused
+        self.infra_retries = list(infra_retries or [])  # the daemon's re-queues after GPU faults (run.json)
+        self.warm: str | None = None  # how the base was had: cold | host | device (see BaseModelCache.get)
+        self.warm_move_s: float | None = None
         self.base_cache = base_cache
         self.env = dict(os.environ if env is None else env)
         self.device = pick_device(device)
@@ -148,7 +153,8 @@ class LoraTrainingJob:
         self.reporter.emit(event(
             "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
             samples=len(self.dataset), batch_size=cfg.batch_size, grad_accum=cfg.gradient_accumulation_steps,
-            resumed_from=self.resumed_from, output_dir=str(cfg.output_dir)))
+            resumed_from=self.resumed_from, output_dir=str(cfg.output_dir), warm=self.warm,
+            warm_move_s=self.warm_move_s))
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -179,11 +185,12 @@ class LoraTrainingJob:
         fam = families.family(cfg.model_family)
         dataset = fam.make_dataset(cfg, self.checked.scan.samples)
         load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
+        # Not the device: a warm base kept in host memory moves to whichever device the next job has.
         self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
-                          str(cfg.base_model_config), str(self.weight_dtype), str(self.device))
+                          str(cfg.base_model_config), str(self.weight_dtype))
         if self.base_cache is not None:
-            base, warm = self.base_cache.get(self._base_key, load)
-            log.info("base model %s (%s)", cfg.base_model, "warm" if warm else "loaded")
+            base, self.warm, self.warm_move_s = self.base_cache.get(self._base_key, load, self.device)
+            log.info("base model %s (%s)", cfg.base_model, self.warm)
         else:
             base = load()
         return fam.make_task(cfg, base, self.device), dataset
@@ -226,6 +233,9 @@ class LoraTrainingJob:
                 recent = (recent + [step_loss])[-20:]
                 self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times))
 
+                if self.pause.is_set():
+                    self.save_checkpoint()
+                    raise TrainingPaused(f"paused at step {state.global_step}")
                 if self.stop.is_set():
                     self.save_checkpoint()
                     raise TrainingInterrupted(f"stopped at step {state.global_step}")
@@ -263,7 +273,7 @@ class LoraTrainingJob:
                                                                        cfg.gradient_accumulation_steps, 3),
                         "elapsed_s": round(time.time() - self._started, 3)})
         logged = st.global_step % cfg.log_every == 0 or st.global_step == self.total_steps
-        self.reporter.emit(event("step", step=st.global_step, total=self.total_steps,
+        self.reporter.emit(event("step", step=st.global_step, total_steps=self.total_steps,
                                  epoch=f"{st.epoch + 1}/{epochs}", loss=loss, loss_mean=mean, lr=lr,
                                  it_s=round(it_s, 3), eta_s=round((self.total_steps - st.global_step) / it_s, 1),
                                  logged=logged))
@@ -358,6 +368,7 @@ class LoraTrainingJob:
             "times": {"first_started": previous.get("times", {}).get("first_started", self._started),
                       "started": self._started, "finished": time.time() if status != "running" else None},
             "resumes": resumes,
+            "infra_retries": self.infra_retries,
             "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
             "peak_memory_mib": self.peak_memory_mib(),
             **extra,
@@ -369,6 +380,8 @@ class LoraTrainingJob:
         if self.task is not None:
             self.task.detach()
         self.task = None
+        if self.base_cache is not None and self._base_key is not None:
+            self.base_cache.release(self._base_key)  # warm on the device for warm_vram_ttl_s, then host memory
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -385,6 +398,9 @@ class LoraTrainingJob:
             self.reporter.emit(event("finished", outcome="succeeded", final_loss=result.final_loss,
                                      output_dir=str(self.cfg.output_dir), step=result.steps))
             return result
+        except TrainingPaused:
+            self.fail("paused", f"paused at step {self.state.global_step}")
+            return JobResult("paused", self.cfg.output_dir, None, self.state.global_step, None, self.resumed_from)
         except TrainingInterrupted:
             self.fail("cancelled", "stopped on request")
             self.reporter.emit(event("finished", outcome="cancelled", step=self.state.global_step))

@@ -113,7 +113,7 @@ class RunLogs:
 
     def emit(self, ev: dict) -> None:
         if self._events is not None:
-            self._events.write(json.dumps(ev, default=str) + "\n")
+            self._events.write(json.dumps(dict(ev), default=str) + "\n")  # a typed event reads as a mapping
             self._events.flush()
 
     def close(self) -> None:

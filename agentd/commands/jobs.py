@@ -1,4 +1,4 @@
-"""agentd jobs | cancel JOB | logs JOB [--follow] | drain | undrain"""
+"""agentd jobs | cancel JOB | pause JOB | resume JOB | logs JOB [--follow] | drain | undrain"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ def main(name: str, argv: list[str]) -> int:
     from agentd.client import DaemonUnreachable
 
     p = argparse.ArgumentParser(prog=f"agentd {name}")
-    if name in ("cancel", "logs"):
+    if name in ("cancel", "pause", "resume", "logs"):
         p.add_argument("job_id")
     if name == "logs":
         p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job ends")
@@ -40,19 +40,24 @@ def _jobs(sock, args) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created"])) if j.get("created") else ""
         step = f"{j.get('step') or 0}/{j.get('total_steps') or '?'}"
         loss = f"{j['loss']:.4f}" if j.get("loss") is not None else "-"
-        print(f"{j['id']}  {j['state']:<11} {when}  step {step:<9} loss {loss:<8} {j.get('config')}")
+        prio = f"prio {j['priority']}  " if j.get("priority") else ""
+        print(f"{j['id']}  {j['state']:<11} {when}  step {step:<9} loss {loss:<8} {prio}{j.get('config')}")
     return 0
 
 
-def _cancel(sock, args) -> int:
-    from agentd.client import request
+def _job_op(op: str):
+    """cancel / pause / resume JOB: one request; a refusal prints the daemon's reason and exits 1."""
+    def handler(sock, args) -> int:
+        from agentd.client import request
 
-    reply = request(sock, {"op": "cancel", "job_id": args.job_id})
-    if not reply.get("ok"):
-        print(f"agentd cancel: {reply['error']['message']}", file=sys.stderr)
-        return 1
-    print(f"{args.job_id}: {reply['state']}")
-    return 0
+        reply = request(sock, {"op": op, "job_id": args.job_id})
+        if not reply.get("ok"):
+            print(f"agentd {op}: {reply['error']['message']}", file=sys.stderr)
+            return 1
+        print(f"{args.job_id}: {reply['state']}")
+        return 0
+
+    return handler
 
 
 def _logs(sock, args) -> int:
@@ -87,5 +92,6 @@ def _drain(sock, args, on=True) -> int:
     return 0 if reply.get("ok") else 1
 
 
-HANDLERS = {"jobs": _jobs, "cancel": _cancel, "logs": _logs, "drain": _drain,
+HANDLERS = {"jobs": _jobs, "cancel": _job_op("cancel"), "pause": _job_op("pause"), "resume": _job_op("resume"),
+            "logs": _logs, "drain": _drain,
             "undrain": lambda s, a: _drain(s, a, on=False)}

@@ -2,7 +2,14 @@
 
 It validates the config locally (exit 2 with every problem), submits it with the Jenkins variables,
 prints every event as one plain line (stdout is the Jenkins console), and exits with the job's outcome:
-0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable.
+0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable, 5 infrastructure failure
+(the GPU or driver failed and the daemon's `max_infra_retries` re-queues are used up: retry the build,
+e.g. with the Jenkinsfile's `retry`, rather than fix the config).
+
+- A daemon that is not up yet (`systemctl restart agentd`, a boot) is waited for, up to
+  `--connect-timeout` (default 60 s), printing each try.
+- `--priority N` overrides the config's `priority:` (higher runs first).
+- An `agentd pause` of the job prints "paused" and keeps waiting until `agentd resume` continues it.
 
 - A Jenkins abort (SIGTERM/SIGINT) forwards a cancel at once: the training is the daemon's, not this
   process's child. The job checkpoints at its next step boundary; this command waits for that and
@@ -23,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3, "unreachable": 4}
+EXIT = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3, "unreachable": 4, "infra": 5}
 CANCEL_GRACE_S = 10.0  # while the daemon is down, how long an aborted build keeps trying to deliver the cancel
 JENKINS_ENV = ("JOB_NAME", "BUILD_NUMBER", "BUILD_URL", "BUILD_TAG", "GIT_COMMIT", "GIT_BRANCH", "WORKSPACE",
                "NODE_NAME")
@@ -41,6 +48,10 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--detach", action="store_true", help="submit and return the job id")
     p.add_argument("--reconnect-timeout", type=float, default=600.0,
                    help="how long to keep retrying when the daemon goes away (seconds)")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="how long to wait for a daemon that is starting (restart, boot) before exit 4 (seconds)")
+    p.add_argument("--priority", type=int, default=None,
+                   help="queue priority (integer, higher first); overrides the config's priority:")
     add_socket_arg(p)
     args = p.parse_args(argv)
     sock = socket_path(args)
@@ -59,15 +70,18 @@ def main(name: str, argv: list[str]) -> int:
     env = {k: os.environ[k] for k in JENKINS_ENV if os.environ.get(k)}
     msg = {"op": "submit", "config_path": str(path), "config_text": path.read_text(encoding="utf-8"),
            "env": env, "detach": args.detach}
-    return Follower(sock, args.reconnect_timeout).submit(msg)
+    if args.priority is not None:
+        msg["priority"] = args.priority
+    return Follower(sock, args.reconnect_timeout, args.connect_timeout).submit(msg)
 
 
 class Follower:
     """Streams one job's events, forwards a cancel on SIGTERM/SIGINT, and survives daemon restarts."""
 
-    def __init__(self, sock: Path, reconnect_timeout: float):
+    def __init__(self, sock: Path, reconnect_timeout: float, connect_timeout: float = 60.0):
         self.sock = sock
         self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = connect_timeout
         self.job_id: str | None = None
         self.last_seq = 0
         self.cancel_wanted = False
@@ -81,11 +95,25 @@ class Follower:
 
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        try:
-            conn = open_request(self.sock, {"op": "submit", **{k: v for k, v in msg.items() if k != "op"}})
-        except DaemonUnreachable as e:
-            print(f"agentd run: {e}", file=sys.stderr)
-            return EXIT["unreachable"]
+        request = {"op": "submit", **{k: v for k, v in msg.items() if k != "op"}}
+        deadline = time.monotonic() + self.connect_timeout
+        delay, attempt = 1.0, 0
+        while True:
+            try:
+                conn = open_request(self.sock, request)
+                break
+            except DaemonUnreachable as e:
+                attempt += 1
+                left = deadline - time.monotonic()
+                if not e.starting or left <= 0 or self.cancel_wanted:
+                    waited = f" (waited {self.connect_timeout:.0f} s for it to start)" if attempt > 1 else ""
+                    print(f"agentd run: {e}{waited}", file=sys.stderr)
+                    return EXIT["cancelled"] if self.cancel_wanted else EXIT["unreachable"]
+                wait = min(delay, left)
+                say(f"waiting for agentd to start: try {attempt}: {e}; next try in {wait:.0f} s "
+                    f"(--connect-timeout {self.connect_timeout:.0f} s)")
+                time.sleep(wait)
+                delay = min(delay * 2, 10.0)
         reply = conn.reply
         if not reply.get("ok"):
             err = reply.get("error", {})
@@ -126,7 +154,7 @@ class Follower:
                     if line:
                         say(line)
                     if ev.get("type") == "finished":
-                        outcome = ev.get("outcome")
+                        outcome = "infra" if ev.get("outcome") == "failed" and ev.get("infra") else ev.get("outcome")
                         break
             except OSError:
                 pass

@@ -326,8 +326,9 @@ class JenkinsLink:
         """Ask for the node to be temporarily offline with ``reason``.
 
         Wakes the loop only when this changes what is wanted (online -> offline, or another
-        :func:`reason_kind`); new numbers in the same kind of reason are applied at the next regular sync
-        only if the kind changed by then, so the daemon may call this every tick.
+        :func:`reason_kind`), so the daemon may call this every tick. New numbers inside the same kind of
+        reason are never posted: the node's cause keeps the text it was posted with, and ``status()``
+        (``requested_offline_reason``) shows the current one.
         """
         reason = reason.strip() or "unavailable"
         with self._lock:
