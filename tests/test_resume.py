@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import BIN, write_config
 from tests.daemon_harness import DaemonProc, Tail
+from tests.waiting import wait_for
 
 STEPS, SAVE = 36, 10  # checkpoints at 10, 20, 30; interruptions land between 21 and 29
 
@@ -171,20 +172,33 @@ def test_resume_policy_config_changes(tmp_path, assets):
     kill_foreground_after(cfg, 12)
     original = cfg.read_text()
 
-    cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3"))
-    refused = train_foreground(cfg)
+    cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3") + "resume: strict\n")
+    refused = train_foreground(cfg)  # strict: today's refusal, nothing moved
     assert refused.returncode == 2
     assert "learning_rate" in refused.stderr and "0.002 -> 0.001" in refused.stderr
-    assert "resume: never" in refused.stderr
+    assert "resume: auto" in refused.stderr and "resume: never" in refused.stderr
+    assert not (cfg.parent / "out/runs").exists()
 
-    cfg.write_text(original.replace("save_steps: 10", "save_steps: 7"))
+    changed = original.replace("learning_rate: 2e-3", "learning_rate: 1e-3")
+    cfg.write_text(changed)
+    fresh = train_foreground(cfg)  # auto: the changed config starts a new run, the interrupted one is kept
+    assert fresh.returncode == 0 and "resumed from" not in fresh.stdout
+    assert "config changed since the interrupted run" in fresh.stdout and "learning_rate 0.002 -> 0.001" in fresh.stdout
+    assert [int(r["step"]) for r in loss_rows(cfg)] == list(range(1, STEPS + 1))
+    (kept,) = (cfg.parent / "out/runs").iterdir()
+    assert json.loads((kept / "run.json").read_text())["status"] == "running"  # killed: it never wrote more
+
+    cfg.write_text(changed + "resume: never\n")
+    proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(list((cfg.parent / "out/runs").iterdir())) == 2, timeout=240, what="the finished run moved")
+    wait_rows(cfg, 12, proc)
+    proc.kill()  # a new run again, interrupted
+    proc.wait()
+    cfg.write_text(changed.replace("save_steps: 10", "save_steps: 7"))  # cadence only: resumes
     resumed = train_foreground(cfg)
     assert resumed.returncode == 0 and "resumed from step 10" in resumed.stdout
-
-    cfg.write_text(original.replace("learning_rate: 2e-3", "learning_rate: 1e-3") + "resume: never\n")
-    fresh = train_foreground(cfg)
-    assert fresh.returncode == 0 and "resumed from" not in fresh.stdout
-    assert [int(r["step"]) for r in loss_rows(cfg)] == list(range(1, STEPS + 1))
+    assert len(list((cfg.parent / "out/runs").iterdir())) == 2
 
 
 def test_checkpoint_contents_and_safe_loading(reference):

@@ -15,11 +15,13 @@ It is written to `checkpoints/.tmp-step-…`, every file fsynced, then renamed i
 
 Which checkpoint wins (`choose_resume`, a pure function): with `resume: auto` the newest valid
 checkpoint whose training fields and dataset match the config; a corrupt newest one is skipped
-with a warning; a mismatch stops with the list of what changed (the config wins only when the user
-says `resume: never`). `resume: <path>` uses exactly that checkpoint, with the same checks.
+with a warning; a mismatch is returned with the list of what changed (`changes`, and a refusal text
+for `resume: strict` or a named checkpoint; `trainer.runs.decide_run` starts a new run for `auto`).
+`resume: <path>` uses exactly that checkpoint, with the same checks.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,6 +187,7 @@ class ResumeChoice:
     reason: str
     warnings: list[str] = field(default_factory=list)
     refusal: str | None = None  # set when the run must not start
+    changes: list[str] = field(default_factory=list)  # what differs from the newest valid checkpoint
 
 
 def changed_fields(old: dict, new: dict) -> list[str]:
@@ -209,7 +212,8 @@ def choose_resume(policy: str, candidates: list[Candidate], training_fields: dic
             return ResumeChoice(None, "config changed", warnings, refusal=(
                 f"cannot resume from {c.path}: the training config or data changed since it was written:\n  "
                 + "\n  ".join(diffs)
-                + "\nto start fresh set `resume: never` (or use a new output_dir); to resume, undo the changes"))
+                + "\nto start a new run set `resume: auto` (the previous run is kept in runs/) or `resume: never`; "
+                "to resume, undo the changes"), changes=[d.replace(": ", " ", 1) for d in diffs])
         return ResumeChoice(c.path, f"resuming from step {c.step}", warnings)
     if policy not in ("auto",) and candidates:
         return ResumeChoice(None, "named checkpoint unusable", warnings,
@@ -218,7 +222,7 @@ def choose_resume(policy: str, candidates: list[Candidate], training_fields: dic
 
 
 def scan_candidates(policy: str, checkpoints_dir: Path) -> list[Candidate]:
-    paths = list_checkpoints(checkpoints_dir) if policy == "auto" else (
+    paths = list_checkpoints(checkpoints_dir) if policy in ("auto", "strict") else (
         [] if policy == "never" else [Path(policy)])
     out = []
     for p in paths:
@@ -243,3 +247,15 @@ def _step_from_name(p: Path) -> int:
 
 def now() -> float:
     return round(time.time(), 3)
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run side work (samples, validation) without moving the global RNGs the training run uses, so a
+    run with sampling or validation draws the same numbers as one without (and resumes bit-identically)."""
+    state = capture_rng(torch.Generator())
+    try:
+        yield
+    finally:
+        g = torch.Generator()
+        restore_rng(state, g)

@@ -29,21 +29,36 @@ from trainer.yaml_schema import read_yaml_mapping, resolve_relative, validate_mo
 # Fields that do not change the trained model: editing them must not block a resume.
 NON_TRAINING_FIELDS = frozenset({
     "name", "output_dir", "save_steps", "log_every", "keep_checkpoints", "resume",
-    "skip_bad_images", "recommended_batch_size", "sample_prompts", "priority", "device",
+    "skip_bad_images", "recommended_batch_size", "sample_prompts", "sample_every_n_steps",
+    "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
+    "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device",
 })
-PATH_FIELDS = ("train_data_dir", "metadata_path", "base_model", "base_model_config",
-               "init_lora_weights", "output_dir")
+PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base_model", "base_model_config",
+               "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
+               "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
+RESUME_POLICIES = ("auto", "never", "strict")
+# kohya's sampler names (sd-scripts' --sample_sampler); trainer.sampling maps each to a diffusers scheduler.
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+            "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-class OptimizerConfig(_Strict):
-    """AdamW settings (the only optimizer today; `name` keeps room for more)."""
+# kohya's `optimizer_type` names (case-insensitive there) -> ours; trainer.optim builds each.
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+# kohya's `lr_scheduler` names; trainer.optim.lr_factor computes each.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
-    name: Literal["adamw"] = "adamw"
-    """Optimizer. AdamW is what every LoRA recipe uses."""
+
+class OptimizerConfig(_Strict):
+    """Optimizer settings (trainer.optim builds it; the libraries are bitsandbytes, prodigyopt, transformers)."""
+
+    name: Literal[OPTIMIZERS] = "adamw"
+    """adamw (torch). adamw8bit: bitsandbytes, CUDA only, ~75% less optimizer memory. prodigy: prodigyopt,
+    learns its own step size (set learning_rate: 1.0). adafactor: transformers, factored second moments
+    (least memory), fixed learning_rate (relative_step off)."""
     weight_decay: float = Field(1e-2, ge=0)
     """Decoupled weight decay. 0.01 is the diffusers/kohya default; 0 for tiny datasets."""
     beta1: float = Field(0.9, ge=0, lt=1)
@@ -52,6 +67,45 @@ class OptimizerConfig(_Strict):
     """Second-moment decay."""
     eps: float = Field(1e-8, gt=0)
     """Denominator epsilon; raise to 1e-6 for fp16 stability."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the optimizer's constructor (kohya's optimizer_args), e.g.
+    {d_coef: 2, use_bias_correction: true} for Prodigy, {scale_parameter: false} for Adafactor."""
+
+
+class SubsetConfig(_Strict):
+    """One folder of a `datasets:` list (kohya's [[datasets.subsets]]). Caption options left out here
+    take the top-level value."""
+
+    image_dir: Path
+    """Folder that holds this subset's images (directly, not in N_name subfolders)."""
+    metadata_path: Optional[Path] = None
+    """CSV with file_name,text for this folder. Absent: caption files beside the images."""
+    num_repeats: int = Field(1, gt=0)
+    """Times each image is seen per epoch (kohya's N in N_name): balances small concepts against big ones."""
+    caption_extension: Optional[str] = None
+    """Caption file suffix (default: the top-level caption_extension, .txt)."""
+    class_tokens: Optional[str] = None
+    """Caption for images without a caption file (kohya: the name part of N_name)."""
+    is_reg: bool = False
+    """Regularization (class) images: their loss counts prior_loss_weight times."""
+    mask_dir: Optional[Path] = None
+    """masked_loss: folder of mask images named like the images (white = train, black = ignore)."""
+    shuffle_caption: Optional[bool] = None
+    """See the top-level key of the same name."""
+    keep_tokens: Optional[int] = Field(None, ge=0)
+    """See the top-level key of the same name."""
+    keep_tokens_separator: Optional[str] = None
+    """See the top-level key of the same name."""
+    caption_separator: Optional[str] = None
+    """See the top-level key of the same name."""
+    caption_dropout_rate: Optional[float] = Field(None, ge=0, le=1)
+    """See the top-level key of the same name."""
+    caption_tag_dropout_rate: Optional[float] = Field(None, ge=0, le=1)
+    """See the top-level key of the same name."""
+    caption_prefix: Optional[str] = None
+    """See the top-level key of the same name."""
+    caption_suffix: Optional[str] = None
+    """See the top-level key of the same name."""
 
 
 class TrainConfig(_Strict):
@@ -65,8 +119,17 @@ class TrainConfig(_Strict):
     """sd (SD 1.x/2.x), sdxl or causal_lm (see trainer.families). Default: detected from base_model
     (model_index.json's pipeline class, config.json's architectures, or a single file's key names);
     when set it must agree with the files."""
-    train_data_dir: Path
-    """Folder of training images (image mode) or text files (text mode)."""
+    train_data_dir: Optional[Path] = None
+    """Folder of training images (image mode) or text files (text mode). Image mode, kohya's layout: when it
+    holds no images itself, each `N_name` subfolder is a subset seen N times per epoch, `name` being the
+    caption (class tokens) of images without a caption file. Or use `datasets:` instead."""
+    datasets: Optional[list[SubsetConfig]] = None
+    """Image mode: several folders, each with its own repeats, captions and is_reg (instead of
+    train_data_dir), e.g. [{image_dir: data/cat, num_repeats: 3}, {image_dir: data/reg, is_reg: true}]."""
+    caption_extension: str = ".txt"
+    """Caption file suffix beside each image (kohya's --caption_extension)."""
+    prior_loss_weight: float = Field(1.0, ge=0)
+    """Loss weight of regularization (is_reg) images relative to training images."""
     metadata_path: Optional[Path] = None
     """CSV with `file_name,text` columns (also `filename|image|file` and `caption|prompt|text`).
     Absent: a `.txt` caption beside each image (kohya's convention)."""
@@ -85,6 +148,36 @@ class TrainConfig(_Strict):
     """Flip images horizontally at random (seeded). Not combinable with cache_latents."""
     skip_bad_images: bool = False
     """Skip missing/unreadable images with a warning instead of refusing the dataset."""
+    enable_bucket: bool = False
+    """Aspect-ratio buckets (kohya): each image goes to the bucket of nearest aspect ratio with area <=
+    resolution^2, is scaled to cover it and cropped minimally; each batch is from one bucket. Off: every
+    image is a resolution x resolution crop."""
+    min_bucket_reso: int = Field(256, gt=0)
+    """Smallest bucket side in pixels."""
+    max_bucket_reso: int = Field(1024, gt=0)
+    """Largest bucket side in pixels."""
+    bucket_reso_steps: int = Field(64, gt=0)
+    """Bucket sides are multiples of this (a multiple of the VAE's factor, 8; 64 suits every UNet)."""
+    bucket_no_upscale: bool = False
+    """Never enlarge an image: smaller images get a bucket of their own size (rounded down to the step)."""
+
+    # --- captions (kohya's options; random draws come from the step generator, so they resume) ---
+    shuffle_caption: bool = False
+    """Shuffle the caption's tags (split on caption_separator) each time it is seen, after keep_tokens."""
+    caption_separator: str = ", "
+    """What separates tags in a caption."""
+    keep_tokens: int = Field(0, ge=0)
+    """Leading tags never shuffled or dropped (e.g. the trigger word)."""
+    keep_tokens_separator: str = ""
+    """Instead of keep_tokens: tags before this marker (e.g. "|||") are kept in place."""
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    """Probability of training an image with an empty caption (helps unconditional guidance)."""
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    """Probability of dropping each (non-kept) tag."""
+    caption_prefix: str = ""
+    """Text put before every caption (joined with a space), before shuffling."""
+    caption_suffix: str = ""
+    """Text put after every caption (joined with a space), before shuffling."""
 
     # --- the LoRA ---------------------------------------------------------------------------------
     lora_rank: int = Field(8, gt=0)
@@ -119,8 +212,13 @@ class TrainConfig(_Strict):
     """Learning rate for the text encoder LoRA. Default: learning_rate."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     """AdamW hyper-parameters."""
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    """Schedule after warmup."""
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"
+    """Schedule after warmup (kohya's names): constant, constant_with_warmup (same here), linear, cosine,
+    cosine_with_restarts (lr_restart_cycles hard restarts), polynomial (lr_scheduler_power)."""
+    lr_restart_cycles: int = Field(1, gt=0)
+    """cosine_with_restarts: number of cosine cycles (1 = plain cosine)."""
+    lr_scheduler_power: float = Field(1.0, gt=0)
+    """polynomial: the decay's power (1 = linear)."""
     lr_warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 over this many optimizer steps."""
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
@@ -131,6 +229,35 @@ class TrainConfig(_Strict):
     """Recompute activations in backward: much less memory, ~30% slower."""
     cache_latents: bool = False
     """Encode each image with the VAE once instead of every step: faster, frees the VAE."""
+    cache_latents_to_disk: bool = False
+    """Also keep the latents on disk (cache_dir), keyed by image content, VAE and crop: the next job on the
+    same data never runs the VAE for them. Implies cache_latents."""
+    cache_text_encoder_outputs: bool = False
+    """Encode each caption once (frozen text encoder, fixed captions): no shuffling, dropout or
+    train_text_encoder."""
+    cache_text_encoder_outputs_to_disk: bool = False
+    """Also keep the text-encoder outputs on disk (cache_dir). Implies cache_text_encoder_outputs."""
+    cache_dir: Optional[Path] = None
+    """Disk cache folder. Default: $AGENTD_CACHE_DIR, else the daemon's cache dir ($CACHE_DIRECTORY),
+    else ~/.cache/agentd. `agentd gc` prunes entries unused for retention_days."""
+    noise_offset: float = Field(0.0, ge=0)
+    """Add this much per-channel constant noise (kohya --noise_offset; ~0.05-0.1 gives darker darks and
+    brighter brights)."""
+    multires_noise_iterations: int = Field(0, ge=0)
+    """Multi-resolution (pyramid) noise levels added to the noise; 6-10 is usual, 0 is off."""
+    multires_noise_discount: float = Field(0.3, ge=0, le=1)
+    """Weight decay per pyramid level of multires noise."""
+    min_snr_gamma: Optional[float] = Field(None, gt=0)
+    """Min-SNR loss weighting (Hang et al. 2023): 5 is the paper's value; faster convergence. Off: null."""
+    clip_skip: Optional[int] = Field(None, ge=1)
+    """Use the text encoder's N-th hidden state from the end (2 for anime-style models); 1 = last."""
+    masked_loss: bool = False
+    """Train only where a mask is white: the mask is the image's alpha channel (alpha_mask) or a file of
+    the same name in the subset's mask_dir."""
+    alpha_mask: bool = False
+    """masked_loss: take the mask from each image's alpha channel."""
+    mask_dir: Optional[Path] = None
+    """masked_loss: folder of masks named like the images (for train_data_dir; subsets have their own)."""
     seed: int = 42
     """Seeds data order, noise and LoRA init. Same seed + data + config = same LoRA."""
     deterministic: bool = False
@@ -150,8 +277,16 @@ class TrainConfig(_Strict):
     log_every: int = Field(1, gt=0)
     """Console/event line every N optimizer steps (loss.csv always has every step)."""
     resume: str = "auto"
-    """auto: continue from the newest matching checkpoint in output_dir. never: start fresh.
-    Or a path to a checkpoint folder."""
+    """auto: continue an interrupted run of the same training config; when the last run finished or its
+    training fields/data changed, start a new run (the previous one moves to runs/<run-id>/); a finished,
+    unchanged config does nothing. strict: refuse instead of starting a new run when the config changed.
+    never: always start a new run. Or a path to a checkpoint folder to resume from."""
+    history_dir: Optional[Path] = None
+    """Where previous runs are kept (each in <run-id>/). Default: <output_dir>/runs."""
+    keep_runs: int = Field(10, gt=0)
+    """Previous runs kept in history_dir; the oldest beyond this are deleted."""
+    compare_with: Optional[Path] = None
+    """A run folder (an output_dir or runs/<run-id>) the report compares with. Default: the newest previous run."""
     recommended_batch_size: Optional[int] = Field(None, gt=0)
     """Advisory (the seed's field): warn when batch_size is larger."""
     priority: int = 0
@@ -160,8 +295,29 @@ class TrainConfig(_Strict):
     device: Optional[Union[int, str]] = None
     """agentd only: the GPU to train on - an NVML index (0), a GPU UUID (GPU-8f2c...) or a name pattern
     ("*4090*"). Default: any GPU the VRAM gate picks. A pattern that matches no GPU is refused with the list."""
-    sample_prompts: list[str] = Field(default_factory=list)
-    """Prompts to render with the trained LoRA at the end (image mode), saved under samples/."""
+    sample_prompts: Union[list[str], Path] = Field(default_factory=list)
+    """Prompts to sample with the LoRA (images; text mode: completions): a list, or a text file with one
+    prompt per line in kohya's syntax (`a cat --n blurry --w 512 --h 512 --s 20 --l 7.5 --d 42 --ss euler_a`).
+    Always sampled at the end; see sample_every_n_steps/epochs and sample_at_start."""
+    sample_every_n_steps: Optional[int] = Field(None, gt=0)
+    """Also sample every N optimizer steps (each round costs a few denoising runs per prompt)."""
+    sample_every_n_epochs: Optional[int] = Field(None, gt=0)
+    """Also sample at the end of every N epochs."""
+    sample_at_start: bool = False
+    """Sample before the first step too (the base model's look, for comparison)."""
+    sample_sampler: Literal[SAMPLERS] = "ddim"
+    """Sampler for sample images (kohya names); a prompt's `--ss` overrides it."""
+
+    # --- validation -------------------------------------------------------------------------------
+    validation_split: Optional[float] = None
+    """Fraction of the data (0 < x <= 0.5) held out for validation loss, chosen by a fixed seed from the
+    data alone, so runs of the same data validate on the same samples."""
+    validation_data_dir: Optional[Path] = None
+    """A separate validation set (same layout as train_data_dir) instead of validation_split."""
+    validate_every_n_steps: Optional[int] = Field(None, gt=0)
+    """Validation loss every N optimizer steps (and at the end). Default: at every checkpoint (save_steps)."""
+    early_stopping_patience: Optional[int] = Field(None, gt=0)
+    """Stop (successfully) when the validation loss has not improved for this many validations."""
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "TrainConfig":
@@ -179,8 +335,18 @@ class TrainConfig(_Strict):
         if self.cache_latents and not self.center_crop:
             problems.append(("cache_latents", "cannot be combined with random crops (center_crop: false)",
                              "set center_crop: true or cache_latents: false", True))
-        if self.resume not in ("auto", "never") and not self.resume.strip():
-            problems.append(("resume", "is empty", "use auto, never or a checkpoint folder path", self.resume))
+        if self.resume not in RESUME_POLICIES and not self.resume.strip():
+            problems.append(("resume", "is empty", "use auto, never, strict or a checkpoint folder path",
+                             self.resume))
+        if self.validation_split is not None and not 0 < self.validation_split <= 0.5:
+            problems.append(("validation_split", "must be in (0, 0.5]", "hold out a fraction such as 0.1, "
+                             "or remove the key", self.validation_split))
+        if self.validation_split is not None and self.validation_data_dir is not None:
+            problems.append(("validation_split", "cannot be combined with validation_data_dir",
+                             "keep one of the two", self.validation_split))
+        if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None:
+            problems.append(("early_stopping_patience", "needs a validation set",
+                             "set validation_split or validation_data_dir", self.early_stopping_patience))
         if problems:
             # Raised as ValueError so pydantic reports it with the other errors; the field rides along.
             raise ValueError(json.dumps(problems))
@@ -267,7 +433,7 @@ def parse_config(text: str, *, base_dir: Path, source: str = "config",
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     raw = resolve_relative(raw, PATH_FIELDS, base_dir)
     resume = raw.get("resume")
-    if isinstance(resume, str) and resume not in ("auto", "never") and resume.strip():
+    if isinstance(resume, str) and resume not in RESUME_POLICIES and resume.strip():
         raw = resolve_relative(raw, ("resume",), base_dir)
     return raw
 

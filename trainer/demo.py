@@ -23,6 +23,11 @@ save_steps: 20
 log_every: 5
 cache_latents: true
 seed: 7
+resume: never            # the demo trains from scratch every time; earlier runs move to demo_lora/runs/
+keep_runs: 3
+validation_split: 0.25   # 6 of the 24 shapes held out: validation loss in loss.csv and the report
+sample_prompts: ["a red circle --s 10", "a blue square --s 10"]
+sample_every_n_epochs: 5
 """
 
 

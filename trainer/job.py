@@ -34,6 +34,9 @@ from trainer.model_cache import BaseModelCache, file_identity
 from trainer.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
                              library_versions, save_safetensors_atomic)
 from trainer.preflight import Checked
+from trainer.report import write_loss_png
+from trainer.runs import RunManifest, begin_run
+from trainer.watch import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +109,19 @@ class LoraTrainingJob:
         self._base_key = None
         self._started = time.time()
         self._last_saved_step = -1
+        self.train_size: int | None = None  # the dataset's first train_size samples train; the rest validate
 
     # --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        choice = ckpt.choose_resume(cfg.resume, ckpt.scan_candidates(cfg.resume, self.checkpoints_dir),
-                                    cfg.training_fields(), self.checked.data_fingerprint)
-        if choice.refusal:
-            raise ConfigError([Problem("resume", choice.refusal, "", cfg.resume)], self.checked.source)
+        # Which run this is (resume / new / nothing to do / refuse): trainer.runs, before anything is written.
+        self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
+        choice = self.run_start.decision
+        if choice.action == "refuse":
+            raise ConfigError([Problem("resume", choice.reason, "", cfg.resume)], self.checked.source)
+        if choice.action == "nothing":
+            self.reporter.emit(event("run", action="nothing", reason=choice.reason, run_id=self.run_start.run_id))
+            return
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -121,7 +129,11 @@ class LoraTrainingJob:
 
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         resume_path = choice.checkpoint
+        self.run_start.manifest = RunManifest.continue_or_start(cfg.output_dir, self.run_start.run_id)
+        self.run_start.record("config.yaml", "run.json", "logs/loss.csv", "logs/events.jsonl")
         self.logs.open(None if resume_path is None else self._checkpoint_step(resume_path))
+        self.reporter.emit(event("run", action=choice.action, reason=choice.reason, run_id=self.run_start.run_id,
+                                 previous=str(self.run_start.moved_to) if self.run_start.moved_to else None))
         for w in [*self.checked.warnings, *choice.warnings, *self._precision_warnings]:
             self.reporter.emit(event("warning", message=w))
         atomic_write_text(cfg.output_dir / "config.yaml", dump_config(cfg))
@@ -149,10 +161,11 @@ class LoraTrainingJob:
         self.task.prepare(self.dataset)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.watch)
         self._write_run_json("running")
         self.reporter.emit(event(
             "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
-            samples=len(self.dataset), batch_size=cfg.batch_size, grad_accum=cfg.gradient_accumulation_steps,
+            samples=self.train_size, batch_size=cfg.batch_size, grad_accum=cfg.gradient_accumulation_steps,
             resumed_from=self.resumed_from, output_dir=str(cfg.output_dir), warm=self.warm,
             warm_move_s=self.warm_move_s))
 
@@ -162,7 +175,7 @@ class LoraTrainingJob:
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(len(self.dataset), self.cfg.batch_size, self.cfg.gradient_accumulation_steps)
+        return steps_per_epoch(self.train_size, self.cfg.batch_size, self.cfg.gradient_accumulation_steps)
 
     def _checkpoint_step(self, path: Path) -> int:
         return ckpt.read_state(path)["train_state"]["global_step"]
@@ -183,7 +196,10 @@ class LoraTrainingJob:
         """The family's base (warm from the daemon's cache when it has it), task and dataset."""
         cfg = self.cfg
         fam = families.family(cfg.model_family)
-        dataset = fam.make_dataset(cfg, self.checked.scan.samples)
+        # One dataset: the training samples, then the held-out validation samples (trainer.validation).
+        train = self.checked.scan.samples if self.checked.train_samples is None else self.checked.train_samples
+        self.train_size = len(train)
+        dataset = fam.make_dataset(cfg, list(train) + list(self.checked.validation_samples))
         load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
         # Not the device: a warm base kept in host memory moves to whichever device the next job has.
         self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
@@ -212,10 +228,12 @@ class LoraTrainingJob:
         cfg, state = self.cfg, self.state
         accum = cfg.gradient_accumulation_steps
         recent: list[float] = []
+        self.watch.start()
         t_last, times = time.perf_counter(), []
-        while state.global_step < self.total_steps:
-            batches = micro_batches(epoch_order(len(self.dataset), cfg.seed, state.epoch), cfg.batch_size)
-            while state.cursor < len(batches) and state.global_step < self.total_steps:
+        while state.global_step < self.total_steps and not self.watch.stopped_early:
+            batches = micro_batches(epoch_order(self.train_size, cfg.seed, state.epoch), cfg.batch_size)
+            while state.cursor < len(batches) and state.global_step < self.total_steps \
+                    and not self.watch.stopped_early:
                 group = batches[state.cursor: state.cursor + accum]
                 step_loss = 0.0
                 for indices in group:
@@ -231,7 +249,10 @@ class LoraTrainingJob:
                 times = (times + [now - t_last])[-20:]
                 t_last = now
                 recent = (recent + [step_loss])[-20:]
-                self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times))
+                val_loss = self.watch.validate(state.global_step)
+                self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times), val_loss)
+                self.watch.after_step(state.global_step, state.epoch + 1 if state.cursor >= len(batches) else None)
+                t_last = time.perf_counter()  # step time never includes validation or sampling
 
                 if self.pause.is_set():
                     self.save_checkpoint()
@@ -264,14 +285,14 @@ class LoraTrainingJob:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _report_step(self, loss: float, grad_norm, mean: float, it_s: float) -> None:
+    def _report_step(self, loss: float, grad_norm, mean: float, it_s: float, val_loss: float | None = None) -> None:
         cfg, st = self.cfg, self.state
         lr = self.optimizer.param_groups[0]["lr"]
         epochs = cfg.epochs if not cfg.max_train_steps else math.ceil(self.total_steps / self.steps_per_epoch)
         self.logs.step({"step": st.global_step, "epoch": st.epoch + 1, "loss": loss, "lr": lr,
                         "grad_norm": grad_norm, "samples_per_s": round(it_s * cfg.batch_size *
                                                                        cfg.gradient_accumulation_steps, 3),
-                        "elapsed_s": round(time.time() - self._started, 3)})
+                        "elapsed_s": round(time.time() - self._started, 3), "val_loss": val_loss})
         logged = st.global_step % cfg.log_every == 0 or st.global_step == self.total_steps
         self.reporter.emit(event("step", step=st.global_step, total_steps=self.total_steps,
                                  epoch=f"{st.epoch + 1}/{epochs}", loss=loss, loss_mean=mean, lr=lr,
@@ -289,6 +310,7 @@ class LoraTrainingJob:
                                     optim=optim, rng=ckpt.capture_rng(self.generator), state=meta,
                                     keep=cfg.keep_checkpoints)
         self._last_saved_step = self.state.global_step
+        self.run_start.record(path)
         self.reporter.emit(event("checkpoint", step=self.state.global_step, path=str(path)))
         return path
 
@@ -297,16 +319,16 @@ class LoraTrainingJob:
         lora_path = cfg.output_dir / f"{cfg.run_name}.safetensors"
         save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
         artifacts = [str(lora_path)]
-        if cfg.sample_prompts:
-            artifacts += [str(p) for p in self.task.render_samples(cfg.sample_prompts, cfg.output_dir / "samples",
-                                                                   cfg.seed)]
+        artifacts += [str(p) for p in self.watch.finish()]  # the last samples round and the grid
         extra = self.task.export_extra(cfg.output_dir)
         artifacts += [str(p) for p in extra]
+        self.run_start.record(*artifacts, "logs/summary.csv")
         summary = self._summary(final_loss)
         atomic_write_text(self.logs.dir / "summary.csv",
                           ",".join(summary) + "\n" + ",".join("" if v is None else str(v) for v in summary.values())
                           + "\n")
         self._write_run_json("succeeded", final_loss=final_loss, summary=summary, artifacts=artifacts)
+        artifacts += [str(p) for p in self.watch.report()]  # reads run.json: written after it
         for a in artifacts:
             self.reporter.emit(event("artifact", path=a))
         return JobResult("succeeded", cfg.output_dir, lora_path, self.state.global_step, final_loss,
@@ -320,7 +342,8 @@ class LoraTrainingJob:
         rates = [float(r["samples_per_s"]) for r in rows[-10:] if r.get("samples_per_s")]
         return {"final_loss": final_loss, "mean_loss_last10": round(sum(last) / len(last), 6) if last else None,
                 "samples_per_s": round(sum(rates) / len(rates), 3) if rates else None,
-                "peak_memory_mib": self.peak_memory_mib(), "steps": self.state.global_step}
+                "peak_memory_mib": self.peak_memory_mib(), "steps": self.state.global_step,
+                **self.watch.summary()}  # validation loss, sampling and validation seconds
 
     def _lora_metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -356,12 +379,15 @@ class LoraTrainingJob:
             resumes.append({"from_step": self.resumed_from, "at": self._started, "why": self.resume_reason})
         config_file = self.checked.source
         data = {
-            "name": cfg.run_name, "status": status,
+            "name": cfg.run_name, "status": status, "run_id": self.run_start.run_id,
+            "training_fields": cfg.training_fields(),
             "config": cfg.resolved(), "config_hash": cfg.full_hash(), "training_hash": cfg.config_hash(),
             "config_file": config_file,
             "git": git_info(Path(config_file).resolve().parent) if config_file else None,
             "jenkins": jenkins_vars(self.env),
-            "dataset": {"dir": str(cfg.train_data_dir), "samples": len(self.dataset),
+            "dataset": {"dir": str(cfg.train_data_dir), "samples": self.train_size,
+                        "validation_samples": len(self.checked.validation_samples),
+                        "validation_dir": str(cfg.validation_data_dir or "") or None,
                         "fingerprint": self.checked.data_fingerprint},
             "versions": library_versions(),
             "device": _device_info(self.device),
@@ -389,11 +415,18 @@ class LoraTrainingJob:
         """Record a failed or cancelled end in run.json (the caller reports the event)."""
         if self.task is not None and self.cfg.output_dir.exists():
             self._write_run_json(outcome, error=error)
+            with contextlib.suppress(Exception):  # the chart is a convenience; never mask the real error
+                self.run_start.record(write_loss_png(self.cfg.output_dir))
 
     def run(self) -> JobResult:
         """setup + train + cleanup, with a cancelled or failed end reported and recorded."""
         try:
             self.setup()
+            if self.run_start.decision.action == "nothing":
+                prev = self.run_start.previous
+                self.reporter.emit(event("finished", outcome="succeeded", final_loss=prev.final_loss,
+                                         output_dir=str(self.cfg.output_dir), step=prev.steps))
+                return JobResult("succeeded", self.cfg.output_dir, None, prev.steps or 0, prev.final_loss)
             result = self.train()
             self.reporter.emit(event("finished", outcome="succeeded", final_loss=result.final_loss,
                                      output_dir=str(self.cfg.output_dir), step=result.steps))

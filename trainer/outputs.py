@@ -4,7 +4,7 @@
     <output_dir>/config.yaml          the resolved config that made it
     <output_dir>/run.json             provenance (see `provenance`)
     <output_dir>/checkpoints/step-N/  resumable state (trainer.checkpoint)
-    <output_dir>/logs/loss.csv        one row per optimizer step
+    <output_dir>/logs/loss.csv        one row per optimizer step (val_loss on the steps that validated)
     <output_dir>/logs/events.jsonl    every event
 
 Whole files (LoRA, run.json, config.yaml, checkpoints) are written to a temporary name in the same
@@ -22,7 +22,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"]
+LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "val_loss"]
+# Events tied to a step: a resume from step N drops the ones after N (they will happen again).
+STEP_EVENTS = ("step", "checkpoint", "validation", "sample")
 JENKINS_VARS = ("JOB_NAME", "BUILD_NUMBER", "BUILD_URL", "BUILD_TAG", "GIT_COMMIT", "GIT_BRANCH", "WORKSPACE",
                 "NODE_NAME")
 
@@ -102,7 +104,7 @@ class RunLogs:
                     ev = json.loads(line)
                 except ValueError:
                     continue
-                if ev.get("step") is not None and ev.get("type") in ("step", "checkpoint") and ev["step"] > step:
+                if ev.get("step") is not None and ev.get("type") in STEP_EVENTS and ev["step"] > step:
                     continue
                 kept.append(line)
         atomic_write_text(self.events_path, "".join(x + "\n" for x in kept))

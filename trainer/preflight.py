@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
-from trainer import families
+from trainer import families, runs, sampling, validation
 from trainer.data import Scan, fingerprint
 from trainer.errors import ConfigError, Problem
 from trainer.families.probe import probe, safetensors_header
@@ -23,6 +23,8 @@ class Checked:
     scan: Scan
     warnings: list[str] = field(default_factory=list)
     source: str | None = None
+    train_samples: list | None = None  # None: all of scan.samples (no validation split)
+    validation_samples: list = field(default_factory=list)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -52,22 +54,26 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     if cfg.init_lora_weights is not None and not cfg.init_lora_weights.is_file():
         problems.append(Problem("init_lora_weights", "file does not exist",
                                 "point it at a .safetensors LoRA, or remove the key", str(cfg.init_lora_weights)))
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+    if cfg.resume not in ("auto", "never", "strict") and not Path(cfg.resume).is_dir():
         problems.append(Problem("resume", "checkpoint folder does not exist",
-                                "use auto, never, or an existing checkpoints/step-N folder", cfg.resume))
+                                "use auto, never, strict, or an existing checkpoints/step-N folder", cfg.resume))
     if fam is not None:
         problems += fam.check(cfg, model_probe)
         problems += _init_lora_problems(cfg, fam)
     # Without a family (the model is missing or unknown) the data is still checked, as `mode` says.
     scan = (fam or families.family(cfg.family_name)).scan_dataset(cfg)
     problems += scan.problems
+    # The held-out validation set, sample prompts and compare_with (trainer.validation/sampling/runs).
+    scan_dir = lambda d: (fam or families.family(cfg.family_name)).scan_dataset(validation.as_train_dir(cfg, d))  # noqa: E731
+    train_samples, held_out, val_problems = validation.validation_set(cfg, scan.samples, scan_dir)
+    problems += val_problems + sampling.problems(cfg) + runs.problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     warnings = list(scan.warnings)
     if cfg.recommended_batch_size is not None and cfg.batch_size > cfg.recommended_batch_size:
         warnings.append(f"batch_size {cfg.batch_size} is larger than recommended_batch_size "
                         f"{cfg.recommended_batch_size}: it may not fit in GPU memory")
-    return Checked(cfg, scan, warnings, source)
+    return Checked(cfg, scan, warnings, source, train_samples, held_out)
 
 
 def _nearest_existing(path: Path) -> Path | None:

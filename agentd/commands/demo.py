@@ -53,8 +53,8 @@ def main(name: str, argv: list[str]) -> int:
         out = folder / "demo_lora"
         if code == 0:
             print("\noutputs:")
-            for rel in ("demo_lora.safetensors", "run.json", "config.yaml", "logs/loss.csv", "logs/events.jsonl",
-                        "checkpoints/"):
+            for rel in ("demo_lora.safetensors", "report.html", "run.json", "config.yaml", "logs/loss.csv",
+                        "logs/loss.png", "logs/events.jsonl", "samples/grid.png", "checkpoints/", "runs/"):
                 print(f"  {out / rel}")
             print(f"\nnext: `lora-train validate {config}`; on a GPU box, `agentd serve` under systemd (README)")
         return code

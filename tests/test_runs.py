@@ -1,0 +1,194 @@
+"""Runs in one output_dir: the resume / new run / nothing to do / refuse decision, the manifest-only move
+to runs/<run-id>/, keep_runs, and the CI loop through the real `lora-train` and the real daemon."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, write_config
+from tests.daemon_harness import DaemonProc
+from trainer.checkpoint import Candidate
+from trainer.runs import (MANIFEST, PreviousRun, RunManifest, decide_run, move_aside, prune_history,
+                          recover_moves)
+
+FIELDS = {"learning_rate": 0.002, "lora_rank": 4}
+DEFAULTS = {"learning_rate": 0.0001, "lora_rank": 8, "validation_split": None}
+
+
+def prev(status="succeeded", **fields) -> PreviousRun:
+    return PreviousRun("20261201-000000-abcdef", status, {**FIELDS, **fields}, "fp", 1_700_000_000.0, 6, 0.5)
+
+
+def ckpt(step=4, **fields) -> Candidate:
+    return Candidate(Path(f"/o/checkpoints/step-{step:08d}"), step, None, {**FIELDS, **fields}, "fp")
+
+
+def decide(policy, previous, candidates=(), fields=FIELDS, fp="fp"):
+    return decide_run(policy, fields, fp, previous, list(candidates), DEFAULTS, "runs", Path("/o/checkpoints"))
+
+
+def test_decision_finished_run():
+    same = decide("auto", prev())
+    assert same.action == "nothing" and "already trained at 2023-11-14" in same.reason
+    assert "(run 20261201-000000-abcdef): nothing to do" in same.reason
+    changed = decide("auto", prev(learning_rate=0.001), [ckpt(learning_rate=0.001)])
+    assert changed.action == "new" and changed.move_previous
+    assert changed.reason.startswith("config changed since the last run (learning_rate 0.001 -> 0.002)")
+    assert "the previous one is kept in runs/20261201-000000-abcdef" in changed.reason
+    data = decide("auto", prev(), fp="other")
+    assert data.action == "new" and "dataset: files or captions changed" in data.reason
+    strict = decide("strict", prev(learning_rate=0.001))
+    assert strict.action == "refuse" and "learning_rate 0.001 -> 0.002" in strict.reason
+    assert decide("strict", prev()).action == "nothing"
+    again = decide("never", prev())
+    assert again.action == "new" and again.move_previous and again.reason.startswith("resume: never")
+    # a key an older run.json lacks counts as its default: no spurious "config changed"
+    old = PreviousRun("r", "succeeded", dict(FIELDS), "fp", 1.0)
+    assert decide("auto", old, fields={**FIELDS, "validation_split": None}).action == "nothing"
+
+
+def test_decision_interrupted_run():
+    for status in ("running", "cancelled", "failed"):
+        d = decide("auto", prev(status), [ckpt(6), ckpt(4)])
+        assert d.action == "resume" and d.checkpoint.name == "step-00000006" and not d.move_previous
+        assert "resuming the interrupted run 20261201-000000-abcdef from step 6" in d.reason
+    changed = decide("auto", prev("cancelled", learning_rate=0.001), [ckpt(learning_rate=0.001)])
+    assert changed.action == "new" and changed.move_previous and "learning_rate 0.001 -> 0.002" in changed.reason
+    strict = decide("strict", prev("cancelled", learning_rate=0.001), [ckpt(learning_rate=0.001)])
+    assert strict.action == "refuse" and "resume: auto" in strict.reason
+    bad = Candidate(Path("/o/checkpoints/step-00000008"), 8, "rng.pt missing")
+    fallback = decide("auto", prev("cancelled"), [bad, ckpt(4)])
+    assert fallback.action == "resume" and fallback.checkpoint.name == "step-00000004" and fallback.warnings
+    nothing_usable = decide("auto", prev("failed"), [bad])
+    assert nothing_usable.action == "new" and "left no usable checkpoint" in nothing_usable.reason
+    assert decide("auto", None).action == "new" and decide("auto", None).reason == "starting the first run in output_dir"
+
+
+def _run_files(out: Path) -> None:
+    for rel in ("run.json", "config.yaml", "logs/loss.csv", "checkpoints/step-00000002/lora.safetensors"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(rel)
+    m = RunManifest(out, "run-a")
+    m.add("run.json", "config.yaml", "logs/loss.csv", out / "checkpoints/step-00000002", "gone.png")
+
+
+def test_move_aside_moves_only_the_manifest_files(tmp_path):
+    out = tmp_path / "out"
+    _run_files(out)
+    (out / "notes.txt").write_text("mine")  # the user's files, in and beside the run's folders
+    (out / "logs/mine.log").write_text("mine")
+    (out / "checkpoints/step-00000099").mkdir()
+    moved = move_aside(out, out / "runs", "run-a")
+    assert moved == out / "runs/run-a"
+    assert sorted(str(p.relative_to(moved)) for p in moved.rglob("*") if p.is_file()) == [
+        "checkpoints/step-00000002/lora.safetensors", "config.yaml", "logs/loss.csv", MANIFEST, "run.json"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "logs/mine.log").exists()
+    assert (out / "checkpoints/step-00000099").is_dir()
+    assert not (out / MANIFEST).exists() and not list((out / "runs").glob(".moving-*"))
+
+
+def test_a_move_cut_short_is_finished_by_the_next_run(tmp_path):
+    out, history = tmp_path / "out", tmp_path / "hist"
+    _run_files(out)
+    staging = history / ".moving-run-a"  # as if the process died after moving two files
+    (staging / "logs").mkdir(parents=True)
+    os.rename(out / "run.json", staging / "run.json")
+    os.rename(out / "logs/loss.csv", staging / "logs/loss.csv")
+    recover_moves(out, history)
+    final = history / "run-a"
+    assert (final / "run.json").exists() and (final / "logs/loss.csv").exists() and (final / "config.yaml").exists()
+    assert (final / MANIFEST).exists() and not staging.exists() and not (out / MANIFEST).exists()
+
+
+def test_keep_runs_prunes_only_runs(tmp_path):
+    history = tmp_path / "runs"
+    for name in ("20260101-000000-a", "20260102-000000-b", "20260103-000000-c"):
+        (history / name).mkdir(parents=True)
+        (history / name / MANIFEST).write_text("{}")
+    (history / "photos").mkdir()  # not a run: never deleted
+    removed = prune_history(history, 2)
+    assert [p.name for p in removed] == ["20260101-000000-a"]
+    assert sorted(p.name for p in history.iterdir()) == ["20260102-000000-b", "20260103-000000-c", "photos"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the real trainer
+
+
+def train(cfg: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lora-train"), "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_ci_loop_in_the_foreground(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, max_train_steps=4, save_steps=2, keep_runs=1)
+    out = cfg.parent / "out"
+    first = train(cfg)
+    assert first.returncode == 0, first.stderr
+    assert "starting the first run in output_dir" in first.stdout
+    (out / "notes.txt").write_text("the user's file")
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+
+    stamp = (out / "run.json").stat().st_mtime_ns
+    same = train(cfg)
+    assert same.returncode == 0, same.stderr
+    assert f"(run {run_id}): nothing to do" in same.stdout and "step 1/" not in same.stdout
+    assert (out / "run.json").stat().st_mtime_ns == stamp, "nothing to do writes nothing"
+
+    text = cfg.read_text()
+    cfg.write_text(text.replace("learning_rate: 2e-3", "learning_rate: 1e-3"))
+    changed = train(cfg)
+    assert changed.returncode == 0, changed.stderr
+    assert (f"config changed since the last run (learning_rate 0.002 -> 0.001): starting a new run; "
+            f"the previous one is kept in runs/{run_id}") in changed.stdout
+    assert "step 4/4" in changed.stdout
+    kept = out / "runs" / run_id
+    assert json.loads((kept / "run.json").read_text())["config"]["learning_rate"] == 0.002
+    assert (kept / "out.safetensors").is_file() and (kept / "checkpoints/step-00000004").is_dir()
+    assert (out / "notes.txt").read_text() == "the user's file" and not (kept / "notes.txt").exists()
+    assert json.loads((out / "run.json").read_text())["config"]["learning_rate"] == 0.001
+
+    cfg.write_text(text + "resume: strict\n")  # back to 2e-3: strict refuses to start a new run
+    refused = train(cfg)
+    assert refused.returncode == 2 and "learning_rate 0.001 -> 0.002" in refused.stderr
+    assert "resume: strict" in refused.stderr
+
+    cfg.write_text(text.replace("learning_rate: 2e-3", "learning_rate: 1e-3") + "resume: never\n")
+    forced = train(cfg)
+    assert forced.returncode == 0 and "resume: never: starting a new run" in forced.stdout
+    assert "step 4/4" in forced.stdout
+    assert len(list((out / "runs").iterdir())) == 1, "keep_runs: 1 keeps one previous run"
+
+
+def test_changed_config_through_the_daemon_starts_a_new_run(tmp_path, assets):
+    (tmp_path / "daemon").mkdir()
+    d = DaemonProc(tmp_path / "daemon").start()
+    try:
+        cfg = write_config(tmp_path, assets, max_train_steps=3, save_steps=3)
+        first = d.run("run", str(cfg))
+        assert first.returncode == 0, first.stdout
+        run_id = json.loads((cfg.parent / "out/run.json").read_text())["run_id"]
+        cfg.write_text(cfg.read_text().replace("learning_rate: 2e-3", "learning_rate: 1e-3"))
+        second = d.run("run", str(cfg))
+        assert second.returncode == 0, second.stdout
+        assert "config changed since the last run (learning_rate 0.002 -> 0.001)" in second.stdout
+        assert (cfg.parent / "out/runs" / run_id / "run.json").is_file()
+        third = d.run("run", str(cfg))
+        assert third.returncode == 0 and "nothing to do" in third.stdout
+    finally:
+        d.stop()
+
+
+def test_demo_config_trains_from_scratch_every_time(tmp_path, assets):
+    from trainer.demo import write_demo_config
+
+    cfg = write_demo_config(tmp_path, max_train_steps=3)
+    for _ in range(2):
+        proc = train(cfg)
+        assert proc.returncode == 0, proc.stderr
+        assert "step 3/3" in proc.stdout and "nothing to do" not in proc.stdout
+    assert len(list((tmp_path / "demo_lora/runs").iterdir())) == 1
