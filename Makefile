@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test bench clean install-service
+.PHONY: setup demo test browser bench clean install-service
 
 # The venv sees system site-packages so that a CUDA torch already installed on a GPU box is kept;
 # torch is installed (CPU build) only when none can be imported.
@@ -20,8 +20,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/agentd demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# The report test (tests/test_report.py) drives headless Chromium, Debian's `chromium` package. Installed
+# here when it is missing and we may (root with apt-get); quick when present. Otherwise that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing chromium for the report's browser test (apt-get)" && \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed (needs root and apt-get): the report's browser test will be skipped"
 
 bench: setup
 	$(PY) bench/run_all.py
