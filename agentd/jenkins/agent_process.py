@@ -300,6 +300,8 @@ class AgentProcess:
                 reader.start()
                 code = proc.wait()
                 reader.join(timeout=2)
+                if not reader.is_alive() and proc.stdout is not None:
+                    proc.stdout.close()   # the pipe is done (a grandchild may still hold it: then leave it)
                 with self._lock:
                     self._last_exit_code = code
                     self._proc = None
