@@ -47,6 +47,8 @@ class Daemon:
         self._status = None
         self._status_at = 0.0
         self._status_lock = threading.Lock()
+        self._changes = 0  # bumped by the scheduler on every state change: a cached status older is stale
+        self._status_changes = -1
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -67,7 +69,7 @@ class Daemon:
             probe=self.probe, max_wait_s=s.max_wait_s, max_infra_retries=s.max_infra_retries,
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
             vram_margin_mib=s.vram_margin_mib, gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s,
-            max_foreign_vram_mib=s.max_foreign_vram_mib)
+            max_foreign_vram_mib=s.max_foreign_vram_mib, on_change=self._scheduler_changed)
         from agentd.access import authorizer
 
         self.scheduler.authorize = authorizer(self.own_folders())
@@ -172,12 +174,18 @@ class Daemon:
             slots=slots, running=sched["running"], queue=sched["queue"], paused=sched["paused"], recent=recent,
             counters=sched["counters"], model_cache=_build(ModelCacheInfo, self.scheduler.base_cache.info()))
 
+    def _scheduler_changed(self) -> None:
+        self._changes += 1  # called under the scheduler's lock: only a counter, no work
+
     def current_status(self):
-        """The status of this tick (rebuilt when older than STATUS_MAX_AGE_S, e.g. between ticks)."""
+        """The status of this tick; rebuilt when the scheduler changed since, or when older than
+        STATUS_MAX_AGE_S (GPU and progress figures between ticks)."""
         with self._status_lock:
-            if self._status is None or time.monotonic() - self._status_at > STATUS_MAX_AGE_S:
+            if (self._status is None or self._status_changes != self._changes
+                    or time.monotonic() - self._status_at > STATUS_MAX_AGE_S):
+                changes = self._changes
                 self._status = self.build_status()
-                self._status_at = time.monotonic()
+                self._status_at, self._status_changes = time.monotonic(), changes
             return self._status
 
     def status(self) -> dict:
@@ -206,7 +214,9 @@ class Daemon:
                 notifier.watchdog_tick()
             self.scheduler.base_cache.offload_expired()  # the polite warm cache: off the GPU after its TTL
             with self._status_lock:
-                self._status, self._status_at = self.build_status(), time.monotonic()
+                changes = self._changes
+                self._status = self.build_status()
+                self._status_at, self._status_changes = time.monotonic(), changes
             notifier.status(self.status_line())
             self._periodic()
         notifier.stopping("stopping: checkpointing running jobs")

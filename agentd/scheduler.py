@@ -351,6 +351,8 @@ class Scheduler:
                         job.id, line)
             data = ev.to_dict()
             self.journal.add_event(job.id, job.seq, data)
+            if ev.kind != "step":
+                self.on_change()  # before a follower hears of it, so a status it asks for then already shows it
             for q in job.subscribers:
                 q.put(data)
 
