@@ -38,3 +38,22 @@ def test_rich_layout_renders_without_a_tty():
     out = io.StringIO()
     Console(file=out, width=120).print(rich_renderable(snapshot()))
     assert "job-000001" in out.getvalue() and "N/A" in out.getvalue()
+
+
+def test_status_line_and_views_read_one_typed_status():
+    from agentd.status_model import Status
+
+    s = Status.from_dict({**snapshot(), "jenkins": {"state": "online", "url": "https://ci/", "node_name": "gpubox",
+                                                    "agent": {"state": "running", "pid": 42, "restarts": 1}},
+                          "queue": [{"id": "job-2", "position": 2, "state": "queued", "priority": 5, "config": "/q"}],
+                          "paused": [{"id": "job-3", "step": 4, "total_steps": 10}],
+                          "future_section": {"x": 1}})  # a newer daemon's field: ignored
+    s.running[0].step, s.running[0].total_steps = 3, 300
+    assert s.line() == "training job-000001 step 3/300 · 1 GPU · 1 queued · 1 paused · jenkins online"
+    text = render_plain(s)
+    assert "node gpubox" in text and "agent.jar: running pid 42 restarts 1" in text
+    assert "priority 5" in text and "job-3 at step 4/10" in text
+    s.running.clear()
+    s.slots[0].healthy, s.slots[0].unhealthy_reason = False, "infrastructure failure in job-1: CUDA error"
+    assert s.line() == "idle · 1 GPU (1 unhealthy) · 1 queued · 1 paused · jenkins online"
+    assert "UNHEALTHY: infrastructure failure in job-1" in render_plain(s.to_dict())
