@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["bench_train.py", "bench_daemon.py", "bench_checkpoint.py", "bench_warm_cache.py"]
+BENCHES = ["bench_train.py", "bench_daemon.py", "bench_checkpoint.py", "bench_warm_cache.py", "bench_sampling.py"]
 
 if __name__ == "__main__":
     failed = 0
