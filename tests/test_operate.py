@@ -5,7 +5,9 @@ The pure decisions (run order, failure classes, device match) are tested directl
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -301,3 +303,31 @@ def test_entry_in_use_is_never_moved_and_the_ttl_counts_from_the_job_end(tmp_pat
     now[0] = 1005.5
     assert cache.offload_expired() == [("gpu",)]
     assert cache.device_of(("gpu",)) == "cpu" and cache.info()["on_device"] == 0
+
+
+def test_the_gate_never_counts_agentds_own_vram_as_foreign():
+    from agentd.gate import gate_decision, node_blocked_reason
+
+    nvml = FakeNvml([FakeGpu("NVIDIA GeForce RTX 4090", total_mib=24564)])
+    nvml.add_process(0, pid=os.getpid(), used_mib=9000)  # our warm base model
+    facts = NvmlProbe(nvml).list_gpus()
+    assert gate_decision(1000, facts, set(), 256, 2000, {os.getpid()}).outcome == "start"
+    # A box whose NVML cannot list processes (containers, some drivers): what we know we hold is ours.
+    blind = [replace(g, processes=None) for g in facts]
+    assert gate_decision(1000, blind, set(), 256, 2000, {os.getpid()}).outcome == "wait"  # cautious without
+    assert gate_decision(1000, blind, set(), 256, 2000, {os.getpid()}, own_mib={0: 9000}).outcome == "start"
+    assert node_blocked_reason(blind, 2000, False, {os.getpid()}, {0: 9000}) is None
+    assert "max_foreign_vram_mib" in node_blocked_reason(blind, 2000, False, {os.getpid()})
+
+
+def test_validate_names_the_gpus_when_device_matches_none(tmp_path, assets):
+    from agentd.commands.validate import device_problem
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    cfg = write_config(folder, assets, device="*H100*")
+    gpus = NvmlProbe(two_gpus()).list_gpus()
+    problem = device_problem(str(cfg), gpus)
+    assert "device" in problem and "0: NVIDIA GeForce RTX 4090" in problem and str(cfg) in problem
+    assert device_problem(str(write_config(folder, assets, device="*4090*")), gpus) is None
+    assert device_problem(str(cfg), []) is None  # no GPU here: the target box decides (the daemon checks)
