@@ -15,8 +15,9 @@ Every prompt has a fixed seed, so successive samples of one prompt differ only b
 Text mode samples greedy completions of the prompts (the options other than the prompt are ignored).
 
 Files: `samples/step-<N>/<prompt index>.png|.txt` per round (step 0 = `sample_at_start`), and
-`samples/grid.png` (rows: prompts, columns: the rounds), rewritten after each round. A prompt that
-fails to sample (out of memory, a bad option value) is a warning event, never a failed job.
+`samples/grid.png` (rows: prompts, columns: the rounds), written at the end of the run. A prompt that
+fails to sample (out of memory, a sampler that rejects the options) is a warning event, never a failed
+job. The rendering itself is the model family's `Task.render_sample` hook.
 """
 from __future__ import annotations
 
