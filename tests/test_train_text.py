@@ -65,7 +65,7 @@ def test_outputs(trained):
     result, out = trained
     peft_dir = out / "lm-peft"
     assert str(peft_dir) in result.artifacts
-    assert (out / "samples/sample-00.txt").read_text().startswith("the red ")
+    assert (out / "samples/step-00000040/00.txt").read_text().startswith("the red ")
     with safe_open(str(out / "lm.safetensors"), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("lora_lm_model_layers_") for k in keys)
@@ -97,20 +97,26 @@ def test_peft_folder_loads_and_changes_logits(trained, assets):
 def test_batch_pads_with_ignored_labels_and_appends_eos(trained, assets, tmp_path):
     from trainer.job import LoraTrainingJob
 
-    job = LoraTrainingJob(preflight(write_text_config(tmp_path, assets, max_seq_length=4)))
+    (tmp_path / "cut").mkdir()
+    cut = preflight(write_text_config(tmp_path / "cut", assets, max_seq_length=4)).scan.samples[0]
+    job = LoraTrainingJob(preflight(write_text_config(tmp_path, assets)))
+    full = job.checked.scan.samples[0]
     job.setup()
     try:
         tok = job.task.base.tokenizer
         eos = tok.eos_token_id
-        ids, mask, labels = job.task.batch(["ab", "abcdef"])
+        batch = job.task.batch([cut, full])
     finally:
         job.cleanup()
+    text = tok("the red circle is red.")["input_ids"]
     assert tok.pad_token_id == eos  # the tiny tokenizer has none, like Llama's
-    assert ids.shape == (2, 4)
-    assert ids[0, :3].tolist() == tok("ab")["input_ids"] + [eos] and mask[0].tolist() == [1, 1, 1, 0]
-    assert labels[0].tolist()[-1] == -100 and labels[0, :3].tolist() == ids[0, :3].tolist()
-    # Cut at max_seq_length: no EOS (the text did not end there), no padding.
-    assert ids[1].tolist() == tok("abcd")["input_ids"] and mask[1].tolist() == [1, 1, 1, 1]
+    # A text that fits ends with EOS (the model learns to stop); one cut at max_seq_length gets none.
+    assert list(full.ids) == text + [eos] and all(full.trained)
+    assert list(cut.ids) == text[:4]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == (2, len(text) + 1)
+    assert ids[0, :4].tolist() == text[:4] and mask[0].tolist() == [1] * 4 + [0] * (len(text) - 3)
+    assert labels[0, 4:].tolist() == [-100] * (len(text) - 3) and labels[1].tolist() == text + [eos]
 
 
 def test_warm_base_is_clean_after_the_job(assets, tmp_path):

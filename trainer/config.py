@@ -32,14 +32,20 @@ NON_TRAINING_FIELDS = frozenset({
     "skip_bad_images", "recommended_batch_size", "sample_prompts", "sample_every_n_steps",
     "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
     "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device",
+    "validation_file", "export_merged",
 })
 PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base_model", "base_model_config",
                "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
-               "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
+               "validation_file", "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
 RESUME_POLICIES = ("auto", "never", "strict")
 # kohya's sampler names (sd-scripts' --sample_sampler); trainer.sampling maps each to a diffusers scheduler.
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
+
+
+CAPTION_OPTIONS = ("shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
+                   "caption_dropout_rate", "caption_tag_dropout_rate", "caption_prefix", "caption_suffix")
+SUBSET_PATH_FIELDS = ("image_dir", "metadata_path", "mask_dir")
 
 
 class _Strict(BaseModel):
@@ -229,14 +235,17 @@ class TrainConfig(_Strict):
     """Recompute activations in backward: much less memory, ~30% slower."""
     cache_latents: bool = False
     """Encode each image with the VAE once instead of every step: faster, frees the VAE."""
+    cache_text_embeddings: bool = True
+    """With frozen text encoders: encode each distinct caption once instead of every step (SDXL's two
+    encoders are a large part of a step). Costs host memory per caption; ignored with train_text_encoder."""
+    compile: bool = False
+    """torch.compile the UNet (CUDA): faster steps after minutes of compiling at the start of each job."""
     cache_latents_to_disk: bool = False
     """Also keep the latents on disk (cache_dir), keyed by image content, VAE and crop: the next job on the
     same data never runs the VAE for them. Implies cache_latents."""
-    cache_text_encoder_outputs: bool = False
-    """Encode each caption once (frozen text encoder, fixed captions): no shuffling, dropout or
-    train_text_encoder."""
-    cache_text_encoder_outputs_to_disk: bool = False
-    """Also keep the text-encoder outputs on disk (cache_dir). Implies cache_text_encoder_outputs."""
+    cache_text_embeddings_to_disk: bool = False
+    """Also keep the text-encoder outputs on disk (cache_dir), keyed by caption tokens and encoder weights
+    (kohya's cache_text_encoder_outputs_to_disk). Needs fixed captions and frozen encoders."""
     cache_dir: Optional[Path] = None
     """Disk cache folder. Default: $AGENTD_CACHE_DIR, else the daemon's cache dir ($CACHE_DIRECTORY),
     else ~/.cache/agentd. `agentd gc` prunes entries unused for retention_days."""
@@ -263,7 +272,57 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     """torch deterministic algorithms: bitwise-reproducible on CUDA too, somewhat slower."""
     max_seq_length: int = Field(512, gt=0)
-    """Text mode: tokens per sample (longer samples are cut)."""
+    """Text mode: tokens per sample (longer samples are cut or dropped, see truncation); at most the
+    model's max_position_embeddings."""
+    dataset_format: Literal["auto", "text", "alpaca", "sharegpt", "messages"] = "auto"
+    """Text mode: the records of train_data_dir (a .json/.jsonl file or a folder of them):
+    text ({"text"}; also .txt files), alpaca (instruction/input/output), sharegpt (conversations of
+    from/value), messages (OpenAI role/content). auto decides from the first record and says so."""
+    chat_template: Optional[str] = None
+    """Text mode, chat formats: a Jinja chat template, inline or a file name (relative to the config).
+    Default: the model's own (tokenizer_config.json / chat_template.jinja), which is what it was tuned with."""
+    train_on_prompt: bool = False
+    """Text mode, chat formats: also train on system/user tokens. false trains on the assistant turns only
+    (every turn of a multi-turn conversation), the usual choice."""
+    truncation: Literal["cut", "drop"] = "cut"
+    """Text mode: a sample longer than max_seq_length is cut to it (keeps the data, may cut an answer)
+    or dropped (keeps only whole samples)."""
+    packing: bool = False
+    """Text mode: concatenate samples into rows of max_seq_length (no padding: faster on short samples),
+    position ids restarting per sample and attention kept within a sample where the model supports it."""
+    validation_file: Optional[Path] = None
+    """Text mode: held-out records (a .json/.jsonl file or folder, same format as the training data) for
+    the validation loss, instead of validation_split."""
+    export_merged: bool = False
+    """Text mode: also save <name>-merged/, the base with the LoRA merged in (merge_and_unload), a
+    transformers folder with the tokenizer and chat template: as big as the base model."""
+    quantization: Optional[Literal["4bit", "8bit"]] = None
+    """Text mode QLoRA (CUDA + bitsandbytes): load the frozen base in 4-bit NF4 (double quantization,
+    bf16 compute) or 8-bit; LoRA weights stay fp32 and gradient checkpointing is on. ~4x / 2x less
+    weight memory, somewhat slower steps."""
+
+    # --- Flux (trainer.families.flux; defaults come from the family) --------------------------------
+    guidance_scale: Optional[float] = Field(None, gt=0)
+    """FLUX.1 [dev]: the value fed to the transformer's distilled-guidance embedding while training.
+    Default 1.0 (what Flux LoRA trainers use: the LoRA then responds to any sampling guidance). schnell has
+    no guidance embedding: setting it there is refused."""
+    max_sequence_length: Optional[int] = Field(None, gt=0)
+    """Flux: T5 tokens per caption. Default: 512 for dev, 256 for schnell (as they were trained); at most 512.
+    Shorter is faster and lighter but cuts long captions."""
+    timestep_density: Optional[Literal["uniform", "logit_normal", "mode"]] = None
+    """Flux: how training noise levels t are drawn before the scheduler's shift (SD3 paper). Default
+    logit_normal (more steps at mid noise, where learning happens); uniform covers all levels evenly; mode
+    (with mode_scale) leans to the middle or the ends."""
+    logit_mean: float = 0.0
+    """timestep_density logit_normal: mean of the normal whose sigmoid is t (> 0: noisier steps)."""
+    logit_std: float = Field(1.0, gt=0)
+    """timestep_density logit_normal: its standard deviation (smaller: more concentrated around the mean)."""
+    mode_scale: float = 1.29
+    """timestep_density mode: the SD3 paper's s (1.29: its recommended value; 0: uniform)."""
+    quantize_base: Optional[Literal["no", "fp8"]] = None
+    """Flux: store the frozen transformer blocks in 8 bits (fp8 e4m3 with a per-row scale, upcast one layer at
+    a time). Default fp8: half the weight memory of bf16 (what fits a 24 GB card), outputs within a few
+    percent of bf16's; no keeps them in the training dtype."""
 
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: Path
@@ -328,11 +387,12 @@ class TrainConfig(_Strict):
             if self.model_family not in FAMILIES:
                 problems.append(("model_family", "is not a supported model family",
                                  f"use one of: {supported()} (or remove it: it is detected)", self.model_family))
-        if self.cache_latents and self.random_flip:
+        problems += self._dataset_checks()
+        if self.latents_cached and self.random_flip:
             problems.append(("cache_latents", "cannot be combined with random_flip: cached latents "
                              "are computed once, unflipped", "set random_flip: false or cache_latents: false",
                              True))
-        if self.cache_latents and not self.center_crop:
+        if self.latents_cached and not self.center_crop:
             problems.append(("cache_latents", "cannot be combined with random crops (center_crop: false)",
                              "set center_crop: true or cache_latents: false", True))
         if self.resume not in RESUME_POLICIES and not self.resume.strip():
@@ -344,13 +404,86 @@ class TrainConfig(_Strict):
         if self.validation_split is not None and self.validation_data_dir is not None:
             problems.append(("validation_split", "cannot be combined with validation_data_dir",
                              "keep one of the two", self.validation_split))
-        if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None:
+        problems += self._text_checks()
+        if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None \
+                and self.validation_file is None:
             problems.append(("early_stopping_patience", "needs a validation set",
-                             "set validation_split or validation_data_dir", self.early_stopping_patience))
+                             "set validation_split, validation_data_dir or validation_file",
+                             self.early_stopping_patience))
         if problems:
             # Raised as ValueError so pydantic reports it with the other errors; the field rides along.
             raise ValueError(json.dumps(problems))
         return self
+
+    def _text_checks(self) -> list[tuple[str, str, str, Any]]:
+        """Text-mode keys that cannot work together (or outside text mode)."""
+        problems: list[tuple[str, str, str, Any]] = []
+        if self.validation_file is not None and (self.validation_split is not None
+                                                 or self.validation_data_dir is not None):
+            problems.append(("validation_file", "cannot be combined with validation_split or validation_data_dir",
+                             "keep one validation source", str(self.validation_file)))
+        if self.mode == "image":
+            set_text_keys = [k for k in ("validation_file", "chat_template", "quantization")
+                             if getattr(self, k) is not None] + \
+                [k for k in ("packing", "export_merged", "train_on_prompt") if getattr(self, k)]
+            for key in set_text_keys:
+                problems.append((key, "is a text-mode key (causal language models)",
+                                 "remove it, or train a causal LM (mode: text)", getattr(self, key)))
+        return problems
+
+    def _dataset_checks(self) -> list[tuple[str, str, str, Any]]:
+        """Datasets, buckets and caption options that cannot work together."""
+        problems: list[tuple[str, str, str, Any]] = []
+        if self.train_data_dir is None and not self.datasets:
+            problems.append(("train_data_dir", "is missing", "set train_data_dir to your data folder, or list "
+                             "folders under datasets:", None))
+        if self.train_data_dir is not None and self.datasets:
+            problems.append(("datasets", "cannot be combined with train_data_dir",
+                             "keep one: train_data_dir (one folder, or N_name subfolders) or datasets (a list)",
+                             f"{len(self.datasets)} subsets"))
+        if self.datasets and self.mode == "text":
+            problems.append(("datasets", "is for image mode", "use train_data_dir for text data", None))
+        if self.min_bucket_reso > self.max_bucket_reso:
+            problems.append(("min_bucket_reso", f"is larger than max_bucket_reso ({self.max_bucket_reso})",
+                             "make min_bucket_reso <= max_bucket_reso (kohya's defaults: 256 and 1024)",
+                             self.min_bucket_reso))
+        subsets = self.datasets or []
+        # cache_text_embeddings is on by default and then quietly yields to varying captions; asked for
+        # explicitly (or on disk) it cannot work with them.
+        for key in ("cache_text_embeddings", "cache_text_embeddings_to_disk"):
+            if getattr(self, key) and key in self.model_fields_set:
+                for why in self._text_varies():
+                    problems.append((key, f"cannot be combined with {why}: cached outputs are computed once per "
+                                     "caption, so the caption (or the encoder) must not change",
+                                     f"turn {why} off, or remove {key}", True))
+        if self.masked_loss and not self.alpha_mask and self.mask_dir is None \
+                and not (subsets and all(s.mask_dir for s in subsets)):
+            problems.append(("masked_loss", "has no mask source", "set alpha_mask: true (masks from the images' "
+                             "alpha channel) or mask_dir (a folder of masks named like the images)", True))
+        return problems
+
+    @property
+    def latents_cached(self) -> bool:
+        """cache_latents, or cache_latents_to_disk (which implies it)."""
+        return self.cache_latents or self.cache_latents_to_disk
+
+    def _text_varies(self) -> list[str]:
+        """What makes the text-encoder outputs change between steps (then they cannot be cached)."""
+        subsets = self.datasets or []
+        why = [k for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate")
+               if getattr(self, k) or any(getattr(s, k) for s in subsets)]
+        return why + (["train_text_encoder"] if self.train_text_encoder else [])
+
+    @property
+    def text_outputs_cached(self) -> bool:
+        """Whether the text-encoder outputs are cached (cache_text_embeddings, or its _to_disk form, and
+        nothing makes them vary)."""
+        return (self.cache_text_embeddings or self.cache_text_embeddings_to_disk) and not self._text_varies()
+
+    @property
+    def caption_options(self) -> dict:
+        """The top-level caption options (a subset's own values override them: trainer.data)."""
+        return {k: getattr(self, k) for k in CAPTION_OPTIONS}
 
     # --- derived values ---------------------------------------------------------------------------
     @property
@@ -432,6 +565,12 @@ def parse_config(text: str, *, base_dir: Path, source: str = "config",
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     raw = resolve_relative(raw, PATH_FIELDS, base_dir)
+    if isinstance(raw.get("datasets"), list):
+        raw["datasets"] = [resolve_relative(d, SUBSET_PATH_FIELDS, base_dir) if isinstance(d, dict) else d
+                           for d in raw["datasets"]]
+    template = raw.get("chat_template")
+    if isinstance(template, str) and template.strip() and "{%" not in template and "{{" not in template:
+        raw = resolve_relative(raw, ("chat_template",), base_dir)  # a file name; inline Jinja stays as written
     resume = raw.get("resume")
     if isinstance(resume, str) and resume not in RESUME_POLICIES and resume.strip():
         raw = resolve_relative(raw, ("resume",), base_dir)

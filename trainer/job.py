@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import families
+from trainer import families, optim
 from trainer.config import TrainConfig, dump_config
+from trainer.data import epoch_batches
 from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
 from trainer.model_cache import BaseModelCache, file_identity
@@ -39,32 +40,6 @@ from trainer.runs import RunManifest, begin_run
 from trainer.watch import RunWatch
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier on the peak learning rate at optimizer step `step` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The sample order of one epoch: depends on (seed, epoch) only, so a resume can recompute it."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def micro_batches(order: list[int], batch_size: int) -> list[list[int]]:
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
-    return math.ceil(math.ceil(n / batch_size) / accum)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -136,16 +111,18 @@ class LoraTrainingJob:
                                  previous=str(self.run_start.moved_to) if self.run_start.moved_to else None))
         for w in [*self.checked.warnings, *choice.warnings, *self._precision_warnings]:
             self.reporter.emit(event("warning", message=w))
+        for note in self.checked.scan.notes:  # what the data scan decided (text: format, lengths, first example)
+            self.reporter.emit(event("message", text=note))
         atomic_write_text(cfg.output_dir / "config.yaml", dump_config(cfg))
 
+        optimizer_problems = optim.optimizer_problems(cfg, self.device.type)  # before any weights load
+        if optimizer_problems:
+            raise ConfigError(optimizer_problems, self.checked.source)
         self.task, self.dataset = self._build_task()
         self.task.train()
-        self.optimizer = torch.optim.AdamW(
-            self.task.param_groups(), betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
+        self.optimizer = optim.build_optimizer(cfg, self.task.param_groups(), self.device.type)
         self.total_steps = cfg.max_train_steps or cfg.epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.lr_warmup_steps, self.total_steps, cfg.lr_scheduler))
+        self.scheduler = optim.build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -158,7 +135,7 @@ class LoraTrainingJob:
 
             tensors, _ = read_lora_file(cfg.init_lora_weights)
             self.task.load_lora_state(tensors, str(cfg.init_lora_weights))
-        self.task.prepare(self.dataset)  # caches (latents, frozen text-encoder outputs) the config asks for
+        self.task.prepare(self.dataset, self.autocast)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.watch)
@@ -175,7 +152,13 @@ class LoraTrainingJob:
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.train_size, self.cfg.batch_size, self.cfg.gradient_accumulation_steps)
+        """Optimizer steps per epoch: the epoch's micro-batches (repeats and buckets counted) / accumulation."""
+        return math.ceil(len(self._epoch_batches(0)) / self.cfg.gradient_accumulation_steps)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's micro-batches of training samples, one bucket each, from (seed, epoch) alone
+        (`trainer.data.epoch_batches`): a resume recomputes its place without re-reading data."""
+        return epoch_batches(self.dataset.samples[:self.train_size], self.cfg.seed, epoch, self.cfg.batch_size)
 
     def _checkpoint_step(self, path: Path) -> int:
         return ckpt.read_state(path)["train_state"]["global_step"]
@@ -203,7 +186,7 @@ class LoraTrainingJob:
         load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
         # Not the device: a warm base kept in host memory moves to whichever device the next job has.
         self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
-                          str(cfg.base_model_config), str(self.weight_dtype))
+                          str(cfg.base_model_config), str(self.weight_dtype), cfg.quantization, cfg.chat_template)
         if self.base_cache is not None:
             base, self.warm, self.warm_move_s = self.base_cache.get(self._base_key, load, self.device)
             log.info("base model %s (%s)", cfg.base_model, self.warm)
@@ -231,7 +214,7 @@ class LoraTrainingJob:
         self.watch.start()
         t_last, times = time.perf_counter(), []
         while state.global_step < self.total_steps and not self.watch.stopped_early:
-            batches = micro_batches(epoch_order(self.train_size, cfg.seed, state.epoch), cfg.batch_size)
+            batches = self._epoch_batches(state.epoch)
             while state.cursor < len(batches) and state.global_step < self.total_steps \
                     and not self.watch.stopped_early:
                 group = batches[state.cursor: state.cursor + accum]

@@ -5,6 +5,7 @@ would bury it. Errors still surface as exceptions.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -16,6 +17,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
     warnings.filterwarnings("ignore", message=r".*requires torchvision.*")
+    # bitsandbytes (imported by peft when installed) warns on CPU-only machines about optional kernels.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 

@@ -3,9 +3,17 @@
 - `build_tiny_sd(folder)`: a random Stable Diffusion pipeline in diffusers format (UNet, VAE, CLIP text
   encoder with a CLIP tokenizer made from a small local vocabulary, DDPM scheduler), a few hundred
   thousand parameters, saved with `save_pretrained` so the real loading code is what runs.
+- `build_tiny_sdxl(folder)`: a random SDXL pipeline (UNet with text_time added conditioning, CLIP-L-like
+  `CLIPTextModel` + OpenCLIP-G-like `CLIPTextModelWithProjection`, two tokenizers, VAE, Euler scheduler),
+  the same shapes as diffusers' own SDXL tests.
+- `build_tiny_flux(folder, variant="dev")`: a random FLUX.1 pipeline (transformer, 16-channel VAE, CLIP-L
+  and T5 with tokenizers made offline; T5's is a Unigram model trained with `tokenizers`).
 - `build_tiny_llm(folder)`: a random small causal LM (Llama architecture, so text mode's default
   q/k/v/o_proj targets apply) with a local character-level tokenizer that has no pad token (like
   real Llama tokenizers: the trainer must supply one).
+- `build_tiny_chat_llm(folder)`: the same tiny Llama with a ChatML chat template and special tokens
+  (<|im_start|>, <|im_end|> = EOS), and `build_chat_datasets(folder)`: one question/answer set written
+  in every text format (alpaca.json, sharegpt.jsonl, messages.jsonl, text.jsonl).
 - `build_shapes_dataset(folder)`: coloured shapes on plain backgrounds with captions in metadata.csv:
   a pattern a LoRA learns in a few dozen steps.
 - `demo_assets()`: all of the above, built once into a cache folder and reused.
@@ -96,6 +104,132 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """A tiny random StableDiffusionXLPipeline saved with save_pretrained (two text encoders, hidden 32 each,
+    concatenated to the UNet's cross-attention width 64; pooled projection 32; time ids embedded in 8)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    tok_dir = tmp / "_tok"
+    vocab_size = _write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    # SDXL's second tokenizer pads with "!" (OpenCLIP's convention), the first with <|endoftext|>.
+    tokenizer_2 = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16,
+                                pad_token="!")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=32,
+        scaling_factor=0.13025,
+    )
+    te_config = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+                     eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_act="gelu",
+                     projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_config))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                       beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
+    pipe.save_pretrained(tmp / "model", safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    (tmp / "model").rename(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _t5_tokenizer(words: list[str]):
+    """A T5 tokenizer (SentencePiece-style Unigram, '▁' word boundaries, </s> appended) trained offline
+    on captions made of `words` with the `tokenizers` library: what T5-XXL's tokenizer is, small."""
+    import itertools
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    corpus = [" ".join(p) for p in itertools.permutations(words[:8], 3)] + [" ".join(words)] * 8
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=96, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", eos)])
+    # model_max_length 512: T5-XXL's, the longest max_sequence_length FluxPipeline accepts.
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, variant: str = "dev") -> Path:
+    """A random FLUX.1 pipeline in diffusers format: a transformer with 2 double and 2 single blocks,
+    the Flux VAE layout (16 latent channels, its scaling and shift factors, no quant convs), CLIP-L
+    and T5 encoders with tokenizers made offline, the flow-matching scheduler of `variant` (dev: guidance
+    embedding and resolution-dependent shift; schnell: neither). ~0.2 M parameters."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    tok_dir = tmp / "_tok"
+    vocab_size = _write_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    tokenizer_2 = _t5_tokenizer(WORDS)
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, dropout_rate=0.0))
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=32,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=variant == "dev", axes_dims_rope=(2, 2, 4))
+    if variant == "dev":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(tmp / "model", safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    (tmp / "model").rename(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
     """A tiny random Llama (hidden 32, 2 layers, 4 heads) and a character-level tokenizer, saved locally."""
     import torch
@@ -160,14 +294,80 @@ def build_text_dataset(folder: Path, count: int = 16) -> Path:
     return folder
 
 
+CHAT_TEMPLATE = (  # ChatML, as Qwen's instruct models use it: the assistant turn ends with <|im_end|> (= EOS)
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def build_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama chat model: a character-level fast tokenizer with ChatML's special tokens
+    (<|im_start|>, <|im_end|> as EOS) and a ChatML chat template in tokenizer_config.json."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<s>": 1, "<|im_start|>": 2, "<|im_end|>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+CHAT_FACTS = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def build_chat_datasets(folder: Path) -> Path:
+    """The same small question/answer set in each text format: alpaca.json (a JSON list, with history on
+    some records), sharegpt.jsonl and messages.jsonl (multi-turn, with a system turn), text.jsonl."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alpaca, sharegpt, messages, text = [], [], [], []
+    for i, (colour, shape) in enumerate(CHAT_FACTS):
+        q1, a1 = f"colour of the {shape}?", f"{colour}."
+        q2, a2 = "and its shape?", f"a {shape}."
+        record = {"instruction": q1, "input": "", "output": a1}
+        if i % 3 == 0:
+            record.update(input="be brief", history=[[q2, a2]])
+        alpaca.append(record)
+        sharegpt.append({"conversations": [{"from": "system", "value": "answer in one word."},
+                                           {"from": "human", "value": q1}, {"from": "gpt", "value": a1},
+                                           {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]})
+        messages.append({"messages": [{"role": "system", "content": "answer in one word."},
+                                      {"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                                      {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]})
+        text.append({"text": f"the {shape} is {colour}."})
+    (folder / "alpaca.json").write_text(json.dumps(alpaca, indent=1))
+    for name, rows in (("sharegpt", sharegpt), ("messages", messages), ("text", text)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def demo_assets(root: Path | None = None) -> dict[str, Path]:
     """The tiny SD model, tiny LM and both datasets, built once under the cache folder (atomic per part)."""
     root = Path(root or cache_root()) / f"tiny-v{ASSETS_VERSION}"
     parts = {
         "sd_model": (root / "tiny-sd", build_tiny_sd),
+        "sdxl_model": (root / "tiny-sdxl", build_tiny_sdxl),
         "shapes": (root / "shapes", build_shapes_dataset),
         "llm_model": (root / "tiny-llm", build_tiny_llm),
         "text_data": (root / "text", build_text_dataset),
+        "chat_model": (root / "tiny-chat-llm", build_tiny_chat_llm),
+        "chat_data": (root / "chat", build_chat_datasets),
     }
     out = {}
     for key, (path, build) in parts.items():

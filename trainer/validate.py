@@ -30,7 +30,8 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
     cfg = checked.config
     report = {"valid": True, "config": checked.source, "mode": cfg.mode, "model_family": cfg.model_family,
               "samples": len(checked.scan.samples),
-              "output_dir": str(cfg.output_dir), "warnings": list(checked.warnings), "margin_mib": margin_mib}
+              "output_dir": str(cfg.output_dir), "warnings": list(checked.warnings), "margin_mib": margin_mib,
+              "notes": list(checked.scan.notes)}
     try:
         est = estimate_for_config(cfg)
     except (VramEstimateError, OSError, ValueError) as e:
@@ -86,6 +87,8 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
           f"{cfg.gradient_accumulation_steps} -> {cfg.output_dir})")
     for w in report["warnings"]:
         print(f"WARNING: {w}")
+    for note in report["notes"]:  # what the data scan decided (text mode: format, lengths, the first example)
+        print(note)
     est = report.get("estimate")
     if est:
         parts = " + ".join(f"{k} {v}" for k, v in est["breakdown"].items())

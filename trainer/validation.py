@@ -30,13 +30,15 @@ def split(samples: list, fraction: float | None) -> tuple[list, list]:
 def validation_set(cfg, samples: list, scan_dir) -> tuple[list, list, list[Problem]]:
     """(training samples, validation samples, problems). `scan_dir(folder)` scans a dataset folder the
     way the model family scans train_data_dir (a `trainer.data.Scan`)."""
-    if cfg.validation_data_dir is not None:
-        scan = scan_dir(cfg.validation_data_dir)
-        problems = [Problem("validation_data_dir", p.message, p.fix, p.value) for p in scan.problems]
+    # validation_file (text mode): held-out records, scanned like train_data_dir (a file or a folder).
+    key = "validation_data_dir" if cfg.validation_data_dir is not None else "validation_file"
+    held = getattr(cfg, key)
+    if held is not None:
+        scan = scan_dir(held)
+        problems = [Problem(key, p.message, p.fix, p.value) for p in scan.problems]
         if not scan.problems and not scan.samples:
-            problems.append(Problem("validation_data_dir", "holds no samples",
-                                    "put validation samples there (same layout as train_data_dir)",
-                                    str(cfg.validation_data_dir)))
+            problems.append(Problem(key, "holds no samples",
+                                    "put validation samples there (same layout as train_data_dir)", str(held)))
         return list(samples), scan.samples, problems
     train, val = split(samples, cfg.validation_split)
     problems = []
@@ -54,7 +56,8 @@ def as_train_dir(cfg, folder):
     from pathlib import Path
 
     meta = Path(folder) / "metadata.csv"
-    return cfg.model_copy(update={"train_data_dir": Path(folder), "metadata_path": meta if meta.is_file() else None})
+    return cfg.model_copy(update={"train_data_dir": Path(folder), "metadata_path": meta if meta.is_file() else None,
+                                  "datasets": None})
 
 
 def due(cfg, step: int, total_steps: int) -> bool:
@@ -76,13 +79,14 @@ def evaluate(task, dataset, indices: list[int], batch_size: int, autocast) -> fl
     import torch
 
     from trainer.checkpoint import isolated_rng
+    from trainer.data import bucket_batches
 
     total, count = 0.0, 0
     task.eval()
     try:
         with torch.no_grad(), isolated_rng():
-            for b, start in enumerate(range(0, len(indices), batch_size)):
-                batch = indices[start:start + batch_size]
+            # Batches of one bucket each (one batch shape); without buckets, consecutive slices.
+            for b, batch in enumerate(bucket_batches(dataset.samples, indices, batch_size)):
                 generator = torch.Generator().manual_seed(VALIDATION_SEED + b)
                 total += float(task.loss(batch, dataset, generator, autocast)) * len(batch)
                 count += len(batch)

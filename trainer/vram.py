@@ -47,6 +47,9 @@ Each model family (trainer.families) supplies its parameter summary and per-samp
                                   m = 3 for a gated MLP (Llama, Mistral, Qwen...), 5.5 for GPT-2/CLIP's
                                   GELU MLP; + 12h when the config enables dropout (masks, outputs)
     + S x 4V                      logits, fp32 log-probabilities and their gradients in the loss
+- QLoRA (`quantization`): the linear layers' weights (not the output head) at QUANTIZED_BYTES each (NF4
+  with double quantization: 0.516 bytes; 8-bit: 1 byte), every other weight and the activations in half
+  precision (the compute dtype), gradient checkpointing on.
 - Mixed precision: activations x the family's ACT_FACTOR (0.58 for UNet families, 0.67 for causal LMs)
   of the fp32 bytes - "halved-ish": most
   tensors are saved in half precision, but norms and the loss run in fp32 under autocast (measured
@@ -108,6 +111,9 @@ TEXT_MLP_COEF = 5.5
 TEXT_DROPOUT_COEF = 12.0
 TEXT_LOGITS_COEF = 4.0
 TEXT_CKPT_HIDDEN_COEF = 1.1
+# Bytes per quantized weight: NF4 is 4 bits + one 8-bit absmax per 64 weights + (double quantization) one
+# fp32 constant per 256 absmax blocks; LLM.int8 is 1 byte + one fp32 scale per row (negligible).
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 
 _IMAGE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -169,6 +175,7 @@ class _ModelSummary:
     vocab_size: int = 0
     te_layers: tuple[tuple[int, float, int], ...] = ()  # the same per text encoder
     context_tokens: int = 77
+    quantizable: int = 0                   # causal LM: parameters in the linear layers bitsandbytes quantizes
 
 
 def _read_json(path: Path) -> dict:
@@ -369,8 +376,13 @@ def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
     except Exception as e:
         raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
                                 f"{type(e).__name__}: {e}") from e
+    import torch.nn as nn
+
+    head = model.get_output_embeddings()
+    quantizable = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     return _ModelSummary(frozen={"model": _count(model)},
                          lora_per_rank={"model": lora_params_per_rank(model, targets)},
+                         quantizable=quantizable,
                          text_layers=_text_layer(config, model),
                          vocab_size=int(getattr(config, "vocab_size", 0) or 0))
 
@@ -443,7 +455,7 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
                   target_modules: list[str], train_text_encoder: bool,
                   text_encoder_target_modules: list[str], mixed_precision: str,
                   gradient_checkpointing: bool, cache_latents: bool,
-                  max_seq_length: int = 512) -> VramEstimate:
+                  max_seq_length: int = 512, quantization: str | None = None) -> VramEstimate:
     """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
 
     ``model_dir``: the model's config folder as its ``family`` (trainer.families) reads it: a diffusers
@@ -457,14 +469,22 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
     if batch_size < 1 or lora_rank < 1:
         raise VramEstimateError("batch_size and lora_rank must be at least 1")
     te_targets = list(text_encoder_target_modules) if train_text_encoder else []
+    gradient_checkpointing = gradient_checkpointing or quantization is not None  # QLoRA turns it on
     summary = model_summary(model_dir, family, target_modules, te_targets)  # reports an unknown family
     fam = FAMILIES[family]
-    weight_bytes = 4 if mixed_precision == "no" else 2
-    act_bytes = 4.0 if mixed_precision == "no" else 4.0 * fam.ACT_FACTOR
+    # QLoRA computes in bf16/fp16 whatever mixed_precision says: the unquantized weights and activations too.
+    half = mixed_precision != "no" or quantization is not None
+    weight_bytes = 2 if half else 4
+    act_bytes = 4.0 * fam.ACT_FACTOR if half else 4.0
     notes: list[str] = []
 
     frozen = dict(summary.frozen)
     weights = sum(v * (4 if k == "vae" else weight_bytes) for k, v in frozen.items())
+    if quantization is not None:
+        per_param = QUANTIZED_BYTES[quantization]
+        weights -= summary.quantizable * (weight_bytes - per_param)
+        notes.append(f"quantization {quantization}: {summary.quantizable:,} linear-layer weights at "
+                     f"{per_param:.3f} bytes each, the rest in half precision")
     if cache_latents and "vae" in frozen:
         notes.append("cache_latents: the VAE encodes each image once, but stays resident (fp32) in the warm base")
 
@@ -474,7 +494,8 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         notes.append(f"no module matches target_modules {target_modules}: nothing would be trained")
     lora_bytes = lora_total * LORA_BYTES_PER_PARAM
 
-    shape = {"resolution": resolution, "max_seq_length": max_seq_length, "cache_latents": cache_latents,
+    shape = {"resolution": resolution, "max_seq_length": max_seq_length, "quantization": quantization,
+             "cache_latents": cache_latents,
              "gradient_checkpointing": gradient_checkpointing, "train_text_encoder": train_text_encoder,
              "act_bytes": act_bytes}
     per_sample = fam.vram_per_sample_bytes(summary, shape) * BACKWARD_FACTOR
@@ -517,7 +538,8 @@ def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
                 train_text_encoder=cfg.train_text_encoder,
                 text_encoder_target_modules=cfg.effective_te_targets,
                 mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-                cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length)
+                cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length,
+                quantization=cfg.quantization)
     args.update(overrides)
     return estimate_vram(Path(model_dir), **args)
 

@@ -1,8 +1,9 @@
 """Family `causal_lm`: a LoRA on a transformers causal language model (Llama, Mistral, Qwen, GPT-2 ...).
 
 Detected from a folder whose `config.json` lists an `architectures` entry ending in `ForCausalLM` (or
-`LMHeadModel`, GPT-2's name). Trains on texts (`trainer.data.scan_text_dataset`); no separate text
-encoder. Light (no torch): the loader and the task are in `trainer.families.causal_lm_task`.
+`LMHeadModel`, GPT-2's name). Trains on raw text, alpaca, sharegpt or OpenAI-messages records rendered
+with the model's chat template (`trainer.text_data`); no separate text encoder. Light (no torch at
+import): the loader and the task are in `trainer.families.causal_lm_task`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ HAS_TEXT_ENCODER = False
 # Llama-style attention projections (also Mistral, Qwen2, Gemma, Phi-3 ...); GPT-2 needs [c_attn, c_proj].
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_TE_TARGETS: list[str] = []
-VRAM_SHAPE_FIELDS = ("max_seq_length",)  # the settings besides the model that shape its memory
+VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides the model that shape its memory
 ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
 ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -42,11 +43,49 @@ def check(cfg, p: Probe) -> list[Problem]:
     if cfg.base_model_config is not None:
         problems.append(Problem("base_model_config", f"does not apply to a {TITLE} (its folder holds its "
                                 "config.json)", "remove base_model_config", str(cfg.base_model_config)))
+    problems += _length_problems(cfg)
+    problems += quantization_problems(cfg)
     if not problems:  # target modules are checked against the model's config (meta device, no weights)
         from trainer.families.causal_lm_task import check_text_targets
 
         problems += check_text_targets(cfg)
     return problems
+
+
+def _length_problems(cfg) -> list[Problem]:
+    """max_seq_length must fit the model's positions (config.json's max_position_embeddings / n_positions)."""
+    import json
+
+    try:
+        config = json.loads((Path(cfg.base_model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int) and cfg.max_seq_length > limit:
+        return [Problem("max_seq_length", f"is larger than the model's maximum position embeddings ({limit}, "
+                        "config.json): positions beyond it were never trained (or do not exist)",
+                        f"set max_seq_length to at most {limit}", cfg.max_seq_length)]
+    return []
+
+
+def quantization_problems(cfg) -> list[Problem]:
+    """QLoRA needs CUDA and bitsandbytes: said here, before any weight loads."""
+    if cfg.quantization is None:
+        return []
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Problem("quantization", f"{cfg.quantization} (bitsandbytes) needs a CUDA GPU and this machine has "
+                        "none (torch.cuda.is_available() is False)",
+                        "remove quantization to train the full-precision base here, or run the job on a GPU box "
+                        "(agentd run)", cfg.quantization)]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [Problem("quantization", "needs the bitsandbytes package, which is not installed",
+                        "pip install bitsandbytes (make setup installs it), or remove quantization",
+                        cfg.quantization)]
+    return []
 
 
 def config_dir(cfg) -> Path:
@@ -55,9 +94,9 @@ def config_dir(cfg) -> Path:
 
 
 def scan_dataset(cfg):
-    from trainer.data import scan_text_dataset
+    from trainer.text_data import scan_text
 
-    return scan_text_dataset(cfg.train_data_dir)
+    return scan_text(cfg)
 
 
 def make_dataset(cfg, samples):

@@ -4,15 +4,27 @@
 The frozen base (`TextBase`: model + tokenizer) is loaded once, offline, and may be kept warm by the
 daemon between jobs; the task injects LoRA layers for one job and removes them in `detach()`.
 
-Data: each sample is one text (`trainer.data.scan_text_dataset`: a `.txt` file, or one `{"text": ...}`
-line of a `.jsonl` file). A micro-batch is tokenized with the model's tokenizer (its BOS when it adds
-one) and cut to `max_seq_length` tokens; an EOS is appended to each text that fits (so the model learns
-where a sample ends; a text cut at the limit gets none), and the batch is right-padded. Padding is the
-tokenizer's pad token, or EOS when it has none (Llama).
+Data: `trainer.text_data` reads the records (raw text, alpaca, sharegpt, OpenAI messages), renders chat
+formats with the model's chat template and tokenizes everything once, at preflight; each `TextSample`
+holds its token ids, the 0/1 mask of the tokens the loss trains on (the assistant turns, from the
+rendered template; every token of raw text, which ends with EOS) and, packed, the lengths of the samples
+in the row. A micro-batch is right-padded with the tokenizer's pad token (EOS when it has none, as
+Llama's); padding and untrained tokens carry label -100.
 
-Loss: next-token cross-entropy, in fp32, averaged over the real (non-padding) target tokens of the
-micro-batch; padding positions carry label -100. The loss draws no randomness from the step generator
-(dropout, if any, uses the global RNG, which the checkpoint also captures).
+Packing: position ids restart at 0 for every sample of a row and the model gets no 2-D attention mask,
+so transformers' masking utilities (`create_causal_mask`) see the restarts and keep each sample's
+attention within itself: a block-diagonal causal mask for eager, sdpa and flex attention, per-sample
+lengths for flash_attention_2/3. `trainer.text_data.packing_isolates` tells which models build their
+mask that way (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 ... in transformers 5); for others preflight
+warns that packed samples can see the samples before them.
+
+Loss: next-token cross-entropy, in fp32, averaged over the trained target tokens of the micro-batch.
+The loss draws no randomness from the step generator (dropout, if any, uses the global RNG, which the
+checkpoint also captures).
+
+QLoRA (`quantization: 4bit|8bit`): the base loads through bitsandbytes (NF4, double quantization, bf16
+compute dtype; or LLM.int8) onto the job's CUDA device; LoRA weights stay fp32 and gradient
+checkpointing is on. Preflight refuses it without CUDA, before any weight loads.
 
 Target modules: peft's rule (a module whose full name equals a target or ends with `.<target>`). Every
 target must match at least one module, else `TargetModulesError` (a `ConfigError`: exit code 2) names
@@ -23,8 +35,11 @@ output head).
 
 Outputs: `<name>.safetensors` (written by the job, from `lora_state()`: kohya-style names under the
 `lora_lm_` prefix, used for checkpoints and `init_lora_weights`) and, from `export_extra`, the PEFT
-adapter folder `<output_dir>/<name>-peft/` (adapter_config.json + adapter_model.safetensors) that
-`peft.PeftModel.from_pretrained(base_model, folder)` and `model.load_adapter(folder)` read.
+adapter folder `<output_dir>/<name>-peft/` (adapter_config.json + adapter_model.safetensors, plus the
+tokenizer with the chat template used) that `peft.PeftModel.from_pretrained(base_model, folder)` and
+`model.load_adapter(folder)` read; with `export_merged: true` also `<name>-merged/`, the base with the
+LoRA merged in (W + scale x B A, computed out of place so the warm base stays untouched; a quantized
+base is dequantized first), saved with the tokenizer: `AutoModelForCausalLM.from_pretrained` loads it.
 """
 from __future__ import annotations
 
@@ -38,7 +53,6 @@ import torch.nn.functional as F
 
 from trainer import lora_io
 from trainer.config import TrainConfig
-from trainer.data import Sample
 from trainer.errors import ConfigError, Problem
 from trainer.quiet import quiet_libraries
 
@@ -64,7 +78,8 @@ class TextBase:
 
 
 def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> TextBase:
-    """Load a transformers causal LM and its tokenizer from a local folder, offline, frozen, on `device`."""
+    """Load a transformers causal LM and its tokenizer from a local folder, offline, frozen, on `device`
+    (quantized by bitsandbytes with `quantization`)."""
     quiet_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,25 +87,45 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=weight_dtype)
+    if cfg.chat_template is not None:
+        from trainer.text_data import template_text
+
+        tokenizer.chat_template = template_text(cfg.chat_template)  # exported with the adapter and merged model
+    if cfg.quantization is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, quantization_config=quantization_config(cfg),
+            dtype=compute_dtype(cfg), device_map={"": device})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=weight_dtype)
+        model.to(device)
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
     arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     return TextBase(model, tokenizer, str(path), arch)
 
 
-class TextDataset:
-    """The texts of a text-mode dataset (each `Sample.caption` is one training text)."""
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """QLoRA's compute dtype: bf16 (fp16 when the config asks for fp16 mixed precision)."""
+    return torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
 
-    def __init__(self, samples: list[Sample]):
+
+def quantization_config(cfg: TrainConfig):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(cfg))
+
+
+class TextDataset:
+    """The tokenized rows of a text-mode dataset (`trainer.text_data.TextSample`s)."""
+
+    def __init__(self, samples: list):
         self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def text(self, index: int) -> str:
-        return self.samples[index].caption
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +216,8 @@ class TextTask:
                 p.data = p.data.float()
                 p.requires_grad_(True)
         self._checkpointing = False
-        if cfg.gradient_checkpointing and getattr(base.model, "supports_gradient_checkpointing", False):
+        if (cfg.gradient_checkpointing or cfg.quantization) \
+                and getattr(base.model, "supports_gradient_checkpointing", False):
             # Non-reentrant checkpointing works with a frozen base (no input-grad hook needed).
             # transformers 5.x renamed it activation checkpointing (the old name warns until v6).
             if hasattr(base.model, "activation_checkpointing_enable"):
@@ -196,7 +232,7 @@ class TextTask:
         return [{"params": [p for p in self.base.model.parameters() if p.requires_grad],
                  "lr": self.cfg.learning_rate}]
 
-    def prepare(self, dataset: TextDataset) -> None:
+    def prepare(self, dataset: TextDataset, autocast=None) -> None:
         return None  # texts are tokenized per micro-batch: cheap next to the model's forward pass
 
     def train(self):
@@ -227,27 +263,87 @@ class TextTask:
         return out
 
     def export_extra(self, output_dir: Path) -> list[Path]:
-        """Write `<output_dir>/<name>-peft/` (adapter_config.json + adapter_model.safetensors), atomically:
-        built in a temporary folder beside it, then swapped in."""
+        """`<name>-peft/` (adapter_config.json, adapter_model.safetensors, the tokenizer and its chat template)
+        and, with export_merged, `<name>-merged/`; each built in a temporary folder beside it, then swapped in."""
         from safetensors.torch import save_file
 
         folder = Path(output_dir) / f"{self.cfg.run_name}-peft"
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.lora_config.save_pretrained(str(tmp))
-        save_file(self.peft_state(), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+        def write_adapter(tmp: Path) -> None:
+            self.lora_config.save_pretrained(str(tmp))
+            save_file(self.peft_state(), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            self.base.tokenizer.save_pretrained(str(tmp))
+            (tmp / "README.md").write_text(
+                f"PEFT LoRA adapter for {self.cfg.base_model} (trained by agentd).\n\n"
+                "    from peft import PeftModel\n"
+                f"    model = PeftModel.from_pretrained(base_model, \"{folder}\")\n")
+
+        out = [_swap_in(folder, write_adapter)]
+        if self.cfg.export_merged:
+            out.append(_swap_in(self.merged_dir, self.write_merged))
+        return out
+
+    @property
+    def merged_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / f"{self.cfg.run_name}-merged"
+
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The base's state dict with every LoRA merged in (W + scale x B A), under the base's own names;
+        quantized layers dequantized. Computed out of place: the (warm) base is left as it is."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.integrations import dequantize_module_weight
+
+        model, out, done = self.base.model, {}, set()
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                base_layer = module.get_base_layer()
+                weight = dequantize_module_weight(base_layer).detach()
+                delta = module.get_delta_weight("default").to(weight.dtype)
+                out[f"{name}.weight"] = (weight + delta).to(self._save_dtype()).cpu().contiguous()
+                if getattr(base_layer, "bias", None) is not None:
+                    out[f"{name}.bias"] = base_layer.bias.detach().to(self._save_dtype()).cpu().contiguous()
+                done.add(f"{name}.base_layer")
+            elif _is_quantized(module) and not any(name.startswith(d) for d in done):
+                out[f"{name}.weight"] = dequantize_module_weight(module).detach().to(self._save_dtype()).cpu()
+                if getattr(module, "bias", None) is not None:
+                    out[f"{name}.bias"] = module.bias.detach().to(self._save_dtype()).cpu()
+                done.add(name)
+        for key, tensor in model.state_dict().items():
+            if "lora_" in key or ".base_layer." in key or key in out:
+                continue
+            owner = key.rsplit(".", 1)[0]
+            if owner in done or any(key.startswith(d + ".") for d in done):
+                continue  # a quantized layer's weight/state (absmax, quant_map...): written dequantized above
+            out[key] = tensor.detach().to(self._save_dtype() if tensor.is_floating_point() else tensor.dtype) \
+                .cpu().clone()
+        return out
+
+    def _save_dtype(self) -> torch.dtype:
+        if self.cfg.quantization is not None:
+            return compute_dtype(self.cfg)
+        return next(p.dtype for n, p in self.base.model.named_parameters() if "lora_" not in n)
+
+    def write_merged(self, tmp: Path) -> None:
+        """A transformers folder of the merged model: config, weights, generation config, tokenizer."""
+        from safetensors.torch import save_file
+
+        model = self.base.model
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = str(self._save_dtype()).replace("torch.", "")
+        state = self.merged_state()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: transformers re-ties it to the input embeddings
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        type(model.config).from_dict(config).save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        self.base.tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(
-            f"PEFT LoRA adapter for {self.cfg.base_model} (trained by agentd).\n\n"
-            "    from peft import PeftModel\n"
-            f"    model = PeftModel.from_pretrained(base_model, \"{folder}\")\n")
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return [folder]
+            f"{self.cfg.base_model} with the LoRA {self.cfg.run_name} merged in (trained by agentd).\n\n"
+            "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"    model = AutoModelForCausalLM.from_pretrained(\"{self.merged_dir}\")\n"
+            f"    tokenizer = AutoTokenizer.from_pretrained(\"{self.merged_dir}\")\n")
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""
@@ -265,40 +361,43 @@ class TextTask:
         model.eval()
 
     # --- the loss ---------------------------------------------------------------------------------
-    def batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask, labels) for `texts`: EOS-terminated, cut to max_seq_length,
-        right-padded; labels are the ids with -100 on padding."""
+    def batch(self, rows: list) -> dict[str, torch.Tensor]:
+        """The model inputs and labels for `rows` (`TextSample`s), right-padded to the longest.
+
+        Unpacked: input_ids, attention_mask, labels. Packed (`packing: true`): input_ids, position_ids
+        restarting at 0 for each sample in a row (and for the padding after it), labels, and no attention
+        mask, so transformers keeps each sample's attention within itself (see the module docstring)."""
         tok = self.base.tokenizer
-        max_len = self.cfg.max_seq_length
-        eos = tok.eos_token_id
-        encoded = tok(texts, truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
-        rows = []
-        for ids in encoded:
-            ids = list(ids)
-            # EOS marks a real end: appended when the text fits; a text cut at max_seq_length gets none.
-            if eos is not None and len(ids) < max_len and (not ids or ids[-1] != eos):
-                ids.append(eos)
-            rows.append(ids)
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(len(r.ids) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
-        return input_ids, mask, labels
+            n = len(r.ids)
+            ids = torch.tensor(list(r.ids), dtype=torch.long)
+            input_ids[i, :n] = ids
+            labels[i, :n] = ids.masked_fill(torch.tensor(list(r.trained)) == 0, -100)
+            mask[i, :n] = 1
+            at = 0
+            for length in [*r.lengths, width - n]:
+                positions[i, at:at + length] = torch.arange(length)
+                at += length
+        if self.cfg.packing:
+            return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, indices: list[int], dataset: TextDataset, generator: torch.Generator,
              autocast) -> torch.Tensor:
-        input_ids, mask, labels = self.batch([dataset.samples[i].caption for i in indices])
-        input_ids, mask, labels = input_ids.to(self.device), mask.to(self.device), labels.to(self.device)
+        inputs = {k: v.to(self.device) for k, v in self.batch([dataset.samples[i] for i in indices]).items()}
+        labels = inputs.pop("labels")
         with autocast():
-            logits = self.base.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            logits = self.base.model(**inputs, use_cache=False).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
         if not bool((shift_labels != -100).any()):
-            return shift_logits.sum() * 0.0  # nothing to predict (one-token samples): a zero, still a graph
+            return shift_logits.sum() * 0.0  # nothing to predict (all cut away): a zero, still a graph
         return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                ignore_index=-100)
 
@@ -318,3 +417,23 @@ class TextTask:
         dest = Path(path).with_suffix(".txt")
         dest.write_text(f"{prompt.prompt}{text}\n", encoding="utf-8")
         return dest
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _swap_in(folder: Path, write) -> Path:
+    """Build `folder` with `write(tmp)` in a temporary folder beside it, then swap it in (never half-written)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
