@@ -50,6 +50,14 @@ Each model family (trainer.families) supplies its parameter summary and per-samp
 - QLoRA (`quantization`): the linear layers' weights (not the output head) at QUANTIZED_BYTES each (NF4
   with double quantization: 0.516 bytes; 8-bit: 1 byte), every other weight and the activations in half
   precision (the compute dtype), gradient checkpointing on.
+- flux (S = (resolution / 16)**2 image tokens + max_sequence_length text tokens, h = hidden size 3072):
+      S x h x (FLUX_DOUBLE_COEF = 23.8 per double block + FLUX_SINGLE_COEF = 17.0 per single block)
+  counted like the UNet's (saved_tensors_hooks, SDPA saving no attention matrix, default LoRA targets);
+  with gradient checkpointing 1 x S x h per block plus the largest block recomputed. Weights: with
+  `quantize_base: fp8` the Linear weights of the blocks (`quantizable`) at 1 byte; the text encoders
+  are not resident while training when their outputs are cached (`offloadable`); the estimate's total is
+  at least the text precompute's peak (the encoders and the VAE + overhead: the transformer waits in
+  host memory while they run).
 - Mixed precision: activations x the family's ACT_FACTOR (0.58 for UNet families, 0.67 for causal LMs)
   of the fp32 bytes - "halved-ish": most
   tensors are saved in half precision, but norms and the loss run in fp32 under autocast (measured
@@ -111,6 +119,10 @@ TEXT_MLP_COEF = 5.5
 TEXT_DROPOUT_COEF = 12.0
 TEXT_LOGITS_COEF = 4.0
 TEXT_CKPT_HIDDEN_COEF = 1.1
+# Flux activation coefficients (fp32 elements per token per hidden unit), see the docstring.
+FLUX_DOUBLE_COEF = 23.8
+FLUX_SINGLE_COEF = 17.0
+FP8_BYTES = 1.0
 # Bytes per quantized weight: NF4 is 4 bits + one 8-bit absmax per 64 weights + (double quantization) one
 # fp32 constant per 256 absmax blocks; LLM.int8 is 1 byte + one fp32 scale per row (negligible).
 QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
@@ -175,7 +187,10 @@ class _ModelSummary:
     vocab_size: int = 0
     te_layers: tuple[tuple[int, float, int], ...] = ()  # the same per text encoder
     context_tokens: int = 77
-    quantizable: int = 0                   # causal LM: parameters in the linear layers bitsandbytes quantizes
+    quantizable: int = 0                   # causal LM: parameters in the linear layers bitsandbytes quantizes;
+                                           # flux: in the blocks' Linear layers quantize_base stores in fp8
+    offloadable: tuple[str, ...] = ()      # components off the GPU while training once their outputs are cached
+    flux_blocks: tuple[int, int, int] = () # flux: (hidden size, double blocks, single blocks)
 
 
 def _read_json(path: Path) -> dict:
@@ -387,6 +402,58 @@ def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
                          vocab_size=int(getattr(config, "vocab_size", 0) or 0))
 
 
+@functools.lru_cache(maxsize=16)
+def _flux_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> _ModelSummary:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    import torch.nn as nn
+
+    root = Path(model_dir)
+    builders = {
+        "transformer": lambda c: FluxTransformer2DModel.from_config(c),
+        "vae": lambda c: AutoencoderKL.from_config(c),
+        "text_encoder": lambda c: CLIPTextModel(CLIPTextConfig(**{k: v for k, v in c.items() if k != "architectures"})),
+        "text_encoder_2": lambda c: T5EncoderModel(T5Config(**{k: v for k, v in c.items() if k != "architectures"})),
+    }
+    frozen: dict[str, int] = {}
+    for comp, build in builders.items():
+        config = _read_json(root / comp / "config.json")
+        try:
+            model = _meta(lambda: build(config))
+        except Exception as e:  # a config the installed library cannot build
+            raise VramEstimateError(f"cannot build {comp} from {root / comp / 'config.json'}: "
+                                    f"{type(e).__name__}: {e}") from e
+        frozen[comp] = _count(model)
+        if comp == "transformer":
+            transformer = model
+    quantizable = sum(m.weight.numel() for n, m in transformer.named_modules()
+                      if type(m) is nn.Linear and n.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    c = transformer.config
+    return _ModelSummary(frozen=frozen, lora_per_rank={"transformer": lora_params_per_rank(transformer, targets)},
+                         quantizable=quantizable, offloadable=("text_encoder", "text_encoder_2"),
+                         flux_blocks=(int(c.num_attention_heads * c.attention_head_dim), int(c.num_layers),
+                                      int(c.num_single_layers)))
+
+
+def flux_model_summary(model_dir: Path, target_modules: Iterable[str]) -> _ModelSummary:
+    """The flux family's summary: transformer, VAE, CLIP-L and T5 from their config files (meta device)."""
+    files = ["model_index.json"] + [f"{c}/config.json" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")]
+    return _flux_summary(str(model_dir.resolve()), tuple(target_modules), _folder_fingerprint(model_dir, files))
+
+
+def flux_per_sample_bytes(summary: _ModelSummary, shape: dict) -> float:
+    """Activation bytes of one sample for Flux (before BACKWARD_FACTOR): image tokens at resolution / 16 per
+    side plus max_sequence_length text tokens, through every double and single block."""
+    h, n_double, n_single = summary.flux_blocks
+    tokens = (shape["resolution"] // 16) ** 2 + (shape["max_sequence_length"] or 512)
+    per_block = tokens * h
+    if shape["gradient_checkpointing"]:
+        elems = per_block * (CKPT_BLOCK_INPUT_COEF * (n_double + n_single) + max(FLUX_DOUBLE_COEF, FLUX_SINGLE_COEF))
+    else:
+        elems = per_block * (FLUX_DOUBLE_COEF * n_double + FLUX_SINGLE_COEF * n_single)
+    return elems * shape["act_bytes"]
+
+
 def unet_model_summary(model_dir: Path, target_modules: Iterable[str],
                        text_encoder_target_modules: Iterable[str] = ()) -> _ModelSummary:
     """A UNet diffusion family's summary (sd, sdxl): every component in model_index.json."""
@@ -455,7 +522,9 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
                   target_modules: list[str], train_text_encoder: bool,
                   text_encoder_target_modules: list[str], mixed_precision: str,
                   gradient_checkpointing: bool, cache_latents: bool,
-                  max_seq_length: int = 512, quantization: str | None = None) -> VramEstimate:
+                  max_seq_length: int = 512, quantization: str | None = None,
+                  quantize_base: str | None = None, max_sequence_length: int | None = None,
+                  cache_text_embeddings: bool = False) -> VramEstimate:
     """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
 
     ``model_dir``: the model's config folder as its ``family`` (trainer.families) reads it: a diffusers
@@ -485,6 +554,28 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         weights -= summary.quantizable * (weight_bytes - per_param)
         notes.append(f"quantization {quantization}: {summary.quantizable:,} linear-layer weights at "
                      f"{per_param:.3f} bytes each, the rest in half precision")
+    if quantize_base == "fp8" and summary.quantizable:
+        weights -= summary.quantizable * (weight_bytes - FP8_BYTES)
+        notes.append(f"quantize_base fp8: {summary.quantizable:,} weights of the transformer blocks at 1 byte "
+                     f"(the rest in {'bf16' if weight_bytes == 2 else 'fp32'})")
+    offloaded = [k for k in summary.offloadable if k in frozen] if cache_text_embeddings else []
+    precompute = 0.0
+    if offloaded:
+        encoders = sum(frozen[k] * weight_bytes for k in offloaded)
+        weights -= encoders
+        # While the encoders run, the (quantized) transformer waits in host memory (trainer.families.flux_task).
+        transformer = frozen.get("transformer", 0) * weight_bytes
+        if quantize_base == "fp8":
+            transformer -= summary.quantizable * (weight_bytes - FP8_BYTES)
+        precompute = weights - transformer + encoders
+        notes.append(f"cache_text_embeddings: {' and '.join(offloaded)} encode every caption before training "
+                     f"(the transformer waits in host memory meanwhile), then leave the GPU "
+                     f"({_mib(encoders)} MiB not resident while training)")
+    elif summary.offloadable:
+        notes.append("text encoders resident on the GPU for the whole job (cache_text_embeddings is off)")
+    if summary.flux_blocks:
+        notes.append(f"gradient_checkpointing {'on' if gradient_checkpointing else 'off'}; LoRA weights, "
+                     f"gradients and AdamW state in fp32; {mixed_precision} mixed precision")
     if cache_latents and "vae" in frozen:
         notes.append("cache_latents: the VAE encodes each image once, but stays resident (fp32) in the warm base")
 
@@ -495,6 +586,8 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
     lora_bytes = lora_total * LORA_BYTES_PER_PARAM
 
     shape = {"resolution": resolution, "max_seq_length": max_seq_length, "quantization": quantization,
+             "quantize_base": quantize_base, "max_sequence_length": max_sequence_length,
+             "cache_text_embeddings": cache_text_embeddings,
              "cache_latents": cache_latents,
              "gradient_checkpointing": gradient_checkpointing, "train_text_encoder": train_text_encoder,
              "act_bytes": act_bytes}
@@ -512,7 +605,13 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
                      target_modules=list(target_modules), te_targets=te_targets, mixed_precision=mixed_precision,
                      gradient_checkpointing=gradient_checkpointing,
                      **{k: shape[k] for k in fam.VRAM_SHAPE_FIELDS})
-    return VramEstimate(total_mib=sum(breakdown.values()), breakdown=breakdown,
+    total = sum(breakdown.values())
+    if precompute:
+        peak = _mib(precompute) + OVERHEAD_MIB
+        notes.append(f"text precompute peak {peak} MiB (VAE + text encoders + overhead)"
+                     + ("; it is the larger peak, so the total" if peak > total else ""))
+        total = max(total, peak)
+    return VramEstimate(total_mib=total, breakdown=breakdown,
                         per_sample_mib=per_sample / MIB, batch_size=batch_size, mode=fam.MODE, params=params,
                         key=key, notes=tuple(notes), family=family)
 
@@ -539,7 +638,8 @@ def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
                 text_encoder_target_modules=cfg.effective_te_targets,
                 mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                 cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length,
-                quantization=cfg.quantization)
+                quantization=cfg.quantization, quantize_base=cfg.quantize_base,
+                max_sequence_length=cfg.max_sequence_length, cache_text_embeddings=cfg.cache_text_embeddings)
     args.update(overrides)
     return estimate_vram(Path(model_dir), **args)
 

@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 from trainer.errors import Problem
-from trainer.families import causal_lm, sd
+from trainer.families import causal_lm, flux, sd
 from trainer.families.probe import Probe, probe
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, ModuleType] = {
     "sd": sd,
     "causal_lm": causal_lm,
+    "flux": flux,
 }
 
 
@@ -187,7 +188,7 @@ def resolve(cfg: "TrainConfig") -> tuple["TrainConfig", ModuleType | None, Probe
         return cfg, None, p, problems
     fill = {"model_family": found, "mode": fam.MODE}
     for key, value in fam.defaults(p, cfg).items():
-        if getattr(cfg, key) is None:
+        if getattr(cfg, key) is None or key not in cfg.model_fields_set:  # left out, not set to a value
             fill[key] = value
     return cfg.model_copy(update=fill), fam, p, problems
 

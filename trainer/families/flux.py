@@ -1,0 +1,249 @@
+"""Family `flux`: FLUX.1 [dev] and [schnell] (black-forest-labs) and checkpoints built on them.
+
+The model: `FluxTransformer2DModel` (19 double-stream + 38 single-stream blocks, ~11.9 B parameters),
+the Flux VAE (16 latent channels, `scaling_factor` 0.3611 and `shift_factor` 0.1159, latents packed
+2x2 into 64-channel tokens), CLIP-L (its pooled output) and the T5-XXL encoder (its token sequence,
+`max_sequence_length` tokens: 512 for dev, 256 for schnell). dev is guidance-distilled: its transformer
+takes a guidance value (`guidance_scale`, 1.0 while training); schnell has no guidance embedding.
+
+Objective: rectified flow. x_t = (1 - t) x_0 + t noise, the transformer predicts noise - x_0; t comes
+from `timestep_density` (uniform, logit_normal, mode) and is shifted as diffusers' scheduler shifts it
+at sampling time: dev's `use_dynamic_shifting` makes the shift depend on the image's token count
+(resolution), schnell's is fixed.
+
+Detected from a diffusers folder whose `model_index.json` says `FluxPipeline`, or from a single file
+holding `double_blocks.` and `single_blocks.` (BFL's original layout, as flux1-dev.safetensors; also
+under ComfyUI's `model.diffusion_model.` prefix). Such a file holds the transformer only: its
+architecture comes from the configs shipped in `trainer/model_configs/flux-dev|flux-schnell` (dev when
+the file has `guidance_in.` keys), so detection, checks and the VRAM estimate need no config folder;
+the VAE, text encoders and tokenizers it lacks are loaded from `base_model_config` (any FLUX.1
+diffusers folder).
+
+Memory (so a 24 GB card trains at 1024 px): every caption's text embeddings are computed once before
+training and both text encoders then leave the GPU (`cache_text_embeddings`, default on); the frozen
+transformer blocks are stored in fp8 (`quantize_base: fp8`, `trainer.fp8`); gradient checkpointing;
+LoRA weights and optimizer state in fp32; bf16 mixed precision by default (fp16 is refused: Flux's
+activations overflow its range).
+
+The LoRA file uses diffusers' key names (`transformer.<module>.lora_A.weight`, `.lora_B.weight`,
+`.alpha`): what diffusers' `FluxPipeline.load_lora_weights` reads and what ComfyUI maps onto its
+BFL-layout Flux model (`transformer.` + diffusers module name, fused qkv slices included).
+
+Light (no torch): the loader and the task are in `trainer.families.flux_task`.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from trainer.errors import Problem
+from trainer.families import diffusion
+from trainer.families.probe import Probe, probe
+
+NAME = "flux"
+TITLE = "FLUX.1"
+MODE = "image"
+PIPELINE_CLASSES = ("FluxPipeline",)
+SINGLE_FILE_SIGNATURE = "double_blocks."
+LORA_VERSIONS = ("flux1", "flux1-dev", "flux1-schnell")
+HAS_TEXT_ENCODER = True
+DEFAULT_RESOLUTION = 1024
+# Attention projections of the double blocks (image and text streams) and of the single blocks, as
+# diffusers' and ai-toolkit's Flux LoRA recipes adapt by default.
+DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+ALL_LINEAR = "all-linear"
+# The `all-linear` preset: every Linear of the double and single blocks (attention, MLPs, the modulation
+# layers; `proj_out` also names the final projection). About 5x the LoRA parameters of the default.
+ALL_LINEAR_TARGETS = DEFAULT_TARGETS + [
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+    "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"]
+DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L's (train_text_encoder is refused)
+VARIANTS = ("dev", "schnell")
+MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
+T5_LIMIT = 512  # T5-XXL's tokenizer length; FluxPipeline refuses longer prompts
+DEFAULT_GUIDANCE = 1.0
+VRAM_SHAPE_FIELDS = ("resolution", "max_sequence_length", "quantize_base", "cache_text_embeddings")
+ACT_FACTOR = 0.55  # activations under bf16 autocast, as a fraction of fp32 (see trainer.vram)
+SHIPPED = Path(__file__).resolve().parents[1] / "model_configs"
+
+
+def detect(p: Probe) -> bool:
+    if p.kind == "folder":
+        return p.class_name in PIPELINE_CLASSES
+    return p.kind == "file" and _has(p, "double_blocks.") and _has(p, "single_blocks.")
+
+
+def _has(p: Probe, part: str) -> bool:
+    return any(k.startswith(part) or f".{part}" in k for k in p.keys)
+
+
+def variant(cfg, p: Probe | None = None) -> str:
+    """dev or schnell: the transformer's guidance embedding (config.json) or a file's `guidance_in.` keys."""
+    p = p or probe(cfg.base_model)
+    if p.kind == "file":
+        return "dev" if _has(p, "guidance_in.") else "schnell"
+    config = _transformer_config(cfg.base_model)
+    return "dev" if config.get("guidance_embeds") else "schnell"
+
+
+def _transformer_config(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def shipped_config(which: str) -> Path:
+    """The shipped diffusers-layout config folder of FLUX.1 [dev] or [schnell]."""
+    return SHIPPED / f"flux-{which}"
+
+
+def defaults(p: Probe, cfg) -> dict:
+    v = variant(cfg, p)
+    out = {"resolution": DEFAULT_RESOLUTION, "target_modules": list(DEFAULT_TARGETS),
+           "text_encoder_target_modules": list(DEFAULT_TE_TARGETS), "max_sequence_length": MAX_SEQUENCE_LENGTH[v],
+           "timestep_density": "logit_normal", "quantize_base": "fp8"}
+    if v == "dev":
+        out["guidance_scale"] = DEFAULT_GUIDANCE
+    if "mixed_precision" not in cfg.model_fields_set:
+        out["mixed_precision"] = "bf16"  # Flux's weights are bf16; fp32 doubles activations for nothing
+    return out
+
+
+def expand_targets(targets: list[str]) -> list[str]:
+    return list(ALL_LINEAR_TARGETS) if list(targets) == [ALL_LINEAR] else list(targets)
+
+
+def check(cfg, p: Probe) -> list[Problem]:
+    problems: list[Problem] = []
+    v = variant(cfg, p)
+    if p.kind == "file":
+        problems += _single_file_problems(cfg)
+    if cfg.mixed_precision == "fp16":
+        problems.append(Problem(
+            "mixed_precision", "fp16 is refused for Flux: its transformer was trained in bf16 and its activations "
+            "exceed fp16's range (65504), which gives NaN losses and black images",
+            "use mixed_precision: bf16 (the default for Flux), or no (fp32, twice the memory)", "fp16"))
+    if cfg.train_text_encoder:
+        problems.append(Problem(
+            "train_text_encoder", "Flux LoRAs train the transformer only: T5-XXL is never trained (9 GB in bf16; "
+            "it is encoded once and freed), and a CLIP-L LoRA (which could be: CLIP-L only, or none) is not "
+            "supported by this trainer", "set train_text_encoder: false (the transformer LoRA learns the "
+            "subject or style, as in diffusers' and ai-toolkit's Flux recipes)", True))
+    if v == "schnell" and cfg.guidance_scale is not None:
+        problems.append(Problem(
+            "guidance_scale", "FLUX.1 [schnell] has no guidance embedding (it is timestep-distilled, not "
+            "guidance-distilled): there is nothing to feed the value to", "remove guidance_scale (it applies "
+            "to FLUX.1 [dev] and its fine-tunes)", cfg.guidance_scale))
+    if cfg.max_sequence_length is not None and cfg.max_sequence_length > T5_LIMIT:
+        problems.append(Problem(
+            "max_sequence_length", f"is above T5-XXL's limit of {T5_LIMIT} tokens (the length Flux was trained "
+            "with; FluxPipeline refuses longer prompts)", f"use at most {T5_LIMIT} ({MAX_SEQUENCE_LENGTH[v]} is "
+            f"FLUX.1 [{v}]'s default)", cfg.max_sequence_length))
+    if problems:
+        return problems
+    folder = config_dir(cfg)
+    factor = (diffusion.latent_factor(folder) or 8) * 2  # VAE downscale x 2x2 packing
+    if cfg.resolution % factor:
+        lower, upper = max(factor, cfg.resolution // factor * factor), (cfg.resolution // factor + 1) * factor
+        problems.append(Problem(
+            "resolution", f"must be a multiple of {factor} for {TITLE} (the VAE downscales by {factor // 2} and "
+            "latents are packed 2x2)", f"use {lower} or {upper}", cfg.resolution))
+    problems += target_problems(cfg)
+    return problems
+
+
+def _single_file_problems(cfg) -> list[Problem]:
+    folder = cfg.base_model_config
+    fix = ("set base_model_config to a FLUX.1 diffusers folder (model_index.json, vae/, text_encoder/, "
+           "text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/), e.g. a saved FLUX.1-schnell snapshot: the "
+           "transformer's weights come from base_model and its architecture from the shipped config")
+    if folder is None:
+        return [Problem("base_model_config", "a single-file Flux checkpoint holds the transformer only; the VAE, "
+                        "CLIP-L, T5-XXL and their tokenizers must come from a local folder", fix, None)]
+    cp = probe(folder)
+    if cp.kind != "folder" or cp.class_name not in PIPELINE_CLASSES:
+        return [Problem("base_model_config", f"is {cp.describe()}, not a FluxPipeline folder", fix, str(folder))]
+    return []
+
+
+def target_problems(cfg) -> list[Problem]:
+    """Each target_modules entry must match a Linear of the transformer (built from its config on the meta
+    device: no weights); otherwise name the closest real module names."""
+    from trainer.families.flux_task import transformer_linear_names
+
+    names = transformer_linear_names(transformer_config_dir(cfg))
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)
+                       if not n.split(".")[-k:][0].isdigit()})
+    problems = []
+    for t in expand_targets(cfg.effective_targets):
+        if not any(n == t or n.endswith("." + t) for n in names):
+            close = difflib.get_close_matches(t, suffixes, n=4, cutoff=0.4)
+            problems.append(Problem(
+                "target_modules", f"{t!r} matches no Linear module of the Flux transformer",
+                f"use real module names{': closest are ' + ', '.join(close) if close else ''} (defaults: "
+                f"{', '.join(DEFAULT_TARGETS)}; or [{ALL_LINEAR}] for every Linear of the blocks)",
+                cfg.target_modules))
+    return problems
+
+
+def config_dir(cfg) -> Path:
+    """The diffusers-layout folder with the model's component configs: the model folder itself; for a
+    single file its base_model_config, else the shipped config of its variant."""
+    if cfg.base_model.is_dir():
+        return cfg.base_model
+    return cfg.base_model_config or shipped_config(variant(cfg))
+
+
+def transformer_config_dir(cfg) -> Path:
+    """Where the transformer's config.json is: a single file's architecture is the shipped one."""
+    if cfg.base_model.is_dir():
+        return cfg.base_model
+    return shipped_config(variant(cfg))
+
+
+def scan_dataset(cfg):
+    return diffusion.scan_dataset(cfg)
+
+
+def make_dataset(cfg, samples):
+    return diffusion.make_dataset(cfg, samples)
+
+
+def load_base(cfg, device, dtype):
+    from trainer.families.flux_task import load_flux_base
+
+    return load_flux_base(cfg, device, dtype)
+
+
+def make_task(cfg, base, device):
+    from trainer.families.flux_task import FluxTask
+
+    return FluxTask(cfg, base, device)
+
+
+def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
+    version = metadata.get("ss_base_model_version")
+    if version:
+        return version in LORA_VERSIONS
+    return any(k.startswith(("transformer.single_transformer_blocks.", "lora_unet_double_blocks_",
+                             "lora_unet_single_blocks_")) for k in keys)
+
+
+def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
+    from trainer.vram import flux_model_summary
+
+    return flux_model_summary(model_dir, tuple(expand_targets(list(targets))))
+
+
+def vram_per_sample_bytes(summary, shape: dict) -> float:
+    from trainer.vram import flux_per_sample_bytes
+
+    return flux_per_sample_bytes(summary, shape)
+
+
+def preload() -> None:
+    from trainer.families.flux_task import preload as load
+
+    load()

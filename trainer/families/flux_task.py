@@ -1,0 +1,397 @@
+"""Family `flux`, the heavy half: a LoRA on a FLUX.1 transformer (see `trainer.families.flux`).
+
+The frozen base (`FluxBase`) is loaded once and may be kept warm by the daemon. Its text encoders live
+in host memory (`FluxTextEncoders` is not a module, so the warm cache never moves them to the GPU): the
+task moves one at a time to the device to encode, then back. With `quantize_base: fp8` the Linear
+layers of the transformer blocks are stored in fp8 (`trainer.fp8`), quantized one layer at a time as
+they move to the device, so a bf16 transformer (24 GB) never has to fit on the GPU whole.
+
+Loss (rectified flow, as diffusers' train_dreambooth_lora_flux.py): latents = (VAE latent - shift) x
+scale; t from `timestep_density`, shifted like the scheduler (dev: exponential shift with mu from the
+image's token count; schnell: its fixed shift); x_t = (1 - t) latents + t noise, packed 2x2 into tokens;
+the transformer (guidance `guidance_scale` for dev) predicts noise - latents; MSE. Every random draw
+(latent sampling, noise, t) comes from the loop's generator: a resumed run is bit-identical on the CPU.
+
+Caches (`prepare`): with `cache_text_embeddings` (default) every distinct caption and sample prompt is
+encoded once, each on its own (a row never depends on its batch); with `cache_latents` every image once.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import TrainConfig
+from trainer.families import flux
+from trainer.quiet import quiet_libraries
+
+log = logging.getLogger(__name__)
+
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # what quantize_base stores in 8 bits
+LORA_PREFIX = "transformer."
+
+
+class FluxLoraError(ValueError):
+    pass
+
+
+@dataclass
+class FluxTextEncoders:
+    """CLIP-L (pooled) and T5-XXL (sequence) with their tokenizers. A plain object, not a module: the warm
+    cache's device moves skip it, so the encoders stay in host memory except while they encode."""
+
+    clip: torch.nn.Module
+    clip_tokenizer: object
+    t5: torch.nn.Module
+    t5_tokenizer: object
+
+    def to(self, device) -> None:
+        self.clip.to(device)
+        self.t5.to(device)
+
+
+@dataclass
+class FluxBase:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text: FluxTextEncoders
+    scheduler_config: dict
+    variant: str
+    source: str
+    quantized_params: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def preload() -> None:
+    quiet_libraries()
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: F401
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: F401
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_names(config_path: str, stamp: float) -> tuple[str, ...]:
+    from diffusers import FluxTransformer2DModel
+
+    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def transformer_linear_names(folder: Path) -> tuple[str, ...]:
+    """Qualified names of the transformer's Linear layers, from its config on the meta device (no weights)."""
+    quiet_libraries()
+    path = Path(folder) / "transformer" / "config.json"
+    return _linear_names(str(path), path.stat().st_mtime)
+
+
+def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> FluxBase:
+    """The frozen base, offline: transformer (8-bit blocks with quantize_base fp8) and VAE (fp32) on
+    `device`, the text encoders in host memory in `weight_dtype`."""
+    quiet_libraries()
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from trainer.fp8 import quantize_linears
+
+    variant = flux.variant(cfg)
+    parts = cfg.base_model if cfg.base_model.is_dir() else cfg.base_model_config
+    if cfg.base_model.is_dir():
+        transformer = FluxTransformer2DModel.from_pretrained(parts, subfolder="transformer", torch_dtype=weight_dtype,
+                                                             local_files_only=True)
+    else:
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(cfg.base_model), config=str(flux.shipped_config(variant)), subfolder="transformer",
+            torch_dtype=weight_dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(parts, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+    clip = CLIPTextModel.from_pretrained(parts, subfolder="text_encoder", local_files_only=True, dtype=weight_dtype)
+    t5 = T5EncoderModel.from_pretrained(parts, subfolder="text_encoder_2", local_files_only=True, dtype=weight_dtype)
+    clip_tok = CLIPTokenizer.from_pretrained(parts, subfolder="tokenizer", local_files_only=True)
+    t5_tok = T5TokenizerFast.from_pretrained(parts, subfolder="tokenizer_2", local_files_only=True)
+    scheduler_config = json.loads((Path(parts) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    for m in (transformer, vae, clip, t5):
+        m.requires_grad_(False)
+        m.eval()
+    quantized = 0
+    if cfg.quantize_base == "fp8":
+        # Layer by layer onto the device: the bf16 blocks never have to fit there together.
+        quantized = quantize_linears(transformer, lambda n: n.startswith(BLOCK_PREFIXES), device)
+    transformer.to(device)
+    vae.to(device)
+    return FluxBase(transformer, vae, FluxTextEncoders(clip, clip_tok, t5, t5_tok), scheduler_config, variant,
+                    str(cfg.base_model), quantized)
+
+
+def shifted_sigmas(u: torch.Tensor, scheduler_config: dict, image_seq_len: int) -> torch.Tensor:
+    """The noise level for t ~ density `u` in (0, 1), shifted as FlowMatchEulerDiscreteScheduler shifts its
+    sampling schedule: with `use_dynamic_shifting` (dev) exp(mu) / (exp(mu) + 1/u - 1), where mu grows
+    linearly with the image's token count from base_shift (base_image_seq_len tokens) to max_shift
+    (max_image_seq_len) - more noise at higher resolution; otherwise the fixed shift s u / (1 + (s - 1) u)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler_config
+    u = u.clamp(1e-5, 1 - 1e-5)
+    if c.get("use_dynamic_shifting"):
+        mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    s = float(c.get("shift", 1.0))
+    return s * u / (1 + (s - 1) * u)
+
+
+class FluxTask:
+    """One job's LoRA on a `FluxBase`: trainable parameters, the loss, the LoRA file and samples."""
+
+    def __init__(self, cfg: TrainConfig, base: FluxBase, device: torch.device):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.cfg, self.base, self.device = cfg, base, device
+        self.targets = flux.expand_targets(cfg.effective_targets)
+        # LoRA init draws from the global RNG: seeded, so a cold and a warm daemon start from the same LoRA.
+        torch.manual_seed(cfg.seed)
+        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
+                                           lora_dropout=cfg.lora_dropout, target_modules=self.targets,
+                                           init_lora_weights="gaussian"), base.transformer)
+        self.params = []
+        for n, p in base.transformer.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()  # LoRA weights (and so AdamW's state) in fp32 over a bf16/fp8 base
+                p.requires_grad_(True)
+                self.params.append(p)
+        if cfg.gradient_checkpointing:
+            base.transformer.enable_gradient_checkpointing()
+        self.guidance = cfg.guidance_scale if base.transformer.config.guidance_embeds else None
+        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoders_on_device = False
+
+    # --- parameters and the LoRA file -------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        return [{"params": self.params, "lr": self.cfg.learning_rate}]
+
+    def train(self) -> None:
+        self.base.transformer.train()
+
+    def eval(self) -> None:
+        self.base.transformer.eval()
+
+    def _lora_layers(self):
+        """(module name, lora_A weight, lora_B weight) of every LoRA layer, in model order."""
+        params = dict(self.base.transformer.named_parameters())
+        a_suffix, b_suffix = ".lora_A.default.weight", ".lora_B.default.weight"
+        for name, a in params.items():
+            if name.endswith(a_suffix):
+                module = name[: -len(a_suffix)]
+                yield module, a, params[module + b_suffix]
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """diffusers' Flux LoRA layout: transformer.<module>.lora_A/.lora_B weights and .alpha (scale =
+        alpha / rank), which FluxPipeline.load_lora_weights and ComfyUI both read."""
+        out: dict[str, torch.Tensor] = {}
+        for module, a, b in self._lora_layers():
+            key = LORA_PREFIX + module
+            out[f"{key}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+            out[f"{key}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(self.cfg.effective_alpha))
+        return out
+
+    def load_lora_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        layers = {LORA_PREFIX + m: (a, b) for m, a, b in self._lora_layers()}
+        given = {k.rsplit(".", 2)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        missing, extra = sorted(set(layers) - given), sorted(given - set(layers))
+        if missing or extra:
+            raise FluxLoraError(
+                f"{source}: LoRA layers do not match this config ({len(missing)} missing, {len(extra)} unexpected; "
+                f"e.g. missing {missing[:2]}): set target_modules and lora_rank to what the file was trained with")
+        with torch.no_grad():
+            for key, (a, b) in layers.items():
+                down, up = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+                if down.shape != a.shape or up.shape != b.shape:
+                    raise FluxLoraError(f"{source}: {key} has rank {down.shape[0]}, the config asks for rank "
+                                        f"{a.shape[0]}: set lora_rank: {down.shape[0]}")
+                a.copy_(down.to(a.dtype))
+                b.copy_(up.to(b.dtype))
+
+    def lora_metadata(self) -> dict[str, str]:
+        v = self.base.variant
+        return {"ss_base_model_version": "flux1", "agentd_flux_variant": v,
+                "modelspec.architecture": f"flux-1-{v}/lora", "ss_resolution": f"({self.cfg.resolution}, "
+                f"{self.cfg.resolution})", "ss_network_train_unet_only": "True",
+                "ss_guidance_scale": str(self.guidance), "ss_max_sequence_length": str(self.cfg.max_sequence_length),
+                "ss_timestep_density": str(self.cfg.timestep_density),
+                "agentd_quantize_base": str(self.cfg.quantize_base)}
+
+    def export_extra(self, output_dir: Path) -> list[Path]:
+        return []  # <name>.safetensors is read by diffusers and ComfyUI as it is
+
+    def detach(self) -> None:
+        """Remove this job's LoRA, caches and device placement of the encoders (the warm base stays as loaded)."""
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        t = self.base.transformer
+        if self.cfg.gradient_checkpointing:
+            t.disable_gradient_checkpointing()
+        recurse_remove_peft_layers(t)
+        if "peft_config" in t.__dict__:
+            del t.peft_config
+        t.requires_grad_(False)
+        t.eval()
+        self._encoders_to("cpu")
+        self.text_cache.clear()
+        self.latent_cache.clear()
+
+    # --- text -------------------------------------------------------------------------------------
+    def _encoders_to(self, device) -> None:
+        on = torch.device(device).type != "cpu"
+        if on != self.encoders_on_device:
+            self.base.text.to(device)
+            self.encoders_on_device = on
+            if not on and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 sequence (B, L, D), CLIP-L pooled (B, D)) of the captions, as FluxPipeline encodes prompts."""
+        text = self.base.text
+        clip_ids = text.clip_tokenizer(captions, padding="max_length", truncation=True,
+                                       max_length=text.clip_tokenizer.model_max_length, return_tensors="pt").input_ids
+        t5_ids = text.t5_tokenizer(captions, padding="max_length", truncation=True,
+                                   max_length=self.cfg.max_sequence_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            pooled = text.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+            seq = text.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
+        return seq, pooled
+
+    def _text(self, captions: list[str], autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.cache_text_embeddings:
+            missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+            if missing:
+                self._cache_text(missing, autocast)
+            rows = [self.text_cache[c] for c in captions]
+            return (torch.stack([r[0] for r in rows]).to(self.device),
+                    torch.stack([r[1] for r in rows]).to(self.device))
+        self._encoders_to(self.device)
+        with autocast():
+            return self._encode(captions)
+
+    def _cache_text(self, captions: list[str], autocast) -> None:
+        """Encode each caption on its own (so its row is the same whichever batch asks), then send the encoders
+        back to host memory. On a GPU the transformer waits in host memory meanwhile: the peak is the encoders
+        (T5-XXL: 9 GB in bf16) or the transformer, never both (what makes 1024 px fit in 24 GB)."""
+        park = self.device.type == "cuda"
+        if park:
+            self.base.transformer.to("cpu")
+        try:
+            self._encoders_to(self.device)
+            with autocast():
+                for c in captions:
+                    seq, pooled = self._encode([c])
+                    self.text_cache[c] = (seq[0].cpu(), pooled[0].cpu())
+        finally:
+            self._encoders_to("cpu")
+            if park:
+                self.base.transformer.to(self.device)
+
+    # --- data -------------------------------------------------------------------------------------
+    def prepare(self, dataset, autocast=None) -> None:
+        """Text embeddings of every caption and sample prompt (cache_text_embeddings), latents of every image
+        (cache_latents); without the text cache the encoders move to the device for the whole job."""
+        import contextlib
+
+        from trainer.sampling import load_prompts
+
+        autocast = autocast or contextlib.nullcontext
+        if self.cfg.cache_text_embeddings:
+            captions = [s.caption for s in dataset.samples] + [p.prompt for p in load_prompts(self.cfg)[0]]
+            self._cache_text([c for c in dict.fromkeys(captions) if c not in self.text_cache], autocast)
+        else:
+            self._encoders_to(self.device)
+        if self.cfg.cache_latents:
+            with torch.no_grad():
+                for i in range(len(dataset)):
+                    pixels, _ = dataset.load(i)
+                    dist = self.base.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
+                    self.latent_cache[i] = (dist.mean[0].cpu(), dist.std[0].cpu())
+
+    def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
+        if self.latent_cache:
+            mean = torch.stack([self.latent_cache[i][0] for i in indices])
+            std = torch.stack([self.latent_cache[i][1] for i in indices])
+        else:
+            pixels = torch.stack([dataset.load(i, generator)[0] for i in indices]).to(self.device)
+            with torch.no_grad():
+                dist = self.base.vae.encode(pixels).latent_dist
+            mean, std = dist.mean.cpu(), dist.std.cpu()
+        eps = torch.randn(mean.shape, generator=generator)  # our generator, not the VAE's: resumable
+        c = self.base.vae.config
+        return ((mean + std * eps - c.shift_factor) * c.scaling_factor).to(self.device)
+
+    def loss(self, indices: list[int], dataset, generator: torch.Generator, autocast) -> torch.Tensor:
+        from diffusers import FluxPipeline
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        cfg = self.cfg
+        latents = self._latents(indices, dataset, generator)
+        b, ch, h, w = latents.shape
+        seq, pooled = self._text([dataset.samples[i].caption for i in indices], autocast)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        u = compute_density_for_timestep_sampling(cfg.timestep_density, b, logit_mean=cfg.logit_mean,
+                                                  logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                                  generator=generator)
+        sigmas = shifted_sigmas(u, self.base.scheduler_config, (h // 2) * (w // 2)).to(self.device)
+        s = sigmas.view(b, 1, 1, 1)
+        noisy = (1 - s) * latents + s * noise
+        packed = FluxPipeline._pack_latents(noisy, b, ch, h, w)
+        target = FluxPipeline._pack_latents(noise - latents, b, ch, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, packed.dtype)
+        txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=packed.dtype)
+        guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=self.device)
+        with autocast():
+            pred = self.base.transformer(hidden_states=packed, timestep=sigmas, guidance=guidance,
+                                         pooled_projections=pooled, encoder_hidden_states=seq, txt_ids=txt_ids,
+                                         img_ids=img_ids, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float())
+
+    # --- samples ----------------------------------------------------------------------------------
+    def render_sample(self, prompt, path: Path) -> Path:
+        """One image of `prompt` with FluxPipeline and the LoRA as trained so far. Flux samples with its own
+        flow-matching Euler scheduler (the prompt's --ss sampler and --n negative do not apply); --l is dev's
+        distilled guidance; schnell takes 4 steps unless the prompt says --s."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        from trainer.sampling import DEFAULT_STEPS
+
+        base = self.base
+        seq, pooled = self._text([prompt.prompt], _autocast_for(self.device, base.transformer.dtype))
+        dtype = base.transformer.dtype
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config),
+                            vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                            transformer=base.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        steps = 4 if base.variant == "schnell" and prompt.steps == DEFAULT_STEPS else prompt.steps
+        with torch.no_grad():
+            latents = pipe(prompt_embeds=seq.to(dtype), pooled_prompt_embeds=pooled.to(dtype),
+                           num_inference_steps=steps, guidance_scale=prompt.guidance, height=prompt.height,
+                           width=prompt.width, generator=torch.Generator().manual_seed(prompt.seed),
+                           output_type="latent", max_sequence_length=self.cfg.max_sequence_length).images
+            # Decoded here in fp32 (the VAE's dtype), whatever the transformer computed in.
+            latents = FluxPipeline._unpack_latents(latents, prompt.height, prompt.width, pipe.vae_scale_factor)
+            latents = latents.float() / base.vae.config.scaling_factor + base.vae.config.shift_factor
+            image = pipe.image_processor.postprocess(base.vae.decode(latents).sample, output_type="pil")[0]
+        out = Path(path).with_suffix(".png")
+        image.save(out)
+        return out
+
+
+def _autocast_for(device: torch.device, dtype: torch.dtype):
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
