@@ -1,0 +1,131 @@
+"""Latents and text-encoder outputs cached on disk, across jobs (`cache_latents_to_disk`,
+`cache_text_embeddings_to_disk`).
+
+In CI the same dataset is trained again and again; with these keys the next job on the same data never
+runs the VAE (or the text encoder) for what an earlier job already encoded.
+
+Keys are content, never names or times, so a changed input is a miss and never a stale hit:
+- a latent: sha256 of (the image file's bytes, the VAE's identity, the bucket size, the resized size,
+  the crop offset, `PIPELINE`); the entry holds the latent distribution's mean and std (sampled per step
+  with the step generator, as without the cache);
+- a text embedding: sha256 of (the text encoders' identity, the family's encoding, clip_skip, the caption).
+A module's identity is the sha256 of its weights (names, dtypes, shapes, bytes), computed once per loaded
+base and remembered on it (the daemon's warm base reuses it).
+
+Layout: `<cache_dir>/latents/<2 hex>/<key>.safetensors` and `<cache_dir>/text/...`, each written to a
+temporary name and renamed (a crash never leaves a half-written entry). A hit touches the file, so
+`agentd gc` (which removes cache files unused for `retention_days`) keeps what is in use.
+
+`cache_dir`: the config's key, else `$AGENTD_CACHE_DIR`, else the daemon's (systemd's `$CACHE_DIRECTORY`),
+else `~/.cache/agentd`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Bump when the pixels fed to the VAE change for the same inputs (resampling filter, value range): every
+# old latent becomes a miss.
+PIPELINE = "rgb-bicubic-center-v1"
+
+
+def cache_root(cfg) -> Path:
+    """Where the disk caches live (see the module docstring)."""
+    if cfg.cache_dir is not None:
+        return Path(cfg.cache_dir)
+    for var in ("AGENTD_CACHE_DIR", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    return Path.home() / ".cache" / "agentd"
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def module_identity(module: torch.nn.Module) -> str:
+    """sha256 of a frozen module's weights, remembered on the module (weights never change in place)."""
+    known = module.__dict__.get("_agentd_identity")
+    if known:
+        return known
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    module.__dict__["_agentd_identity"] = h.hexdigest()
+    return module.__dict__["_agentd_identity"]
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class _DiskCache:
+    """Content-keyed safetensors entries under one folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError, ValueError):
+            self.misses += 1
+            return None  # absent, or unreadable (a torn disk): encode again and overwrite
+        try:
+            os.utime(path)  # in use: agentd gc keeps it
+        except OSError:
+            pass
+        self.hits += 1
+        return tensors
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
+class LatentDiskCache(_DiskCache):
+    """Latent distributions (mean, std) of dataset images for one VAE."""
+
+    def __init__(self, root: Path, vae: torch.nn.Module):
+        super().__init__(root / "latents")
+        self.vae_id = module_identity(vae)
+
+    def key(self, dataset, index: int) -> str:
+        s = dataset.samples[index]
+        original, crop, target = dataset.fixed_geometry(index)
+        return _key("latent", PIPELINE, file_hash(s.path), self.vae_id, original, crop, target,
+                    dataset.resized_size(index))
+
+
+class TextDiskCache(_DiskCache):
+    """Text-encoder outputs per caption for one set of encoders and one way of encoding."""
+
+    def __init__(self, root: Path, encoders: list[torch.nn.Module], encoding: str):
+        super().__init__(root / "text")
+        self.identity = [module_identity(m) for m in encoders] + [encoding]
+
+    def key(self, caption: str) -> str:
+        return _key("text", self.identity, caption)
