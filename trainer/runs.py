@@ -71,8 +71,8 @@ def config_changes(old: dict, new: dict, defaults: dict) -> list[str]:
     counts as its default (a new agentd key must not look like a change)."""
     out = []
     for k in sorted(set(old) | set(new)):
-        before = old.get(k, defaults.get(k)) if k not in old else old[k]
-        after = new.get(k, defaults.get(k)) if k not in new else new[k]
+        before = old[k] if k in old else defaults.get(k)
+        after = new[k] if k in new else defaults.get(k)
         if before != after:
             out.append(f"{k} {_short(before)} -> {_short(after)}")
     return out
