@@ -213,3 +213,37 @@ def test_checkpoint_contents_and_safe_loading(reference):
     assert set(data["rng"]) == {"generator", "torch", "cuda", "numpy", "python"}
     manifest = json.loads((ckpts[0] / "manifest.json").read_text())
     assert set(manifest) == {"lora.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+
+
+def bucketed_dataset(folder: Path) -> Path:
+    """Mixed aspect ratios in N_name folders with tag captions: buckets, repeats and caption draws in one."""
+    from PIL import Image, ImageDraw
+
+    sizes = [(32, 32), (48, 24), (24, 48), (40, 32), (32, 40)]
+    for sub, count in (("2_red", 3), ("1_blue", 4)):
+        for i in range(count):
+            w, h = sizes[(i + count) % len(sizes)]
+            im = Image.new("RGB", (w, h), (255, 255, 255))
+            ImageDraw.Draw(im).ellipse((4, 4, w - 4, h - 4), fill=(220, 40, 40) if sub == "2_red" else (40, 40, 220))
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            im.save(folder / sub / f"{i}.png")
+            (folder / sub / f"{i}.txt").write_text(f"{sub[2:]}, circle, photo, white background")
+    return folder
+
+
+BUCKETED = dict(enable_bucket=True, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8, batch_size=2,
+                metadata_path=None, cache_latents=False, center_crop=False, shuffle_caption=True, keep_tokens=1,
+                caption_tag_dropout_rate=0.2, noise_offset=0.05, min_snr_gamma=5.0)
+
+
+def test_bucketed_dataset_killed_resumes_bit_identical(tmp_path, assets):
+    """Buckets, repeats, random crops and caption draws: SIGKILL mid-run, rerun, same LoRA as uninterrupted."""
+    data = bucketed_dataset(tmp_path / "data")
+    ref = config(tmp_path, assets, "ref", train_data_dir=str(data), **BUCKETED)
+    assert train_foreground(ref).returncode == 0
+    cfg = config(tmp_path, assets, "killed", train_data_dir=str(data), **BUCKETED)
+    kill_foreground_after(cfg, 23)
+    again = train_foreground(cfg)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step 20" in again.stdout
+    assert_identical(ref, cfg)
