@@ -680,8 +680,10 @@ class Scheduler:
             for job in self.live.values():
                 if job.record["state"] == "paused":
                     paused.append(PausedJob(id=job.id, name=job.record.get("name"),
-                                            config=job.record.get("config_path"), step=job.progress.get("step"),
-                                            total_steps=job.progress.get("total_steps"), priority=job.priority,
+                                            config=job.record.get("config_path"),
+                                            step=job.progress.get("step", job.record.get("step")),
+                                            total_steps=job.progress.get("total_steps", job.record.get("total_steps")),
+                                            priority=job.priority,
                                             paused_at=job.record.get("paused_at")))
             return {"running": running, "queue": queued, "paused": paused, "draining": self.draining,
                     "busy_slots": {k: v for k, v in self.busy.items()},
