@@ -105,8 +105,9 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """A tiny random StableDiffusionXLPipeline saved with save_pretrained (two text encoders, hidden 32 each,
-    concatenated to the UNet's cross-attention width 64; pooled projection 32; time ids embedded in 8)."""
+    """A tiny random StableDiffusionXLPipeline saved with save_pretrained: text encoders of hidden 32 and 48
+    (different, as CLIP-L's 768 and OpenCLIP-G's 1280 are: single-file loaders tell them apart by width),
+    concatenated to the UNet's cross-attention width 80; pooled projection 48; time ids embedded in 8."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -130,7 +131,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8,
+        projection_class_embeddings_input_dim=6 * 8 + 48, cross_attention_dim=32 + 48, norm_num_groups=8,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
@@ -138,12 +139,11 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=32,
         scaling_factor=0.13025,
     )
-    te_config = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    te_config = dict(vocab_size=vocab_size, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
-                     eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_act="gelu",
-                     projection_dim=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_config))
+                     eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **te_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=48, **te_config))
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                        beta_start=0.00085, beta_end=0.012, steps_offset=1,
                                        timestep_spacing="leading")
@@ -303,7 +303,7 @@ def build_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
     """A tiny random Llama chat model: a character-level fast tokenizer with ChatML's special tokens
     (<|im_start|>, <|im_end|> as EOS) and a ChatML chat template in tokenizer_config.json."""
     import torch
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from trainer.quiet import quiet_libraries
@@ -316,6 +316,7 @@ def build_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE

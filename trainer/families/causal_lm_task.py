@@ -11,8 +11,9 @@ rendered template; every token of raw text, which ends with EOS) and, packed, th
 in the row. A micro-batch is right-padded with the tokenizer's pad token (EOS when it has none, as
 Llama's); padding and untrained tokens carry label -100.
 
-Packing: position ids restart at 0 for every sample of a row and the model gets no 2-D attention mask,
-so transformers' masking utilities (`create_causal_mask`) see the restarts and keep each sample's
+Packing: position ids restart at 0 for every sample of a row and the model gets no 2-D attention mask
+and no KV cache (`use_cache=False`: with a cache transformers does not look for packed rows), so
+transformers' masking utilities (`create_causal_mask`) see the restarts and keep each sample's
 attention within itself: a block-diagonal causal mask for eager, sdpa and flex attention, per-sample
 lengths for flash_attention_2/3. `trainer.text_data.packing_isolates` tells which models build their
 mask that way (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 ... in transformers 5); for others preflight
