@@ -94,6 +94,8 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
         parts = " + ".join(f"{k} {v}" for k, v in est["breakdown"].items())
         print(f"VRAM estimate: {est['total_mib']} MiB at batch {est['batch_size']} ({parts} MiB; "
               f"{est['per_sample_mib']:.0f} MiB per sample); margin {margin_mib} MiB")
+        for note in est["notes"]:  # what the estimate assumes (8-bit base, freed encoders, checkpointing...)
+            print(f"  assumes: {note}")
         for t in report["targets"]:
             free = "N/A" if t.get("free_mib") is None else f"{t['free_mib']} MiB"
             if t.get("recommended_batch_size") is None:

@@ -174,7 +174,7 @@ def target_problems(cfg) -> list[Problem]:
     from trainer.families.flux_task import transformer_linear_names
 
     names = transformer_linear_names(transformer_config_dir(cfg))
-    suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2, 3)
                        if not n.split(".")[-k:][0].isdigit()})
     problems = []
     for t in expand_targets(cfg.effective_targets):
@@ -189,18 +189,15 @@ def target_problems(cfg) -> list[Problem]:
 
 
 def config_dir(cfg) -> Path:
-    """The diffusers-layout folder with the model's component configs: the model folder itself; for a
-    single file its base_model_config, else the shipped config of its variant."""
-    if cfg.base_model.is_dir():
-        return cfg.base_model
-    return cfg.base_model_config or shipped_config(variant(cfg))
-
-
-def transformer_config_dir(cfg) -> Path:
-    """Where the transformer's config.json is: a single file's architecture is the shipped one."""
+    """The diffusers-layout folder with the model's component configs (for estimates and checks): the model
+    folder itself; for a single file the shipped config of its variant (the file is a FLUX.1 transformer;
+    base_model_config only supplies the standard VAE, encoders and tokenizers)."""
     if cfg.base_model.is_dir():
         return cfg.base_model
     return shipped_config(variant(cfg))
+
+
+transformer_config_dir = config_dir
 
 
 def scan_dataset(cfg):
