@@ -169,3 +169,29 @@ def settle_capabilities(agent_user: Optional[str]) -> None:
         keep_capabilities_to_self()
     else:
         drop_all_capabilities()
+
+
+_KILLPG = ("import os, sys\n"
+           "try:\n"
+           "    os.killpg(int(sys.argv[1]), int(sys.argv[2]))\n"
+           "except ProcessLookupError:\n"
+           "    sys.exit(3)\n")
+
+
+def signal_group_as(user: BuildUser, pgid: int, sig: int) -> None:
+    """Send `sig` to process group `pgid` as `user`.
+
+    The daemon may not signal agent.jar (another user) itself, and CAP_KILL would let it signal every
+    process on the box; so a short-lived helper does it as the build user, with the CAP_SETUID/CAP_SETGID
+    the daemon already holds. Raises ProcessLookupError when the group is gone.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-I", "-c", _KILLPG, str(pgid), str(int(sig))], env={},
+                          user=user.uid, group=user.gid, extra_groups=[], capture_output=True, timeout=30)
+    if done.returncode == 3:
+        raise ProcessLookupError(pgid)
+    if done.returncode != 0:
+        raise PermissionError(f"cannot signal agent.jar (process group {pgid}) as {user.name}: "
+                              f"{done.stderr.decode(errors='replace').strip()[-200:]}")

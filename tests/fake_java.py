@@ -11,7 +11,9 @@ unknown option it does what ``Launcher.main`` does with args4j's ``CmdLineExcept
 
 Then it reads the secret from the ``-secret @FILE`` file and behaves as ``FAKE_JAVA_MODE`` says: ``sleep``
 (run until signalled), ``crash`` (exit 3 at once), ``crash-after`` (exit 3 after ``FAKE_JAVA_RUN_S``
-seconds), ``ignore-term`` (ignore SIGTERM, so only SIGKILL stops it). Each start appends a JSON line to
+seconds), ``ignore-term`` (ignore SIGTERM, so only SIGKILL stops it). Once connected it runs
+``FAKE_JAVA_BUILD_STEP`` (if set) through the shell in its work folder, as a Jenkins ``sh`` step would,
+and logs its exit code and output. Each start appends a JSON line to
 ``FAKE_JAVA_LOG`` (pid, argv, remoting version, sha256 of the secret it read, or ``usage_exit``): never the
 secret itself.
 """
@@ -106,6 +108,13 @@ def main(argv):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("INFO: ignoring SIGTERM", flush=True)
     print("INFO: Connected", flush=True)
+    step = os.environ.get("FAKE_JAVA_BUILD_STEP")
+    if step:  # a Jenkins `sh` step: a child of the agent, with its user, environment and work folder
+        import subprocess
+
+        done = subprocess.run(step, shell=True, capture_output=True, text=True, cwd=options["-workDir"])
+        log_start({"pid": os.getpid(), "build_step": step, "rc": done.returncode, "output": done.stdout,
+                   "errors": done.stderr})
     while True:
         time.sleep(3600)
 

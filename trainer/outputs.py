@@ -37,11 +37,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process umask (read from /proc, since setting the
+    umask to learn it would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes 0600; outputs get the umask's mode like every other file, so that the submitter's
+        # group can read what the daemon wrote for them (the unit's UMask=0007).
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -265,9 +265,20 @@ class AgentProcess:
         # umask 0007: what builds write (their outputs, the workspace) stays readable and writable by the
         # group of the socket (the daemon, operators), and by nobody else.
         identity = {"env": agent_environment(os.environ, user, self._extra_env), "umask": 0o007}
+        self._spawned_as = None
         if os.geteuid() != user.uid:
             identity.update(user=user.uid, group=user.gid, extra_groups=list(user.groups))
+            self._spawned_as = user  # then only that user may signal it (agentd.privileges.signal_group_as)
         return identity
+
+    def _killpg(self, pgid: int, sig: int) -> None:
+        user = getattr(self, "_spawned_as", None)
+        if user is None:
+            os.killpg(pgid, sig)
+        else:
+            from agentd.privileges import signal_group_as
+
+            signal_group_as(user, pgid, sig)
 
     def _forward_output(self, proc: subprocess.Popen) -> None:
         secret = self._secret.reveal() if self._secret else None
@@ -348,7 +359,7 @@ class AgentProcess:
         if proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: the group id is the child's pid
+            self._killpg(proc.pid, signal.SIGTERM)  # start_new_session: the group id is the child's pid
         except ProcessLookupError:
             return
         try:
@@ -357,7 +368,7 @@ class AgentProcess:
             log.warning("agent.jar (pid %d) ignored SIGTERM for %.0fs; killing it",
                         proc.pid, self.stop_timeout_s)
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                self._killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait()

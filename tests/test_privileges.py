@@ -1,0 +1,582 @@
+"""Least privilege between the daemon, the builds and the submitters, with real users and real privilege drops.
+
+User A runs the daemon (`agentd serve` under setpriv with the unit's capabilities: CAP_SETUID/CAP_SETGID,
+ambient and bounded, as AmbientCapabilities=/CapabilityBoundingSet= give them); B is the build user (in
+the socket group, agent.jar's user); C is a stranger outside the group. Users are created with useradd
+under names unique to this run and removed afterwards. Creating users needs root (CI runs as root);
+elsewhere those tests are skipped with that reason; the pure decisions (the kernel's permission rules with
+ACLs, metadata errors without file bytes, the install snippet) are tested everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN
+from tests.waiting import wait_for
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the test creates users (useradd) "
+                                                           "and drops privileges to them (setpriv)")
+
+TOKEN = "70ken5ecretc0ffee42beef"
+DAEMON_ONLY_VARIABLE = "AGENTD_TEST_DAEMON_ONLY"
+FAKE_JAVA = Path(__file__).with_name("fake_java.py")
+
+# The build step the agent stand-in runs: who am I, what do I see, may I read the token, signal the daemon?
+BUILD_STEP = r'''
+import errno, json, os, signal, sys
+def ancestors():
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        yield pid, int(fields["Uid"].split()[0])
+        pid = int(fields["PPid"])
+daemon = next(pid for pid, uid in ancestors() if uid != os.getuid())
+with open("/proc/self/status") as f:
+    caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k.startswith("Cap")}
+report = {"uid": os.getuid(), "env": dict(os.environ), "caps": caps, "cwd": os.getcwd(), "daemon": daemon}
+try:
+    open(sys.argv[1]).read()
+    report["token"] = "read"
+except OSError as e:
+    report["token"] = errno.errorcode[e.errno]
+try:
+    os.kill(daemon, signal.SIGTERM)
+    report["signal"] = "sent"
+except OSError as e:
+    report["signal"] = errno.errorcode[e.errno]
+print(json.dumps(report))
+'''
+
+# A client written straight to the socket (no `agentd run`, no local preflight): submits each config and
+# prints each reply.
+RAW_SUBMIT = r'''
+import json, socket, sys
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX); s.settimeout(120); s.connect(SOCKET)
+    s.sendall((json.dumps({"v": 1, "op": "submit", "config_path": path, "config_text": open(path).read(),
+                           "detach": True}) + "\n").encode())
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    print(buf.decode().strip(), flush=True)
+'''
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def as_user(name: str, *cmd, daemon_caps: bool = False) -> list[str]:
+    """argv that runs `cmd` as `name` with its login groups (and, for the daemon, the unit's capabilities)."""
+    caps = (["--inh-caps=+setuid,+setgid", "--ambient-caps=+setuid,+setgid", "--bounding-set=-all,+setuid,+setgid"]
+            if daemon_caps else [])
+    return ["setpriv", f"--reuid={name}", f"--regid={name}", "--init-groups", *caps, "--", *map(str, cmd)]
+
+
+def own(path: Path, user: str, group: str, mode: int) -> Path:
+    shutil.chown(path, user, group)
+    os.chmod(path, mode)
+    return path
+
+
+def python_folders() -> set[Path]:
+    """Every folder this interpreter loads from (executable, stdlib, site-packages, the checkout)."""
+    import site
+
+    paths = {Path(os.path.realpath(sys.executable)).parent, Path(sys.base_prefix), Path(sys.prefix),
+             Path(__file__).resolve().parents[1]}
+    paths.update(Path(p) for p in sys.path + site.getsitepackages() if p and Path(p).is_dir())
+    return paths
+
+
+def grant_search(folders: set[Path], uids: list[int]) -> list[tuple[Path, bytes | None, int]]:
+    """Let `uids` through every folder above `folders` they could not enter (a named-user `--x` POSIX ACL
+    entry, nothing more), so the test users can run this checkout's Python wherever it is installed (here:
+    a pyenv under root's 0700 home). Returns what to restore."""
+    import struct
+
+    from agentd.access import (ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_USER, ACL_USER_OBJ, ACL_XATTR, SEARCH,
+                               Identity, access_problem)
+
+    undo, seen = [], set()
+    for folder in folders:
+        for step in [*reversed(folder.parents), folder]:
+            if step in seen or not step.is_dir():
+                continue
+            seen.add(step)
+            blocked = [uid for uid in uids
+                       if access_problem(step, Identity(uid, frozenset({uid})), SEARCH) is not None]
+            if not blocked:
+                continue
+            st = os.stat(step)
+            try:
+                original = os.getxattr(step, ACL_XATTR)
+                from agentd.access import parse_posix_acl
+                entries = parse_posix_acl(original)
+            except OSError:
+                original = None
+                mode = st.st_mode
+                entries = [(ACL_USER_OBJ, (mode >> 6) & 7, 0xFFFFFFFF), (ACL_GROUP_OBJ, (mode >> 3) & 7, 0xFFFFFFFF),
+                           (ACL_MASK, (mode >> 3) & 7, 0xFFFFFFFF), (ACL_OTHER, mode & 7, 0xFFFFFFFF)]
+            entries = [(t, p | SEARCH if t == ACL_MASK else p, i) for t, p, i in entries]
+            entries += [(ACL_USER, SEARCH, uid) for uid in blocked]
+            entries.sort(key=lambda e: (e[0], e[2]))
+            os.setxattr(step, ACL_XATTR, struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))
+            undo.append((step, original, st.st_mode))
+    return undo
+
+
+def restore(undo) -> None:
+    from agentd.access import ACL_XATTR
+
+    for folder, original, mode in reversed(undo):
+        if original is None:
+            os.removexattr(folder, ACL_XATTR)
+        else:
+            os.setxattr(folder, ACL_XATTR, original)
+        os.chmod(folder, mode & 0o7777)
+
+
+@pytest.fixture(scope="module")
+def users():
+    tag = secrets.token_hex(3)
+    a, b, c, group = f"agdA{tag}", f"agdB{tag}", f"agdC{tag}", f"agdS{tag}"
+    sh("groupadd", group)
+    undo = []
+    try:
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, a)
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, b)
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", c)
+        undo = grant_search(python_folders(), [pwd.getpwnam(n).pw_uid for n in (a, b, c)])
+        yield {"a": a, "b": b, "c": c, "group": group}
+    finally:
+        restore(undo)
+        for name in (a, b, c):
+            try:
+                for pid in processes_of(pwd.getpwnam(name).pw_uid):  # only what this test started as them
+                    os.kill(pid, 9)
+            except KeyError:
+                pass
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def world(users, assets):
+    """The folders as install-service lays them out, the daemon running as A, and a fake Jenkins."""
+    from fake_jenkins import FakeJenkins, User
+
+    a, b, group = users["a"], users["b"], users["group"]
+    root = Path(tempfile.mkdtemp(prefix="agd-priv-"))
+    root.chmod(0o755)  # the pytest tmp folders are root's (0700): nobody else could reach anything there
+    shared = root / "assets"
+    shutil.copytree(assets["sd_model"], shared / "sd")
+    shutil.copytree(assets["shapes"], shared / "shapes")
+    subprocess.run(["chmod", "-R", "a+rX", str(shared)], check=True)
+    daemon_dir = root / "daemon"  # A's own: settings, state (journal), cache
+    for folder in (daemon_dir, daemon_dir / "state", daemon_dir / "cache"):
+        folder.mkdir()
+        own(folder, a, a, 0o700)
+    creds = root / "creds"
+    creds.mkdir()
+    (creds / "jenkins-token").write_text(TOKEN + "\n")
+    own(creds / "jenkins-token", a, a, 0o600)
+    own(creds, a, a, 0o700)
+    a_only = root / "a-only.csv"  # a file only A may read, whose first line once came back in an error
+    a_only.write_text(f"{TOKEN}\n{TOKEN},{TOKEN}\n")
+    own(a_only, a, a, 0o600)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    own(run_dir, a, a, 0o755)
+    agent_dir = root / "agent"
+    agent_dir.mkdir()
+    own(agent_dir, a, b, 0o2750)  # as agentd.tmpfiles: written by the daemon, read by the build user
+    work = root / "work"
+    work.mkdir()
+    own(work, b, group, 0o2770)  # agent.jar's work folder: the build user's, group = the socket group
+    log_dir = root / "log"
+    log_dir.mkdir()
+    log_dir.chmod(0o1777)
+    step = root / "step.py"
+    step.write_text(BUILD_STEP)
+    step.chmod(0o644)
+    java = (f"env FAKE_JAVA_LOG={log_dir / 'java.jsonl'} "
+            f"FAKE_JAVA_BUILD_STEP={shlex.quote(shlex.join([sys.executable, str(step), str(creds / 'jenkins-token')]))} "
+            f"{sys.executable} {FAKE_JAVA}")
+    with FakeJenkins() as fake:
+        fake.users["agentd"] = User("agentd", TOKEN)
+        settings = daemon_dir / "agentd.yaml"
+        settings.write_text(yaml.safe_dump({
+            "socket": str(run_dir / "s"), "socket_group": group, "state_dir": str(daemon_dir / "state"),
+            "cache_dir": str(daemon_dir / "cache"), "idle_client_timeout_s": 5, "stop_timeout_s": 30,
+            "jenkins": {"url": fake.url, "user": "agentd", "token_credential": "jenkins-token", "node_name": "gpubox",
+                        "launcher": "inbound", "remote_fs": str(work), "agent_jar_dir": str(agent_dir),
+                        "agent_user": b, "java": java, "timeout_s": 5, "sync_interval_s": 0.3,
+                        "retry_min_s": 0.1, "retry_max_s": 0.5, "agent_restart_min_s": 0.5,
+                        "agent_restart_max_s": 2}}))
+        own(settings, a, a, 0o600)
+        env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HOME": str(daemon_dir),
+               "CREDENTIALS_DIRECTORY": str(creds), DAEMON_ONLY_VARIABLE: "daemon-only"}
+        log = open(root / "daemon.log", "a")
+        proc = subprocess.Popen(as_user(a, BIN / "agentd", "serve", "--config", settings, daemon_caps=True),
+                                env=env, stdout=subprocess.DEVNULL, stderr=log, umask=0o007)  # the unit's UMask=
+        try:
+            wait_for(lambda: proc.poll() is not None or (run_dir / "s").is_socket(), timeout=60, what="socket")
+            assert proc.poll() is None, (root / "daemon.log").read_text()
+            yield {"root": root, "socket": run_dir / "s", "proc": proc, "users": users, "work": work,
+                   "creds": creds, "a_only": a_only, "daemon_dir": daemon_dir, "shared": shared,
+                   "java_log": log_dir / "java.jsonl", "fake": fake, "log": root / "daemon.log"}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            # The daemon stops agent.jar although it runs as another user (it signals it as that user).
+            build_uid = pwd.getpwnam(b).pw_uid
+            left = processes_of(build_uid)
+            if left:
+                wait_for(lambda: not processes_of(build_uid), timeout=10, interval=0.2, what="agent.jar gone")
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def processes_of(uid: int) -> list[int]:
+    """Pids of processes whose real uid is `uid`; the test's own users only run what the test started."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == uid and fields.get("State", "").split()[0] != "Z":
+            pids.append(int(status.parent.name))
+    return pids
+
+
+@needs_root
+def test_stopping_the_daemon_stops_the_agent_it_started_as_another_user(world):
+    import pwd
+
+    b = pwd.getpwnam(world["users"]["b"]).pw_uid
+    agent = wait_for(lambda: processes_of(b), timeout=60, interval=0.2, what="agent.jar running as the build user")
+    assert agent
+
+
+def b_config(world, name: str, **fields) -> Path:
+    """A tiny job (2 steps at 32 px) in a folder of B's workspace, written as B would."""
+    folder = world["work"] / name
+    folder.mkdir()
+    shared = world["shared"]
+    cfg = {"train_data_dir": str(shared / "shapes"), "metadata_path": str(shared / "shapes" / "metadata.csv"),
+           "base_model": str(shared / "sd"), "resolution": 32, "lora_rank": 4, "batch_size": 2,
+           "learning_rate": "1e-3", "max_train_steps": 2, "save_steps": 2, "cache_latents": True,
+           "output_dir": str(folder / "out")}
+    cfg.update(fields)
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    users = world["users"]
+    for p in (folder, path):
+        shutil.chown(p, users["b"], users["group"])
+    folder.chmod(0o2770)
+    return path
+
+
+def run_as(world, who: str, *cmd, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "AGENTD_SOCKET": str(world["socket"])}
+    return subprocess.run(as_user(world["users"][who], *cmd), capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def raw_submit(world, who: str, *configs: Path) -> list[dict]:
+    script = f"SOCKET = {str(world['socket'])!r}\n" + RAW_SUBMIT
+    done = run_as(world, who, sys.executable, "-c", script, *configs)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@needs_root
+def test_only_the_socket_group_may_connect(world):
+    stranger = run_as(world, "c", BIN / "agentd", "status", "--json")
+    assert stranger.returncode != 0
+    assert "permission denied" in (stranger.stdout + stranger.stderr)
+    build = run_as(world, "b", BIN / "agentd", "status", "--json")
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert json.loads(build.stdout)["daemon"]["pid"] == world["proc"].pid  # setpriv execs the daemon
+
+
+@needs_root
+def test_a_file_only_the_daemon_can_read_is_refused_without_a_byte_of_it(world):
+    a_only, token_file = world["a_only"], world["creds"] / "jenkins-token"
+    # Through `agentd run` (its local check runs as B, then the daemon's).
+    cfg = b_config(world, "steal-run", metadata_path=str(a_only))
+    done = run_as(world, "b", BIN / "agentd", "run", cfg)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    # Straight to the socket: every field that names a file to read, pointed at A's files.
+    configs = [b_config(world, "steal-meta", metadata_path=str(a_only)),
+               b_config(world, "steal-meta-token", metadata_path=str(token_file)),
+               b_config(world, "steal-init", init_lora_weights=str(token_file)),
+               b_config(world, "steal-base", base_model=str(a_only)),
+               b_config(world, "steal-data", train_data_dir=str(world["daemon_dir"]), metadata_path=None),
+               b_config(world, "steal-resume", resume=str(world["creds"]))]
+    replies = raw_submit(world, "b", *configs)
+    for cfg, reply in zip(configs, replies):
+        assert not reply.get("ok"), (cfg, reply)
+        assert reply["error"]["code"] == "invalid_config"
+        message = json.dumps(reply)
+        assert TOKEN not in message, (cfg, message)
+        assert "may not" in message, (cfg, message)  # the reason: the submitter's rights, with the path
+    meta = replies[0]["error"]["message"]
+    assert "metadata_path" in meta and str(a_only) in meta and "uid " in meta, meta
+
+
+@needs_root
+def test_the_token_never_comes_back_whatever_file_a_config_names(world):
+    # Root may read everything, so the daemon reads the files: the errors must still describe, not echo.
+    a_only, token_file = world["a_only"], world["creds"] / "jenkins-token"
+    configs = [b_config(world, "root-meta", metadata_path=str(a_only)),
+               b_config(world, "root-meta-token", metadata_path=str(token_file)),
+               b_config(world, "root-init", init_lora_weights=str(token_file)),
+               b_config(world, "root-base", base_model=str(token_file))]
+    for cfg, reply in zip(configs, raw_submit_as_root(world, *configs)):
+        assert TOKEN not in json.dumps(reply), (cfg, reply)
+        if reply.get("ok"):  # refused only when it runs (a LoRA file is read by the job): follow it to its end
+            events = request_as_root(world, {"op": "logs", "job_id": reply["job_id"], "follow": True})
+            assert events[-1]["event"]["type"] == "finished" and events[-1]["event"].get("outcome") == "failed", events
+            assert TOKEN not in json.dumps(events), events
+        else:
+            assert reply["error"]["code"] == "invalid_config", reply
+    meta = raw_submit_as_root(world, configs[0])[0]["error"]["message"]
+    assert "header (line 1) has 1 column and no file and no caption column" in meta, meta
+
+
+def request_as_root(world, msg: dict) -> list[dict]:
+    """Every message the daemon sends back for one request, until it closes the connection."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(300)
+        s.connect(str(world["socket"]))
+        s.sendall((json.dumps({"v": 1, **msg}) + "\n").encode())
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+def raw_submit_as_root(world, *configs: Path) -> list[dict]:
+    return [request_as_root(world, {"op": "submit", "config_path": str(path), "config_text": path.read_text(),
+                                    "detach": True})[0] for path in configs]
+
+
+@needs_root
+def test_output_dir_in_or_around_the_daemons_folders_is_refused(world):
+    inside = b_config(world, "into-state", output_dir=str(world["daemon_dir"] / "state" / "loot"))
+    around = b_config(world, "around-state", output_dir=str(world["daemon_dir"]))
+    replies = raw_submit(world, "b", inside, around)
+    assert "is inside the daemon's state folder" in replies[0]["error"]["message"], replies[0]
+    assert "contains the daemon's" in replies[1]["error"]["message"], replies[1]
+    assert not (world["daemon_dir"] / "state" / "loot").exists()
+
+
+@needs_root
+def test_a_normal_job_runs_and_the_build_user_owns_its_outputs(world):
+    cfg = b_config(world, "normal")
+    done = run_as(world, "b", BIN / "agentd", "run", cfg, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr + world["log"].read_text()[-3000:]
+    out = cfg.parent / "out"
+    readable = run_as(world, "b", "cat", out / "run.json")
+    assert readable.returncode == 0 and json.loads(readable.stdout), readable.stderr
+    removed = run_as(world, "b", "rm", "-r", out)
+    assert removed.returncode == 0, removed.stderr
+    assert not out.exists()
+
+
+@needs_root
+def test_agent_runs_as_the_build_user_with_none_of_the_daemons_keys(world):
+    def step_report():
+        if not world["java_log"].exists():
+            return None
+        for line in world["java_log"].read_text().splitlines():
+            entry = json.loads(line)
+            if "build_step" in entry:
+                return entry
+        return None
+
+    try:
+        entry = wait_for(step_report, timeout=120, interval=0.2, what="the agent's build step")
+    except AssertionError as e:
+        java_log = world["java_log"].read_text() if world["java_log"].exists() else "(no agent log)"
+        raise AssertionError(f"{e}\n{java_log}\n{world['log'].read_text()[-4000:]}") from None
+    assert entry["rc"] == 0, entry
+    report = json.loads(entry["output"])
+    import pwd
+
+    b = pwd.getpwnam(world["users"]["b"])
+    assert report["uid"] == b.pw_uid
+    assert report["daemon"] == world["proc"].pid  # the build step's first ancestor of another user
+    assert report["token"] == "EACCES"
+    assert report["signal"] == "EPERM"
+    assert world["proc"].poll() is None
+    env = report["env"]
+    for leaked in ("CREDENTIALS_DIRECTORY", DAEMON_ONLY_VARIABLE, "NOTIFY_SOCKET", "AGENTD_SOCKET"):
+        assert leaked not in env, leaked
+    assert TOKEN not in json.dumps(env)
+    assert env["USER"] == b.pw_name and env["HOME"] == b.pw_dir
+    assert int(report["caps"]["CapEff"], 16) == 0 and int(report["caps"]["CapPrm"], 16) == 0
+    assert int(report["caps"]["CapAmb"], 16) == 0 and int(report["caps"]["CapInh"], 16) == 0
+    assert report["cwd"] == str(world["work"])
+    secret = world["root"] / "agent" / "agent.secret"
+    assert secret.stat().st_mode & 0o777 == 0o640 and secret.stat().st_gid == b.pw_gid
+
+
+# --- the decisions, without users -------------------------------------------------------------------------
+
+U = 0xFFFFFFFF
+
+
+def acl_bytes(*entries) -> bytes:
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+@pytest.mark.parametrize("acl, uid, gids, want, granted", [
+    (None, 1000, {1000}, 4, True),           # owner bits r-- of 0o460
+    (None, 1001, {500}, 4, True),            # group bits rw-
+    (None, 1001, {500}, 2, True),
+    (None, 1002, {9}, 4, False),             # other ---
+    (None, 0, set(), 6, True),               # root
+    # named user rw-, but the mask is r--: only read
+    ([(1, 4, U), (2, 6, 1002), (4, 6, U), (0x10, 4, U), (0x20, 0, U)], 1002, {9}, 2, False),
+    ([(1, 4, U), (2, 6, 1002), (4, 6, U), (0x10, 4, U), (0x20, 0, U)], 1002, {9}, 4, True),
+    # a matching group entry that does not grant denies, even when other would
+    ([(1, 4, U), (4, 0, U), (8, 0, 77), (0x10, 7, U), (0x20, 4, U)], 1003, {77}, 4, False),
+    ([(1, 4, U), (4, 0, U), (8, 4, 77), (0x10, 7, U), (0x20, 0, U)], 1003, {77}, 4, True),
+    ([(1, 4, U), (4, 0, U), (8, 4, 77), (0x10, 7, U), (0x20, 0, U)], 1003, {78}, 4, False),
+])
+def test_permitted_follows_the_kernels_rules(acl, uid, gids, want, granted):
+    from agentd.access import Identity, parse_posix_acl, permitted
+
+    entries = parse_posix_acl(acl_bytes(*acl)) if acl else None
+    assert permitted(0o460, 1000, 500, entries, Identity(uid, frozenset(gids)), want) is granted
+
+
+@pytest.fixture
+def open_tmp():
+    """A scratch folder others may enter (pytest's own are 0700 under a 0700 parent)."""
+    path = Path(tempfile.mkdtemp(prefix="agd-acl-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_real_acl_is_read_from_the_file(open_tmp):
+    from agentd.access import READ, Identity, access_problem
+
+    folder = open_tmp / "models"
+    folder.mkdir()
+    model = folder / "model.safetensors"
+    model.write_bytes(b"x")
+    folder.chmod(0o700)
+    stranger = Identity(54321, frozenset({54321}))
+    assert f"may not enter {folder}" in access_problem(model, stranger, READ)
+    # search for that uid on the folder (mask --x): now the file's own bits decide (0644 here: readable)
+    model.chmod(0o644)
+    os.setxattr(folder, "system.posix_acl_access",
+                acl_bytes((1, 7, U), (2, 1, 54321), (4, 0, U), (0x10, 1, U), (0x20, 0, U)))
+    assert access_problem(model, stranger, READ) is None
+    model.chmod(0o600)
+    problem = access_problem(model, stranger, READ)
+    assert "may not read it" in problem and "mode 0600" in problem
+
+
+def test_output_folders_stay_out_of_the_daemons_folders(tmp_path):
+    from agentd.access import daemon_folder_problem
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "link").symlink_to(state)
+    folders = {"state": state}
+    assert "inside the daemon's state folder" in daemon_folder_problem(state / "x", folders)
+    assert "inside" in daemon_folder_problem(tmp_path / "link" / "x", folders)  # through a symlink too
+    assert "contains the daemon's state folder" in daemon_folder_problem(tmp_path, folders)
+    assert daemon_folder_problem(tmp_path / "state-out", folders) is None
+
+
+def test_metadata_errors_describe_the_file_without_its_bytes(tmp_path):
+    from trainer.data import scan_image_dataset
+
+    secret = "s3cr3t-first-line"
+    meta = tmp_path / "metadata.csv"
+    meta.write_text(f"{secret}\n{secret}\n")
+    problems = scan_image_dataset(tmp_path, meta).problems
+    text = " ".join(p.message for p in problems)
+    assert secret not in text and "header (line 1) has 1 column and no file and no caption column" in text
+    meta.write_text(f"{secret},file_name\n")
+    text = " ".join(p.message for p in scan_image_dataset(tmp_path, meta).problems)
+    assert secret not in text and "2 columns" in text and "the file column is column 2" in text
+    meta.write_bytes(b"file_name,text\n\xff" + secret.encode())
+    text = " ".join(p.message for p in scan_image_dataset(tmp_path, meta).problems)
+    assert secret not in text and "offset 15" in text
+    meta.write_text(f"file_name,text\nok.png,a\n{secret}.png,b\n")
+    text = " ".join(p.message for p in scan_image_dataset(tmp_path, meta).problems)
+    assert secret not in text and f"line 2 of {meta}" in text and f"line 3 of {meta}" in text
+
+
+def test_install_puts_the_users_in_a_configured_socket_group(tmp_path):
+    from agentd.install import SOCKET_GROUP_PATH, install_service
+
+    root = tmp_path / "root"
+    settings = root / "etc/agentd/agentd.yaml"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("socket_group: jenkins\n")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "agentd").write_text("")
+    lines = install_service(venv, root=root)
+    snippet = (root / SOCKET_GROUP_PATH).read_text()
+    assert "m agentd jenkins" in snippet and "m agentd-build jenkins" in snippet
+    assert any("socket_group jenkins" in line for line in lines)
+
+
+@needs_root
+def test_a_socket_group_the_daemon_is_not_in_is_named_with_the_fix(users):
+    c, group = users["c"], users["group"]  # C is not in the group
+    root = Path(tempfile.mkdtemp(prefix="agd-grp-"))
+    try:
+        root.chmod(0o755)
+        home = root / "c"
+        home.mkdir()
+        own(home, c, c, 0o700)
+        settings = home / "agentd.yaml"
+        settings.write_text(f"socket: {home / 's'}\nsocket_group: {group}\nstate_dir: {home / 'state'}\n"
+                            f"cache_dir: {home / 'cache'}\n")
+        own(settings, c, c, 0o600)
+        done = subprocess.run(as_user(c, BIN / "agentd", "serve", "--config", settings), capture_output=True,
+                              text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": str(home)})
+        assert done.returncode == 78, done.stderr
+        assert f"user {c} is not a member of group {group}" in done.stderr, done.stderr
+        assert f"usermod -aG {group} {c}" in done.stderr and "run it as the service" not in done.stderr
+        assert not (home / "s").exists()  # no socket left behind with the wrong group
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
