@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -e ".[test]"
+	# open_clip ships CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), from which the trainer builds the
+	# CLIP tokenizers of single-file SD/SDXL checkpoints offline. Only that file is used: --no-deps keeps its
+	# torchvision/timm requirements (a PyPI torchvision breaks beside a CUDA or CPU torch of another build) out.
+	$(PY) -m pip install --no-deps "open_clip_torch==3.3.0"
 	touch $@
 
 setup: $(VENV)/.installed

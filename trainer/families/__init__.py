@@ -48,7 +48,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 from trainer.errors import Problem
-from trainer.families import causal_lm, flux, sd
+from trainer.families import causal_lm, flux, sd, sdxl
 from trainer.families.probe import Probe, probe
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 
 FAMILIES: dict[str, ModuleType] = {
     "sd": sd,
-    "causal_lm": causal_lm,
+    "sdxl": sdxl,
     "flux": flux,
+    "causal_lm": causal_lm,
 }
 
 
@@ -77,9 +78,10 @@ class Task(Protocol):
     def train(self) -> None:
         """Put the trainable parts in training mode."""
 
-    def prepare(self, dataset: Any) -> None:
+    def prepare(self, dataset: Any, autocast: Callable[[], ContextManager]) -> None:
         """Called once before the first step, after the LoRA state is in place: build caches the config
-        asks for (latents with `cache_latents`; frozen text-encoder outputs). Nothing to do: return."""
+        asks for (latents with `cache_latents`; frozen text-encoder outputs with `cache_text_embeddings`),
+        computing under `autocast` as the loss would. Nothing to do: return."""
 
     def loss(self, indices: list[int], dataset: Any, generator: "torch.Generator",
              autocast: Callable[[], ContextManager]) -> "torch.Tensor":

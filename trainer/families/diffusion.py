@@ -1,5 +1,6 @@
 """What the diffusion families (sd, sdxl; flux next) share before any weights load: where their
-component configs are, the preflight checks that read them, and the image dataset.
+component configs are (the model folder, `base_model_config`, or for a single file the family's shipped
+config, `trainer/model_configs/`), the preflight checks that read them, and the image dataset.
 
 Light: no torch. Each family module passes itself (`this`) so messages name the family.
 """
@@ -10,15 +11,27 @@ from pathlib import Path
 from types import ModuleType
 
 from trainer.errors import Problem
+from trainer.families import shipped
 from trainer.families.probe import Probe, probe
 
 
-def config_dir(cfg) -> Path | None:
+def config_dir(cfg, this: ModuleType) -> Path | None:
     """The diffusers-format folder with the model's component configs: the model folder itself, or for a
-    single file its `base_model_config`."""
+    single file its `base_model_config`, else the family's shipped config for the file's key layout
+    (the JSON files in the package: enough for checks and estimates; loading uses `loading_config_dir`)."""
     if cfg.base_model.is_dir():
         return cfg.base_model
-    return cfg.base_model_config
+    if cfg.base_model_config is not None:
+        return cfg.base_model_config
+    name = this.shipped_config_name(probe(cfg.base_model))
+    return shipped.shipped_dir(name) if name else None
+
+
+def loading_config_dir(cfg, this: ModuleType) -> Path:
+    """The complete config folder `from_single_file` loads a single file with (tokenizer files included)."""
+    if cfg.base_model_config is not None:
+        return cfg.base_model_config
+    return shipped.materialize(this.shipped_config_name(probe(cfg.base_model)))
 
 
 def latent_factor(folder: Path | None) -> int | None:
@@ -37,7 +50,7 @@ def check(cfg, p: Probe, this: ModuleType) -> list[Problem]:
     problems: list[Problem] = []
     if p.kind == "file":
         problems += _single_file_config_problems(cfg, this)
-    folder = config_dir(cfg)
+    folder = config_dir(cfg, this)
     factor = latent_factor(folder) if not problems else None
     if factor and cfg.resolution % (factor * 8):
         step = factor * 8
@@ -45,17 +58,30 @@ def check(cfg, p: Probe, this: ModuleType) -> list[Problem]:
         problems.append(Problem(
             "resolution", f"must be a multiple of {step} for this model ({this.TITLE}: the VAE downscales by "
             f"{factor} and the UNet halves the latent 3 times)", f"use {lower} or {upper}", cfg.resolution))
+    if factor and cfg.enable_bucket:
+        problems += _bucket_problems(cfg, factor)
     return problems
+
+
+def _bucket_problems(cfg, factor: int) -> list[Problem]:
+    """Bucket sides are multiples of bucket_reso_steps, which must keep the latent whole."""
+    step = cfg.bucket_reso_steps
+    if step % factor:
+        return [Problem("bucket_reso_steps", f"must be a multiple of {factor} (the VAE downscales by {factor}: a "
+                        "bucket side must give a whole latent)", f"use {max(factor, step // factor * factor)} or "
+                        f"{(step // factor + 1) * factor} (64, kohya's default, suits every UNet)", step)]
+    return [Problem(key, f"must be a multiple of bucket_reso_steps ({step})",
+                    f"use {getattr(cfg, key) // step * step or step}", getattr(cfg, key))
+            for key in ("min_bucket_reso", "max_bucket_reso") if getattr(cfg, key) % step]
 
 
 def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
     folder = cfg.base_model_config
     if folder is None:
-        return [Problem(
-            "base_model_config", "a single-file base_model needs a local config folder to load offline",
-            "set base_model_config to a diffusers-format folder for the same architecture (model_index.json, "
-            "unet/vae/text_encoder configs, scheduler, tokenizer files), e.g. a saved pipeline or HF cache snapshot",
-            None)]
+        problem = shipped.tokenizer_problem(this.shipped_config_name(probe(cfg.base_model)))
+        if problem:
+            return [Problem("base_model", problem, shipped.TOKENIZER_FIX, str(cfg.base_model))]
+        return []  # the shipped config of this architecture (trainer/model_configs/) is used
     cp = probe(folder)
     if cp.kind != "folder" or not cp.class_name:
         return [Problem("base_model_config", "is not a diffusers-format folder (no model_index.json)",
@@ -70,12 +96,13 @@ def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
 
 
 def scan_dataset(cfg):
-    from trainer.data import scan_image_dataset
+    from trainer.data import scan_image_subsets
 
-    return scan_image_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.skip_bad_images)
+    return scan_image_subsets(cfg)  # train_data_dir (plain or N_name folders) or datasets:, with buckets
 
 
 def make_dataset(cfg, samples):
     from trainer.data import ImageDataset
 
-    return ImageDataset(samples, cfg.resolution, cfg.center_crop, cfg.random_flip)
+    return ImageDataset(samples, cfg.resolution, cfg.center_crop, cfg.random_flip, alpha_mask=cfg.alpha_mask,
+                        masked_loss=cfg.masked_loss, prior_loss_weight=cfg.prior_loss_weight)

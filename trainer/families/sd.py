@@ -47,9 +47,16 @@ def check(cfg, p: Probe) -> list[Problem]:
     return diffusion.check(cfg, p, sys.modules[__name__])
 
 
-def config_dir(cfg) -> Path:
+def shipped_config_name(p: Probe) -> str:
+    """The shipped config for a single file: SD2 when its text encoder is OpenCLIP (`cond_stage_model.model.`),
+    as the 768 px v-prediction release (what diffusers assumes too; for 2.x base at 512 px set
+    base_model_config to a saved SD2-base folder); else SD1.5."""
+    return "sd2-768-v" if p.has_prefix("cond_stage_model.model.") else "sd15"
+
+
+def config_dir(cfg) -> Path | None:
     """The diffusers-format folder holding this model's component configs."""
-    return diffusion.config_dir(cfg)
+    return diffusion.config_dir(cfg, sys.modules[__name__])
 
 
 def scan_dataset(cfg):

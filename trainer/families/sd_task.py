@@ -1,13 +1,27 @@
-"""Family `sd`, the heavy half: a LoRA on a Stable Diffusion UNet (and optionally its CLIP text encoder).
+"""Families `sd` and `sdxl`, the heavy half: a LoRA on a Stable Diffusion UNet (and optionally its text
+encoders). `SdTask` is SD 1.x/2.x; `trainer.families.sdxl_task.SdxlTask` extends it with SDXL's second
+text encoder, pooled embeddings and time ids.
 
 The frozen base (`SdBase`) is loaded once and may be kept warm by the daemon between jobs; the
 task adds LoRA layers to it for one job and removes them in `detach()`, so nothing of one job's LoRA
 reaches the next.
 
 Loss: the standard noise-prediction MSE (or v-prediction when the scheduler's `prediction_type` is
-`v_prediction`) at a uniformly sampled timestep. All randomness of a step (latent sampling, noise,
-timesteps) comes from the `generator` the loop passes in, whose state is checkpointed: that is what
-makes a resumed run bit-identical to an uninterrupted one.
+`v_prediction`) at a uniformly sampled timestep. All randomness of a step (crops and flips, latent
+sampling, noise, timesteps) comes from the `generator` the loop passes in, whose state is checkpointed:
+that is what makes a resumed run bit-identical to an uninterrupted one.
+
+Caches (`prepare`): `cache_latents` encodes every image once (its latent distribution is still sampled
+per step); `cache_text_embeddings` (when the text encoders are frozen) encodes every distinct caption
+once, each on its own, so a cached row never depends on which batch first needed it (a resume sees the
+same numbers).
+
+Loss options (`trainer.losses`): noise_offset and multires noise in the noise, Min-SNR weighting,
+masked loss (the batch's masks at latent size), prior_loss_weight for regularization images; caption
+options (`ImageDataset.caption`) and clip_skip in the conditioning.
+
+GPU speed (CUDA only, `speed_up`): channels-last UNet memory format, PyTorch SDPA attention (diffusers'
+default AttnProcessor2_0, set explicitly), and with `compile: true` a torch.compile'd UNet forward.
 """
 from __future__ import annotations
 
@@ -16,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from trainer import lora_io, losses
 from trainer.config import TrainConfig
 from trainer.data import ImageDataset
-from trainer import lora_io
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -38,6 +51,10 @@ class SdBase:
     source: str
     base_model_version: str = "sd_v1"
 
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by component name (the kohya prefix and the LoRA param group follow it)."""
+        return {"text_encoder": self.text_encoder}
+
 
 def preload() -> None:
     """Import what loading a base model needs (diffusers imports its classes lazily, on first use)."""
@@ -47,11 +64,26 @@ def preload() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
 
+def freeze_and_place(modules: list[torch.nn.Module], vae: torch.nn.Module, device: torch.device,
+                     weight_dtype: torch.dtype) -> None:
+    """Frozen, eval mode, on `device`; everything but the VAE in `weight_dtype`.
+
+    The VAE stays fp32: encoding in fp16 overflows in SD1.x's and SDXL's VAEs (a known NaN source)."""
+    for m in [*modules, vae]:
+        m.requires_grad_(False)
+        m.eval()
+    vae.to(device)
+    for m in modules:
+        m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
+
+
 def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> SdBase:
     """Load the base from a diffusers folder or a single-file checkpoint, offline, frozen, on `device`."""
     quiet_libraries()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.families import diffusion, sd
 
     path = cfg.base_model
     if path.is_dir():
@@ -62,23 +94,36 @@ def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     else:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(cfg.base_model_config), local_files_only=True,
+            str(path), config=str(diffusion.loading_config_dir(cfg, sd)),
+            local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
         tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
-        m.eval()
-    # The VAE stays fp32: encoding in fp16 overflows in SD1.x's VAE (a known NaN source).
-    vae.to(device)
-    for m in (unet, text_encoder):
-        m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
+    freeze_and_place([unet, text_encoder], vae, device, weight_dtype)
     version = "sd_v2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd_v1"
     return SdBase(unet, vae, text_encoder, tokenizer, scheduler, str(path), version)
 
 
+def speed_up(unet: torch.nn.Module, device: torch.device) -> None:
+    """CUDA speed settings that change no result beyond float rounding: TF32 matmuls on Ampere and newer
+    (10-bit mantissa inputs, fp32 accumulation: what PyTorch and diffusers recommend for training),
+    SDPA attention, channels-last memory format for the UNet's convolutions."""
+    if device.type != "cuda":
+        return
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.to(memory_format=torch.channels_last)
+
+
 class SdTask:
     """One job's LoRA on an `SdBase`: trainable parameters, the loss, and the LoRA's file format."""
+
+    # kohya key prefix per component (A1111/ComfyUI/diffusers read these names).
+    LORA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
     def __init__(self, cfg: TrainConfig, base: SdBase, device: torch.device):
         from peft import LoraConfig, inject_adapter_in_model
@@ -92,10 +137,12 @@ class SdTask:
         inject_adapter_in_model(unet_lora, base.unet)
         self.models = {"unet": base.unet}
         if cfg.train_text_encoder:
-            te_lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.effective_te_targets, init_lora_weights="gaussian")
-            inject_adapter_in_model(te_lora, base.text_encoder)
-            self.models["text_encoder"] = base.text_encoder
+            for name, te in base.text_encoders().items():
+                te_lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
+                                     lora_dropout=cfg.lora_dropout, target_modules=cfg.effective_te_targets,
+                                     init_lora_weights="gaussian")
+                inject_adapter_in_model(te_lora, te)
+                self.models[name] = te
         for m in self.models.values():
             for n, p in m.named_parameters():
                 if "lora_" in n:
@@ -105,15 +152,22 @@ class SdTask:
         if cfg.gradient_checkpointing:
             # Recompute each block's activations in backward: much less memory, ~30% more compute.
             base.unet.enable_gradient_checkpointing()
-        self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        speed_up(base.unet, device)
+        # torch.compile of the UNet's forward (opt-in: minutes of compiling first, then faster steps on CUDA).
+        self.unet = torch.compile(base.unet) if cfg.compile else base.unet
+        self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.cache_stats: dict[str, int] = {}  # latents_from_disk / latents_encoded (prepare)
+        self._masks: list | None = None  # masked_loss: the masks of the batch _latents loaded
 
     # --- parameters and the LoRA file -------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad],
                    "lr": self.cfg.learning_rate}]
-        if "text_encoder" in self.models:
-            groups.append({"params": [p for p in self.base.text_encoder.parameters() if p.requires_grad],
-                           "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+        te_params = [p for name, m in self.models.items() if name != "unet"
+                     for p in m.parameters() if p.requires_grad]
+        if te_params:
+            groups.append({"params": te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
         return groups
 
     def train(self):
@@ -122,15 +176,17 @@ class SdTask:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA in kohya format (what A1111, ComfyUI and diffusers' load_lora_weights read)."""
-        return lora_io.to_kohya(self.models, self.cfg.effective_alpha)
+        return lora_io.to_kohya(self.models, self.cfg.effective_alpha, self.LORA_PREFIXES)
 
     def load_lora_state(self, kohya: dict[str, torch.Tensor], source: str) -> None:
-        lora_io.load_kohya(self.models, kohya, source)
+        lora_io.load_kohya(self.models, kohya, source, self.LORA_PREFIXES)
 
     def lora_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": self.base.base_model_version,
                 "ss_resolution": f"({self.cfg.resolution}, {self.cfg.resolution})",
-                "ss_network_train_unet_only": str(not self.cfg.train_text_encoder)}
+                "ss_network_train_unet_only": str(not self.cfg.train_text_encoder),
+                "ss_text_encoder_lr": str(self.cfg.text_encoder_lr or self.cfg.learning_rate),
+                "ss_unet_lr": str(self.cfg.learning_rate)}
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""
@@ -145,41 +201,98 @@ class SdTask:
             m.requires_grad_(False)
             m.eval()
         self.latent_cache.clear()
+        self.text_cache.clear()
 
     # --- data -------------------------------------------------------------------------------------
-    def prepare(self, dataset: ImageDataset) -> None:
-        """With cache_latents: encode every image once; keep the latent distribution (mean, std), sample it
-        per step."""
-        if not self.cfg.cache_latents:
-            return
-        with torch.no_grad():
-            for i in range(len(dataset)):
-                pixels, _ = dataset.load(i)
-                dist = self.base.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
-                self.latent_cache[i] = (dist.mean[0].cpu(), dist.std[0].cpu())
+    def prepare(self, dataset: ImageDataset, autocast=None) -> None:
+        """Build the caches the config asks for (see the module docstring); with the _to_disk keys, through
+        the content-keyed disk cache (`trainer.latent_cache`), so a later job on the same data skips the VAE
+        and the text encoders for what is there."""
+        from trainer import latent_cache
 
-    def _latents(self, indices: list[int], dataset: ImageDataset, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.latents_cached:
+            disk = latent_cache.LatentDiskCache(latent_cache.cache_root(cfg), self.base.vae) \
+                if cfg.cache_latents_to_disk else None
+            with torch.no_grad():
+                for i in range(len(dataset)):
+                    key = disk.key(dataset, i) if disk else None
+                    hit = disk.get(key) if disk else None
+                    if hit is None:
+                        item = dataset.load_item(i)
+                        dist = self.base.vae.encode(item.pixels[None].to(self.device, torch.float32)).latent_dist
+                        hit = {"mean": dist.mean[0].cpu(), "std": dist.std[0].cpu()}
+                        if disk:
+                            disk.put(key, hit)
+                    self.latent_cache[i] = (hit["mean"], hit["std"], dataset.fixed_geometry(i))
+            self.cache_stats["latents_from_disk"] = disk.hits if disk else 0
+            self.cache_stats["latents_encoded"] = len(dataset) - self.cache_stats["latents_from_disk"]
+        if cfg.text_outputs_cached:
+            disk = latent_cache.TextDiskCache(latent_cache.cache_root(cfg), list(self.base.text_encoders().values()),
+                                              f"{type(self).__name__}/clip_skip={cfg.clip_skip}") \
+                if cfg.cache_text_embeddings_to_disk else None
+            context = autocast or _no_autocast
+            with torch.no_grad(), context():
+                for caption in dict.fromkeys(dataset.caption(i) for i in range(len(dataset))):
+                    hit = disk.get(disk.key(caption)) if disk else None
+                    if hit is None:
+                        hit = {k: v[0].cpu() for k, v in self.encode_text([caption]).items()}
+                        if disk:
+                            disk.put(disk.key(caption), hit)
+                    self.text_cache[caption] = hit
+
+    def _latents(self, indices: list[int], dataset: ImageDataset,
+                 generator: torch.Generator) -> tuple[torch.Tensor, list[tuple]]:
+        """Latents of the samples and, per sample, (original size, crop top-left, target size)."""
         if self.latent_cache:
             mean = torch.stack([self.latent_cache[i][0] for i in indices])
             std = torch.stack([self.latent_cache[i][1] for i in indices])
+            geometry = [self.latent_cache[i][2] for i in indices]
+            # masked_loss: cached latents are center crops, so are their masks
+            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
         else:
-            pixels = torch.stack([dataset.load(i, generator)[0] for i in indices]).to(self.device)
+            items = [dataset.load_item(i, generator) for i in indices]
+            pixels = torch.stack([it.pixels for it in items]).to(self.device)
             with torch.no_grad():
                 dist = self.base.vae.encode(pixels).latent_dist
             mean, std = dist.mean.cpu(), dist.std.cpu()
+            geometry = [_geometry(it) for it in items]
+            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
         # Sampling the latent distribution with our generator (not the VAE's internal RNG) keeps it resumable.
         eps = torch.randn(mean.shape, generator=generator)
-        return ((mean + std * eps) * self.base.vae.config.scaling_factor).to(self.device)
+        return ((mean + std * eps) * self.base.vae.config.scaling_factor).to(self.device), geometry
+
+    # --- conditioning (SDXL overrides these two) ---------------------------------------------------
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The text encoder outputs the UNet is conditioned on, per caption (first dimension)."""
+        tok = self.base.tokenizer
+        ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        te = self.base.text_encoder
+        if not self.cfg.clip_skip or self.cfg.clip_skip == 1:
+            return {"hidden": te(ids.to(self.device))[0]}
+        # clip_skip N: the N-th hidden state from the end, through the final layer norm (as A1111 and kohya)
+        hidden = te(ids.to(self.device), output_hidden_states=True).hidden_states[-self.cfg.clip_skip]
+        return {"hidden": te.text_model.final_layer_norm(hidden)}
+
+    def unet_kwargs(self, encoded: dict[str, torch.Tensor], geometry: list[tuple]) -> dict:
+        return {"encoder_hidden_states": encoded["hidden"]}
+
+    def _encoded(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_cache:
+            return {k: torch.stack([self.text_cache[c][k] for c in captions]).to(self.device)
+                    for k in self.text_cache[captions[0]]}
+        return self.encode_text(captions)
 
     def loss(self, indices: list[int], dataset: ImageDataset, generator: torch.Generator,
              autocast) -> torch.Tensor:
         base = self.base
-        latents = self._latents(indices, dataset, generator)
-        captions = [dataset.samples[i].caption for i in indices]
-        ids = base.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids
+        cfg = self.cfg
+        latents, geometry = self._latents(indices, dataset, generator)
+        captions = [dataset.caption(i, generator) for i in indices]  # caption options draw from the generator
         # Noise and timesteps are drawn on the CPU generator and moved: identical on every device.
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        noise = losses.make_noise(tuple(latents.shape), generator, cfg.noise_offset, cfg.multires_noise_iterations,
+                                  cfg.multires_noise_discount).to(self.device)
         steps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (len(indices),),
                               generator=generator).to(self.device)
         noisy = base.noise_scheduler.add_noise(latents, noise, steps)
@@ -187,10 +300,17 @@ class SdTask:
             target = base.noise_scheduler.get_velocity(latents, noise, steps)
         else:
             target = noise
+        if self.device.type == "cuda":
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with autocast():
-            hidden = base.text_encoder(ids.to(self.device))[0]
-            pred = base.unet(noisy, steps, hidden).sample
-        return F.mse_loss(pred.float(), target.float())
+            encoded = self._encoded(captions)
+            pred = self.unet(noisy, steps, **self.unet_kwargs(encoded, geometry)).sample
+        weights = [dataset.loss_weight(i) for i in indices]
+        return losses.diffusion_loss(
+            pred, target, timesteps=steps, alphas_cumprod=base.noise_scheduler.alphas_cumprod,
+            min_snr_gamma=cfg.min_snr_gamma, v_prediction=base.noise_scheduler.config.prediction_type == "v_prediction",
+            masks=losses.latent_masks(self._masks, latents.shape[-2:]) if self._masks else None,
+            weights=torch.tensor(weights) if any(w != 1.0 for w in weights) else None)
 
     def export_extra(self, output_dir: Path) -> list[Path]:
         return []  # the kohya-format <name>.safetensors is the one format A1111, ComfyUI and diffusers read
@@ -200,20 +320,26 @@ class SdTask:
         for m in self.models.values():
             m.eval()
 
+    def pipeline(self, scheduler):
+        """A diffusers pipeline over the live (LoRA-carrying) base, for samples."""
+        from diffusers import StableDiffusionPipeline
+
+        base = self.base
+        return StableDiffusionPipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
+                                       tokenizer=base.tokenizer, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
     def render_sample(self, prompt, path: Path) -> Path:
         """One image of `prompt` (a `trainer.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
         sampler) with the LoRA as trained so far, saved as `path`.png."""
         import diffusers
-        from diffusers import StableDiffusionPipeline
 
         from trainer.sampling import SCHEDULERS
 
         base = self.base
         cls_name, extra = SCHEDULERS[prompt.sampler]
         scheduler = getattr(diffusers, cls_name).from_config(base.noise_scheduler.config, **extra)
-        pipe = StableDiffusionPipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
-                                       tokenizer=base.tokenizer, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = self.pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
             image = pipe(prompt.prompt, negative_prompt=prompt.negative or None, num_inference_steps=prompt.steps,
@@ -222,3 +348,13 @@ class SdTask:
         out = Path(path).with_suffix(".png")
         image.save(out)
         return out
+
+
+def _geometry(item) -> tuple:
+    return (item.original_size, item.crop_top_left, item.target_size)
+
+
+def _no_autocast():
+    import contextlib
+
+    return contextlib.nullcontext()
