@@ -533,7 +533,10 @@ class Scheduler:
             cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
             if was_interrupted and cfg.resume == "never":
                 cfg = cfg.model_copy(update={"resume": "auto"})
+            # Judged again as it starts: files may have changed since the submit (agentd.access).
+            self.authorize(cfg, None, rec.get("submitter"), rec["config_path"])
             checked = check_config(cfg, source=rec["config_path"])
+            self.authorize(cfg, checked, rec.get("submitter"), rec["config_path"])
             trainer_job = LoraTrainingJob(
                 checked, JobChannel(self, job), job.stop, base_cache=self.base_cache, env=rec.get("env") or {},
                 device=slot.device, pause=job.pause, infra_retries=job.infra_retries,

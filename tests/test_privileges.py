@@ -399,6 +399,22 @@ def test_output_dir_in_or_around_the_daemons_folders_is_refused(world):
 
 
 @needs_root
+def test_a_file_taken_away_after_the_submit_is_refused_when_the_job_starts(world):
+    users = world["users"]
+    data = world["work"] / "later-data"
+    shutil.copytree(world["shared"] / "shapes", data)
+    subprocess.run(["chown", "-R", f"{users['b']}:{users['group']}", str(data)], check=True)
+    busy = b_config(world, "busy")  # holds the only slot, so the next job waits in the queue
+    later = b_config(world, "later", train_data_dir=str(data), metadata_path=str(data / "metadata.csv"))
+    replies = raw_submit(world, "b", busy, later)
+    assert all(r.get("ok") for r in replies), replies
+    own(data / "metadata.csv", users["a"], users["a"], 0o600)  # now only the daemon's user may read it
+    events = request_as_root(world, {"op": "logs", "job_id": replies[1]["job_id"], "follow": True})
+    assert events[-1]["event"].get("outcome") == "failed", events[-3:]
+    assert "may not read it" in json.dumps(events) and "metadata_path" in json.dumps(events)
+
+
+@needs_root
 def test_a_normal_job_runs_and_the_build_user_owns_its_outputs(world):
     cfg = b_config(world, "normal")
     done = run_as(world, "b", BIN / "agentd", "run", cfg, timeout=600)
