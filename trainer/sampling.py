@@ -69,8 +69,8 @@ def parse_prompt(text: str, index: int, *, resolution: int, seed: int, sampler: 
                     "seed": seed + index, "sampler": sampler}
     for arg in args:
         name, _, value = arg.strip().partition(" ")
-        if name not in OPTIONS:
-            raise ValueError(f"{where}: unknown option --{name} (known: "
+        if name not in OPTIONS:  # said by position: the file's text is not echoed (it may be anyone's file)
+            raise ValueError(f"{where}: option {args.index(arg) + 1} is not a known option (known: "
                              f"{', '.join('--' + o for o in OPTIONS)})")
         key, value = OPTIONS[name], value.strip()
         try:
@@ -86,7 +86,7 @@ def parse_prompt(text: str, index: int, *, resolution: int, seed: int, sampler: 
                 values[key] = value
         except ValueError:
             known = f" (one of {', '.join(SCHEDULERS)})" if key == "sampler" else ""
-            raise ValueError(f"{where}: --{name} {value!r} is not a valid {key}{known}") from None
+            raise ValueError(f"{where}: the value of --{name} is not a valid {key}{known}") from None
     if key_dims := [k for k in ("width", "height") if values[k] % 8]:
         raise ValueError(f"{where}: --{key_dims[0][0]} must be a multiple of 8 (got {values[key_dims[0]]})")
     if not values["prompt"]:
