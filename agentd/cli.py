@@ -26,6 +26,7 @@ COMMANDS = {
     "demo": ("demo", "run the tiny demo job through an embedded daemon"),
     "compare": ("compare", "compare two runs (config diff, loss figures, verdict; --html for the page)"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
+    "import-kohya": ("import_kohya", "convert a kohya/lora-scripts TOML (training or dataset) into a training config"),
     "install-service": ("install", "install the systemd unit and the agentd user"),
 }
 

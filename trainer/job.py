@@ -89,6 +89,9 @@ class LoraTrainingJob:
     # --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        optimizer_problems = optim.optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
+        if optimizer_problems:
+            raise ConfigError(optimizer_problems, self.checked.source)
         # Which run this is (resume / new / nothing to do / refuse): trainer.runs, before anything is written.
         self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
         choice = self.run_start.decision
@@ -115,9 +118,6 @@ class LoraTrainingJob:
             self.reporter.emit(event("message", text=note))
         atomic_write_text(cfg.output_dir / "config.yaml", dump_config(cfg))
 
-        optimizer_problems = optim.optimizer_problems(cfg, self.device.type)  # before any weights load
-        if optimizer_problems:
-            raise ConfigError(optimizer_problems, self.checked.source)
         self.task, self.dataset = self._build_task()
         self.task.train()
         self.optimizer = optim.build_optimizer(cfg, self.task.param_groups(), self.device.type)

@@ -14,6 +14,7 @@ from trainer.config import TrainConfig, load_config
 from trainer import families, runs, sampling, validation
 from trainer.data import Scan, fingerprint
 from trainer.errors import ConfigError, Problem
+from trainer.optim import optimizer_problems
 from trainer.families.probe import probe, safetensors_header
 
 
@@ -57,6 +58,7 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     if cfg.resume not in ("auto", "never", "strict") and not Path(cfg.resume).is_dir():
         problems.append(Problem("resume", "checkpoint folder does not exist",
                                 "use auto, never, strict, or an existing checkpoints/step-N folder", cfg.resume))
+    problems += optimizer_problems(cfg)  # a missing optimizer library (the device is checked when the job starts)
     if fam is not None:
         problems += fam.check(cfg, model_probe)
         problems += _init_lora_problems(cfg, fam)
