@@ -293,26 +293,36 @@ def tree_access_problem(root: Path, who: Identity) -> Optional[str]:
 
 # --- a job's paths ----------------------------------------------------------------------------------
 
-def config_paths(cfg) -> Iterator[tuple[str, Path]]:
-    """Every (field, path) a training config names: each Path-typed field, and `resume` when it is a path."""
+def config_paths(cfg, prefix: str = "") -> Iterator[tuple[str, Path]]:
+    """Every (field, path) a training config names: each Path-typed field, also inside nested sections and
+    lists of them (e.g. `datasets[0].image_dir`), and `resume` when it is a path."""
     for name in type(cfg).model_fields:
-        value = getattr(cfg, name)
-        if isinstance(value, Path):
-            yield name, value
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                if isinstance(item, Path):
-                    yield f"{name}[{i}]", item
+        yield from _paths_in(getattr(cfg, name), f"{prefix}{name}")
     resume = getattr(cfg, "resume", None)
     if isinstance(resume, str) and resume not in ("auto", "never", "strict") and resume.strip():
-        yield "resume", Path(resume)
+        yield f"{prefix}resume", Path(resume)
+
+
+def _paths_in(value, where: str) -> Iterator[tuple[str, Path]]:
+    if isinstance(value, Path):
+        yield where, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _paths_in(item, f"{where}[{i}]")
+    elif hasattr(type(value), "model_fields"):
+        yield from config_paths(value, f"{where}.")
+
+
+def _field_base(field_name: str) -> str:
+    """`datasets[0].image_dir` -> `image_dir`: the kind of path, whatever section holds it."""
+    return field_name.rsplit(".", 1)[-1].split("[")[0]
 
 
 def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path]) -> list[tuple[str, str, str, str]]:
     """(field, path, reason, fix) for every path of `cfg` that `who` may not use as the job would."""
     problems = []
     for field_name, path in config_paths(cfg):
-        base = field_name.split("[")[0]
+        base = _field_base(field_name)
         if base in WRITTEN_FIELDS:
             reason = daemon_folder_problem(path, daemon_folders) or access_problem(path, who, WRITE)
             fix = (f"point {base} at a folder you ({who.describe()}) may write, outside the daemon's folders "
@@ -353,15 +363,29 @@ def sample_access_problems(sample_paths: Iterable[Path], who: Identity, limit: i
 
 
 def sample_files(checked) -> Iterator[Path]:
-    """Every file the job will read for its training data: images/texts and kohya's .txt captions."""
+    """Every file the job will read for its training data: images/texts, their caption files and masks."""
     cfg = checked.config
-    with_captions = getattr(cfg, "mode", None) != "text" and getattr(cfg, "metadata_path", None) is None
+    extensions = {".txt"} | {ext for _, ext in _caption_extensions(cfg)}
     for sample in checked.scan.samples:
         yield sample.path
-        if with_captions and sample.path.suffix != ".txt":
-            caption = sample.path.with_suffix(".txt")
-            if os.path.lexists(caption):
-                yield caption
+        mask = getattr(sample, "mask", None)
+        if mask is not None:
+            yield Path(mask)
+        if getattr(sample, "caption_from", "file") == "file" and getattr(cfg, "mode", None) != "text":
+            for ext in extensions:
+                caption = sample.path.with_suffix(ext)
+                if caption != sample.path and os.path.lexists(caption):
+                    yield caption
+
+
+def _caption_extensions(cfg, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if name == "caption_extension" and isinstance(value, str) and value:
+            yield prefix + name, value
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if hasattr(type(item), "model_fields"):
+                yield from _caption_extensions(item, f"{prefix}{name}.")
 
 
 def readable_files_problems(paths: Iterable[Path], who: Identity, limit: int = 5) -> list[str]:
