@@ -324,7 +324,8 @@ def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path]) 
     for field_name, path in config_paths(cfg):
         base = _field_base(field_name)
         if base in WRITTEN_FIELDS:
-            reason = daemon_folder_problem(path, daemon_folders) or access_problem(path, who, WRITE)
+            reason = (daemon_folder_problem(path, daemon_folders) or access_problem(path, who, WRITE)
+                      or link_out_problem(path))
             fix = (f"point {base} at a folder you ({who.describe()}) may write, outside the daemon's folders "
                    f"(e.g. under your workspace)")
         else:
@@ -347,6 +348,30 @@ def daemon_folder_problem(path: Path, daemon_folders: dict[str, Path]) -> Option
                     return f"is inside the daemon's {what} folder {mine}"
                 if relation == "contains":
                     return f"contains the daemon's {what} folder {mine}"
+    return None
+
+
+def link_out_problem(folder: Path) -> Optional[str]:
+    """A symbolic link inside a folder the daemon will write to that leads out of it, or None.
+
+    The submitter may write in their output folder; a link planted there (`logs -> /var/lib/agentd`)
+    would make the daemon write, prune or move its own files on their behalf.
+    """
+    root = Path(os.path.realpath(folder))
+    if not root.is_dir():
+        return None
+    seen = 0
+    for here, dirs, files in os.walk(root):
+        for name in dirs + files:
+            seen += 1
+            if seen > MAX_TREE_ENTRIES:
+                return None
+            entry = Path(here, name)
+            if entry.is_symlink():
+                target = Path(os.path.realpath(entry))
+                if target != root and root not in target.parents:
+                    return (f"it holds a symbolic link {entry} that leads out of it (to {target}): the daemon "
+                            f"writes, prunes and moves files here, so links out of it are refused")
     return None
 
 

@@ -539,6 +539,17 @@ def test_output_folders_stay_out_of_the_daemons_folders(tmp_path):
     assert daemon_folder_problem(tmp_path / "state-out", folders) is None
 
 
+def test_an_output_folder_with_a_link_out_of_it_is_refused(tmp_path):
+    from agentd.access import link_out_problem
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "ok").symlink_to(out / "logs")  # inside: fine
+    assert link_out_problem(out) is None
+    (out / "checkpoints").symlink_to(tmp_path / "state")  # a daemon folder, say
+    assert "symbolic link" in link_out_problem(out) and str(out / "checkpoints") in link_out_problem(out)
+
+
 def test_metadata_errors_describe_the_file_without_its_bytes(tmp_path):
     from trainer.data import scan_image_dataset
 
