@@ -3,13 +3,16 @@
 
 Run on a GPU box (or a lent GPU):
 
-    .venv/bin/python bench/gpu_check.py                  # tiny SD, SD1.5-size UNet, tiny + 1.1B Llama
+    .venv/bin/python bench/gpu_check.py                  # tiny SD, SD1.5, SDXL at 1024 px, tiny + 1.1B Llama
     .venv/bin/python bench/gpu_check.py --quick          # tiny models only
+    .venv/bin/python bench/gpu_check.py --only sdxl-base # one case
     .venv/bin/python bench/gpu_check.py --json out.json  # also write the figures
 
 For each case it builds the models from configs written inline here (random weights, nothing is
 downloaded): the SD1.5 UNet (block_out_channels 320/640/1280/1280, cross_attention_dim 768, ...) with its
-VAE and CLIP-L text encoder, a tiny SD, a TinyLlama-1.1B-shaped causal LM and a tiny one. It runs a
+VAE and CLIP-L text encoder, SDXL base from the config the trainer ships (trainer/model_configs/sdxl-base:
+UNet 2.57B, both text encoders, time ids, 1024 px), a tiny SD, a TinyLlama-1.1B-shaped causal LM and a
+tiny one. It runs a
 few training steps the way the trainer does (frozen parts cast to the weight dtype, fp32 LoRA on the
 attention projections, AdamW, autocast), at two batch sizes, with and without gradient checkpointing,
 and compares ``torch.cuda.max_memory_allocated`` with the estimate's tensor part (total - overhead),
@@ -74,7 +77,7 @@ TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
 @dataclass
 class Case:
     name: str
-    mode: str
+    mode: str            # image (SD: UNet, VAE, CLIP) | sdxl (the shipped SDXL config) | text
     configs: tuple
     size: int            # resolution (image) or sequence length (text)
     batches: tuple
@@ -84,6 +87,7 @@ class Case:
 CASES = [
     Case("tiny-sd", "image", (TINY_UNET, TINY_VAE, TINY_CLIP), 128, (1, 4), tiny=True),
     Case("sd15-unet", "image", (SD15_UNET, SD15_VAE, SD15_CLIP), 512, (1, 4)),
+    Case("sdxl-base", "sdxl", (), 1024, (1, 2)),
     Case("tiny-llama", "text", (TINY_LLAMA,), 128, (1, 4), tiny=True),
     Case("llama-1.1b", "text", (LLAMA_1B,), 512, (1, 4)),
 ]
@@ -92,10 +96,17 @@ CASES = [
 # --- model folders for the estimator (configs only) ---------------------------------------------------
 
 
+FAMILY = {"image": "sd", "sdxl": "sdxl", "text": "causal_lm"}
+
+
 def write_configs(case: Case, folder: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, LlamaConfig
 
+    from trainer.families.shipped import shipped_dir
+
+    if case.mode == "sdxl":
+        return shipped_dir("sdxl-base")  # the config the trainer ships: what an SDXL single file is built from
     folder.mkdir(parents=True, exist_ok=True)
     if case.mode == "image":
         unet_cfg, vae_cfg, clip_cfg = case.configs
@@ -112,8 +123,8 @@ def write_configs(case: Case, folder: Path) -> Path:
 
 
 def estimate(case: Case, folder: Path, batch: int, precision: str, checkpointing: bool, rank: int):
-    return estimate_vram(folder, mode=case.mode, resolution=case.size, batch_size=batch, lora_rank=rank,
-                         target_modules=UNET_TARGETS if case.mode == "image" else LLM_TARGETS,
+    return estimate_vram(folder, family=FAMILY[case.mode], resolution=case.size, batch_size=batch, lora_rank=rank,
+                         target_modules=LLM_TARGETS if case.mode == "text" else UNET_TARGETS,
                          train_text_encoder=False, text_encoder_target_modules=[],
                          mixed_precision=precision, gradient_checkpointing=checkpointing,
                          cache_latents=False, max_seq_length=case.size)
@@ -145,9 +156,19 @@ def run_steps(case: Case, batch: int, precision: str, checkpointing: bool, rank:
     torch.manual_seed(0)
     amp = precision != "no"
     lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                      target_modules=UNET_TARGETS if case.mode == "image" else LLM_TARGETS)
+                      target_modules=LLM_TARGETS if case.mode == "text" else UNET_TARGETS)
+    te2 = None
     with torch.device(device):
-        if case.mode == "image":
+        if case.mode == "sdxl":
+            unet, vae, te, te2 = build_sdxl(dtype)
+            unet.add_adapter(lora)
+            trainable = _lora_fp32(unet)
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            _speed_up(unet, cuda)
+            unet.train()
+            model = unet
+        elif case.mode == "image":
             from diffusers import AutoencoderKL, UNet2DConditionModel
             from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -175,17 +196,20 @@ def run_steps(case: Case, batch: int, precision: str, checkpointing: bool, rank:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
             model.train()
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if cuda else None)  # as the trainer does on CUDA
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and precision == "fp16")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()      # from here: weights resident, the training peak to come
         weights_alloc = torch.cuda.memory_allocated()
     t0 = time.time()
+    first_step_s = 0.0
     losses = []
     for _ in range(steps):
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=amp):
-            if case.mode == "image":
+            if case.mode == "sdxl":
+                loss = sdxl_loss(unet, vae, te, te2, batch, case.size, device)
+            elif case.mode == "image":
                 res = case.size
                 with torch.no_grad():
                     images = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
@@ -205,19 +229,73 @@ def run_steps(case: Case, batch: int, precision: str, checkpointing: bool, rank:
         scaler.update()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    out = {"seconds": round(time.time() - t0, 2), "loss": round(losses[-1], 4)}
+        if len(losses) == 1:
+            if cuda:
+                torch.cuda.synchronize()
+            first_step_s = time.time() - t0  # it/s is over the steps after the first (allocator, autotune)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    out = {"seconds": round(seconds, 2), "loss": round(losses[-1], 4),
+           "it_s": round((steps - 1) / (seconds - first_step_s), 2) if steps > 1 and seconds > first_step_s else None}
     if cuda:
         torch.cuda.synchronize()
         out.update(weights_alloc_mib=round(weights_alloc / MIB),
                    peak_alloc_mib=round(torch.cuda.max_memory_allocated() / MIB),
                    peak_reserved_mib=round(torch.cuda.max_memory_reserved() / MIB))
     del model, opt, trainable
-    if case.mode == "image":
-        del unet, vae, te
+    if case.mode != "text":
+        del unet, vae, te, te2
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def build_sdxl(dtype):
+    """SDXL base with random weights, from the shipped configs (on the current default device): UNet and text
+    encoders in `dtype`, the VAE fp32 (as the trainer keeps it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trainer.families.shipped import shipped_dir
+
+    root = shipped_dir("sdxl-base")
+    unet = UNet2DConditionModel.from_config(json.loads((root / "unet/config.json").read_text())).to(dtype)
+    vae = AutoencoderKL.from_config(json.loads((root / "vae/config.json").read_text()))
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder")).to(dtype)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2")).to(dtype)
+    for m in (unet, vae, te, te2):
+        m.requires_grad_(False)
+    return unet, vae, te, te2
+
+
+def sdxl_loss(unet, vae, te, te2, batch: int, res: int, device: str):
+    """One SDXL training step's loss as trainer.families.sdxl_task computes it (fp32 VAE encode, both
+    encoders' penultimate states concatenated, pooled from the second, time ids)."""
+    with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], enabled=False):
+        images = torch.randn(batch, 3, res, res, device=device)
+        latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+    with torch.no_grad():
+        ids = torch.randint(0, te.config.vocab_size, (batch, te.config.max_position_embeddings), device=device)
+        out1, out2 = te(ids, output_hidden_states=True), te2(ids, output_hidden_states=True)
+        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        pooled = out2[0]
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]] * batch, device=device, dtype=pooled.dtype)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    noisy = (latents + noise).contiguous(memory_format=torch.channels_last) if device.startswith("cuda") \
+        else latents + noise
+    pred = unet(noisy, timesteps, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+def _speed_up(unet, cuda: bool) -> None:
+    """The trainer's CUDA settings (trainer.families.sd_task.speed_up)."""
+    if cuda:
+        from trainer.families.sd_task import speed_up
+
+        speed_up(unet, torch.device("cuda"))
 
 
 def cuda_context_mib() -> int | None:
@@ -233,6 +311,8 @@ def cuda_context_mib() -> int | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models only")
+    ap.add_argument("--only", action="append", help="run only this case (repeatable): " +
+                    ", ".join(c.name for c in CASES))
     ap.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                     help="default: bf16 where supported, else fp16; fp32 ('no') on the CPU")
     ap.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
@@ -247,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     precision = args.precision or ("bf16" if cuda and torch.cuda.is_bf16_supported() else
                                    "fp16" if cuda else "no")
-    cases = [c for c in CASES if c.tiny or not args.quick]
+    cases = [c for c in CASES if (c.tiny or not args.quick) and (not args.only or c.name in args.only)]
     variants = [False] if args.no_checkpointing_variant else [False, True]
     ctx = cuda_context_mib() if cuda else None
     if cuda:
@@ -319,7 +399,8 @@ def _line(r: dict) -> str:
                 f"ratio {r['ratio_tensors']:.2f}")
         if "ratio_total" in r:
             tail += f" (total vs reserved+context {r['ratio_total']:.2f})"
-        return head + tail + f"  {r['seconds']}s"
+        speed = f"  {r['it_s']} it/s" if r.get("it_s") else ""
+        return head + tail + f"  {r['seconds']}s{speed}"
     if "loss" in r:
         return head + f"  CPU steps ok (loss {r['loss']}), no measurement"
     return head

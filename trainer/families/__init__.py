@@ -36,10 +36,11 @@ Adding a family (the recipe):
 3. `detect` must claim only its own models: a folder by `model_index.json`'s `_class_name` (or
    `config.json`'s `architectures`), a single file by its key signature (e.g. `double_blocks.` for Flux).
    Add a row to `FAMILIES` below, before any family whose `detect` would also claim those models.
-4. If a single file must load offline, ship its architecture config under `trainer/model_configs/`.
-5. Tests: a tiny model of the family in `trainer/tiny.py`, a training run from YAML, its LoRA loading in
-   the library users load it with, and the bad inputs (`tests/test_families.py` runs every family
-   through the shared checks).
+4. If a single file must load offline, ship its architecture config under `trainer/model_configs/`
+   (`trainer.families.shipped`; the diffusion families' `shipped_config_name(probe)` picks one).
+5. Tests (tests/test_sdxl.py is the model): a tiny model of the family in `trainer/tiny.py` (added to
+   `demo_assets`), a training run from YAML, SIGKILL + rerun bit-identical, the warm cache, its LoRA loaded
+   by the library users load it with with every module applied, and the bad inputs (exit 2).
 """
 from __future__ import annotations
 

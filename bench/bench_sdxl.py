@@ -1,0 +1,214 @@
+"""SDXL step time: our trainer vs the textbook diffusers + peft SDXL LoRA loop, on the same tiny SDXL and data.
+
+    python bench/bench_sdxl.py                        # resolution 32, 20 timed steps, each run twice
+    python bench/bench_sdxl.py --resolution 64 --steps 10 --repeat 1
+
+Runs, with the same model (`trainer.tiny.build_tiny_sdxl`), data, batch size, rank, learning rate, steps:
+
+    textbook        the loop of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py, written
+                    out below without accelerate: images resized and center-cropped with their original size
+                    and crop top-left kept, both captions tokenized per batch, every step: vae.encode, noise +
+                    timesteps, encode_prompt with both text encoders (penultimate hidden states concatenated,
+                    pooled from the second), add_time_ids, unet with LoRA (`unet.add_adapter`) and
+                    added_cond_kwargs, MSE, backward, grad clipping, AdamW, lr scheduler, loss.item()
+    ours            `trainer.job.LoraTrainingJob` (what `lora-train` runs), no caches: cache_latents false,
+                    cache_text_embeddings false (the same work per step as the textbook loop)
+    ours+cache      cache_latents and cache_text_embeddings true: the VAE and both text encoders run once per
+                    image / caption in setup, not in the steps
+
+Timing as in bench_train.py: steady state (loading, caching and `--warmup` steps excluded), median step,
+CPU time of this process for the ratio (wall time on a shared box measures the neighbours), best of
+`--repeat` runs in alternating order, single-threaded torch by default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import BATCH, LR, RANK, SEED, TARGETS, now, steady_ms  # noqa: E402
+
+
+def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool) -> tuple[float, float]:
+    import yaml
+
+    from trainer.job import LoraTrainingJob
+    from trainer.preflight import preflight
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock:
+        def emit(self, ev):
+            if ev["type"] == "step":
+                stamps.append(now())
+
+    with tempfile.TemporaryDirectory(prefix="bench-sdxl-") as tmp:
+        cfg = {"train_data_dir": str(assets["shapes"]), "metadata_path": str(assets["shapes"] / "metadata.csv"),
+               "base_model": str(assets["sdxl_model"]), "resolution": resolution, "lora_rank": RANK,
+               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
+               "save_steps": 10_000, "log_every": 10_000, "cache_latents": cached,
+               "cache_text_embeddings": cached, "seed": SEED, "resume": "never", "output_dir": str(Path(tmp) / "out")}
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        assert result.outcome == "succeeded", result
+    return steady_ms(stamps, warmup)
+
+
+class TextbookSdxlDataset:
+    """imagefolder + metadata.csv as the SDXL script prepares it: Resize -> CenterCrop (crop top-left kept),
+    original size kept, ToTensor -> Normalize([0.5], [0.5]); the caption tokenized by both tokenizers."""
+
+    def __init__(self, folder: Path, resolution: int, tokenizers):
+        import csv
+
+        with open(folder / "metadata.csv", newline="") as f:
+            self.rows = [(folder / r["file_name"], r["text"]) for r in csv.DictReader(f)]
+        self.resolution, self.tokenizers = resolution, tokenizers
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        path, caption = self.rows[i]
+        r = self.resolution
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            original = (im.height, im.width)
+            s = r / min(im.size)
+            im = im.resize((max(r, round(im.width * s)), max(r, round(im.height * s))), Image.Resampling.BILINEAR)
+            top, left = (im.height - r) // 2, (im.width - r) // 2
+            im = im.crop((left, top, left + r, top + r))
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        ids = [tok(caption, max_length=tok.model_max_length, padding="max_length", truncation=True,
+                   return_tensors="pt").input_ids[0] for tok in self.tokenizers]
+        return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids_one": ids[0], "input_ids_two": ids[1],
+                "original_size": original, "crop_top_left": (top, left)}
+
+
+def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tuple[float, float]:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    model = assets["sdxl_model"]
+    torch.manual_seed(SEED)
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    te_one = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    te_two = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    for m in (unet, vae, te_one, te_two):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    data = TextbookSdxlDataset(assets["shapes"], resolution, tokenizers)
+    loader = torch.utils.data.DataLoader(
+        data, shuffle=True, batch_size=BATCH, num_workers=0,
+        collate_fn=lambda ex: {"pixel_values": torch.stack([e["pixel_values"] for e in ex]).float(),
+                               "input_ids_one": torch.stack([e["input_ids_one"] for e in ex]),
+                               "input_ids_two": torch.stack([e["input_ids_two"] for e in ex]),
+                               "original_sizes": [e["original_size"] for e in ex],
+                               "crop_top_lefts": [e["crop_top_left"] for e in ex]})
+    total = warmup + steps
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
+
+    def encode_prompt(ids_list):
+        embeds, pooled = [], None
+        for te, ids in zip((te_one, te_two), ids_list):
+            out = te(ids, output_hidden_states=True, return_dict=False)
+            pooled = out[0]
+            embeds.append(out[-1][-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    def compute_time_ids(original_size, crops_coords_top_left):
+        return torch.tensor([list(original_size + crops_coords_top_left + (resolution, resolution))])
+
+    stamps: list[tuple[float, float]] = []
+    unet.train()
+    while len(stamps) < total:
+        for batch in loader:
+            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            add_time_ids = torch.cat([compute_time_ids(s, c) for s, c in
+                                      zip(batch["original_sizes"], batch["crop_top_lefts"])]).float()
+            with torch.no_grad():
+                prompt_embeds, pooled = encode_prompt([batch["input_ids_one"], batch["input_ids_two"]])
+            pred = unet(noisy, timesteps, prompt_embeds,
+                        added_cond_kwargs={"time_ids": add_time_ids, "text_embeds": pooled}, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            loss.item()
+            stamps.append(now())
+            if len(stamps) >= total:
+                break
+    return steady_ms(stamps, warmup)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--resolution", type=int, default=32, help="training side in px (default 32)")
+    p.add_argument("--repeat", type=int, default=2, help="runs of the whole set, alternating order (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's choice)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from trainer.quiet import quiet_libraries
+    from trainer.tiny import demo_assets
+
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assets = demo_assets()
+    names = ["textbook", "ours", "ours+cache"]
+    runs = {"textbook": lambda: run_textbook(assets, args.resolution, args.steps, args.warmup),
+            "ours": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, False),
+            "ours+cache": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True)}
+    print(f"tiny SDXL, torch {torch.__version__}, {torch.get_num_threads()} threads, res {args.resolution}, "
+          f"batch {BATCH}, rank {RANK}, {args.steps} timed steps after {args.warmup} warmup", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {}
+    started = time.perf_counter()
+    for rep in range(args.repeat):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            wall, cpu = runs[name]()
+            results.setdefault(name, []).append((wall, cpu))
+            print(f"  [{rep + 1}/{args.repeat}] {name:<11s} wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+    print(f"\nbest of {args.repeat}; the ratio is on CPU time")
+    print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
+    base = min(c for _, c in results["textbook"])
+    for name in names:
+        cpu, wall = min(c for _, c in results[name]), min(w for w, _ in results[name])
+        print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
