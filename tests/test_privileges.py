@@ -607,3 +607,33 @@ def test_a_socket_group_the_daemon_is_not_in_is_named_with_the_fix(users):
         assert not (home / "s").exists()  # no socket left behind with the wrong group
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers") is None,
+                    reason="systemd-tmpfiles/systemd-sysusers are not installed on this machine")
+@needs_root
+def test_the_snippets_make_the_build_user_and_its_folders(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "etc").mkdir()
+    for src, name in (("agentd.sysusers", "users.conf"), ("agentd.tmpfiles", "files.conf")):
+        shutil.copy(repo / "systemd" / src, tmp_path / name)
+    sh("systemd-sysusers", f"--root={tmp_path}", str(tmp_path / "users.conf"))
+    sh("systemd-tmpfiles", f"--root={tmp_path}", "--create", str(tmp_path / "files.conf"))
+    passwd = {l.split(":")[0]: l.split(":") for l in (tmp_path / "etc/passwd").read_text().splitlines()}
+    groups = {l.split(":")[0]: l.split(":") for l in (tmp_path / "etc/group").read_text().splitlines()}
+    assert "agentd-build" in groups["agentd"][3].split(",")  # the socket's group: it may submit
+    assert "agentd" not in groups["agentd-build"][3].split(",")
+    assert passwd["agentd-build"][5] == "/srv/agentd/jenkins"
+    uid = {name: int(fields[2]) for name, fields in passwd.items()}
+    gid = {name: int(fields[2]) for name, fields in groups.items()}
+    for path, owner, group, mode in (("srv/agentd", "agentd", "agentd", 0o2770),
+                                     ("srv/agentd/jenkins", "agentd-build", "agentd", 0o2770),
+                                     ("srv/agentd/agent", "agentd", "agentd-build", 0o2750)):
+        st = (tmp_path / path).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (uid[owner], gid[group], mode), path
+    unit = (repo / "systemd" / "agentd.service").read_text()
+    for line in ("CapabilityBoundingSet=CAP_SETUID CAP_SETGID", "AmbientCapabilities=CAP_SETUID CAP_SETGID",
+                 "StateDirectoryMode=0700", "CacheDirectoryMode=0700", "UMask=0007", "NoNewPrivileges=yes"):
+        assert f"\n{line}\n" in unit, line
+    settings = yaml.safe_load((repo / "configs" / "agentd.yaml").read_text())
+    assert settings["jenkins"]["agent_user"] == "agentd-build"
