@@ -97,7 +97,8 @@ def test_sigkill_and_rerun_is_bit_identical(reference, flux_assets, tmp_path):
 
 def test_warm_base_gives_the_same_lora_as_a_cold_one(reference, flux_assets, tmp_path):
     """Two jobs on one BaseModelCache: the second gets the base warm (LoRA removed, text encoders back in host
-    memory, fp8 blocks as loaded) and trains exactly what a cold run trains."""
+    memory, fp8 blocks as loaded) and trains exactly what a cold run trains. Both keep their text embeddings
+    in the disk cache too: the second job reads them (same numbers as encoding them)."""
     from trainer.job import LoraTrainingJob
     from trainer.model_cache import BaseModelCache
 
@@ -105,9 +106,12 @@ def test_warm_base_gives_the_same_lora_as_a_cold_one(reference, flux_assets, tmp
     results = []
     for name in ("first", "second"):
         cfg = flux_config(tmp_path / name, flux_assets, sample_prompts=[
-            "a red circle on white background --w 32 --h 32 --s 2 --l 3.5"])
+            "a red circle on white background --w 32 --h 32 --s 2 --l 3.5"],
+            cache_text_embeddings_to_disk=True, cache_dir=str(tmp_path / "disk-cache"))
         job = LoraTrainingJob(preflight(cfg), base_cache=cache)
         results.append((job.run(), job.warm))
+        entries = sorted((tmp_path / "disk-cache" / "text").rglob("*.safetensors"))
+        assert len(entries) == 12  # the 12 distinct captions (the sample prompt is one of them), first job
     assert [warm for _, warm in results] == ["cold", "device"]
     cold, _ = read_lora(reference.parent / "out/out.safetensors")
     for result, _ in results:
@@ -255,6 +259,7 @@ BAD_INPUTS = [
     ("dev", {"target_modules": ["to_qq", "attn.to_out"]}, "target_modules", "closest are"),
     ("dev", {"max_sequence_length": 600}, "max_sequence_length", "at most 512"),
     ("dev", {"resolution": 30}, "resolution", "use 28 or 32"),
+    ("dev", {"min_snr_gamma": 5}, "min_snr_gamma", "timestep_density"),
 ]
 
 

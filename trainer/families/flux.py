@@ -141,6 +141,11 @@ def check(cfg, p: Probe) -> list[Problem]:
             "max_sequence_length", f"is above T5-XXL's limit of {T5_LIMIT} tokens (the length Flux was trained "
             "with; FluxPipeline refuses longer prompts)", f"use at most {T5_LIMIT} ({MAX_SEQUENCE_LENGTH[v]} is "
             f"FLUX.1 [{v}]'s default)", cfg.max_sequence_length))
+    if cfg.min_snr_gamma is not None:
+        problems.append(Problem(
+            "min_snr_gamma", "Min-SNR weighting is defined for noise-prediction (DDPM) schedules; Flux trains a "
+            "rectified flow, whose noise levels timestep_density already shapes", "remove min_snr_gamma; to "
+            "weight mid-noise steps use timestep_density: logit_normal (the default) or mode", cfg.min_snr_gamma))
     if problems:
         return problems
     folder = config_dir(cfg)

@@ -12,8 +12,13 @@ image's token count; schnell: its fixed shift); x_t = (1 - t) latents + t noise,
 the transformer (guidance `guidance_scale` for dev) predicts noise - latents; MSE. Every random draw
 (latent sampling, noise, t) comes from the loop's generator: a resumed run is bit-identical on the CPU.
 
-Caches (`prepare`): with `cache_text_embeddings` (default) every distinct caption and sample prompt is
-encoded once, each on its own (a row never depends on its batch); with `cache_latents` every image once.
+The kohya loss options come from `trainer.losses` as for the UNet families: `noise_offset` and multires
+noise (`make_noise`), masked loss and `prior_loss_weight` (`diffusion_loss`, on the unpacked latents);
+Min-SNR weighting is for noise-prediction schedules and is refused for Flux (`flux.check`).
+
+Caches (`prepare`): with `cache_text_embeddings` (default; off by itself when caption options vary the
+text) every distinct caption and sample prompt is encoded once, each on its own (a row never depends on
+its batch); with `cache_latents` every image once.
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from trainer import losses
 from trainer.config import TrainConfig
 from trainer.families import flux
 from trainer.quiet import quiet_libraries
@@ -171,6 +176,7 @@ class FluxTask:
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoders_on_device = False
+        self._masks: list | None = None  # masked_loss: the masks of the batch `_latents` loaded
 
     # --- parameters and the LoRA file -------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -269,7 +275,7 @@ class FluxTask:
         return seq, pooled
 
     def _text(self, captions: list[str], autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cfg.cache_text_embeddings:
+        if self.cfg.text_outputs_cached:
             missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
             if missing:
                 self._cache_text(missing, autocast)
@@ -300,34 +306,62 @@ class FluxTask:
 
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, dataset, autocast=None) -> None:
-        """Text embeddings of every caption and sample prompt (cache_text_embeddings), latents of every image
-        (cache_latents); without the text cache the encoders move to the device for the whole job."""
+        """Text embeddings of every caption and sample prompt (text_outputs_cached), latents of every image
+        (latents_cached); with the _to_disk keys through the content-keyed disk cache (`trainer.latent_cache`),
+        so a later job on the same data skips the encoders and the VAE. Without the text cache the encoders
+        move to the device for the whole job."""
         import contextlib
 
+        from trainer import latent_cache
         from trainer.sampling import load_prompts
 
+        cfg = self.cfg
         autocast = autocast or contextlib.nullcontext
-        if self.cfg.cache_text_embeddings:
-            captions = [s.caption for s in dataset.samples] + [p.prompt for p in load_prompts(self.cfg)[0]]
-            self._cache_text([c for c in dict.fromkeys(captions) if c not in self.text_cache], autocast)
+        if cfg.text_outputs_cached:
+            captions = [dataset.caption(i) for i in range(len(dataset))] + [p.prompt for p in load_prompts(cfg)[0]]
+            captions = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
+            disk = latent_cache.TextDiskCache(
+                latent_cache.cache_root(cfg), [self.base.text.clip, self.base.text.t5],
+                f"{type(self).__name__}/max_sequence_length={cfg.max_sequence_length}") \
+                if cfg.cache_text_embeddings_to_disk else None
+            for c in captions if disk else []:
+                hit = disk.get(disk.key(c))
+                if hit is not None:
+                    self.text_cache[c] = (hit["seq"], hit["pooled"])
+            missing = [c for c in captions if c not in self.text_cache]
+            self._cache_text(missing, autocast)
+            for c in missing if disk else []:
+                disk.put(disk.key(c), {"seq": self.text_cache[c][0], "pooled": self.text_cache[c][1]})
         else:
             self._encoders_to(self.device)
-        if self.cfg.cache_latents:
+        if cfg.latents_cached:
+            disk = latent_cache.LatentDiskCache(latent_cache.cache_root(cfg), self.base.vae) \
+                if cfg.cache_latents_to_disk else None
             with torch.no_grad():
                 for i in range(len(dataset)):
-                    pixels, _ = dataset.load(i)
-                    dist = self.base.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
-                    self.latent_cache[i] = (dist.mean[0].cpu(), dist.std[0].cpu())
+                    key = disk.key(dataset, i) if disk else None
+                    hit = disk.get(key) if disk else None
+                    if hit is None:
+                        pixels = dataset.load_item(i).pixels
+                        dist = self.base.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
+                        hit = {"mean": dist.mean[0].cpu(), "std": dist.std[0].cpu()}
+                        if disk:
+                            disk.put(key, hit)
+                    self.latent_cache[i] = (hit["mean"], hit["std"])
 
     def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
         if self.latent_cache:
             mean = torch.stack([self.latent_cache[i][0] for i in indices])
             std = torch.stack([self.latent_cache[i][1] for i in indices])
+            # masked_loss: cached latents are center crops, so are their masks
+            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
         else:
-            pixels = torch.stack([dataset.load(i, generator)[0] for i in indices]).to(self.device)
+            items = [dataset.load_item(i, generator) for i in indices]
+            pixels = torch.stack([it.pixels for it in items]).to(self.device)
             with torch.no_grad():
                 dist = self.base.vae.encode(pixels).latent_dist
             mean, std = dist.mean.cpu(), dist.std.cpu()
+            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
         eps = torch.randn(mean.shape, generator=generator)  # our generator, not the VAE's: resumable
         c = self.base.vae.config
         return ((mean + std * eps - c.shift_factor) * c.scaling_factor).to(self.device)
@@ -339,8 +373,9 @@ class FluxTask:
         cfg = self.cfg
         latents = self._latents(indices, dataset, generator)
         b, ch, h, w = latents.shape
-        seq, pooled = self._text([dataset.samples[i].caption for i in indices], autocast)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        seq, pooled = self._text([dataset.caption(i, generator) for i in indices], autocast)  # caption options
+        noise = losses.make_noise(tuple(latents.shape), generator, cfg.noise_offset, cfg.multires_noise_iterations,
+                                  cfg.multires_noise_discount).to(self.device)
         u = compute_density_for_timestep_sampling(cfg.timestep_density, b, logit_mean=cfg.logit_mean,
                                                   logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
                                                   generator=generator)
@@ -348,7 +383,6 @@ class FluxTask:
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         packed = FluxPipeline._pack_latents(noisy, b, ch, h, w)
-        target = FluxPipeline._pack_latents(noise - latents, b, ch, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, packed.dtype)
         txt_ids = torch.zeros(seq.shape[1], 3, device=self.device, dtype=packed.dtype)
         guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=self.device)
@@ -356,7 +390,11 @@ class FluxTask:
             pred = self.base.transformer(hidden_states=packed, timestep=sigmas, guidance=guidance,
                                          pooled_projections=pooled, encoder_hidden_states=seq, txt_ids=txt_ids,
                                          img_ids=img_ids, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target.float())
+        weights = [dataset.loss_weight(i) for i in indices]
+        return losses.diffusion_loss(
+            unpack(pred, b, ch, h, w), noise - latents,
+            masks=losses.latent_masks(self._masks, (h, w)) if self._masks else None,
+            weights=torch.tensor(weights) if any(x != 1.0 for x in weights) else None)
 
     # --- samples ----------------------------------------------------------------------------------
     def render_sample(self, prompt, path: Path) -> Path:
@@ -387,6 +425,11 @@ class FluxTask:
         out = Path(path).with_suffix(".png")
         image.save(out)
         return out
+
+
+def unpack(tokens: torch.Tensor, b: int, ch: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of FluxPipeline._pack_latents: (B, h/2 x w/2, 4 ch) tokens back to (B, ch, h, w) latents."""
+    return tokens.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
 
 
 def _autocast_for(device: torch.device, dtype: torch.dtype):
