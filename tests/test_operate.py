@@ -331,3 +331,29 @@ def test_validate_names_the_gpus_when_device_matches_none(tmp_path, assets):
     assert "device" in problem and "0: NVIDIA GeForce RTX 4090" in problem and str(cfg) in problem
     assert device_problem(str(write_config(folder, assets, device="*4090*")), gpus) is None
     assert device_problem(str(cfg), []) is None  # no GPU here: the target box decides (the daemon checks)
+
+
+def test_a_journal_from_an_older_agentd_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    from agentd.journal import Journal
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)  # the jobs table as agentd wrote it before priorities and retries
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, state TEXT NOT NULL, "
+               "config_path TEXT NOT NULL, config_text TEXT NOT NULL, config_hash TEXT, resolved TEXT, output_dir TEXT, "
+               "name TEXT, submitter TEXT, env TEXT, created REAL NOT NULL, started REAL, ended REAL, "
+               "requeue_first INTEGER NOT NULL DEFAULT 0, slot TEXT, step INTEGER, total_steps INTEGER, loss REAL, "
+               "error TEXT, artifacts TEXT, estimate_mib REAL, peak_mib REAL, shape_key TEXT)")
+    db.execute("INSERT INTO jobs (id, state, config_path, config_text, created) VALUES ('job-000001', 'queued', "
+               "'/c.yaml', 'x', 1.0)")
+    db.commit()
+    db.close()
+    j = Journal(path)
+    try:
+        assert j.get("job-000001")["priority"] == 0 and j.get("job-000001")["infra_retries"] == 0
+        new = j.create(config_path="/d.yaml", config_text="y", config_hash="h", resolved={}, output_dir="/o",
+                       name="n", submitter={}, env={}, priority=3)
+        assert j.get(new)["priority"] == 3
+    finally:
+        j.close()
