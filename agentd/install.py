@@ -104,6 +104,18 @@ def configured_socket_group(settings_path: Path) -> Optional[str]:
     return str(group) if group and str(group) != DAEMON_USER else None
 
 
+def configured_agent_user(settings_path: Path) -> Optional[str]:
+    """jenkins.agent_user from agentd.yaml (None when unset or unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(settings_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    jenkins = data.get("jenkins") if isinstance(data, dict) else None
+    return jenkins.get("agent_user") if isinstance(jenkins, dict) else None
+
+
 def next_steps() -> list[str]:
     return [
         "Next steps:",
@@ -180,6 +192,9 @@ def install_service(prefix_venv: Path, dry_run: bool = False, root: Path = Path(
     example = source / "configs/agentd.yaml"
     if settings.exists():
         lines.append(f"keep existing {settings} (never overwritten)")
+        if not configured_agent_user(settings):
+            lines.append(f"  note: it sets no jenkins.agent_user, so agent.jar and every build would run as "
+                         f"{DAEMON_USER} and could read the daemon's files: add `agent_user: {BUILD_USER}` under jenkins:")
     elif not example.exists():
         lines.append(f"warning: no example settings at {example}; write {settings} yourself")
     else:

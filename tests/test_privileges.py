@@ -584,6 +584,7 @@ def test_install_puts_the_users_in_a_configured_socket_group(tmp_path):
     snippet = (root / SOCKET_GROUP_PATH).read_text()
     assert "m agentd jenkins" in snippet and "m agentd-build jenkins" in snippet
     assert any("socket_group jenkins" in line for line in lines)
+    assert any("add `agent_user: agentd-build`" in line for line in lines)  # an old settings file without it
 
 
 @needs_root
