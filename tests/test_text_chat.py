@@ -53,6 +53,7 @@ def test_each_format_trains_the_tiny_chat_model(fmt, data, assets, tmp_path):
     checked = preflight(chat_config(tmp_path, assets, data))
     assert checked.scan.notes[0].startswith(f"dataset_format auto: {fmt} (decided from ")
     assert len(checked.scan.samples) == 12
+    assert not [w for w in checked.warnings if "will not stop" in w]  # its own template ends turns with EOS
     result = LoraTrainingJob(checked).run()
     assert result.outcome == "succeeded" and result.steps == 3
     losses = [float(r["loss"]) for r in read_loss_csv(tmp_path / "out/logs/loss.csv")]
@@ -170,13 +171,16 @@ def test_validation_file_and_merged_export(assets, tmp_path):
     from trainer.job import LoraTrainingJob
 
     path = chat_config(tmp_path, assets, validation_file=str(assets["chat_data"] / "messages.jsonl"),
-                       validate_every_n_steps=2, max_train_steps=4, export_merged=True, name="chat")
+                       validate_every_n_steps=2, max_train_steps=4, export_merged=True, name="chat",
+                       sample_prompts=["colour of the circle?"])
     result = LoraTrainingJob(preflight(path)).run()
     out = tmp_path / "out"
     assert result.outcome == "succeeded" and str(out / "chat-merged") in result.artifacts
     events = [json.loads(x) for x in (out / "logs/events.jsonl").read_text().splitlines()]
     val = [e for e in events if e["type"] == "validation"]
     assert [e["step"] for e in val] == [2, 4] and all(e["samples"] == 12 and e["val_loss"] > 0 for e in val)
+    sample = next((out / "samples").rglob("*.txt")).read_text()
+    assert sample.startswith("colour of the circle?")  # sampled as a user turn through the chat template
 
     merged = AutoModelForCausalLM.from_pretrained(out / "chat-merged", local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out / "chat-merged", local_files_only=True)
@@ -284,7 +288,11 @@ def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):
                                            if (assets["chat_model"] / "chat_template.jinja").exists()
                                            else tokenizer(assets).chat_template)
     path = chat_config(tmp_path, assets, base_model=str(assets["llm_model"]), chat_template="chatml.jinja")
-    assert preflight(path).scan.samples[0].labels().count(-100) > 0
+    checked = preflight(path)
+    assert checked.scan.samples[0].labels().count(-100) > 0
+    # That template closes turns with <|im_end|>, which this tokenizer does not have: generation would never
+    # stop after an answer (the "repeats itself forever" failure), so preflight says so.
+    assert any("the tuned model will not stop after its answer" in w for w in checked.warnings)
 
 
 def test_example_config_loads():

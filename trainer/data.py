@@ -30,7 +30,7 @@ SDXL's `time_ids`: `ImageDataset.load_item` returns an `ImageItem` whose `origin
 height, width), `crop_top_left` (top, left of the crop in the resized image) and `target_size` (the
 bucket's height, width) are what the pipeline really did to that sample.
 
-Text datasets: `.txt`/`.jsonl` files under `train_data_dir` (see `scan_text_dataset`).
+Text datasets (raw text, alpaca, sharegpt, OpenAI messages): `trainer.text_data`.
 """
 from __future__ import annotations
 
@@ -636,27 +636,3 @@ class ImageDataset:
         if im.mode in ("RGBA", "LA") or "transparency" in im.info:
             return im.convert("RGBA").getchannel("A")
         return Image.new("L", im.size, 255)  # no alpha: all of it trains (lint warns)
-
-
-def scan_text_dataset(data_dir: Path) -> Scan:
-    """Text mode: each `.txt` file is one sample; each line of a `.jsonl` file with a "text" field is one."""
-    if not data_dir.is_dir():
-        return Scan([], [Problem("train_data_dir", "folder does not exist",
-                                 "point train_data_dir at your .txt/.jsonl files", str(data_dir))], [])
-    samples, problems = [], []
-    for p in sorted(data_dir.rglob("*")):
-        if p.suffix == ".txt":
-            samples.append(Sample(p, p.read_text(encoding="utf-8", errors="replace")))
-        elif p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    samples.append(Sample(p, str(json.loads(line)["text"])))
-                except (ValueError, KeyError, TypeError):
-                    problems.append(Problem("train_data_dir", f"{p}:{n}: not a JSON object with a \"text\" field",
-                                            'write one {"text": "..."} object per line'))
-    if not samples and not problems:
-        problems.append(Problem("train_data_dir", "dataset is empty (no .txt or .jsonl files)",
-                                "add text files", str(data_dir)))
-    return Scan(samples, problems, [])

@@ -29,8 +29,8 @@ turns follow (it would make those spans wrong) is refused with the sample's loca
 turn of a multi-turn conversation is trained (`train_on_prompt: true` trains every token).
 
 Length: samples longer than `max_seq_length` tokens are cut to it (`truncation: cut`) or left out
-(`drop`); `notes` say how many. Packing (`packing: true`) concatenates samples, in data order, into rows
-of at most `max_seq_length` tokens; each row keeps its samples' lengths, so the loss restarts position ids
+(`drop`); `notes` say how many. Packing (`packing: true`) concatenates samples into rows of at most
+`max_seq_length` tokens (best-fit decreasing, see `pack`); each row keeps its samples' lengths, so the loss restarts position ids
 per sample and (where the model's attention supports it, see `packing_isolates`) attends within a sample
 only.
 """
@@ -77,6 +77,12 @@ class TextSample(Sample):
     ids: array = field(default_factory=lambda: array("i"))
     trained: bytes = b""
     lengths: tuple[int, ...] = ()
+    fmt: str = "text"  # the dataset's format (a packed row: its samples')
+
+    @property
+    def chat(self) -> bool:
+        """A conversation rendered with the chat template, not raw text."""
+        return self.fmt in CHAT_FORMATS
 
     def labels(self) -> list[int]:
         return [t if m else -100 for t, m in zip(self.ids, self.trained)]
@@ -311,7 +317,7 @@ def read_dataset(root: Path, fmt: str, field_name: str = "train_data_dir") -> Re
             if isinstance(turns, str):
                 samples.append(TextSample(path, caption, where=where, turns=(Turn("text", turns),)))
             else:
-                samples.append(TextSample(path, caption, where=where, turns=turns))
+                samples.append(TextSample(path, caption, where=where, turns=turns, fmt=decided))
     if extra:
         problems.append(Problem(field_name, f"... and {extra} more records with problems",
                                 "fix the ones above first; the rest are likely the same mistake"))
@@ -414,26 +420,36 @@ def fit(ids: list[int], trained: list[int], max_len: int) -> tuple[list[int], li
 
 
 def pack(samples: list[TextSample], max_len: int) -> list[TextSample]:
-    """Concatenate samples in order into rows of at most `max_len` tokens (each row keeps its lengths)."""
-    rows, cur = [], []
+    """Rows of at most `max_len` tokens, filled best-fit decreasing (TRL's default strategy): the longest
+    sample first, each into the fullest row it still fits. Rows come out nearly full (less padding than
+    filling in data order); a row keeps its samples in data order and its lengths. Deterministic."""
+    import bisect
 
-    def close():
-        if cur:
-            ids, trained = array("i"), bytearray()
-            for s in cur:
-                ids.extend(s.ids)
-                trained.extend(s.trained)
-            rows.append(TextSample(cur[0].path, "\n".join(s.caption for s in cur),
-                                   where=cur[0].where + (f" +{len(cur) - 1} packed" if len(cur) > 1 else ""),
-                                   turns=(), ids=ids, trained=bytes(trained),
-                                   lengths=tuple(len(s.ids) for s in cur)))
-    for s in samples:
-        if cur and sum(len(c.ids) for c in cur) + len(s.ids) > max_len:
-            close()
-            cur = []
-        cur.append(s)
-    close()
-    return rows
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].ids), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row number), sorted: the fullest row that fits is a bisect away
+    for i in order:
+        need = len(samples[i].ids)
+        at = bisect.bisect_left(free, (need, -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (max_len - need, len(rows) - 1))
+        else:
+            room, r = free.pop(at)
+            rows[r].append(i)
+            bisect.insort(free, (room - need, r))
+    out = []
+    for members in sorted((sorted(r) for r in rows), key=lambda r: r[0]):
+        cur = [samples[i] for i in members]
+        ids, trained = array("i"), bytearray()
+        for s in cur:
+            ids.extend(s.ids)
+            trained.extend(s.trained)
+        out.append(TextSample(cur[0].path, "\n".join(s.caption for s in cur),
+                              where=cur[0].where + (f" +{len(cur) - 1} packed" if len(cur) > 1 else ""),
+                              turns=(), ids=ids, trained=bytes(trained), lengths=tuple(len(s.ids) for s in cur),
+                              fmt=cur[0].fmt))
+    return out
 
 
 def packing_isolates(config) -> bool:
@@ -441,16 +457,17 @@ def packing_isolates(config) -> bool:
     the mask with its masking utilities (`create_causal_mask`), which turn position ids that restart into a
     block-diagonal mask for eager, sdpa and flex attention, and into per-sample lengths for flash attention.
     Models with their own mask code (older or remote-code architectures) cannot."""
-    import importlib
+    import sys
 
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""))
-    if not name:
-        return False
-    module = importlib.import_module(f"transformers.models.{config.model_type.replace('-', '_')}."
-                                     f"modeling_{config.model_type.replace('-', '_')}")
-    return hasattr(module, "create_causal_mask")
+    try:
+        cls = getattr(transformers, name) if name else None
+    except (ImportError, AttributeError):
+        cls = None
+    return cls is not None and hasattr(sys.modules[cls.__module__], "create_causal_mask")
 
 
 @lru_cache(maxsize=4)
@@ -518,7 +535,7 @@ def encode_dataset(records: Records, tokenizer, *, template: str | None, max_len
             if not any(trained):
                 emptied += 1
         out.append(TextSample(s.path, s.caption, where=s.where, turns=s.turns, ids=array("i", ids),
-                              trained=bytes(trained), lengths=(len(ids),)))
+                              trained=bytes(trained), lengths=(len(ids),), fmt=s.fmt))
     if too_long:
         did = "left out (truncation: drop)" if truncation == "drop" else "cut to it (truncation: cut)"
         notes.append(f"{too_long} of {len(records.samples)} samples are longer than max_seq_length {max_len} "
@@ -570,10 +587,39 @@ def scan_text(cfg, root: Path | None = None, field_name: str = "train_data_dir")
         warnings.append("packing: this model builds its attention mask without transformers' masking utilities, "
                         "so packed samples can attend to the samples before them in a row (position ids still "
                         "restart per sample); set packing: false for exact per-sample attention")
+    if enc.first is not None and enc.first.chat and not enc.problems:
+        warnings += _stop_warnings(enc.first, tok, Path(cfg.base_model))
     if enc.first is not None and not enc.problems:
         notes.append("first example as the model sees it (trained tokens between \u27e6 and \u27e7):\n"
                      + Encoder(tok, template, cfg.train_on_prompt).marked(enc.first))
     return Scan(enc.samples, enc.problems, warnings, notes=notes)
+
+
+def stop_ids(tokenizer, model_dir: Path) -> set[int]:
+    """The token ids generate() stops at: generation_config.json's eos_token_id (an id or a list), else the
+    tokenizer's EOS."""
+    ids: set[int] = set()
+    try:
+        eos = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    except (OSError, ValueError):
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _stop_warnings(first: TextSample, tokenizer, model_dir: Path) -> list[str]:
+    """A template whose assistant turns end with no stop token makes a tuned model that never stops (the
+    answers run on into a made-up next turn; LLaMA-Factory #5593)."""
+    stops = stop_ids(tokenizer, model_dir)
+    if any(t in stops and m for t, m in zip(first.ids, first.trained)):
+        return []
+    names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(stops)) or "none"
+    return [f"the chat template closes assistant turns without a token generation stops at ({names}, from "
+            "generation_config.json and the tokenizer's eos_token): the tuned model will not stop after its answer; "
+            "use the chat template the model was trained with, or add its end-of-turn token to "
+            "generation_config.json's eos_token_id"]
 
 
 def _model_config(model_dir: Path):

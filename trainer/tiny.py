@@ -299,9 +299,10 @@ CHAT_TEMPLATE = (  # ChatML, as Qwen's instruct models use it: the assistant tur
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def build_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
+def build_tiny_chat_llm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     """A tiny random Llama chat model: a character-level fast tokenizer with ChatML's special tokens
-    (<|im_start|>, <|im_end|> as EOS) and a ChatML chat template in tokenizer_config.json."""
+    (<|im_start|>, <|im_end|> as EOS) and a ChatML chat template in tokenizer_config.json.
+    (`hidden`/`layers` make a larger one for benchmarks.)"""
     import torch
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -321,8 +322,8 @@ def build_tiny_chat_llm(folder: Path, seed: int = 0) -> Path:
                                    pad_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024 if hidden > 32 else 256,
         bos_token_id=1, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False))
     model.save_pretrained(folder)
     fast.save_pretrained(folder)

@@ -217,6 +217,7 @@ class TextTask:
                 p.data = p.data.float()
                 p.requires_grad_(True)
         self._checkpointing = False
+        self.chat = False  # set by prepare(): the data is conversations
         if (cfg.gradient_checkpointing or cfg.quantization) \
                 and getattr(base.model, "supports_gradient_checkpointing", False):
             # Non-reentrant checkpointing works with a frozen base (no input-grad hook needed).
@@ -234,7 +235,8 @@ class TextTask:
                  "lr": self.cfg.learning_rate}]
 
     def prepare(self, dataset: TextDataset, autocast=None) -> None:
-        return None  # texts are tokenized per micro-batch: cheap next to the model's forward pass
+        # Tokenized at preflight already (trainer.text_data); samples follow the data: chat data, chat prompts.
+        self.chat = bool(dataset.samples) and dataset.samples[0].chat
 
     def train(self):
         self.base.model.train()
@@ -408,10 +410,15 @@ class TextTask:
 
     def render_sample(self, prompt, path: Path) -> Path:
         """The greedy continuation of `prompt.prompt` (a `trainer.sampling.SamplePrompt`) with the LoRA as
-        trained so far, saved as `path`.txt (prompt + completion)."""
+        trained so far, saved as `path`.txt (prompt + completion). On chat data the prompt is a user turn,
+        rendered with the chat template and its generation prompt, and generation stops at the turn's end."""
         model, tok = self.base.model, self.base.tokenizer
         with torch.no_grad():
-            enc = tok(prompt.prompt, return_tensors="pt").to(self.device)
+            if self.chat:
+                enc = tok.apply_chat_template([{"role": "user", "content": prompt.prompt}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True).to(self.device)
+            else:
+                enc = tok(prompt.prompt, return_tensors="pt").to(self.device)
             out = model.generate(**enc, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
         text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
