@@ -322,3 +322,41 @@ def test_v_prediction_and_zero_terminal_snr_come_from_the_scheduler(assets, tmp_
     base = load_sdxl_base(checked.config, torch.device("cpu"), torch.float32)
     assert base.noise_scheduler.config.prediction_type == "v_prediction"
     assert float(base.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # zero terminal SNR
+
+
+def test_ckpt_single_files_are_detected_without_unpickling(tmp_path):
+    """A .ckpt (torch zip) is read for its key names with pickletools: no code from the file runs."""
+    from trainer.families import detect
+    from trainer.families.probe import probe
+
+    for keys, family in ((["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                           "model.diffusion_model.input_blocks.0.0.weight"], "sd"),
+                         (["conditioner.embedders.1.model.positional_embedding",
+                           "model.diffusion_model.input_blocks.0.0.weight"], "sdxl")):
+        path = tmp_path / f"{family}.ckpt"
+        torch.save({"state_dict": {k: torch.zeros(1) for k in keys}}, str(path))
+        assert detect(probe(path)) == family
+
+
+def test_preflight_of_an_sdxl_config_imports_no_torch(assets, tmp_path):
+    """`agentd run` and `validate`-level questions stay torch-free: detection reads headers and JSON only."""
+    path = sdxl_config(tmp_path, assets)
+    code = ("import sys; from trainer.preflight import preflight; c = preflight(sys.argv[1]).config; "
+            "print(c.model_family, 'torch' in sys.modules)")
+    proc = subprocess.run([str(BIN / "python"), "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["sdxl", "False"]
+
+
+def test_samples_render_with_the_sdxl_pipeline(assets, tmp_path):
+    from PIL import Image
+
+    from trainer.job import LoraTrainingJob
+    from trainer.preflight import preflight
+
+    path = sdxl_config(tmp_path, assets, max_train_steps=1, sample_prompts=["a blue circle --s 2"])
+    result = LoraTrainingJob(preflight(path)).run()
+    pngs = sorted((result.output_dir / "samples").rglob("*.png"))
+    assert pngs, list(result.output_dir.rglob("*"))
+    with Image.open(pngs[-1]) as im:
+        assert im.size == (32, 32)
