@@ -318,8 +318,10 @@ def _field_base(field_name: str) -> str:
     return field_name.rsplit(".", 1)[-1].split("[")[0]
 
 
-def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path]) -> list[tuple[str, str, str, str]]:
-    """(field, path, reason, fix) for every path of `cfg` that `who` may not use as the job would."""
+def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path],
+                           daemon: Optional[Identity] = None) -> list[tuple[str, str, str, str]]:
+    """(field, path, reason, fix) for every path of `cfg` that `who` may not use as the job would (and,
+    for the folders a job writes, that the daemon itself, `daemon`, could not write)."""
     problems = []
     for field_name, path in config_paths(cfg):
         base = _field_base(field_name)
@@ -328,6 +330,12 @@ def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path]) 
                       or link_out_problem(path))
             fix = (f"point {base} at a folder you ({who.describe()}) may write, outside the daemon's folders "
                    f"(e.g. under your workspace)")
+            if reason is None and daemon is not None and daemon.uid != 0:
+                reason = access_problem(path, daemon, WRITE)  # the daemon writes there too, as itself
+                if reason:
+                    reason = f"the daemon cannot write it: {reason}"
+                    fix = ("give the folder to the socket's group with the setgid bit and group write "
+                           "(e.g. install -d -m 2770 -g agentd FOLDER), as /srv/agentd is")
         else:
             reason = (tree_access_problem(path, who) if base in ("base_model", "base_model_config", "resume")
                       else access_problem(path, who, READ))
@@ -445,13 +453,15 @@ def authorizer(daemon_folders: dict[str, Path]):
     scanned (so the daemon reads nothing the submitter may not), then with the scan's files."""
     from trainer.errors import ConfigError, Problem
 
+    daemon = Identity(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}), "the daemon")
+
     def authorize(cfg, checked, submitter: Optional[dict], source: Optional[str] = None) -> None:
         if not submitter or submitter.get("uid") is None:
             return  # a job from before submitters were recorded
         who = Identity.from_submitter(submitter)
         if checked is None:
             problems = [Problem(f, reason, fix, path) for f, path, reason, fix in
-                        config_access_problems(cfg, who, daemon_folders)]
+                        config_access_problems(cfg, who, daemon_folders, daemon)]
         else:
             problems = [Problem("train_data_dir", reason,
                                 f"grant {who.describe()} read access to the training files, or remove them", None)

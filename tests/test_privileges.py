@@ -392,9 +392,15 @@ def raw_submit_as_root(world, *configs: Path) -> list[dict]:
 def test_output_dir_in_or_around_the_daemons_folders_is_refused(world):
     inside = b_config(world, "into-state", output_dir=str(world["daemon_dir"] / "state" / "loot"))
     around = b_config(world, "around-state", output_dir=str(world["daemon_dir"]))
-    replies = raw_submit(world, "b", inside, around)
+    private = world["work"] / "private"  # B's alone: the daemon could not write the outputs there
+    private.mkdir()
+    own(private, world["users"]["b"], world["users"]["b"], 0o755)
+    closed = b_config(world, "closed", output_dir=str(private / "out"))
+    replies = raw_submit(world, "b", inside, around, closed)
     assert "is inside the daemon's state folder" in replies[0]["error"]["message"], replies[0]
     assert "contains the daemon's" in replies[1]["error"]["message"], replies[1]
+    assert "the daemon cannot write it" in replies[2]["error"]["message"], replies[2]
+    assert "install -d -m 2770" in replies[2]["error"]["message"], replies[2]
     assert not (world["daemon_dir"] / "state" / "loot").exists()
 
 
