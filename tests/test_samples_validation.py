@@ -54,6 +54,7 @@ def test_prompt_file_in_kohyas_syntax(tmp_path, assets):
 BAD = [
     # case, config fields (None: file written below), field in the error, words
     ("prompt file missing", {"sample_prompts": "nope.txt"}, "sample_prompts", "prompt file does not exist"),
+    ("json prompt file", {"sample_prompts": "p.json"}, "sample_prompts", ".json prompt files are not read"),
     ("unknown option", {"sample_prompts": "bad.txt"}, "sample_prompts", "bad.txt:3: option 1 is not a known option"),
     ("bad option value", {"sample_prompts": ["a cat --s many"]}, "sample_prompts", "sample_prompts[0]: the value of --s is not a valid steps"),
     ("split above 0.5", {"validation_split": 0.7}, "validation_split", "must be in (0, 0.5]"),

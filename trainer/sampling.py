@@ -102,6 +102,10 @@ def load_prompts(cfg) -> tuple[list[SamplePrompt], list[Problem]]:
         lines = [(f"sample_prompts[{i}]", t) for i, t in enumerate(src)]
     else:
         path = Path(src)
+        if path.suffix.lower() in (".json", ".toml"):
+            return [], [Problem("sample_prompts", f"{path.suffix} prompt files are not read (only kohya's text syntax)",
+                                "write one prompt per line, options as --n --w --h --s --l --d --ss, in a .txt file",
+                                str(path))]
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
