@@ -6,6 +6,7 @@ Run on a GPU box (or a lent GPU):
     .venv/bin/python bench/gpu_check.py                  # tiny SD, SD1.5, SDXL at 1024 px, tiny + 1.1B Llama
     .venv/bin/python bench/gpu_check.py --quick          # tiny models only
     .venv/bin/python bench/gpu_check.py --only sdxl-base # one case
+    .venv/bin/python bench/gpu_check.py --only flux-dev  # FLUX.1 [dev] at 1024 px: bf16 vs fp8 base, vs 24 GiB
     .venv/bin/python bench/gpu_check.py --json out.json  # also write the figures
 
 For each case it builds the models from configs written inline here (random weights, nothing is
@@ -18,6 +19,12 @@ attention projections, AdamW, autocast), at two batch sizes, with and without gr
 and compares ``torch.cuda.max_memory_allocated`` with the estimate's tensor part (total - overhead),
 and the process's memory as NVML sees it (peak reserved + CUDA context) with the estimate's total.
 The goal: within 20%.
+
+The Flux case (`flux-dev`, `run_flux_case`): a FLUX.1 [dev] transformer with random weights from the shipped
+config (11.9 B parameters), 1024 px, batch 1, rank 16 on the default targets, bf16 autocast, gradient
+checkpointing, cached latents and text embeddings (random tensors of their shapes; the text encoders are
+not resident while training): once with the bf16 base and once with the 8-bit (fp8) base, each against the
+estimate and against a 24 GiB card, with it/s.
 
 Without CUDA it prints the estimates, runs the tiny cases' training steps on the CPU (to check the code
 path), and says that measurement needs a GPU.
@@ -298,6 +305,156 @@ def _speed_up(unet, cuda: bool) -> None:
         speed_up(unet, torch.device("cuda"))
 
 
+# --- Flux (trainer.families.flux): FLUX.1 [dev] at 1024 px, bf16 base vs the 8-bit (fp8) base -------------
+
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def flux_estimate(folder: Path, res: int, seq: int, quantize: str, rank: int):
+    """The trainer's estimate for this Flux job: bf16, gradient checkpointing, cached text embeddings."""
+    return estimate_vram(folder, family="flux", resolution=res, batch_size=1, lora_rank=rank,
+                         target_modules=FLUX_TARGETS, train_text_encoder=False, text_encoder_target_modules=[],
+                         mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
+                         quantize_base=quantize, max_sequence_length=seq, cache_text_embeddings=True)
+
+
+def flux_steps(transformer_config: dict, quantize: str, res: int, seq: int, rank: int, steps: int,
+               device: str) -> dict:
+    """Random FLUX.1 weights from `transformer_config` (built on the meta device, materialized in bf16 on
+    `device`), the blocks quantized to fp8 with `quantize` fp8 as trainer.families.flux_task does, fp32 LoRA
+    on the default targets, gradient checkpointing, then `steps` steps of FluxTask's loss (latents and text
+    embeddings cached: random tensors of their shapes) with AdamW. Returns timings and (CUDA) peaks."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from trainer.families import flux
+    from trainer.families.flux_task import BLOCK_PREFIXES, shifted_sigmas
+    from trainer.fp8 import quantize_linears
+
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        torch.cuda.empty_cache()
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(transformer_config).to(dtype)
+    transformer.requires_grad_(False)
+
+    def materialize(module):  # random weights in place; one block at a time, quantized before the next
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0.0, 0.02)
+        if quantize == "fp8":
+            quantize_linears(module, lambda n: True)
+
+    for prefix in BLOCK_PREFIXES:
+        for block in getattr(transformer, prefix.rstrip(".")):
+            materialize(block)
+    for name, child in transformer.named_children():  # embedders, final layer: in bf16, never quantized
+        if name + "." not in BLOCK_PREFIXES:
+            child.to_empty(device=device)
+            with torch.no_grad():
+                for p in child.parameters():
+                    p.normal_(0.0, 0.02)
+    vae_config = json.loads((flux.shipped_config("dev") / "vae/config.json").read_text())
+    vae = AutoencoderKL.from_config(vae_config).to(device) if transformer_config["num_layers"] > 2 else None
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=FLUX_TARGETS), transformer)
+    trainable = _lora_fp32(transformer)
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True if cuda else None)
+    scheduler = json.loads((flux.shipped_config("dev") / "scheduler/scheduler_config.json").read_text())
+    ch, side = transformer.config.in_channels // 4, res // 8
+    joint, pooled_dim = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # from here: the base resident, the training peak to come
+        weights_alloc = torch.cuda.memory_allocated()
+    t0, first_step_s, losses = time.time(), 0.0, []
+    for _ in range(steps):
+        latents = torch.randn(1, ch, side, side, device=device)
+        seq_embeds = torch.randn(1, seq, joint, device=device, dtype=dtype)
+        pooled = torch.randn(1, pooled_dim, device=device, dtype=dtype)
+        noise = torch.randn_like(latents)
+        sigmas = shifted_sigmas(torch.rand(1), scheduler, (side // 2) ** 2).to(device)
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+            pred = transformer(
+                hidden_states=FluxPipeline._pack_latents(noisy, 1, ch, side, side), timestep=sigmas,
+                guidance=torch.ones(1, device=device) if transformer.config.guidance_embeds else None,
+                pooled_projections=pooled, encoder_hidden_states=seq_embeds,
+                txt_ids=torch.zeros(seq, 3, device=device),
+                img_ids=FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, device, latents.dtype),
+                return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), FluxPipeline._pack_latents(noise - latents, 1, ch, side,
+                                                                                     side))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if len(losses) == 1:
+            if cuda:
+                torch.cuda.synchronize()
+            first_step_s = time.time() - t0
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    out = {"seconds": round(seconds, 2), "loss": round(losses[-1], 4),
+           "it_s": round((steps - 1) / (seconds - first_step_s), 3) if steps > 1 and seconds > first_step_s else None}
+    if cuda:
+        out.update(weights_alloc_mib=round(weights_alloc / MIB),
+                   peak_alloc_mib=round(torch.cuda.max_memory_allocated() / MIB),
+                   peak_reserved_mib=round(torch.cuda.max_memory_reserved() / MIB))
+    del transformer, vae, opt, trainable
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_flux_case(steps: int, rank: int, cuda: bool, ctx: int | None) -> list[dict]:
+    """FLUX.1 [dev] from the shipped config at 1024 px, batch 1: bf16 base and the 8-bit base, each against
+    the estimate and a 24 GiB card. Without CUDA: the estimates, and the same code on a tiny Flux (CPU)."""
+    from trainer.families import flux
+    from trainer.tiny import build_tiny_flux
+
+    folder = flux.shipped_config("dev")
+    rows = []
+    tiny = None
+    for quantize in ("no", "fp8"):
+        est = flux_estimate(folder, 1024, 512, quantize, rank)
+        row = {"case": f"flux-dev {'bf16' if quantize == 'no' else 'fp8'} base", "size": 1024, "batch": 1,
+               "precision": "bf16", "checkpointing": True, "estimate_mib": est.total_mib,
+               "estimate_tensors_mib": est.total_mib - est.breakdown["overhead"], "breakdown": est.breakdown,
+               "fits_24gib_estimate": est.total_mib <= 24 * 1024}
+        config = json.loads((folder / "transformer/config.json").read_text())
+        if not cuda:  # the code path on a tiny Flux: one step on the CPU
+            if tiny is None:
+                tiny = build_tiny_flux(Path(tempfile.mkdtemp()) / "flux")
+            config = json.loads((tiny / "transformer/config.json").read_text())
+        try:
+            row.update(flux_steps(config, quantize, 1024 if cuda else 32, 512 if cuda else 16, rank,
+                                  steps if cuda else 1, "cuda" if cuda else "cpu"))
+        except torch.cuda.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {e}"
+        if "peak_alloc_mib" in row:
+            row["ratio_tensors"] = round(row["estimate_tensors_mib"] / row["peak_alloc_mib"], 3)
+            if ctx is not None:
+                used = row["peak_reserved_mib"] + ctx
+                row["ratio_total"] = round(est.total_mib / used, 3)
+                row["fits_24gib_measured"] = used <= 24 * 1024
+        rows.append(row)
+        print(_line(row) + (f"  it/s {row['it_s']}" if row.get("it_s") else "")
+              + (f"  24 GiB: estimate {'fits' if row['fits_24gib_estimate'] else 'does not fit'}"
+                 + (f", measured {'fits' if row['fits_24gib_measured'] else 'does not fit'}"
+                    if "fits_24gib_measured" in row else "")), flush=True)
+    return rows
+
+
 def cuda_context_mib() -> int | None:
     """Memory the CUDA context takes (device used - torch reserved) right after CUDA starts."""
     try:
@@ -312,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models only")
     ap.add_argument("--only", action="append", help="run only this case (repeatable): " +
-                    ", ".join(c.name for c in CASES))
+                    ", ".join(c.name for c in CASES) + ", flux-dev")
     ap.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                     help="default: bf16 where supported, else fp16; fp32 ('no') on the CPU")
     ap.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
@@ -361,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                             row["ratio_total"] = round(est.total_mib / (row["peak_reserved_mib"] + ctx), 3)
                     rows.append(row)
                     print(_line(row), flush=True)
+    if not args.quick and (not args.only or "flux-dev" in args.only):
+        rows += run_flux_case(args.steps, 16, cuda, ctx)
     if args.json:
         args.json.write_text(json.dumps({"cuda": cuda, "context_mib": ctx, "rows": rows}, indent=2))
     if not cuda:

@@ -1,0 +1,222 @@
+"""Flux step time: our trainer vs the textbook diffusers + peft Flux LoRA loop, on the same tiny FLUX.1 [dev].
+
+    python bench/bench_flux.py                        # resolution 32, 512 T5 tokens, 20 timed steps, twice
+    python bench/bench_flux.py --resolution 64 --steps 10 --repeat 1
+
+Runs, with the same model (`trainer.tiny.build_tiny_flux`), data, batch size, rank, learning rate, steps,
+T5 length (512, dev's default) and targets (the family's default: attention of double and single blocks):
+
+    textbook        the loop of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, written out
+                    below without accelerate: images resized and center-cropped, every step: both prompts
+                    encoded (CLIP-L pooled, T5 sequence) with `FluxPipeline.encode_prompt`, vae.encode +
+                    sample, (latents - shift) x scale, noise, u from compute_density_for_timestep_sampling,
+                    sigmas from the scheduler's (shifted) timesteps, pack, transformer with LoRA
+                    (`transformer.add_adapter`) and guidance 1.0, unpack, MSE against noise - latents,
+                    backward, grad clipping, AdamW, lr scheduler, loss.item()
+    ours            `trainer.job.LoraTrainingJob` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
+                    turned off (mixed_precision no, quantize_base no) and no caches (cache_text_embeddings and
+                    cache_latents false): the same work per step as the textbook loop
+    ours+cache      cache_text_embeddings and cache_latents true: both text encoders and the VAE run once per
+                    caption / image in setup, never in the steps (the text encoders then leave the GPU)
+    ours+fp8        ours+cache on the fp8 base (quantize_base fp8): the cost of the per-layer upcast, which on
+                    the CPU is pure overhead (on a GPU it is what makes Flux fit in 24 GB)
+
+Timing as in bench_train.py: steady state (loading, caching and `--warmup` steps excluded), median step,
+CPU time of this process for the ratio (wall time on a shared box measures the neighbours), best of
+`--repeat` runs in alternating order, single-threaded torch by default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import LR, RANK, SEED, TextbookDataset, now, steady_ms  # noqa: E402
+
+BATCH = 2
+SEQ = 512
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool,
+             fp8: bool = False) -> tuple[float, float]:
+    import yaml
+
+    from trainer.job import LoraTrainingJob
+    from trainer.preflight import preflight
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock:
+        def emit(self, ev):
+            if ev["type"] == "step":
+                stamps.append(now())
+
+    with tempfile.TemporaryDirectory(prefix="bench-flux-") as tmp:
+        cfg = {"train_data_dir": str(assets["shapes"]), "metadata_path": str(assets["shapes"] / "metadata.csv"),
+               "base_model": str(assets["flux"]), "resolution": resolution, "lora_rank": RANK,
+               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
+               "save_steps": 10_000, "log_every": 10_000, "seed": SEED, "resume": "never",
+               "mixed_precision": "no", "quantize_base": "fp8" if fp8 else "no", "max_sequence_length": SEQ,
+               "timestep_density": "uniform", "cache_latents": cached, "cache_text_embeddings": cached,
+               "output_dir": str(Path(tmp) / "out")}
+        path = Path(tmp) / "bench.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        assert result.outcome == "succeeded", result
+    return steady_ms(stamps, warmup)
+
+
+class CaptionedDataset(TextbookDataset):
+    """The textbook dataset with the caption itself (the Flux script tokenizes prompts in encode_prompt)."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "prompt": self.rows[i][1]}
+
+
+def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tuple[float, float]:
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    model = assets["flux"]
+    torch.manual_seed(SEED)
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler")
+    noise_scheduler_copy = copy.deepcopy(noise_scheduler)
+    tokenizer_one = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    tokenizer_two = T5TokenizerFast.from_pretrained(model, subfolder="tokenizer_2")
+    text_encoder_one = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    text_encoder_two = T5EncoderModel.from_pretrained(model, subfolder="text_encoder_2")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    for m in (transformer, vae, text_encoder_one, text_encoder_two):
+        m.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                       target_modules=TARGETS))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    pipe = FluxPipeline(scheduler=noise_scheduler, vae=vae, text_encoder=text_encoder_one, tokenizer=tokenizer_one,
+                        text_encoder_2=text_encoder_two, tokenizer_2=tokenizer_two, transformer=None)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    data = CaptionedDataset(assets["shapes"], resolution, tokenizer_one)
+    loader = torch.utils.data.DataLoader(
+        data, shuffle=True, batch_size=BATCH, num_workers=0,
+        collate_fn=lambda ex: {"pixel_values": torch.stack([e["pixel_values"] for e in ex]).float(),
+                               "prompts": [e["prompt"] for e in ex]})
+    total = warmup + steps
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
+
+    def get_sigmas(timesteps, n_dim=4):
+        sigmas = noise_scheduler_copy.sigmas
+        schedule_timesteps = noise_scheduler_copy.timesteps
+        step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
+        sigma = sigmas[step_indices].flatten()
+        while len(sigma.shape) < n_dim:
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    stamps: list[tuple[float, float]] = []
+    transformer.train()
+    while len(stamps) < total:
+        for batch in loader:
+            with torch.no_grad():
+                prompt_embeds, pooled, text_ids = pipe.encode_prompt(batch["prompts"], prompt_2=None,
+                                                                     max_sequence_length=SEQ)
+            pixel_values = batch["pixel_values"]
+            model_input = vae.encode(pixel_values).latent_dist.sample()
+            model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+            latent_image_ids = FluxPipeline._prepare_latent_image_ids(
+                model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", model_input.dtype)
+            noise = torch.randn_like(model_input)
+            bsz = model_input.shape[0]
+            u = compute_density_for_timestep_sampling("none", bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+            indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+            timesteps = noise_scheduler_copy.timesteps[indices]
+            sigmas = get_sigmas(timesteps, n_dim=model_input.ndim)
+            noisy = (1.0 - sigmas) * model_input + sigmas * noise
+            packed = FluxPipeline._pack_latents(noisy, bsz, model_input.shape[1], model_input.shape[2],
+                                                model_input.shape[3])
+            guidance = torch.tensor([1.0]).expand(bsz) if transformer.config.guidance_embeds else None
+            pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                               img_ids=latent_image_ids, return_dict=False)[0]
+            pred = FluxPipeline._unpack_latents(pred, height=model_input.shape[2] * vae_scale_factor,
+                                                width=model_input.shape[3] * vae_scale_factor,
+                                                vae_scale_factor=vae_scale_factor)
+            weighting = compute_loss_weighting_for_sd3("none", sigmas=sigmas)
+            target = noise - model_input
+            loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            loss.item()
+            stamps.append(now())
+            if len(stamps) >= total:
+                break
+    return steady_ms(stamps, warmup)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--resolution", type=int, default=32, help="training resolution (default 32)")
+    p.add_argument("--repeat", type=int, default=2, help="run the whole set this many times (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's choice)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from trainer.quiet import quiet_libraries
+    from trainer.tiny import build_tiny_flux, cache_root, demo_assets
+
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assets = dict(demo_assets())
+    flux = cache_root() / "bench-flux-dev"
+    if not (flux / "model_index.json").exists():
+        build_tiny_flux(flux)
+    assets["flux"] = flux
+    names = ["textbook", "ours", "ours+cache", "ours+fp8"]
+    runs = {"textbook": lambda: run_textbook(assets, args.resolution, args.steps, args.warmup),
+            "ours": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, False),
+            "ours+cache": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True),
+            "ours+fp8": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True, fp8=True)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny FLUX.1 [dev] at {args.resolution} px, "
+          f"batch {BATCH}, rank {RANK}, {SEQ} T5 tokens, {args.steps} timed steps after {args.warmup} warmup; "
+          "ms/step (lower is better)", flush=True)
+    results: dict[str, list[tuple[float, float]]] = {}
+    started = time.perf_counter()
+    for rep in range(args.repeat):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            wall, cpu = runs[name]()
+            results.setdefault(name, []).append((wall, cpu))
+            print(f"  [{rep + 1}/{args.repeat}] {name:<11s} wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+    print(f"\nbest of {args.repeat}; the ratio is on CPU time (wall time on a shared machine measures the load too)")
+    print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
+    base = min(c for _, c in results["textbook"])
+    for name in names:
+        cpu = min(c for _, c in results[name])
+        wall = min(w for w, _ in results[name])
+        print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
