@@ -425,7 +425,9 @@ class TrainConfig(_Strict):
         if self.mode == "image":
             set_text_keys = [k for k in ("validation_file", "chat_template", "quantization")
                              if getattr(self, k) is not None] + \
-                [k for k in ("packing", "export_merged", "train_on_prompt") if getattr(self, k)]
+                [k for k in ("packing", "export_merged", "train_on_prompt") if getattr(self, k)] + \
+                (["dataset_format"] if self.dataset_format != "auto" else []) + \
+                (["truncation"] if self.truncation != "cut" else [])
             for key in set_text_keys:
                 problems.append((key, "is a text-mode key (causal language models)",
                                  "remove it, or train a causal LM (mode: text)", getattr(self, key)))
