@@ -79,14 +79,28 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
             print(e.render(), file=sys.stderr)
         return 2
     report = plan(checked, gpus=gpus, vram_mib=vram_mib, margin_mib=margin_mib)
+    from trainer.lint import lint, render
+
+    report["dataset"] = dataset = lint(checked)  # image datasets: the kohya-user mistakes (trainer.lint)
+    if dataset and dataset["errors"]:
+        report["valid"] = False
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"{len(dataset['errors'])} dataset problem(s) in {path}:", file=sys.stderr)
+            for err in dataset["errors"]:
+                print(f"  ERROR: {err}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
     cfg = checked.config
     print(f"{path}: valid ({cfg.model_family}, {cfg.mode} mode, {report['samples']} samples, batch {cfg.batch_size} x "
           f"{cfg.gradient_accumulation_steps} -> {cfg.output_dir})")
-    for w in report["warnings"]:
+    for w in report["warnings"] + (dataset["warnings"] if dataset else []):
         print(f"WARNING: {w}")
+    for line in render(dataset) if dataset else []:
+        print(line)
     for note in report["notes"]:  # what the data scan decided (text mode: format, lengths, the first example)
         print(note)
     est = report.get("estimate")
