@@ -188,10 +188,12 @@ class LoraTrainingJob:
         self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
                           str(cfg.base_model_config), str(self.weight_dtype), cfg.quantization, cfg.chat_template,
                           cfg.quantize_base)  # a fp8 Flux base is another base than a bf16 one
-        if self.base_cache is not None:
+        if self.base_cache is not None and cfg.quantization is None:
             base, self.warm, self.warm_move_s = self.base_cache.get(self._base_key, load, self.device)
             log.info("base model %s (%s)", cfg.base_model, self.warm)
         else:
+            # A bitsandbytes-quantized base (QLoRA) cannot move between device and host memory: never kept warm.
+            self._base_key = None
             base = load()
         return fam.make_task(cfg, base, self.device), dataset
 
