@@ -7,7 +7,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import BIN, write_config
 from tests.daemon_harness import DaemonProc

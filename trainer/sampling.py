@@ -21,7 +21,6 @@ job. The rendering itself is the model family's `Task.render_sample` hook.
 """
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
