@@ -112,7 +112,8 @@ BAD_INPUTS = [
     ("batch_size 0", "batch_size", "positive"),
     ("missing data dir", "train_data_dir", "does not exist"),
     ("empty data dir", "train_data_dir", "dataset is empty"),
-    ("metadata names a missing image", "train_data_dir", "ghost.png"),
+    # named by its line: the file name is the metadata's content, which errors never echo
+    ("metadata names a missing image", "train_data_dir", "image file is missing: the image on line 26 of"),
     ("unreadable image", "train_data_dir", "000_red_circle.png"),
     ("wrong metadata columns", "metadata_path", "file_name,text"),
     ("base_model missing", "base_model", "does not exist"),

@@ -204,16 +204,22 @@ def write_grid(samples_dir: Path, prompts: list[SamplePrompt]) -> Path | None:
     cols = [(step, folder) for step, folder in rounds(samples_dir) if any(folder.glob("*.png"))]
     if not cols or not prompts:
         return None
-    cell_w = max(p.width for p in prompts)
-    cell_h = max(p.height for p in prompts)
-    cell = max(64, min(256, max(cell_w, cell_h)))  # readable labels even for a 32 px model
-    label_h, pad = 14, 2
-    grid = Image.new("RGB", (len(cols) * (cell + pad) + pad, len(prompts) * (cell + label_h + pad) + pad), "white")
+    cell = max(64, min(256, max(max(p.width, p.height) for p in prompts)))  # readable even for a 32 px model
+    label_h, pad, left = 14, 2, 150  # a step label above each cell; the prompt's text in a left column
+    grid = Image.new("RGB", (left + len(cols) * (cell + pad) + pad, len(prompts) * (cell + label_h + pad) + pad),
+                     "white")
     draw = ImageDraw.Draw(grid)
+    for r, prompt in enumerate(prompts):
+        y = pad + r * (cell + label_h + pad) + label_h
+        words, lines = prompt.prompt.split(), [""]
+        for w in words:  # wrap to ~22 characters a line, at most as many lines as the cell holds
+            lines[-1:] = [f"{lines[-1]} {w}".strip()] if len(lines[-1]) + len(w) < 22 else [lines[-1], w]
+        for i, line in enumerate(lines[: cell // 12]):
+            draw.text((4, y + i * 12), line, fill="black")
     for c, (step, folder) in enumerate(cols):
         for r in range(len(prompts)):
-            x, y = pad + c * (cell + pad), pad + r * (cell + label_h + pad)
-            draw.text((x + 2, y), f"step {step}" + (f"  #{r}" if c == 0 else ""), fill="black")
+            x, y = left + pad + c * (cell + pad), pad + r * (cell + label_h + pad)
+            draw.text((x + 2, y), f"step {step}", fill="black")
             f = folder / f"{r:02d}.png"
             if f.is_file():
                 with Image.open(f) as im:
