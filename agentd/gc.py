@@ -1,7 +1,9 @@
 """Retention: what `agentd gc` and the daemon's daily pass remove.
 
 - journal entries (jobs, transitions, events) of jobs that ended more than `retention_days` ago;
-- files in the daemon's cache folder not modified for `retention_days` (agent.jar is re-fetched);
+- files in the daemon's cache folder not modified for `retention_days` (agent.jar is re-fetched; the jobs'
+  on-disk latents and text embeddings under latents/ and text/ are re-encoded when next needed, and every
+  cache hit touches its file, so entries in use stay);
 - with `gc_user_outputs: true` only: checkpoints beyond each journaled job's `keep_checkpoints` in its
   output folder. User outputs are never touched otherwise.
 
@@ -23,7 +25,8 @@ def plan(settings, journal, now: float | None = None) -> list[tuple[str, str]]:
     if cache.is_dir():
         for p in sorted(cache.rglob("*")):
             if p.is_file() and p.stat().st_mtime < cutoff:
-                actions.append(("cache", str(p)))
+                kind = {"latents": "latent-cache", "text": "text-cache"}.get(p.relative_to(cache).parts[0], "cache")
+                actions.append((kind, str(p)))
     if settings.gc_user_outputs:
         from trainer.checkpoint import list_checkpoints
 
@@ -44,7 +47,7 @@ def collect(settings, journal, dry_run: bool, now: float | None = None) -> list[
         return actions
     journal.delete_jobs([t for k, t in actions if k == "journal"])
     for kind, target in actions:
-        if kind == "cache":
+        if kind in ("cache", "latent-cache", "text-cache"):
             Path(target).unlink(missing_ok=True)
         elif kind == "checkpoint":
             shutil.rmtree(target, ignore_errors=True)
