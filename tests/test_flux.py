@@ -239,7 +239,7 @@ def test_schnell_trains_without_guidance_and_samples_in_few_steps(flux_assets, t
     from trainer.job import LoraTrainingJob
 
     cfg = flux_config(tmp_path / "schnell", flux_assets, variant="schnell", max_train_steps=2, mixed_precision="no",
-                      sample_prompts=["a blue square on white background --w 32 --h 32"])
+                      gradient_checkpointing=True, sample_prompts=["a blue square on white background --w 32 --h 32"])
     checked = preflight(cfg)
     assert checked.config.max_sequence_length == 16 and checked.config.guidance_scale is None
     job = LoraTrainingJob(checked)
@@ -250,6 +250,19 @@ def test_schnell_trains_without_guidance_and_samples_in_few_steps(flux_assets, t
     defaults = preflight(flux_config(tmp_path / "defaults", flux_assets, variant="schnell",
                                      max_sequence_length=None)).config
     assert defaults.max_sequence_length == 256 and defaults.resolution == 32
+
+
+def test_init_lora_weights_continues_from_a_flux_lora(reference, flux_assets, tmp_path):
+    from tests.conftest import lora_at_step_zero
+
+    start = reference.parent / "out/out.safetensors"
+    cfg = flux_config(tmp_path / "continue", flux_assets, init_lora_weights=str(start))
+    tensors, _ = read_lora(start)
+    loaded = lora_at_step_zero(cfg)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    other_rank = flux_config(tmp_path / "rank8", flux_assets, init_lora_weights=str(start), lora_rank=8)
+    with pytest.raises(ValueError, match="set lora_rank: 4"):
+        lora_at_step_zero(other_rank)
 
 
 BAD_INPUTS = [
