@@ -114,7 +114,7 @@ BAD_INPUTS = [
     ("empty data dir", "train_data_dir", "dataset is empty"),
     # named by its line: the file name is the metadata's content, which errors never echo
     ("metadata names a missing image", "train_data_dir", "image file is missing: the image on line 26 of"),
-    ("unreadable image", "train_data_dir", "000_red_circle.png"),
+    ("unreadable image", "train_data_dir", "not a readable image (UnidentifiedImageError): the image on line 2 of"),
     ("wrong metadata columns", "metadata_path", "file_name,text"),
     ("base_model missing", "base_model", "does not exist"),
     ("base_model not a model", "base_model", "not a model checkpoint"),
@@ -153,7 +153,7 @@ def test_skip_bad_images_skips_and_reports(tmp_path, assets):
     proc = subprocess.run([str(BIN / "lora-train"), "validate", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "skipped" in proc.stdout and "000_red_circle.png" in proc.stdout and "23 samples" in proc.stdout
+    assert "skipped the image on line 2 of" in proc.stdout and "23 samples" in proc.stdout
 
 
 def test_txt_captions_when_no_metadata(tmp_path, assets):

@@ -215,6 +215,57 @@ def test_quantized_estimate_counts_the_quantized_weights(tmp_path):
     assert 3_600 < nf4 < 3_900 and 6_600 < int8 < 6_900  # linear layers at 0.516 / 1 byte; embeddings, head bf16
 
 
+def test_qlora_trains_and_merges_through_bitsandbytes(assets, tmp_path):
+    """The QLoRA path (4-bit NF4 base, fp32 LoRA, checkpointing, merged export dequantized) run for real on
+    bitsandbytes' CPU backend. Jobs refuse quantization without CUDA at preflight (above), so this drives the
+    loader and the task directly. bitsandbytes' CPU kernels need layers at least 64 wide: a 128-wide model."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import load_config
+    from trainer.families import resolved
+    from trainer.families.causal_lm_task import TextDataset, TextTask, load_text_base
+    from trainer.text_data import scan_text
+    from trainer.tiny import build_tiny_chat_llm
+
+    model_dir = build_tiny_chat_llm(tmp_path / "model", hidden=128)
+    cfg = resolved(load_config(chat_config(tmp_path, assets, "messages.jsonl", base_model=str(model_dir),
+                                           quantization="4bit", export_merged=True, name="q", learning_rate=3e-2)))
+    base = load_text_base(cfg, torch.device("cpu"), torch.float32)
+    assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    task = TextTask(cfg, base, torch.device("cpu"))
+    assert task._checkpointing  # gradient checkpointing is on with quantization
+    assert {p.dtype for g in task.param_groups() for p in g["params"]} == {torch.float32}  # LoRA stays fp32
+    data = TextDataset(scan_text(cfg).samples)
+    task.prepare(data, contextlib.nullcontext)
+    optimizer = torch.optim.AdamW(task.param_groups())
+    task.train()
+    losses = []
+    for _ in range(3):
+        loss = task.loss([0, 1, 2, 3], data, torch.Generator(), contextlib.nullcontext)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    # In training mode: bitsandbytes' CPU backend repacks 4-bit weights for inference on its first eval-mode
+    # forward (a CPU-only layout that dequantization does not read); CUDA has no such step.
+    peft_dir, merged_dir = task.export_extra(tmp_path / "out")
+    ids = torch.tensor([list(data.samples[5].ids)])
+    with torch.no_grad():
+        qlora = base.model(input_ids=ids, use_cache=False).logits.float()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True).eval()
+    assert next(merged.parameters()).dtype == torch.bfloat16  # the compute dtype, dequantized
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    task.detach()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits.float()
+        plain = base.model(input_ids=ids, use_cache=False).logits.float()
+    assert (qlora - plain).abs().max() > 0.1  # the LoRA moved the logits ...
+    assert (got - qlora).abs().max() < 0.03  # ... and the merged model reproduces them (bf16 rounding)
+
+
 # --- resume ----------------------------------------------------------------------------------------
 
 
