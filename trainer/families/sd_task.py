@@ -274,7 +274,8 @@ class SdTask:
             return {"hidden": te(ids.to(self.device))[0]}
         # clip_skip N: the N-th hidden state from the end, through the final layer norm (as A1111 and kohya)
         hidden = te(ids.to(self.device), output_hidden_states=True).hidden_states[-self.cfg.clip_skip]
-        return {"hidden": te.text_model.final_layer_norm(hidden)}
+        norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 flattened CLIPTextModel
+        return {"hidden": norm(hidden)}
 
     def unet_kwargs(self, encoded: dict[str, torch.Tensor], geometry: list[tuple]) -> dict:
         return {"encoder_hidden_states": encoded["hidden"]}
