@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import pwd
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -61,6 +62,10 @@ def agent_environment(environ: Mapping[str, str], user: Optional[BuildUser],
     (HOME, USER, LOGNAME, SHELL) and `extra` (explicit additions, e.g. from tests or the caller)."""
     env = {k: v for k, v in environ.items() if k in INHERITED_VARIABLES or k.startswith(INHERITED_PREFIXES)}
     env.setdefault("PATH", DEFAULT_PATH)
+    # Builds run `agentd run`: the folder of this agentd (its venv's bin) comes first on their PATH.
+    own_bin = os.path.dirname(os.path.abspath(sys.executable))
+    if own_bin not in env["PATH"].split(os.pathsep):
+        env["PATH"] = own_bin + os.pathsep + env["PATH"]
     if user is not None:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell or "/bin/sh")
     env.update(extra or {})

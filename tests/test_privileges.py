@@ -464,6 +464,7 @@ def test_agent_runs_as_the_build_user_with_none_of_the_daemons_keys(world):
         assert leaked not in env, leaked
     assert TOKEN not in json.dumps(env)
     assert env["USER"] == b.pw_name and env["HOME"] == b.pw_dir
+    assert env["PATH"].split(":")[0] == str(BIN)  # a build step finds `agentd run`
     assert int(report["caps"]["CapEff"], 16) == 0 and int(report["caps"]["CapPrm"], 16) == 0
     assert int(report["caps"]["CapAmb"], 16) == 0 and int(report["caps"]["CapInh"], 16) == 0
     assert report["cwd"] == str(world["work"])
