@@ -371,14 +371,13 @@ class Encoder:
         for i, t in enumerate(turns):
             if t.role != "assistant" or not t.train:
                 continue
-            start = len(self.render(turns[:i], generation_prompt=True)) if i else 0
+            prompt = self.render(turns[:i], generation_prompt=True) if i else ""
             through = self.render(turns[: i + 1])
-            if not full.startswith(through) or start > len(through) \
-                    or (i and not through.startswith(self.render(turns[:i], generation_prompt=True))):
+            if not full.startswith(through) or not through.startswith(prompt):
                 raise TemplateMismatch(
                     f"the chat template renders turns 0..{i} differently once later turns follow, so the "
                     f"assistant spans cannot be found from it")
-            spans.append((start, len(through)))
+            spans.append((len(prompt), len(through)))
         return full, spans
 
     def encode(self, sample: TextSample) -> tuple[list[int], list[int]]:
@@ -393,8 +392,7 @@ class Encoder:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if self.train_on_prompt:
             return list(ids), [1] * len(ids)
-        trained = [int(any(s <= a < e for s, e in spans)) for a, _ in offsets]
-        return list(ids), trained
+        return list(ids), in_spans([a for a, _ in offsets], spans)
 
     def marked(self, sample: TextSample) -> str:
         """The rendered sample with the trained tokens between ⟦ and ⟧ (decoded token by token)."""
@@ -409,6 +407,16 @@ class Encoder:
         if inside:
             out.append(MARK_END)
         return "".join(out)
+
+
+def in_spans(starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose first character (ascending `starts`) lies in one of the sorted `spans`."""
+    out, k = [], 0
+    for a in starts:
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        out.append(int(k < len(spans) and spans[k][0] <= a))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -556,11 +564,38 @@ def encode_dataset(records: Records, tokenizer, *, template: str | None, max_len
     return Encoded(out, problems, notes, warnings, first)
 
 
+_SCANS: dict = {}  # the last scans of this process (the daemon checks a job at submit and again at its start)
+
+
 def scan_text(cfg, root: Path | None = None, field_name: str = "train_data_dir") -> Scan:
     """The family's dataset scan for text mode: read, check, render, tokenize, cut/drop, pack.
 
-    Without a readable model folder (preflight reports that) the records are only read and checked."""
+    Without a readable model folder (preflight reports that) the records are only read and checked. The
+    result is reused while the data files, the tokenizer files and the settings are unchanged."""
     root = Path(root or cfg.train_data_dir)
+    try:
+        key = (tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(root)) if root.exists()
+               else None, _folder_identity(Path(cfg.base_model)), template_text(cfg.chat_template), cfg.dataset_format,
+               cfg.max_seq_length, cfg.truncation, cfg.train_on_prompt, cfg.packing, field_name)
+    except OSError:
+        key = None
+    if key is not None and key in _SCANS:
+        return _SCANS[key]
+    scan = _scan_text(cfg, root, field_name)
+    if key is not None and not scan.problems:
+        if len(_SCANS) >= 2:
+            _SCANS.pop(next(iter(_SCANS)))
+        _SCANS[key] = scan
+    return scan
+
+
+def _folder_identity(folder: Path) -> tuple:
+    if not folder.is_dir():
+        return ()
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+
+
+def _scan_text(cfg, root: Path, field_name: str) -> Scan:
     records = read_dataset(root, cfg.dataset_format, field_name)
     scan = Scan([], records.problems, [], notes=list(records.notes)) if records.problems else None
     if scan is not None:
