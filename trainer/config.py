@@ -126,7 +126,8 @@ class TrainConfig(_Strict):
     (model_index.json's pipeline class, config.json's architectures, or a single file's key names);
     when set it must agree with the files."""
     train_data_dir: Optional[Path] = None
-    """Folder of training images (image mode) or text files (text mode). Image mode, kohya's layout: when it
+    """Folder of training images (image mode); text mode: a .json/.jsonl file or a folder of them (or of .txt
+    files), read as dataset_format says. Image mode, kohya's layout: when it
     holds no images itself, each `N_name` subfolder is a subset seen N times per epoch, `name` being the
     caption (class tokens) of images without a caption file. Or use `datasets:` instead."""
     datasets: Optional[list[SubsetConfig]] = None
