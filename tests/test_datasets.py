@@ -126,6 +126,10 @@ def test_repeat_folders_count_in_the_epoch(assets, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert len(read_loss_csv(tmp_path / "out/logs/loss.csv")) == 10  # epochs: 1 means 10 samples, batch 1
+    import json
+
+    run = json.loads((tmp_path / "out/run.json").read_text())
+    assert run["dataset"]["samples"] == 6 and run["dataset"]["samples_per_epoch"] == 10
 
 
 def test_datasets_list_with_regularization(assets, tmp_path):

@@ -28,7 +28,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer import families, optim
 from trainer.config import TrainConfig, dump_config
-from trainer.data import epoch_batches
+from trainer.data import epoch_batches, epoch_items
 from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
 from trainer.model_cache import BaseModelCache, file_identity
@@ -371,7 +371,9 @@ class LoraTrainingJob:
             "config_file": config_file,
             "git": git_info(Path(config_file).resolve().parent) if config_file else None,
             "jenkins": jenkins_vars(self.env),
-            "dataset": {"dir": str(cfg.train_data_dir), "samples": self.train_size,
+            "dataset": {"dir": str(cfg.train_data_dir) if cfg.train_data_dir else None, "samples": self.train_size,
+                        "subsets": [str(d.image_dir) for d in cfg.datasets or []],
+                        "samples_per_epoch": len(epoch_items(self.dataset.samples[:self.train_size])),
                         "validation_samples": len(self.checked.validation_samples),
                         "validation_dir": str(cfg.validation_data_dir or "") or None,
                         "fingerprint": self.checked.data_fingerprint},
