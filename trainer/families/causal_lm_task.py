@@ -95,7 +95,7 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     if cfg.quantization is not None:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, quantization_config=quantization_config(cfg),
-            dtype=compute_dtype(cfg), device_map={"": device})
+            dtype=compute_dtype(cfg), device_map={"": _device_map_target(device)})
     else:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=weight_dtype)
         model.to(device)
@@ -103,6 +103,13 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     model.eval()
     arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     return TextBase(model, tokenizer, str(path), arch)
+
+
+def _device_map_target(device: torch.device):
+    """What `device_map` wants for one device: a CUDA index (plain "cuda" is the current one), or "cpu"."""
+    if device.type == "cuda":
+        return torch.cuda.current_device() if device.index is None else device.index
+    return str(device)
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
