@@ -346,6 +346,26 @@ def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):
     assert any("the tuned model will not stop after its answer" in w for w in checked.warnings)
 
 
+def test_templates_that_cannot_give_masks_are_refused_per_record(assets, tmp_path):
+    from trainer.tiny import CHAT_TEMPLATE
+
+    # A template that renders the turn count up front: earlier turns render differently once more follow.
+    counting = "{{ messages|length }}" + CHAT_TEMPLATE
+    text = problems_of(chat_config(tmp_path, assets, "messages.jsonl", chat_template=counting))
+    assert "messages.jsonl:1: TemplateMismatch: the chat template renders turns 0..2 differently" in text
+    # A template that raises (as Llama-2's and Mistral's do on roles that do not alternate) names the record.
+    data = tmp_path / "twice.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                             {"role": "assistant", "content": "c"}]}) + "\n")
+    strict = ("{% for m in messages %}{% if loop.index0 % 2 == 0 and m['role'] != 'user' or loop.index0 % 2 == 1 "
+              "and m['role'] != 'assistant' %}{{ raise_exception('Conversation roles must alternate "
+              "user/assistant') }}{% endif %}{% endfor %}" + CHAT_TEMPLATE)
+    text = problems_of(chat_config(tmp_path, assets, data, chat_template=strict))
+    assert f"{data}:1: TemplateError: Conversation roles must alternate user/assistant" in text
+    text = problems_of(chat_config(tmp_path, assets, chat_template="missing.jinja"))
+    assert "chat_template: cannot read the template file" in text
+
+
 def test_example_config_loads():
     from trainer.config import load_config
 
