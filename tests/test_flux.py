@@ -5,6 +5,7 @@ full precision; bad inputs exit 2 with nothing written; the estimate counts the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -126,10 +127,13 @@ def test_lora_loads_in_flux_pipeline_on_every_module_and_unloads(flux_assets, tm
     from trainer.job import LoraTrainingJob
 
     cfg = flux_config(tmp_path / "strong", flux_assets, learning_rate="3e-2", max_train_steps=4,
-                      mixed_precision="no", target_modules=["all-linear"])
+                      mixed_precision="no", target_modules=["all-linear"], train_text_encoder=True)
     result = LoraTrainingJob(preflight(cfg)).run()
-    tensors, _ = read_lora(result.lora_path)
-    trained = {k[len("transformer."):].rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_A.weight")}
+    tensors, meta = read_lora(result.lora_path)
+    stems = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_A.weight")}
+    trained = {k[len("transformer."):] for k in stems if k.startswith("transformer.")}
+    trained_clip = {k[len("text_encoder."):] for k in stems if k.startswith("text_encoder.")}
+    assert len(trained_clip) == 2 * 4 and meta["ss_network_train_unet_only"] == "False"  # CLIP-L: 2 layers x q/k/v/out
 
     pipe = FluxPipeline.from_pretrained(flux_assets["dev"], local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -143,6 +147,12 @@ def test_lora_loads_in_flux_pipeline_on_every_module_and_unloads(flux_assets, tm
     pipe.load_lora_weights(str(result.lora_path))
     applied = {n for n, m in pipe.transformer.named_modules() if isinstance(m, LoraLayer)}
     assert applied == trained and len(applied) == 2 * 14 + 2 * 6 + 1  # all-linear: every block Linear + proj_out
+    applied_clip = {n for n, m in pipe.text_encoder.named_modules() if isinstance(m, LoraLayer)}
+    assert {"text_model." + n if not n.startswith("text_model.") else n for n in applied_clip} == trained_clip
+    # ComfyUI's CLIP-L key map: text_encoder.text_model.encoder.layers.N.(self_attn.q/k/v/out_proj|mlp.fc1/fc2)
+    assert all(re.fullmatch(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])", m)
+               for m in trained_clip)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.text_encoder_2.modules())  # T5: never
     with_lora = render()
     pipe.unload_lora_weights()
     after = render()
@@ -267,7 +277,8 @@ def test_init_lora_weights_continues_from_a_flux_lora(reference, flux_assets, tm
 
 BAD_INPUTS = [
     ("dev", {"mixed_precision": "fp16"}, "mixed_precision", "bf16"),
-    ("dev", {"train_text_encoder": True}, "train_text_encoder", "CLIP-L only, or none"),
+    ("dev", {"train_text_encoder": True, "text_encoder_target_modules": ["q", "wi_0"]}, "text_encoder_target_modules",
+     "choose CLIP-L only"),
     ("schnell", {"guidance_scale": 3.5}, "guidance_scale", "remove guidance_scale"),
     ("dev", {"target_modules": ["to_qq", "attn.to_out"]}, "target_modules", "closest are"),
     ("dev", {"max_sequence_length": 600}, "max_sequence_length", "at most 512"),
@@ -283,6 +294,8 @@ def test_bad_inputs_name_the_field_and_the_fix(variant, fields, field, fix, flux
         preflight(cfg)
     problems = [p for p in e.value.problems if p.field == field]
     assert problems and all(fix in p.fix or fix in p.message for p in problems), problems
+    if field == "text_encoder_target_modules":  # T5's layers: never trained; CLIP-L only, or none
+        assert "T5-XXL, which is never trained" in problems[0].message and "or none" in problems[0].fix
     if field == "target_modules":  # one problem per entry, each naming the closest real module names
         assert len(problems) == 2 and "'to_qq'" in problems[0].message and "to_q" in problems[0].fix
         assert "attn.to_out.0" in problems[1].fix
@@ -331,6 +344,13 @@ def test_single_file_detection_shipped_configs_and_validate_on_a_24gib_card(flux
                              capture_output=True, text=True, timeout=300)
     est = json.loads(as_json.stdout)["estimate"]
     assert 12_000 < est["total_mib"] < 24 * 1024 and est["params"]["frozen_transformer"] == 11_901_408_320
+
+    from trainer.vram import estimate_for_config
+
+    clip = estimate_for_config(checked.config, train_text_encoder=True)  # CLIP-L's LoRA: CLIP-L stays resident
+    assert clip.params["lora_text_encoder"] == 16 * 12 * 4 * (768 + 768)
+    assert clip.total_mib > est["total_mib"] and "text_encoder_2 encode" in " ".join(clip.notes)
+    assert "text_encoder and" not in " ".join(clip.notes)
 
     no_config = flux_config(tmp_path / "noconf", flux_assets, base_model=str(ckpt))
     with pytest.raises(ConfigError) as e:

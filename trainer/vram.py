@@ -403,7 +403,8 @@ def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
 
 
 @functools.lru_cache(maxsize=16)
-def _flux_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> _ModelSummary:
+def _flux_summary(model_dir: str, targets: tuple[str, ...], te_targets: tuple[str, ...],
+                  fingerprint: str) -> _ModelSummary:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     import torch.nn as nn
@@ -426,19 +427,27 @@ def _flux_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
         frozen[comp] = _count(model)
         if comp == "transformer":
             transformer = model
+        elif comp == "text_encoder":
+            clip, clip_config = model, model.config
     quantizable = sum(m.weight.numel() for n, m in transformer.named_modules()
                       if type(m) is nn.Linear and n.startswith(("transformer_blocks.", "single_transformer_blocks.")))
     c = transformer.config
-    return _ModelSummary(frozen=frozen, lora_per_rank={"transformer": lora_params_per_rank(transformer, targets)},
+    lora = {"transformer": lora_params_per_rank(transformer, targets)}
+    if te_targets:  # train_text_encoder: a LoRA on CLIP-L (T5-XXL is never trained)
+        lora["text_encoder"] = lora_params_per_rank(clip, te_targets)
+    return _ModelSummary(frozen=frozen, lora_per_rank=lora, te_layers=(_text_layer(clip_config, clip),),
+                         context_tokens=int(clip_config.max_position_embeddings),
                          quantizable=quantizable, offloadable=("text_encoder", "text_encoder_2"),
                          flux_blocks=(int(c.num_attention_heads * c.attention_head_dim), int(c.num_layers),
                                       int(c.num_single_layers)))
 
 
-def flux_model_summary(model_dir: Path, target_modules: Iterable[str]) -> _ModelSummary:
+def flux_model_summary(model_dir: Path, target_modules: Iterable[str],
+                       text_encoder_target_modules: Iterable[str] = ()) -> _ModelSummary:
     """The flux family's summary: transformer, VAE, CLIP-L and T5 from their config files (meta device)."""
     files = ["model_index.json"] + [f"{c}/config.json" for c in ("transformer", "vae", "text_encoder", "text_encoder_2")]
-    return _flux_summary(str(model_dir.resolve()), tuple(target_modules), _folder_fingerprint(model_dir, files))
+    return _flux_summary(str(model_dir.resolve()), tuple(target_modules), tuple(text_encoder_target_modules),
+                         _folder_fingerprint(model_dir, files))
 
 
 def flux_per_sample_bytes(summary: _ModelSummary, shape: dict) -> float:
@@ -451,6 +460,9 @@ def flux_per_sample_bytes(summary: _ModelSummary, shape: dict) -> float:
         elems = per_block * (CKPT_BLOCK_INPUT_COEF * (n_double + n_single) + max(FLUX_DOUBLE_COEF, FLUX_SINGLE_COEF))
     else:
         elems = per_block * (FLUX_DOUBLE_COEF * n_double + FLUX_SINGLE_COEF * n_single)
+    if shape["train_text_encoder"]:  # CLIP-L with its LoRA, over its context tokens
+        for n, layer, h_te in summary.te_layers:
+            elems += summary.context_tokens * _text_layer_elems(n, layer, h_te, shape["gradient_checkpointing"])
     return elems * shape["act_bytes"]
 
 
@@ -558,7 +570,9 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         weights -= summary.quantizable * (weight_bytes - FP8_BYTES)
         notes.append(f"quantize_base fp8: {summary.quantizable:,} weights of the transformer blocks at 1 byte "
                      f"(the rest in {'bf16' if weight_bytes == 2 else 'fp32'})")
-    offloaded = [k for k in summary.offloadable if k in frozen] if cache_text_embeddings else []
+    # A text encoder whose LoRA trains (flux: CLIP-L with train_text_encoder) stays on the GPU.
+    offloaded = [k for k in summary.offloadable if k in frozen and k not in summary.lora_per_rank] \
+        if cache_text_embeddings else []
     precompute = 0.0
     if offloaded:
         encoders = sum(frozen[k] * weight_bytes for k in offloaded)

@@ -25,9 +25,14 @@ transformer blocks are stored in fp8 (`quantize_base: fp8`, `trainer.fp8`); grad
 LoRA weights and optimizer state in fp32; bf16 mixed precision by default (fp16 is refused: Flux's
 activations overflow its range).
 
+`train_text_encoder: true` adds a LoRA on CLIP-L (`text_encoder_target_modules`, its attention by default;
+`text_encoder_lr`), whose pooled output is then computed every step; T5-XXL is never trained (a target
+naming its layers is refused: CLIP-L only, or none) and its outputs stay cached.
+
 The LoRA file uses diffusers' key names (`transformer.<module>.lora_A.weight`, `.lora_B.weight`,
-`.alpha`): what diffusers' `FluxPipeline.load_lora_weights` reads and what ComfyUI maps onto its
-BFL-layout Flux model (`transformer.` + diffusers module name, fused qkv slices included).
+`.alpha`; CLIP-L's under `text_encoder.text_model.`): what diffusers' `FluxPipeline.load_lora_weights`
+reads and what ComfyUI maps onto its BFL-layout Flux model (`transformer.` + diffusers module name, fused
+qkv slices included) and its CLIP-L.
 
 Light (no torch): the loader and the task are in `trainer.families.flux_task`.
 """
@@ -58,7 +63,7 @@ ALL_LINEAR = "all-linear"
 ALL_LINEAR_TARGETS = DEFAULT_TARGETS + [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
     "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"]
-DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L's (train_text_encoder is refused)
+DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP-L's attention (train_text_encoder)
 VARIANTS = ("dev", "schnell")
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 T5_LIMIT = 512  # T5-XXL's tokenizer length; FluxPipeline refuses longer prompts
@@ -125,12 +130,6 @@ def check(cfg, p: Probe) -> list[Problem]:
             "mixed_precision", "fp16 is refused for Flux: its transformer was trained in bf16 and its activations "
             "exceed fp16's range (65504), which gives NaN losses and black images",
             "use mixed_precision: bf16 (the default for Flux), or no (fp32, twice the memory)", "fp16"))
-    if cfg.train_text_encoder:
-        problems.append(Problem(
-            "train_text_encoder", "Flux LoRAs train the transformer only: T5-XXL is never trained (9 GB in bf16; "
-            "it is encoded once and freed), and a CLIP-L LoRA (which could be: CLIP-L only, or none) is not "
-            "supported by this trainer", "set train_text_encoder: false (the transformer LoRA learns the "
-            "subject or style, as in diffusers' and ai-toolkit's Flux recipes)", True))
     if v == "schnell" and cfg.guidance_scale is not None:
         problems.append(Problem(
             "guidance_scale", "FLUX.1 [schnell] has no guidance embedding (it is timestep-distilled, not "
@@ -156,6 +155,29 @@ def check(cfg, p: Probe) -> list[Problem]:
             "resolution", f"must be a multiple of {factor} for {TITLE} (the VAE downscales by {factor // 2} and "
             "latents are packed 2x2)", f"use {lower} or {upper}", cfg.resolution))
     problems += target_problems(cfg)
+    if cfg.train_text_encoder:
+        problems += text_encoder_target_problems(cfg)
+    return problems
+
+
+def text_encoder_target_problems(cfg) -> list[Problem]:
+    """train_text_encoder adapts CLIP-L only: each text_encoder_target_modules entry must match a Linear of
+    CLIP-L; one that names T5-XXL's layers (or nothing) is refused."""
+    from trainer.families.flux_task import encoder_linear_names
+
+    clip, t5 = encoder_linear_names(config_dir(cfg))
+    problems = []
+    for t in cfg.effective_te_targets:
+        if any(n == t or n.endswith("." + t) for n in clip):
+            continue
+        in_t5 = any(n == t or n.endswith("." + t) for n in t5)
+        problems.append(Problem(
+            "text_encoder_target_modules" if cfg.text_encoder_target_modules else "train_text_encoder",
+            f"{t!r} {'is a layer of T5-XXL, which is never trained' if in_t5 else 'matches no Linear of CLIP-L'}: "
+            "train_text_encoder adapts CLIP-L only (T5-XXL is 4.7 B parameters; it is encoded once and freed)",
+            f"choose CLIP-L only (text_encoder_target_modules from CLIP-L's q_proj, k_proj, v_proj, out_proj, fc1, "
+            f"fc2; the default: {', '.join(DEFAULT_TE_TARGETS)}), or none (train_text_encoder: false)",
+            cfg.text_encoder_target_modules))
     return problems
 
 
@@ -236,7 +258,7 @@ def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
 def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
     from trainer.vram import flux_model_summary
 
-    return flux_model_summary(model_dir, tuple(expand_targets(list(targets))))
+    return flux_model_summary(model_dir, tuple(expand_targets(list(targets))), te_targets)
 
 
 def vram_per_sample_bytes(summary, shape: dict) -> float:

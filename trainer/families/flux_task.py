@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # what quantize_base stores in 8 bits
 LORA_PREFIX = "transformer."
+CLIP_LORA_PREFIX = "text_encoder."  # diffusers' (and ComfyUI's) prefix for a CLIP-L LoRA in a Flux LoRA file
 
 
 class FluxLoraError(ValueError):
@@ -55,10 +56,6 @@ class FluxTextEncoders:
     clip_tokenizer: object
     t5: torch.nn.Module
     t5_tokenizer: object
-
-    def to(self, device) -> None:
-        self.clip.to(device)
-        self.t5.to(device)
 
 
 @dataclass
@@ -88,6 +85,25 @@ def _linear_names(config_path: str, stamp: float) -> tuple[str, ...]:
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
     return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder_linear_names(config_path: str, stamp: float, kind: str) -> tuple[str, ...]:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config = {k: v for k, v in json.loads(Path(config_path).read_text(encoding="utf-8")).items()
+              if k != "architectures"}
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**config)) if kind == "clip" else T5EncoderModel(T5Config(**config))
+    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def encoder_linear_names(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(CLIP-L's, T5's) Linear layer names, from their configs on the meta device."""
+    quiet_libraries()
+    clip, t5 = Path(folder) / "text_encoder" / "config.json", Path(folder) / "text_encoder_2" / "config.json"
+    return (_encoder_linear_names(str(clip), clip.stat().st_mtime, "clip"),
+            _encoder_linear_names(str(t5), t5.stat().st_mtime, "t5"))
 
 
 def transformer_linear_names(folder: Path) -> tuple[str, ...]:
@@ -164,12 +180,19 @@ class FluxTask:
         inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
                                            lora_dropout=cfg.lora_dropout, target_modules=self.targets,
                                            init_lora_weights="gaussian"), base.transformer)
-        self.params = []
-        for n, p in base.transformer.named_parameters():
-            if "lora_" in n:
-                p.data = p.data.float()  # LoRA weights (and so AdamW's state) in fp32 over a bf16/fp8 base
-                p.requires_grad_(True)
-                self.params.append(p)
+        # train_text_encoder: a LoRA on CLIP-L (T5-XXL is never trained), its pooled output computed every step.
+        self.train_clip = cfg.train_text_encoder
+        if self.train_clip:
+            inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
+                                               lora_dropout=cfg.lora_dropout, target_modules=cfg.effective_te_targets,
+                                               init_lora_weights="gaussian"), base.text.clip)
+        self.params = _trainable(base.transformer)
+        self.te_params = _trainable(base.text.clip) if self.train_clip else []
+        # T5's outputs are cached when the captions are fixed (train_text_encoder only stops CLIP-L's caching).
+        self.cache_t5 = cfg.text_outputs_cached or (
+            self.train_clip and (cfg.cache_text_embeddings or cfg.cache_text_embeddings_to_disk)
+            and cfg._text_varies() == ["train_text_encoder"])
+        self.placed = {"clip": False, "t5": False}  # which encoders are on the device now
         if cfg.gradient_checkpointing:
             base.transformer.enable_gradient_checkpointing()
         # torch.compile of the transformer's forward (opt-in, as for the UNet families: minutes first, then faster).
@@ -177,47 +200,65 @@ class FluxTask:
         self.guidance = cfg.guidance_scale if base.transformer.config.guidance_embeds else None
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.latent_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.encoders_on_device = False
         self._masks: list | None = None  # masked_loss: the masks of the batch `_latents` loaded
 
     # --- parameters and the LoRA file -------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        return [{"params": self.params, "lr": self.cfg.learning_rate}]
+        groups = [{"params": self.params, "lr": self.cfg.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+        return groups
+
+    def _trained(self) -> dict[str, torch.nn.Module]:
+        """The modules with a LoRA, by their key prefix in the LoRA file."""
+        out = {LORA_PREFIX: self.base.transformer}
+        if self.train_clip:
+            out[CLIP_LORA_PREFIX] = self.base.text.clip
+        return out
 
     def train(self) -> None:
-        self.base.transformer.train()
+        for m in self._trained().values():
+            m.train()
 
     def eval(self) -> None:
-        self.base.transformer.eval()
+        for m in self._trained().values():
+            m.eval()
 
     def _lora_layers(self):
-        """(module name, lora_A weight, lora_B weight) of every LoRA layer, in model order."""
-        params = dict(self.base.transformer.named_parameters())
+        """(key in the LoRA file, lora_A weight, lora_B weight) of every LoRA layer, in model order. CLIP-L's
+        keys keep the `text_model.` level that transformers >= 5.6 dropped from CLIPTextModel (ComfyUI and older
+        stacks read text_encoder.text_model.encoder...; diffusers reads both)."""
+        from trainer.lora_io import _kohya_root
+
         a_suffix, b_suffix = ".lora_A.default.weight", ".lora_B.default.weight"
-        for name, a in params.items():
-            if name.endswith(a_suffix):
-                module = name[: -len(a_suffix)]
-                yield module, a, params[module + b_suffix]
+        for prefix, model in self._trained().items():
+            params = dict(model.named_parameters())
+            root = _kohya_root(model)
+            for name, a in params.items():
+                if name.endswith(a_suffix):
+                    module = name[: -len(a_suffix)]
+                    yield prefix + root + module, a, params[module + b_suffix]
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """diffusers' Flux LoRA layout: transformer.<module>.lora_A/.lora_B weights and .alpha (scale =
-        alpha / rank), which FluxPipeline.load_lora_weights and ComfyUI both read."""
+        alpha / rank), and text_encoder.<module>... for a CLIP-L LoRA, which FluxPipeline.load_lora_weights and
+        ComfyUI both read."""
         out: dict[str, torch.Tensor] = {}
-        for module, a, b in self._lora_layers():
-            key = LORA_PREFIX + module
+        for key, a, b in self._lora_layers():
             out[f"{key}.lora_A.weight"] = a.detach().float().cpu().contiguous()
             out[f"{key}.lora_B.weight"] = b.detach().float().cpu().contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(self.cfg.effective_alpha))
         return out
 
     def load_lora_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        layers = {LORA_PREFIX + m: (a, b) for m, a, b in self._lora_layers()}
+        layers = {key: (a, b) for key, a, b in self._lora_layers()}
         given = {k.rsplit(".", 2)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))}
         missing, extra = sorted(set(layers) - given), sorted(given - set(layers))
         if missing or extra:
             raise FluxLoraError(
                 f"{source}: LoRA layers do not match this config ({len(missing)} missing, {len(extra)} unexpected; "
-                f"e.g. missing {missing[:2]}): set target_modules and lora_rank to what the file was trained with")
+                f"e.g. missing {missing[:2]}): set target_modules, train_text_encoder and lora_rank to what the file "
+                "was trained with")
         with torch.no_grad():
             for key, (a, b) in layers.items():
                 down, up = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
@@ -231,7 +272,7 @@ class FluxTask:
         v = self.base.variant
         return {"ss_base_model_version": "flux1", "agentd_flux_variant": v,
                 "modelspec.architecture": f"flux-1-{v}/lora", "ss_resolution": f"({self.cfg.resolution}, "
-                f"{self.cfg.resolution})", "ss_network_train_unet_only": "True",
+                f"{self.cfg.resolution})", "ss_network_train_unet_only": str(not self.train_clip),
                 "ss_guidance_scale": str(self.guidance), "ss_max_sequence_length": str(self.cfg.max_sequence_length),
                 "ss_timestep_density": str(self.cfg.timestep_density),
                 "agentd_quantize_base": str(self.cfg.quantize_base)}
@@ -243,66 +284,79 @@ class FluxTask:
         """Remove this job's LoRA, caches and device placement of the encoders (the warm base stays as loaded)."""
         from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
-        t = self.base.transformer
         if self.cfg.gradient_checkpointing:
-            t.disable_gradient_checkpointing()
-        recurse_remove_peft_layers(t)
-        if "peft_config" in t.__dict__:
-            del t.peft_config
-        t.requires_grad_(False)
-        t.eval()
-        self._encoders_to("cpu")
+            self.base.transformer.disable_gradient_checkpointing()
+        for m in self._trained().values():
+            recurse_remove_peft_layers(m)
+            if "peft_config" in m.__dict__:
+                del m.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
+            m.requires_grad_(False)
+            m.eval()
+        self._place(clip=False, t5=False)
         self.text_cache.clear()
         self.latent_cache.clear()
 
     # --- text -------------------------------------------------------------------------------------
-    def _encoders_to(self, device) -> None:
-        on = torch.device(device).type != "cpu"
-        if on != self.encoders_on_device:
-            self.base.text.to(device)
-            self.encoders_on_device = on
-            if not on and self.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def _place(self, clip: bool, t5: bool) -> None:
+        """Put each text encoder on the device (True) or in host memory (False)."""
+        moved_off = False
+        for name, on in (("clip", clip), ("t5", t5)):
+            if self.placed[name] != on:
+                getattr(self.base.text, name).to(self.device if on else "cpu")
+                self.placed[name] = on
+                moved_off |= not on
+        if moved_off and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _clip_ids(self, captions: list[str]) -> torch.Tensor:
+        tok = self.base.text.clip_tokenizer
+        return tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids.to(self.device)
 
     def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 sequence (B, L, D), CLIP-L pooled (B, D)) of the captions, as FluxPipeline encodes prompts."""
         text = self.base.text
-        clip_ids = text.clip_tokenizer(captions, padding="max_length", truncation=True,
-                                       max_length=text.clip_tokenizer.model_max_length, return_tensors="pt").input_ids
         t5_ids = text.t5_tokenizer(captions, padding="max_length", truncation=True,
                                    max_length=self.cfg.max_sequence_length, return_tensors="pt").input_ids
         with torch.no_grad():
-            pooled = text.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+            pooled = text.clip(self._clip_ids(captions), output_hidden_states=False).pooler_output
             seq = text.t5(t5_ids.to(self.device), output_hidden_states=False)[0]
         return seq, pooled
 
     def _text(self, captions: list[str], autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cfg.text_outputs_cached:
+        if self.cache_t5:
             missing = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
             if missing:
                 self._cache_text(missing, autocast)
             rows = [self.text_cache[c] for c in captions]
-            return (torch.stack([r[0] for r in rows]).to(self.device),
-                    torch.stack([r[1] for r in rows]).to(self.device))
-        self._encoders_to(self.device)
-        with autocast():
-            return self._encode(captions)
+            seq = torch.stack([r[0] for r in rows]).to(self.device)
+            pooled = torch.stack([r[1] for r in rows]).to(self.device)
+        else:
+            self._place(clip=True, t5=True)
+            with autocast():
+                seq, pooled = self._encode(captions)
+        if self.train_clip:  # CLIP-L's LoRA trains: its pooled output with gradients, every step
+            self._place(clip=True, t5=self.placed["t5"])
+            with autocast():
+                pooled = self.base.text.clip(self._clip_ids(captions), output_hidden_states=False).pooler_output
+        return seq, pooled
 
     def _cache_text(self, captions: list[str], autocast) -> None:
         """Encode each caption on its own (so its row is the same whichever batch asks), then send the encoders
-        back to host memory. On a GPU the transformer waits in host memory meanwhile: the peak is the encoders
-        (T5-XXL: 9 GB in bf16) or the transformer, never both (what makes 1024 px fit in 24 GB)."""
+        back to host memory (CLIP-L stays on the device when its LoRA trains). On a GPU the transformer waits
+        in host memory meanwhile: the peak is the encoders (T5-XXL: 9 GB in bf16) or the transformer, never
+        both (what makes 1024 px fit in 24 GB)."""
         park = self.device.type == "cuda"
         if park:
             self.base.transformer.to("cpu")
         try:
-            self._encoders_to(self.device)
+            self._place(clip=True, t5=True)
             with autocast():
                 for c in captions:
                     seq, pooled = self._encode([c])
                     self.text_cache[c] = (seq[0].cpu(), pooled[0].cpu())
         finally:
-            self._encoders_to("cpu")
+            self._place(clip=self.train_clip, t5=False)
             if park:
                 self.base.transformer.to(self.device)
 
@@ -319,7 +373,7 @@ class FluxTask:
 
         cfg = self.cfg
         autocast = autocast or contextlib.nullcontext
-        if cfg.text_outputs_cached:
+        if self.cache_t5:
             captions = [dataset.caption(i) for i in range(len(dataset))] + [p.prompt for p in load_prompts(cfg)[0]]
             captions = [c for c in dict.fromkeys(captions) if c not in self.text_cache]
             disk = latent_cache.TextDiskCache(
@@ -335,7 +389,7 @@ class FluxTask:
             for c in missing if disk else []:
                 disk.put(disk.key(c), {"seq": self.text_cache[c][0], "pooled": self.text_cache[c][1]})
         else:
-            self._encoders_to(self.device)
+            self._place(clip=True, t5=True)
         if cfg.latents_cached:
             disk = latent_cache.LatentDiskCache(latent_cache.cache_root(cfg), self.base.vae) \
                 if cfg.cache_latents_to_disk else None
@@ -408,7 +462,8 @@ class FluxTask:
         from trainer.sampling import DEFAULT_STEPS
 
         base = self.base
-        seq, pooled = self._text([prompt.prompt], _autocast_for(self.device, base.transformer.dtype))
+        with torch.no_grad():
+            seq, pooled = self._text([prompt.prompt], _autocast_for(self.device, base.transformer.dtype))
         dtype = base.transformer.dtype
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config),
                             vae=base.vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -427,6 +482,17 @@ class FluxTask:
         out = Path(path).with_suffix(".png")
         image.save(out)
         return out
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of `model`, made trainable and fp32 (so is AdamW's state) over a bf16/fp8 base."""
+    params = []
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
 
 
 def unpack(tokens: torch.Tensor, b: int, ch: int, h: int, w: int) -> torch.Tensor:
