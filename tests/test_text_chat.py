@@ -289,6 +289,22 @@ def test_sigkill_and_rerun_is_bit_identical(packing, assets, tmp_path):
     assert [int(r["step"]) for r in loss_rows(cfg)] == list(range(1, 9))
 
 
+def test_chat_job_through_the_daemon(assets, tmp_path):
+    """`agentd run` on a chat config: the console shows the format decided, the first example, the steps."""
+    from tests.daemon_harness import DaemonProc
+
+    (tmp_path / "daemon").mkdir()
+    d = DaemonProc(tmp_path / "daemon").start()
+    try:
+        proc = d.run("run", str(chat_config(tmp_path / "job", assets, "alpaca.json", packing=True)))
+    finally:
+        d.stop()
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "dataset_format auto: alpaca" in out and "\u27e6red.<|im_end|>\n\u27e7" in out
+    assert "step 3/3" in out and "succeeded" in out
+
+
 # --- bad inputs -------------------------------------------------------------------------------------
 
 
