@@ -573,12 +573,7 @@ def scan_text(cfg, root: Path | None = None, field_name: str = "train_data_dir")
     Without a readable model folder (preflight reports that) the records are only read and checked. The
     result is reused while the data files, the tokenizer files and the settings are unchanged."""
     root = Path(root or cfg.train_data_dir)
-    try:
-        key = (tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(root)) if root.exists()
-               else None, _folder_identity(Path(cfg.base_model)), template_text(cfg.chat_template), cfg.dataset_format,
-               cfg.max_seq_length, cfg.truncation, cfg.train_on_prompt, cfg.packing, field_name)
-    except OSError:
-        key = None
+    key = _scan_key(cfg, root, field_name)
     if key is not None and key in _SCANS:
         return _SCANS[key]
     scan = _scan_text(cfg, root, field_name)
@@ -587,6 +582,18 @@ def scan_text(cfg, root: Path | None = None, field_name: str = "train_data_dir")
             _SCANS.pop(next(iter(_SCANS)))
         _SCANS[key] = scan
     return scan
+
+
+def _scan_key(cfg, root: Path, field_name: str) -> tuple | None:
+    """What a scan depends on: the data files' and the model folder's names, sizes and mtimes, the template
+    and the settings (None: cannot tell, do not reuse)."""
+    try:
+        files = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in data_files(root)) \
+            if root.exists() else None
+        return (files, str(cfg.base_model), _folder_identity(Path(cfg.base_model)), template_text(cfg.chat_template),
+                cfg.dataset_format, cfg.max_seq_length, cfg.truncation, cfg.train_on_prompt, cfg.packing, field_name)
+    except OSError:
+        return None
 
 
 def _folder_identity(folder: Path) -> tuple:
