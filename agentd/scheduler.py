@@ -607,8 +607,8 @@ class Scheduler:
             self.busy.pop(slot.index, None)
             self.runners.pop(job.id, None)
             slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
-            if job.stop.is_set():  # a cancel or shutdown came meanwhile: honour it
-                self._finish(job, "cancelled" if job.stop_reason == "cancel" else "failed", error)
+            if job.stop.is_set() and job.stop_reason == "cancel":  # a cancel came meanwhile: honour it
+                self._finish(job, "cancelled", error)
             elif job.attempt > self.max_infra_retries:
                 self._finish(job, "failed", f"infrastructure failure on {slot.name}; {self.max_infra_retries} "
                              f"infrastructure retries exhausted: {error}", infra=True)

@@ -36,6 +36,17 @@ def started_order(s, ids) -> list[str]:
     return [r["id"] for r in sorted(rows, key=lambda r: r["started"])]
 
 
+def finished_event(s, job_id: str, timeout: float = 30) -> dict:
+    """The job's finished event (journaled just after its final state: poll for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = events(s, job_id, "finished")
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"{job_id}: no finished event")
+
+
 def hold(s, tmp_path, assets) -> str:
     """A long job on the (single) slot, so that what is submitted next waits in the queue."""
     blocker = submit(s, tmp_path, assets, "blocker", max_train_steps=5000, save_steps=10000)
@@ -196,7 +207,7 @@ def test_injected_gpu_fault_marks_the_slot_unhealthy_and_requeues_on_a_healthy_o
         pinned = submit(s, tmp_path, assets, "pinned", device=unhealthy[0])
         rec = wait_state(s, pinned, ("succeeded", "failed"))
         assert rec["state"] == "failed" and "no healthy requested GPU" in rec["error"]
-        assert events(s, pinned, "finished")[0]["infra"] is True
+        assert finished_event(s, pinned)["infra"] is True
     finally:
         s.shutdown(30)
 
@@ -208,8 +219,7 @@ def test_retries_exhausted_fail_as_infrastructure(tmp_path, assets, monkeypatch)
         job = submit(s, tmp_path, assets, "doomed", max_train_steps=6, save_steps=2, log_every=1)
         rec = wait_state(s, job, ("succeeded", "failed"))
         assert rec["state"] == "failed" and "1 infrastructure retries exhausted" in rec["error"]
-        (fin,) = events(s, job, "finished")
-        assert fin["infra"] is True
+        assert finished_event(s, job)["infra"] is True
     finally:
         s.shutdown(30)
 
@@ -227,7 +237,7 @@ def test_a_job_error_is_not_retried(tmp_path, assets):
         s.cancel(blocker)
         rec = wait_state(s, job, ("succeeded", "failed"))
         assert rec["state"] == "failed" and rec["infra_retries"] == 0 and not events(s, job, "infra_retry")
-        assert events(s, job, "finished")[0]["infra"] is False
+        assert finished_event(s, job)["infra"] is False
         assert all(g.healthy for g in s.gpu_view(s.probe.list_gpus()))
     finally:
         s.shutdown(30)
