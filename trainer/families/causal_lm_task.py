@@ -307,8 +307,8 @@ class TextTask:
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer):
                 base_layer = module.get_base_layer()
-                weight = dequantize_module_weight(base_layer).detach()
-                delta = module.get_delta_weight("default").to(weight.dtype)
+                weight = dequantize_module_weight(base_layer).detach().float()  # summed in fp32, then cast
+                delta = module.get_delta_weight("default").float()
                 out[f"{name}.weight"] = (weight + delta).to(self._save_dtype()).cpu().contiguous()
                 if getattr(base_layer, "bias", None) is not None:
                     out[f"{name}.bias"] = base_layer.bias.detach().to(self._save_dtype()).cpu().contiguous()
