@@ -105,7 +105,7 @@ def test_token_source_describes_without_token(tmp_path):
 def test_settings_defaults_and_disabled_link():
     s = JenkinsSettings()
     assert not s.enabled and s.launcher == "inbound" and s.verify_tls and s.node_name
-    assert s.remote_fs == "/var/lib/agentd/jenkins"
+    assert s.remote_fs == "/srv/agentd/jenkins"  # outside the daemon's state folder
     assert settings().url == "http://ci.example:8080/"
 
 
