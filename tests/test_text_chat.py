@@ -335,6 +335,9 @@ def test_bad_records_name_file_line_and_fix(assets, tmp_path):
 
     data.write_text("")
     assert "dataset is empty (no records)" in problems_of(chat_config(tmp_path, assets, data))
+    # Every answer beyond the cut: nothing to learn is an error, not a run of zero losses.
+    text = problems_of(chat_config(tmp_path, assets, "messages.jsonl", max_seq_length=40))
+    assert "no sample keeps a trained token within 40 tokens" in text
 
 
 def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):

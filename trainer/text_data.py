@@ -554,6 +554,11 @@ def encode_dataset(records: Records, tokenizer, *, template: str | None, max_len
     if not out and not problems:
         problems.append(Problem("max_seq_length", f"no sample fits in {max_len} tokens (truncation: drop)",
                                 "raise max_seq_length or set truncation: cut", max_len))
+    elif out and not problems and not any(any(s.trained) for s in out):
+        problems.append(Problem("max_seq_length", f"no sample keeps a trained token within {max_len} tokens (every "
+                                "answer lies beyond the cut): training would learn nothing",
+                                "raise max_seq_length, or set truncation: drop to train on whole samples only",
+                                max_len))
     first = out[0] if out else None
     if packing and out:
         packed = pack(out, max_len)
