@@ -360,3 +360,20 @@ def test_samples_render_with_the_sdxl_pipeline(assets, tmp_path):
     assert pngs, list(result.output_dir.rglob("*"))
     with Image.open(pngs[-1]) as im:
         assert im.size == (32, 32)
+
+
+@pytest.mark.parametrize("name,family", [("sd15", "sd"), ("sd2-512", "sd"), ("sd2-768-v", "sd"),
+                                         ("sdxl-base", "sdxl")])
+def test_every_shipped_config_is_detected_and_builds(name, family):
+    """Each shipped config folder is of its family, builds on the meta device, and says its prediction type."""
+    from trainer.families import detect
+    from trainer.families.probe import probe
+    from trainer.families.shipped import shipped_dir
+    from trainer.vram import model_param_counts
+
+    folder = shipped_dir(name)
+    assert detect(probe(folder)) == family
+    counts = model_param_counts(folder, family)
+    assert counts["unet"] > 800_000_000 and counts["vae"] == 83_653_863
+    scheduler = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == ("v_prediction" if name == "sd2-768-v" else "epsilon")
