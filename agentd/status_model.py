@@ -74,6 +74,7 @@ class AgentInfo:
     uptime_s: Optional[float] = None
     next_restart_in_s: Optional[float] = None
     last_error: Optional[str] = None
+    gave_up_reason: Optional[str] = None  # why the supervisor stopped restarting it (e.g. a usage-text exit)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class JenkinsInfo:
     last_error: Optional[str] = None
     offline_reason: Optional[str] = None  # why agentd asked Jenkins to take the node offline
     controller_version: Optional[str] = None
+    min_controller_version: Optional[str] = None
+    controller_version_note: Optional[str] = None  # below the supported floor, or no X-Jenkins header
+    offline_mark: Optional[dict] = None  # {url, node, reason, at}: agentd's own offline mark, persisted
     agent: Optional[AgentInfo] = None
 
     @classmethod
@@ -99,6 +103,9 @@ class JenkinsInfo:
                    labels=s.get("labels"), executors=s.get("executors"), last_error=s.get("last_error"),
                    offline_reason=s.get("requested_offline_reason"),
                    controller_version=s.get("controller_version"),
+                   min_controller_version=s.get("min_controller_version"),
+                   controller_version_note=s.get("controller_version_note"),
+                   offline_mark=s.get("offline_mark"),
                    agent=_build(AgentInfo, agent) if isinstance(agent, dict) else None)
 
 

@@ -37,9 +37,13 @@ def jenkins_line(j: JenkinsInfo) -> str:
     line = f"jenkins: {j.state}"
     if j.url:
         line += f" {j.url} node {j.node_name or NA}"
+    if j.controller_version:
+        line += f" (Jenkins {j.controller_version})"
     if j.offline_reason:
         line += f" (offline: {j.offline_reason})"
-    if j.last_error:
+    if j.controller_version_note:
+        line += f" ({j.controller_version_note})"
+    if j.last_error and j.last_error != j.controller_version_note:
         line += f" (last error: {j.last_error})"
     return line
 
@@ -49,6 +53,8 @@ def agent_line(j: JenkinsInfo) -> str | None:
     if a is None:
         return None
     extra = f" last error: {a.last_error}" if a.last_error else ""
+    if a.gave_up_reason:
+        extra += f" (not restarted: {a.gave_up_reason})"
     return f"agent.jar: {a.state} pid {_num(a.pid)} restarts {_num(a.restarts)}{extra}"
 
 

@@ -57,3 +57,24 @@ def test_status_line_and_views_read_one_typed_status():
     s.slots[0].healthy, s.slots[0].unhealthy_reason = False, "infrastructure failure in job-1: CUDA error"
     assert s.line() == "idle · 1 GPU (1 unhealthy) · 1 queued · 1 paused · jenkins online"
     assert "UNHEALTHY: infrastructure failure in job-1" in render_plain(s.to_dict())
+
+
+def test_link_version_floor_and_agent_give_up_reach_the_status():
+    """What the Jenkins link knows about the controller and agent.jar reaches `agentd status` unrenamed."""
+    from agentd.status_model import JenkinsInfo, Status
+
+    link = {"state": "unsupported-version", "url": "https://ci/", "node": "gpubox", "controller_version": "2.426.3",
+            "min_controller_version": "2.440.1",
+            "controller_version_note": "Jenkins 2.426.3 is older than 2.440.1: upgrade the controller",
+            "last_error": "Jenkins 2.426.3 is older than 2.440.1: upgrade the controller",
+            "offline_mark": {"url": "https://ci/", "node": "gpubox", "reason": "draining", "at": 1.0},
+            "agent": {"state": "failed", "pid": None, "restarts": 0,
+                      "gave_up_reason": "agent.jar printed its usage text: it predates -url/-name"}}
+    j = JenkinsInfo.from_link(link)
+    assert (j.node_name, j.min_controller_version, j.offline_mark["reason"]) == ("gpubox", "2.440.1", "draining")
+    status = Status.from_dict(snapshot())
+    status.jenkins = j
+    text = render_plain(Status.from_dict(status.to_dict()))  # through the JSON form `status --json` prints
+    assert "jenkins: unsupported-version https://ci/ node gpubox (Jenkins 2.426.3)" in text
+    assert text.count("older than 2.440.1") == 1
+    assert "agent.jar: failed" in text and "not restarted: agent.jar printed its usage text" in text
