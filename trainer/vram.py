@@ -53,7 +53,8 @@ Each model family (trainer.families) supplies its parameter summary and per-samp
 - flux (S = (resolution / 16)**2 image tokens + max_sequence_length text tokens, h = hidden size 3072):
       S x h x (FLUX_DOUBLE_COEF = 23.8 per double block + FLUX_SINGLE_COEF = 17.0 per single block)
   counted like the UNet's (saved_tensors_hooks, SDPA saving no attention matrix, default LoRA targets);
-  with gradient checkpointing 1 x S x h per block plus the largest block recomputed. Weights: with
+  with gradient checkpointing 1 x S x h per block plus the largest block recomputed; under bf16 x 0.58 (the
+  UNet families' measured ACT_FACTOR, assumed for Flux until gpu_check.py measures it). Weights: with
   `quantize_base: fp8` the Linear weights of the blocks (`quantizable`) at 1 byte; the text encoders
   are not resident while training when their outputs are cached (`offloadable`); the estimate's total is
   at least the text precompute's peak (the encoders and the VAE + overhead: the transformer waits in
