@@ -26,7 +26,7 @@ import functools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,8 +66,7 @@ class FluxBase:
     scheduler_config: dict
     variant: str
     source: str
-    quantized_params: int = 0
-    notes: list[str] = field(default_factory=list)
+    quantized_params: int = 0  # parameters stored in fp8 (quantize_base)
 
 
 def preload() -> None:
@@ -146,6 +145,7 @@ def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
         quantized = quantize_linears(transformer, lambda n: n.startswith(BLOCK_PREFIXES), device)
     transformer.to(device)
     vae.to(device)
+    log.info("flux %s base %s: %s transformer parameters in fp8", variant, cfg.base_model, f"{quantized:,}")
     return FluxBase(transformer, vae, FluxTextEncoders(clip, clip_tok, t5, t5_tok), scheduler_config, variant,
                     str(cfg.base_model), quantized)
 
