@@ -33,6 +33,8 @@ NON_TRAINING_FIELDS = frozenset({
     "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
     "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device",
     "validation_file", "export_merged",
+    # Where the disk caches live, and whether they are used: entries are exact (tested bit-identical).
+    "cache_dir", "cache_latents_to_disk", "cache_text_embeddings_to_disk",
 })
 PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base_model", "base_model_config",
                "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
