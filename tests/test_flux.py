@@ -352,6 +352,13 @@ def test_single_file_detection_shipped_configs_and_validate_on_a_24gib_card(flux
     assert clip.total_mib > est["total_mib"] and "text_encoder_2 encode" in " ".join(clip.notes)
     assert "text_encoder and" not in " ".join(clip.notes)
 
+    fill = tmp_path / "flux1-fill-dev.safetensors"  # FLUX.1 Fill: 384 input channels, not this family's inputs
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1), "single_blocks.0.linear1.weight": torch.zeros(1),
+               "img_in.weight": torch.zeros(8, 384)}, str(fill))
+    with pytest.raises(ConfigError) as e:
+        preflight(flux_config(tmp_path / "fill", flux_assets, base_model=str(fill)))
+    assert e.value.problems[0].field == "base_model" and "no supported model family" in e.value.problems[0].message
+
     no_config = flux_config(tmp_path / "noconf", flux_assets, base_model=str(ckpt))
     with pytest.raises(ConfigError) as e:
         preflight(no_config)

@@ -76,7 +76,11 @@ SHIPPED = Path(__file__).resolve().parents[1] / "model_configs"
 def detect(p: Probe) -> bool:
     if p.kind == "folder":
         return p.class_name in PIPELINE_CLASSES
-    return p.kind == "file" and _has(p, "double_blocks.") and _has(p, "single_blocks.")
+    if not (p.kind == "file" and _has(p, "double_blocks.") and _has(p, "single_blocks.")):
+        return False
+    # FLUX.1 takes 64 input channels (16 latent x 2x2); Fill (384) and Canny/Depth (128) need other inputs.
+    img_in = next((shape for k, shape in p.shapes.items() if k.endswith("img_in.weight")), None)
+    return not (img_in and len(img_in) == 2 and img_in[1] != 64)
 
 
 def _has(p: Probe, part: str) -> bool:
