@@ -45,7 +45,8 @@ def test_lint_reports_each_subset(assets, tmp_path):
     assert reg_r["is_reg"] and reg_r["samples_per_epoch"] == 10
     assert report["regularization"]["reg_items"] == 10 and "repeat to match" in report["regularization"]["note"]
     warnings = "\n".join(report["warnings"])
-    assert "keep_tokens is 3 but 1 caption(s) have fewer tags: 1.png (2 tags)" in warnings
+    scan_warnings = "\n".join(json.loads(proc.stdout)["warnings"])  # from the scan: agentd run prints them too
+    assert "datasets[0] (cat): keep_tokens is 3 but 1 caption(s) have fewer tags: 1.png (2 tags)" in scan_warnings
     assert "1 of 5 images have no caption" in warnings and "under half the resolution" in warnings
     assert "are cut" in warnings and "exact duplicates" in warnings
 

@@ -182,12 +182,28 @@ def scan_image_subsets(cfg) -> Scan:
         samples += scan.samples
         problems += scan.problems
         warnings += scan.warnings
+    warnings += keep_tokens_warnings(samples, subsets)
     if cfg.resolution and not problems:
         samples = [assign_geometry(s, cfg) for s in samples]
         if samples and all(s.is_reg for s in samples):
             problems.append(Problem("datasets", "holds only regularization (is_reg) images",
                                     "add a subset of training images (is_reg: false)", None))
     return Scan(samples if not problems else [], problems, warnings, subsets=subsets)
+
+
+def keep_tokens_warnings(samples: list[Sample], subsets: list[Subset]) -> list[str]:
+    """keep_tokens larger than a caption's tag count: those captions keep everything (nothing shuffles)."""
+    out = []
+    for n, sub in enumerate(subsets):
+        keep = sub.captions.keep_tokens
+        short = [(s.path.name, count) for s in samples if s.subset == n and keep
+                 and 0 < (count := sum(len(part) for part in caption_tags(process_caption(s.caption, sub.captions),
+                                                                          sub.captions))) < keep]
+        if short:
+            first = ", ".join(f"{name} ({count} tags)" for name, count in short[:5])
+            out.append(f"{sub.field_name} ({sub.image_dir.name}): keep_tokens is {keep} but {len(short)} caption(s) "
+                       f"have fewer tags: {first}")
+    return out
 
 
 def assign_geometry(s: Sample, cfg) -> Sample:

@@ -4,7 +4,7 @@ make, found before any GPU time.
 Per subset: images, repeats, effective samples per epoch, images per bucket, images without a caption,
 tiny images (shorter side < half the resolution: upscaled, blurry), exact duplicates (sha256 of the
 file), caption length in tokens against the text encoder's limit (how many get cut), the 20 most frequent
-tags, keep_tokens longer than a caption; overall: samples per epoch and the regularization balance.
+tags (keep_tokens longer than a caption: a scan warning, `trainer.data.keep_tokens_warnings`); overall: samples per epoch and the regularization balance.
 
 Errors (training would be wrong; exit 2): the same image in a training and a regularization subset.
 (A dataset of only regularization images, missing or unreadable images and bad folders are preflight
@@ -62,15 +62,11 @@ def lint(checked) -> dict | None:
         mine = [s for s in samples if s.subset == n]
         name = sub.image_dir.name if sub.field_name == "train_data_dir" else f"{sub.field_name} ({sub.image_dir.name})"
         tags: Counter = Counter()
-        short_keep, token_counts = [], []
+        token_counts = []
         for s in mine:
             opts = s.captions
             fixed = process_caption(s.caption, opts)
             tags.update(t for part in caption_tags(fixed, opts or _default_opts()) for t in part)
-            keep = (opts.keep_tokens if opts else 0)
-            count = len([t for part in caption_tags(fixed, opts or _default_opts()) for t in part])
-            if keep and 0 < count < keep:  # an empty caption is reported as such
-                short_keep.append((s.path.name, count))
             if tok is not None:
                 token_counts.append(len(tok(fixed, add_special_tokens=False).input_ids))
         tiny = [s.path.name for s in mine if s.size and min(s.size) * 2 < cfg.resolution]
@@ -95,10 +91,6 @@ def lint(checked) -> dict | None:
         if tiny:
             warnings.append(f"{name}: {len(tiny)} image(s) have a shorter side under half the resolution "
                             f"({cfg.resolution // 2} px) and are upscaled: {', '.join(tiny[:5])}")
-        if short_keep:
-            first = ", ".join(f"{f} ({c} tags)" for f, c in short_keep[:5])
-            warnings.append(f"{name}: keep_tokens is {mine[0].captions.keep_tokens} but {len(short_keep)} caption(s) "
-                            f"have fewer tags: {first}")
         if report["tokens"] and report["tokens"]["truncated"]:
             warnings.append(f"{name}: {report['tokens']['truncated']} caption(s) are longer than the text encoder's "
                             f"{limit} tokens (longest {report['tokens']['max']}) and are cut")
