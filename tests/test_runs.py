@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 
 from tests.conftest import BIN, write_config
 from tests.daemon_harness import DaemonProc
 from trainer.checkpoint import Candidate
-from trainer.runs import (MANIFEST, PreviousRun, RunManifest, decide_run, move_aside, prune_history,
-                          recover_moves)
+from trainer.runs import (MANIFEST, PreviousRun, RunManifest, UnsafeHistory, decide_run, move_aside,
+                          prune_history, read_manifest, read_previous, recover_moves)
 
 FIELDS = {"learning_rate": 0.002, "lora_rank": 4}
 DEFAULTS = {"learning_rate": 0.0001, "lora_rank": 8, "validation_split": None}
@@ -112,6 +114,70 @@ def test_keep_runs_prunes_only_runs(tmp_path):
     removed = prune_history(history, 2)
     assert [p.name for p in removed] == ["20260101-000000-a"]
     assert sorted(p.name for p in history.iterdir()) == ["20260102-000000-b", "20260103-000000-c", "photos"]
+
+
+def _daemon_files(tmp_path: Path) -> Path:
+    """A folder standing for the daemon's own (its journal), outside output_dir."""
+    daemon = tmp_path / "daemon"
+    daemon.mkdir()
+    (daemon / "journal.sqlite3").write_text("journal")
+    (daemon / MANIFEST).write_text(json.dumps({"run_id": "x", "files": []}))
+    return daemon
+
+
+def test_a_link_planted_in_output_dir_never_moves_the_daemons_files(tmp_path):
+    out = tmp_path / "out"
+    _run_files(out)
+    daemon = _daemon_files(tmp_path)
+    (out / "link").symlink_to(daemon)  # a folder link: `link/journal.sqlite3` would be the journal
+    (out / "direct").symlink_to(daemon / "journal.sqlite3")
+    RunManifest.continue_or_start(out, "run-a").add("link/journal.sqlite3", "direct")
+    moved = move_aside(out, out / "runs", "run-a")
+    assert (daemon / "journal.sqlite3").read_text() == "journal"
+    assert (out / "link").is_symlink() and (out / "direct").is_symlink()  # left where the submitter put them
+    assert not (moved / "link").exists() and not os.path.lexists(moved / "direct")
+    assert (moved / "run.json").exists()
+
+
+def test_a_planted_staging_or_history_link_is_refused(tmp_path):
+    daemon = _daemon_files(tmp_path)
+    out = tmp_path / "out"
+    _run_files(out)
+    (out / "runs").mkdir()
+    (out / "runs" / ".moving-run-a").symlink_to(daemon)  # the move would go into the daemon's folder
+    with pytest.raises(UnsafeHistory, match=r"\.moving-run-a"):
+        move_aside(out, out / "runs", "run-a")
+    assert sorted(p.name for p in daemon.iterdir()) == ["journal.sqlite3", MANIFEST]
+    assert (out / "run.json").exists() and (out / MANIFEST).exists()  # nothing moved, nothing lost
+    recover_moves(out, out / "runs")  # the link is not a move of ours: left alone, nothing followed
+    assert (out / "runs" / ".moving-run-a").is_symlink() and (daemon / MANIFEST).exists()
+
+    shutil.rmtree(out)
+    _run_files(out)
+    (out / "runs").symlink_to(daemon)  # runs/ itself a link
+    with pytest.raises(UnsafeHistory, match="symbolic link"):
+        move_aside(out, out / "runs", "run-a")
+    elsewhere = tmp_path / "hist"
+    elsewhere.symlink_to(daemon)  # a configured history_dir that became a link after the submit check
+    with pytest.raises(UnsafeHistory, match="symbolic link"):
+        move_aside(out, elsewhere, "run-a")
+    assert sorted(p.name for p in daemon.iterdir()) == ["journal.sqlite3", MANIFEST]
+
+
+def test_keep_runs_and_the_run_reader_never_follow_links(tmp_path):
+    daemon = _daemon_files(tmp_path)
+    history = tmp_path / "runs"
+    (history / "20260102-000000-b").mkdir(parents=True)
+    (history / "20260102-000000-b" / MANIFEST).write_text("{}")
+    (history / "20260101-000000-a").symlink_to(daemon)  # oldest by name, "holds a manifest"
+    assert prune_history(history, 0) == [history / "20260102-000000-b"]
+    assert (daemon / "journal.sqlite3").exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    (daemon / "run.json").write_text(json.dumps({"config": {"secret": 1}, "status": "succeeded"}))
+    (out / "run.json").symlink_to(daemon / "run.json")
+    (out / MANIFEST).symlink_to(daemon / MANIFEST)
+    assert read_previous(out, frozenset()) is None and read_manifest(out) is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,12 +24,13 @@ import errno
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.outputs import atomic_write_json, fsync_dir
+from trainer.outputs import atomic_write_json
 
 if TYPE_CHECKING:
     from trainer.checkpoint import Candidate
@@ -145,7 +146,7 @@ def decide_run(policy: str, training_fields: dict, data_fingerprint: str, previo
 def read_previous(output_dir: Path, non_training: frozenset) -> PreviousRun | None:
     """The run in output_dir, from its run.json (None when there is none or it is unreadable)."""
     try:
-        data = json.loads((output_dir / "run.json").read_text())
+        data = json.loads(_read_no_link(output_dir / "run.json"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or "config" not in data:
@@ -161,10 +162,18 @@ def read_previous(output_dir: Path, non_training: frozenset) -> PreviousRun | No
 
 def read_manifest(folder: Path) -> dict | None:
     try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
+        data = json.loads(_read_no_link(Path(folder) / MANIFEST))
         return data if isinstance(data, dict) and isinstance(data.get("files"), list) else None
     except (OSError, ValueError):
         return None
+
+
+def _read_no_link(path: Path) -> str:
+    """The text of a file that must not be a symbolic link (ELOOP otherwise): run.json and the manifest
+    sit in a folder the submitter writes, and a link there must not make the daemon read its own files."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        return f.read()
 
 
 class RunManifest:
@@ -190,78 +199,230 @@ class RunManifest:
             atomic_write_json(self.output_dir / MANIFEST, {"run_id": self.run_id, "files": self.files})
 
 
-def _rename(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+# Safety: output_dir (and its runs/) is writable by the submitter, who could plant symbolic links there
+# (`logs -> /var/lib/agentd/state`, a `.moving-<id>` link, a `runs` link) to make the daemon move, write or
+# delete its own files. Every step below therefore walks folders by file descriptor with O_NOFOLLOW: a
+# symbolic link on the way is refused (ELOOP), never followed, and a check cannot be raced by swapping a
+# folder for a link between the check and the use.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeHistory(Exception):
+    """A planted symbolic link (or a folder not made by this run) where the run history moves files."""
+
+
+def _open_dir(path: Path, create: bool = False) -> int:
+    """An fd on the folder `path` itself, refusing it when it is a symbolic link (its parents may be links:
+    they are where the user chose to keep their outputs). `create`: make it first (parents too)."""
+    if create:
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path)
     try:
-        os.rename(src, dst)
+        return os.open(path, _DIR_FLAGS)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeHistory(f"{path} is a symbolic link or not a folder: refused (the run history never "
+                                "follows links); remove it") from None
+        raise
+
+
+def _walk_dir(top_fd: int, parts, create: bool = False) -> int:
+    """An fd on top/parts... reached one component at a time without following a link (ELOOP otherwise)."""
+    fd = os.dup(top_fd)
+    try:
+        for name in parts:
+            if create:
+                try:
+                    os.mkdir(name, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _inside(root: Path, history: Path) -> bool:
+    root, history = Path(os.path.abspath(root)), Path(os.path.abspath(history))
+    return history == root or root in history.parents
+
+
+def _history_fd(output_dir: Path, history: Path) -> int:
+    """An fd on history_dir. Under output_dir (the default runs/) it is reached from output_dir without
+    following any link; elsewhere (a configured history_dir) the folder itself must not be a link."""
+    if _inside(output_dir, history):
+        out_fd = _open_dir(output_dir)
+        try:
+            rel = Path(os.path.abspath(history)).relative_to(Path(os.path.abspath(output_dir))).parts
+            try:
+                return _walk_dir(out_fd, rel, create=True)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeHistory(f"{history}: a symbolic link (or a file) on the way from {output_dir}: "
+                                        "refused (the run history never follows links); remove it") from None
+                raise
+        finally:
+            os.close(out_fd)
+    return _open_dir(history, create=True)
+
+
+def _staging_fd(history_fd: int, name: str) -> int:
+    """The `.moving-<id>` folder: made now, or one this daemon made for a move a crash cut short. A link or
+    a folder someone else made under that name is refused (it could lead anywhere)."""
+    try:
+        os.mkdir(name, 0o770, dir_fd=history_fd)
+    except FileExistsError:
+        st = os.lstat(name, dir_fd=history_fd)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise UnsafeHistory(f"{name} in the run history is a symbolic link or was not made by agentd: "
+                                "refused; remove it") from None
+    return os.open(name, _DIR_FLAGS, dir_fd=history_fd)
+
+
+def _move_entry(src_fd: int, dst_fd: int, name: str) -> None:
+    try:
+        os.rename(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-        shutil.move(str(src), str(dst))  # history_dir on another filesystem: copy, then delete
+        # history_dir on another file system: copy, then delete. /proc/self/fd/N names the folders opened
+        # above (never a path that could have been swapped); shutil.move copies links as links.
+        shutil.move(f"/proc/self/fd/{src_fd}/{name}", f"/proc/self/fd/{dst_fd}/{name}")
+
+
+def _is_link_out(folder_fd: int, name: str, root: Path) -> bool:
+    """`name` in the folder is a symbolic link whose target lies outside output_dir."""
+    st = os.lstat(name, dir_fd=folder_fd)
+    if not stat.S_ISLNK(st.st_mode):
+        return False
+    target = Path(os.path.realpath(f"/proc/self/fd/{folder_fd}/{name}"))
+    return not (target == root or root in target.parents)
 
 
 def move_aside(output_dir: Path, history: Path, run_id: str) -> Path | None:
     """Move the files listed in output_dir's run manifest to `history/<run_id>/`. Returns that folder
-    (None when output_dir has no manifest: nothing is moved, since nothing is known to be the run's)."""
+    (None when output_dir has no manifest: nothing is moved, since nothing is known to be the run's).
+
+    Raises UnsafeHistory when a symbolic link was planted where the move goes (see above). A manifest
+    entry reached through a link, or that is itself a link out of output_dir, stays where it is."""
     output_dir, history = Path(output_dir), Path(history)
     manifest = read_manifest(output_dir)
     if manifest is None:
         return None
     run_id = manifest.get("run_id") or run_id
-    final = _free_name(history, run_id)
-    staging = history / f"{MOVING_PREFIX}{final.name}"
-    staging.mkdir(parents=True, exist_ok=True)
-    parents = set()
-    for rel in manifest["files"]:
-        rel_path = Path(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts or rel == MANIFEST:
-            continue  # a manifest only ever names paths inside output_dir
-        src = output_dir / rel_path
-        if src.exists() or src.is_symlink():
-            _rename(src, staging / rel_path)
-            parents.update(p for p in rel_path.parents if str(p) != ".")
-    _rename(output_dir / MANIFEST, staging / MANIFEST)  # last: its absence marks the move as done
-    for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+    root = Path(os.path.realpath(output_dir))
+    out_fd = _open_dir(output_dir)
+    history_fd = _history_fd(output_dir, history)
+    try:
+        final = _free_name(history_fd, run_id)
+        staging_name = f"{MOVING_PREFIX}{final}"
+        staging_fd = _staging_fd(history_fd, staging_name)
         try:
-            (output_dir / folder).rmdir()  # only when the run's files were all it held
-        except OSError:
-            pass
-    os.rename(staging, final)
-    fsync_dir(history)
+            parents = set()
+            for rel in manifest["files"]:
+                rel_path = Path(rel)
+                if rel_path.is_absolute() or ".." in rel_path.parts or rel == MANIFEST or not rel_path.parts:
+                    continue  # a manifest only ever names paths inside output_dir
+                folders = rel_path.parts[:-1]
+                try:
+                    src_fd = _walk_dir(out_fd, folders)
+                except OSError:
+                    continue  # gone, or a folder on the way is a link: not the run's file to move
+                try:
+                    if not os.path.lexists(f"/proc/self/fd/{src_fd}/{rel_path.name}") \
+                            or _is_link_out(src_fd, rel_path.name, root):
+                        continue
+                    dst_fd = _walk_dir(staging_fd, folders, create=True)
+                    try:
+                        _move_entry(src_fd, dst_fd, rel_path.name)
+                    finally:
+                        os.close(dst_fd)
+                finally:
+                    os.close(src_fd)
+                parents.update(p for p in rel_path.parents if str(p) != ".")
+            _move_entry(out_fd, staging_fd, MANIFEST)  # last: its absence marks the move as done
+        finally:
+            os.close(staging_fd)
+        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            try:
+                parent_fd = _walk_dir(out_fd, folder.parts[:-1])
+            except OSError:
+                continue
+            try:
+                os.rmdir(folder.name, dir_fd=parent_fd)  # only when the run's files were all it held
+            except OSError:
+                pass
+            finally:
+                os.close(parent_fd)
+        os.rename(staging_name, final, src_dir_fd=history_fd, dst_dir_fd=history_fd)
+        os.fsync(history_fd)
+        return Path(history, final)
+    finally:
+        os.close(out_fd)
+        os.close(history_fd)
+
+
+def _free_name(history_fd: int, run_id: str) -> str:
+    final, n = run_id, 2
+    while _lexists_at(history_fd, final):
+        final, n = f"{run_id}-{n}", n + 1
     return final
 
 
-def _free_name(history: Path, run_id: str) -> Path:
-    final, n = history / run_id, 2
-    while final.exists():
-        final, n = history / f"{run_id}-{n}", n + 1
-    return final
+def _lexists_at(folder_fd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=folder_fd)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def recover_moves(output_dir: Path, history: Path) -> None:
     """Finish a move a crash cut short: complete ones (manifest moved) are renamed into place; a move
-    whose manifest is still in output_dir is simply done again by the next `move_aside`."""
-    if not Path(history).is_dir():
+    whose manifest is still in output_dir is simply done again by the next `move_aside`. A `.moving-*`
+    symbolic link is never followed (refused by `move_aside`, skipped here)."""
+    if not os.path.lexists(history):
         return
-    for staging in Path(history).glob(f"{MOVING_PREFIX}*"):
-        if (staging / MANIFEST).exists():
-            os.rename(staging, _free_name(history, staging.name[len(MOVING_PREFIX):]))
-        elif read_manifest(output_dir) is None:
-            continue  # nothing to finish it from; leave it for a person to look at
-        else:
-            move_aside(output_dir, history, staging.name[len(MOVING_PREFIX):])
+    history_fd = _history_fd(output_dir, history)
+    try:
+        for name in sorted(os.listdir(history_fd)):
+            if not name.startswith(MOVING_PREFIX):
+                continue
+            st = os.lstat(name, dir_fd=history_fd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # a link or someone else's folder: not a move of ours
+            if _lexists_at(history_fd, f"{name}/{MANIFEST}"):
+                os.rename(name, _free_name(history_fd, name[len(MOVING_PREFIX):]),
+                          src_dir_fd=history_fd, dst_dir_fd=history_fd)
+            elif read_manifest(output_dir) is None:
+                continue  # nothing to finish it from; leave it for a person to look at
+            else:
+                move_aside(output_dir, history, name[len(MOVING_PREFIX):])
+    finally:
+        os.close(history_fd)
 
 
 def history_runs(history: Path) -> list[Path]:
-    """Run folders in history (those with a run manifest), oldest first."""
-    if not Path(history).is_dir():
+    """Run folders in history (real folders with a run manifest, never a symbolic link), oldest first."""
+    if not Path(history).is_dir() or Path(history).is_symlink():
         return []
     return sorted((p for p in Path(history).iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()), key=lambda p: p.name)
+                   if not p.name.startswith(".") and not p.is_symlink() and p.is_dir()
+                   and (p / MANIFEST).is_file() and not (p / MANIFEST).is_symlink()), key=lambda p: p.name)
 
 
 def prune_history(history: Path, keep: int) -> list[Path]:
-    """Delete the oldest run folders beyond `keep` (never a folder that is not a run)."""
+    """Delete the oldest run folders beyond `keep` (never a folder that is not a run, never through a
+    link: rmtree works by file descriptor and refuses a link)."""
     runs = history_runs(history)
     removed = runs[: max(0, len(runs) - keep)]
     for p in removed:
@@ -318,7 +479,10 @@ def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
     from trainer.config import NON_TRAINING_FIELDS
 
     out, history = Path(cfg.output_dir), history_dir(cfg)
-    recover_moves(out, history)
+    try:
+        recover_moves(out, history)
+    except UnsafeHistory:
+        pass  # nothing of ours to finish there; a move into it is refused below with the reason
     previous = read_previous(out, NON_TRAINING_FIELDS)
     candidates = [] if cfg.resume == "never" else scan_candidates(cfg.resume, out / "checkpoints")
     try:
@@ -331,7 +495,15 @@ def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
         return RunStart(decision, previous.run_id if previous else "", previous)
     moved = None
     if decision.move_previous and previous is not None:
-        moved = move_aside(out, history, previous.run_id)
+        try:
+            moved = move_aside(out, history, previous.run_id)
+        except UnsafeHistory as e:
+            from trainer.errors import ConfigError, Problem
+
+            field_name = "history_dir" if cfg.history_dir else "output_dir"
+            raise ConfigError([Problem(field_name, f"cannot keep the previous run: {e}",
+                                       "remove the symbolic link (the run history never follows links)",
+                                       str(history))]) from None
         if moved is None:
             decision.warnings.append(f"the previous run in {out} has no {MANIFEST} (written by an older agentd): "
                                      "its files stay in place and may be overwritten")
