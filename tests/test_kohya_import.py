@@ -72,9 +72,9 @@ def test_adamw8bit_on_the_cpu_is_refused_before_any_weights_load(lora_scripts_ro
 def test_kohya_dataset_examples_convert_and_validate(example, lora_scripts_root):
     root = lora_scripts_root
     shutil.copy(FIXTURES / example, root / "config/dataset.toml")
-    for folder in ("C:\\hoge", "C:\\fuga", "C:\\reg"):  # kohya's Windows paths are plain names on Linux
+    for n, folder in enumerate(("C:\\hoge", "C:\\fuga", "C:\\reg")):  # kohya's Windows paths: plain names here
         for i in range(2):
-            image(root / folder / f"{i}.png", (40, 32))
+            image(root / folder / f"{i}.png", (40, 32), colour=(60 * n, 100 * i, 200))
     proc = agentd("import-kohya", "config/default.toml", "--dataset-config", "config/dataset.toml", "-o",
                   "train.yaml", cwd=root)
     assert proc.returncode == 0, proc.stderr
@@ -200,3 +200,26 @@ def to_yaml_of(path: Path) -> str:
     from trainer.kohya_import import import_kohya
 
     return import_kohya(path)
+
+
+def test_reg_data_dir_becomes_reg_subsets(lora_scripts_root):
+    """kohya's train_data_dir + reg_data_dir of N_name folders: a datasets: list with is_reg on the reg folders."""
+    root = lora_scripts_root
+    for i in range(2):
+        image(root / "train/5_sks girl" / f"{i}.png", (32, 32))
+        image(root / "reg/1_girl" / f"{i}.png", (32, 40), colour=(0, 100 * i, 200))
+    shutil.rmtree(root / "train/input")
+    toml = root / "config/default.toml"
+    toml.write_text(toml.read_text().replace('train_data_dir = "./train/input"', 'train_data_dir = "./train"')
+                    .replace('reg_data_dir = ""', 'reg_data_dir = "./reg"'))
+    proc = agentd("import-kohya", "config/default.toml", "-o", "train.yaml", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load((root / "train.yaml").read_text())
+    assert "train_data_dir" not in cfg
+    assert cfg["datasets"] == [{"image_dir": "train/5_sks girl", "num_repeats": 5, "class_tokens": "sks girl"},
+                               {"image_dir": "reg/1_girl", "num_repeats": 1, "class_tokens": "girl", "is_reg": True}]
+    checked = agentd("validate", "train.yaml", "--json", "--vram", "24GiB", cwd=root)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    import json
+
+    assert json.loads(checked.stdout)["dataset"]["samples_per_epoch"] == 20  # 2 x 5 training + as many reg

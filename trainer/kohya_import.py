@@ -322,7 +322,7 @@ def convert(path: Path, dataset_path: Path | None = None) -> Conversion:
             conv.skipped.append((conv.origin.pop("train_data_dir"), "kohya ignores it when a dataset config is "
                                  "given: the dataset config's subsets are under datasets:"))
             del conv.values["train_data_dir"]
-    _settle(conv)
+    _settle(conv, str(path))
     return conv
 
 
@@ -355,8 +355,8 @@ def _reg_folders(conv: Conversion, key: str, value, path: Path, where: str) -> N
     """reg_data_dir's N_name folders as is_reg subsets (listed now: agentd marks reg by subset)."""
     from trainer.data import REPEAT_FOLDER
 
-    folder = Path(value) if Path(value).is_absolute() else path.parent / value
-    if not folder.is_dir():
+    folder = _existing_dir(value, path)
+    if folder is None:
         conv.skipped.append((where, UNSUPPORTED["reg_data_dir"]))
         return
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -365,6 +365,14 @@ def _reg_folders(conv: Conversion, key: str, value, path: Path, where: str) -> N
             conv.subsets.append([("image_dir", str(Path(value) / sub.name), where),
                                  ("num_repeats", int(m.group(1)), where),
                                  ("class_tokens", m.group(2), where), ("is_reg", True, where)])
+
+
+def _existing_dir(value: str, toml: Path) -> Path | None:
+    """kohya resolves relative paths against its working folder; failing that, try the TOML's folder."""
+    for folder in (Path(value), toml.parent / value):
+        if folder.is_dir():
+            return folder
+    return None
 
 
 def _convert_dataset(data: dict, conv: Conversion, name: str) -> None:
@@ -424,7 +432,7 @@ def _dataset_level(where: str, key: str, value, conv: Conversion, name: str, own
         conv.skipped.append((f"{where} = {_show(value)}", UNSUPPORTED.get(key, "not supported by agentd")))
 
 
-def _settle(conv: Conversion) -> None:
+def _settle(conv: Conversion, source: str) -> None:
     """kohya's precedence and defaults that differ from agentd's."""
     v = conv.values
     if "epochs" in v and "max_train_steps" in v:
@@ -435,12 +443,17 @@ def _settle(conv: Conversion) -> None:
         from trainer.data import REPEAT_FOLDER
 
         where = conv.origin.pop("train_data_dir")
-        train = Path(v.pop("train_data_dir"))
-        folders = sorted(p for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
-        conv.subsets[:0] = [[("image_dir", str(train / p.name), where),
-                             ("num_repeats", int(REPEAT_FOLDER.match(p.name).group(1)), where),
-                             ("class_tokens", REPEAT_FOLDER.match(p.name).group(2), where)]
-                            for p in folders if REPEAT_FOLDER.match(p.name)]
+        train = v.pop("train_data_dir")
+        found = _existing_dir(train, Path(source))
+        folders = sorted(p.name for p in found.iterdir() if p.is_dir() and REPEAT_FOLDER.match(p.name)) if found else []
+        if found and not folders:  # a plain folder of images: one subset, seen once per epoch
+            conv.subsets.insert(0, [("image_dir", train, where)])
+        conv.subsets[:0] = [[("image_dir", str(Path(train) / f), where),
+                             ("num_repeats", int(REPEAT_FOLDER.match(f).group(1)), where),
+                             ("class_tokens", REPEAT_FOLDER.match(f).group(2), where)] for f in folders]
+        if not found:
+            conv.skipped.append((where, "not found, so its N_name folders could not be listed beside reg_data_dir's: "
+                                 "list them under datasets:"))
     if "sample_prompts" not in v:
         for key in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_start", "sample_sampler"):
             if key in v:
