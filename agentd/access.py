@@ -45,8 +45,11 @@ ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x
 MAX_SYMLINKS = 40  # the kernel's MAXSYMLINKS
 MAX_TREE_ENTRIES = 20000  # a model folder is checked file by file; past this many, the rest is not
 
-# Config fields a job writes into; every other path field is only read.
-WRITTEN_FIELDS = frozenset({"output_dir", "history_dir"})
+# Config fields a job writes into (cache_dir: the latent/text-encoder cache); every other path field is read.
+WRITTEN_FIELDS = frozenset({"output_dir", "history_dir", "cache_dir"})
+# Read fields whose files the job reads one by one through the dataset scan (checked file by file then,
+# without a cap): the rest, when a folder, are checked whole here (a model, a checkpoint, a run to compare).
+SCANNED_FIELDS = frozenset({"train_data_dir", "image_dir"})
 
 
 @dataclass(frozen=True)
@@ -294,13 +297,34 @@ def tree_access_problem(root: Path, who: Identity) -> Optional[str]:
 # --- a job's paths ----------------------------------------------------------------------------------
 
 def config_paths(cfg, prefix: str = "") -> Iterator[tuple[str, Path]]:
-    """Every (field, path) a training config names: each Path-typed field, also inside nested sections and
-    lists of them (e.g. `datasets[0].image_dir`), and `resume` when it is a path."""
+    """Every (field, path) a training config names, derived from its schema so that a new field cannot be
+    missed: each Path-typed field (also `Union[list[str], Path]` such as sample_prompts when it is a file),
+    inside nested sections and lists of them (e.g. `datasets[0].image_dir`), and the str fields that name a
+    file only sometimes (STR_OR_PATH_FIELDS: `resume` when it is a path, `chat_template` when not inline)."""
     for name in type(cfg).model_fields:
-        yield from _paths_in(getattr(cfg, name), f"{prefix}{name}")
-    resume = getattr(cfg, "resume", None)
-    if isinstance(resume, str) and resume not in ("auto", "never", "strict") and resume.strip():
-        yield f"{prefix}resume", Path(resume)
+        value = getattr(cfg, name)
+        if name in STR_OR_PATH_FIELDS and isinstance(value, str):
+            if STR_OR_PATH_FIELDS[name](value):
+                yield f"{prefix}{name}", Path(value)
+            continue
+        yield from _paths_in(value, f"{prefix}{name}")
+
+
+def _is_resume_path(value: str) -> bool:
+    from trainer.config import RESUME_POLICIES
+
+    return value not in RESUME_POLICIES and bool(value.strip())
+
+
+def _is_template_file(value: str) -> bool:
+    from trainer.text_data import is_inline_template
+
+    return bool(value.strip()) and not is_inline_template(value)
+
+
+# str-typed config fields that name a file or folder only for some values (every other path is Path-typed;
+# tests/test_privileges.py walks the schema and fails on a path-like field that is neither).
+STR_OR_PATH_FIELDS = {"resume": _is_resume_path, "chat_template": _is_template_file}
 
 
 def _paths_in(value, where: str) -> Iterator[tuple[str, Path]]:
@@ -337,8 +361,8 @@ def config_access_problems(cfg, who: Identity, daemon_folders: dict[str, Path],
                     fix = ("give the folder to the socket's group with the setgid bit and group write "
                            "(e.g. install -d -m 2770 -g agentd FOLDER), as /srv/agentd is")
         else:
-            reason = (tree_access_problem(path, who) if base in ("base_model", "base_model_config", "resume")
-                      else access_problem(path, who, READ))
+            reason = (access_problem(path, who, READ) if base in SCANNED_FIELDS
+                      else tree_access_problem(path, who))
             fix = f"point {base} at a file you ({who.describe()}) may read, or grant read access to it"
         if reason:
             problems.append((field_name, str(path), reason, fix))

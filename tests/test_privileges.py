@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -369,6 +370,111 @@ def test_the_token_never_comes_back_whatever_file_a_config_names(world):
             assert reply["error"]["code"] == "invalid_config", reply
     meta = raw_submit_as_root(world, configs[0])[0]["error"]["message"]
     assert "header (line 1) has 1 column and no file and no caption column" in meta, meta
+
+
+# Every path a config can name (as the schema spells it, `[]` for a list), with the config keys that point
+# it at `S`. test_every_path_field_of_the_schema_is_checked ties this table to the schema: a new path field
+# without a row here fails that test, so the socket test below covers it too.
+S = "{secret}"
+_NO_DATA = {"train_data_dir": None, "metadata_path": None}
+_TEXT = {"mode": "text", "train_data_dir": "{text}", "metadata_path": None}
+PATH_CASES = {
+    "train_data_dir": {**_NO_DATA, "train_data_dir": S},
+    "metadata_path": {"metadata_path": S},
+    "base_model": {"base_model": S},
+    "base_model_config": {"base_model_config": S},
+    "init_lora_weights": {"init_lora_weights": S},
+    "cache_dir": {"cache_dir": S},
+    "mask_dir": {"mask_dir": S},
+    "output_dir": {"output_dir": S},
+    "history_dir": {"history_dir": S},
+    "compare_with": {"compare_with": S},
+    "sample_prompts": {"sample_prompts": S},
+    "validation_data_dir": {"validation_data_dir": S},
+    "resume": {"resume": S},
+    "validation_file": {**_TEXT, "validation_file": S},
+    "chat_template": {**_TEXT, "chat_template": S},
+    "datasets[].image_dir": {**_NO_DATA, "datasets": [{"image_dir": S}]},
+    "datasets[].metadata_path": {**_NO_DATA, "datasets": [{"image_dir": "{shapes}", "metadata_path": S}]},
+    "datasets[].mask_dir": {**_NO_DATA, "datasets": [{"image_dir": "{shapes}", "mask_dir": S}]},
+}
+PATH_LIKE_NAME = re.compile(r"(_dir|_path|_file|_files|_weights|_config|_template|_with|_prompts)$|^resume$")
+
+
+def _case(name: str, secret: Path, shapes: Path, text: Path) -> dict:
+    fill = lambda v: (v.format(secret=secret, shapes=shapes, text=text) if isinstance(v, str)  # noqa: E731
+                      else [{k: fill(x) for k, x in d.items()} for d in v] if isinstance(v, list) else v)
+    return {k: fill(v) for k, v in PATH_CASES[name].items()}
+
+
+def _types(annotation) -> tuple[set, bool]:
+    """Every type an annotation can hold (through Optional/Union/list), and whether a list is on the way."""
+    import typing
+
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}, False
+    found, listed = set(), typing.get_origin(annotation) in (list, tuple)
+    for arg in args:
+        inner, inner_listed = _types(arg)
+        found |= inner
+        listed |= inner_listed
+    return found, listed
+
+
+def schema_fields(model, prefix: str = "") -> list[tuple[str, set]]:
+    """(name, types) of every field of the config schema, nested sections included (`datasets[].image_dir`)."""
+    out = []
+    for name, info in model.model_fields.items():
+        types, listed = _types(info.annotation)
+        out.append((prefix + name, types))
+        for t in types:
+            if hasattr(t, "model_fields"):
+                out += schema_fields(t, f"{prefix}{name}{'[]' if listed else ''}.")
+    return out
+
+
+def test_every_path_field_of_the_schema_is_checked(tmp_path):
+    from agentd.access import STR_OR_PATH_FIELDS, config_paths
+    from trainer.config import TrainConfig, parse_config
+
+    fields = schema_fields(TrainConfig)
+    path_fields = {n for n, types in fields if Path in types or n.rsplit(".", 1)[-1] in STR_OR_PATH_FIELDS}
+    # A str field named like a path that is neither Path-typed nor a known str-or-path field is a new hole.
+    unchecked = [n for n, types in fields if n not in path_fields and str in types
+                 and PATH_LIKE_NAME.search(n.rsplit(".", 1)[-1])]
+    assert not unchecked, f"path-like str fields not in agentd.access.STR_OR_PATH_FIELDS: {unchecked}"
+    assert set(PATH_CASES) == path_fields, "add a PATH_CASES row for each new path field"
+    secret = tmp_path / "secret"
+    secret.write_text(TOKEN)
+    base = {"train_data_dir": str(tmp_path), "metadata_path": str(tmp_path / "m.csv"), "base_model": str(tmp_path),
+            "resolution": 32, "output_dir": str(tmp_path / "out")}
+    for name in PATH_CASES:
+        raw = {k: v for k, v in {**base, **_case(name, secret, tmp_path, tmp_path / "t.jsonl")}.items()
+               if v is not None}
+        cfg = parse_config(yaml.safe_dump(raw), base_dir=tmp_path)
+        named = {f.replace("[0]", "[]") for f, p in config_paths(cfg) if p == secret}
+        assert named == {name}, (name, named)
+
+
+@needs_root
+def test_every_path_a_config_names_is_refused_through_the_socket(world):
+    a_only = world["a_only"]
+    shared = world["shared"]
+    configs = {name: b_config(world, "every-" + name.replace("[]", "").replace(".", "-"),
+                              **_case(name, a_only, shared / "shapes", shared / "text.jsonl"))
+               for name in PATH_CASES}
+    replies = raw_submit(world, "b", *configs.values())
+    windows = {TOKEN[i:i + 6] for i in range(len(TOKEN) - 5)}  # no byte run of the secret, not just all of it
+    for name, reply in zip(configs, replies):
+        assert not reply.get("ok") and reply["error"]["code"] == "invalid_config", (name, reply)
+        message = json.dumps(reply)
+        assert not [w for w in windows if w in message], (name, message)
+        field_name = name.replace("[]", "[0]")
+        problems = [p for p in reply["error"]["problems"] if p["field"] == field_name]
+        assert problems, (name, reply)
+        assert str(a_only) in problems[0]["value"] and "may not" in problems[0]["message"], (name, problems)
+        assert field_name in reply["error"]["message"] and str(a_only) in reply["error"]["message"], (name, reply)
 
 
 def request_as_root(world, msg: dict) -> list[dict]:
