@@ -202,3 +202,8 @@ def test_every_shipped_config_loads():
     for p in shipped:
         cfg = load_config(p)
         assert cfg.output_dir.is_absolute()
+        # SD/SDXL single files load from the shipped architecture configs (trainer/model_configs): an example
+        # that sets base_model_config for one teaches users a key they do not need.
+        if cfg.base_model.suffix in (".safetensors", ".ckpt") and cfg.mode != "text":
+            assert cfg.base_model_config is None, f"{p.name}: base_model_config is not needed for {cfg.base_model.name}"
+        assert "also needs base_model_config" not in p.read_text(), p.name

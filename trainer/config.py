@@ -145,8 +145,10 @@ class TrainConfig(_Strict):
     base_model: Path
     """Diffusers folder (model_index.json) or a single-file `.safetensors`/`.ckpt` checkpoint."""
     base_model_config: Optional[Path] = None
-    """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer,
-    so loading works offline."""
+    """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer.
+    Not needed for SD 1.5, SD 2.x (768-v) and SDXL base single files (their architecture configs ship in
+    trainer/model_configs); needed for a Flux single file (its VAE, text encoders and tokenizers) and for a
+    fine-tune whose configs differ from the shipped ones (e.g. SD 2.x base at 512 px)."""
     resolution: Optional[int] = Field(None, ge=8)
     """Training image side in pixels: images are resized (shorter side) then center-cropped to it.
     Default: the family's native size (512 for SD 1.x/2.x, 1024 for SDXL); a multiple of 8 x the VAE's
