@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -150,9 +151,10 @@ class LoraTrainingJob:
     def checkpoints_dir(self) -> Path:
         return self.cfg.output_dir / "checkpoints"
 
-    @property
+    @cached_property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: the epoch's micro-batches (repeats and buckets counted) / accumulation."""
+        """Optimizer steps per epoch: the epoch's micro-batches (repeats and buckets counted) / accumulation;
+        the same for every epoch (bucket sizes do not change), computed once."""
         return math.ceil(len(self._epoch_batches(0)) / self.cfg.gradient_accumulation_steps)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
