@@ -241,3 +241,11 @@ def test_train_data_dir_that_is_itself_a_repeat_folder_warns(assets, tmp_path):
     checked = preflight(config(tmp_path, assets, train_data_dir="10_cat"))
     assert any("itself a kohya N_name folder" in w and "point train_data_dir at its parent" in w
                for w in checked.warnings)
+
+
+def test_no_upscale_image_smaller_than_a_step(assets, tmp_path):
+    image(tmp_path / "data/0.png", (32, 32))
+    image(tmp_path / "data/1.png", (32, 6))
+    (p,) = problems(config(tmp_path, assets, train_data_dir="data", enable_bucket=True, bucket_no_upscale=True,
+                           min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8))
+    assert p.field == "bucket_no_upscale" and "1.png" in p.message and "shorter than bucket_reso_steps (8 px)" in p.message

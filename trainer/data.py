@@ -185,6 +185,11 @@ def scan_image_subsets(cfg) -> Scan:
     warnings += keep_tokens_warnings(samples, subsets)
     if cfg.resolution and not problems:
         samples = [assign_geometry(s, cfg) for s in samples]
+        too_small = [s.path.name for s in samples if s.bucket and min(s.bucket) == 0]
+        if too_small:  # bucket_no_upscale keeps sizes: a side under one step would be cropped to nothing
+            problems.append(Problem("bucket_no_upscale", f"{len(too_small)} image(s) have a side shorter than "
+                                    f"bucket_reso_steps ({cfg.bucket_reso_steps} px): {', '.join(too_small[:5])}",
+                                    "remove or enlarge them, or set bucket_no_upscale: false", True))
         if samples and all(s.is_reg for s in samples):
             problems.append(Problem("datasets", "holds only regularization (is_reg) images",
                                     "add a subset of training images (is_reg: false)", None))
