@@ -283,12 +283,13 @@ def _bad(case: str, folder: Path, assets: dict) -> dict:
 
 
 BAD = [
-    ("unsupported pipeline class", "base_model", ["StableDiffusion3Pipeline", "sdxl (Stable Diffusion XL)"]),
+    ("unsupported pipeline class", "base_model", ["_class_name: a pipeline class agentd does not train",
+                                                  "sdxl (Stable Diffusion XL)"]),  # never a string of the file
     ("inpainting UNet", "base_model", ["9 input channels", "no supported model family"]),
     ("model_family contradicts the files", "model_family", ["says sd", "a sdxl model"]),
     ("unknown model_family", "model_family", ["not a supported model family", "causal_lm"]),
     ("SDXL single file with an SD1.5 base_model_config", "base_model_config",
-     ["StableDiffusionPipeline folder", "Stable Diffusion XL checkpoint"]),
+     ["_class_name: StableDiffusionPipeline)", "Stable Diffusion XL checkpoint"]),
     ("train_text_encoder on a causal LM", "train_text_encoder", ["no separate text encoder"]),
     ("resolution off the latent grid", "resolution", ["multiple of 16", "use 32 or 48"]),
     ("a LoRA for another family", "init_lora_weights", ["LoRA for sd", "sdxl model"]),

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.errors import content_free
 from trainer.outputs import atomic_write_json, fsync_dir, save_safetensors_atomic
 
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -232,7 +233,7 @@ def scan_candidates(policy: str, checkpoints_dir: Path) -> list[Candidate]:
             try:
                 st = read_state(p)
             except (OSError, ValueError) as e:
-                err = f"state.json unreadable ({e})"
+                err = f"state.json unreadable ({content_free(e)})"
         step = st.get("train_state", {}).get("global_step", -1) if st else _step_from_name(p)
         out.append(Candidate(p, step, err, st.get("training_fields", {}), st.get("data_fingerprint")))
     return out

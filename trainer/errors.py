@@ -60,3 +60,36 @@ class TrainingInterrupted(Exception):
 class TrainingPaused(TrainingInterrupted):
     """Raised inside the loop when a pause was requested (`agentd pause`); the job has saved a checkpoint
     and continues from it, bit-identically, when resumed."""
+
+
+class DescribedError(ValueError):
+    """A reading error whose message agentd wrote itself (a kind, a position, a count): it holds no byte
+    of the file, so `content_free` passes it through as is."""
+
+
+def content_free(e: BaseException) -> str:
+    """An error from reading a file a config names, told by kind and position only, never by its bytes.
+
+    Library messages often quote the input (a JSON excerpt, a Jinja template line, a serde "unknown
+    variant `…`", a pickle opcode), and the daemon reads files for submitters: the user can open their own
+    file at the position given. Errors agentd raises with its own words (`DescribedError`) pass through.
+    """
+    import json
+
+    if isinstance(e, DescribedError):
+        return str(e)
+    if isinstance(e, json.JSONDecodeError):  # msg is the parser's fixed phrase, e.g. "Expecting value"
+        return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (undecodable byte at offset {e.start})"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    lineno = getattr(e, "lineno", None)
+    if type(e).__name__ == "TemplateSyntaxError":  # jinja2 quotes the offending token and the line itself
+        return f"Jinja syntax error at line {lineno} of the template" if lineno else "Jinja syntax error"
+    if type(e).__name__ == "UndefinedError":  # "'<name from the template>' is undefined"
+        return "the template uses a variable or attribute that is not defined (UndefinedError)"
+    mark = getattr(e, "problem_mark", None)  # a YAML error
+    if mark is not None:
+        return f"{type(e).__name__} at line {mark.line + 1} column {mark.column + 1}"
+    return type(e).__name__

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.errors import content_free
+
 # Component -> key prefix; a family with other names passes its own (SDXL: text_encoder -> lora_te1).
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "model": "lora_lm"}
 _A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
@@ -97,4 +99,4 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = f.metadata() or {}
         return load_file(str(path)), meta
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise LoraFormatError(f"{path}: not a readable safetensors LoRA ({e})") from None
+        raise LoraFormatError(f"{path}: not a readable safetensors LoRA ({content_free(e)})") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 from trainer.config import TrainConfig, load_config
 from trainer import families, runs, sampling, validation
 from trainer.data import Scan, fingerprint
-from trainer.errors import ConfigError, Problem
+from trainer.errors import ConfigError, Problem, content_free
 from trainer.optim import optimizer_problems
 from trainer.families.probe import probe, safetensors_header
 
@@ -107,7 +107,7 @@ def _init_lora_problems(cfg: TrainConfig, fam) -> list[Problem]:
     try:
         shapes, metadata = safetensors_header(path)
     except (OSError, ValueError, struct.error) as e:
-        return [Problem("init_lora_weights", f"is not a readable safetensors LoRA ({e})",
+        return [Problem("init_lora_weights", f"is not a readable safetensors LoRA ({content_free(e)})",
                         "point it at a .safetensors LoRA", str(path))]
     other = families.family_of_lora(set(shapes), metadata)
     if other is not None and other != fam.NAME:

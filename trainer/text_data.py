@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from trainer.data import Sample, Scan
-from trainer.errors import Problem
+from trainer.errors import Problem, content_free
 
 FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")
 CHAT_FORMATS = ("alpaca", "sharegpt", "messages")
@@ -349,6 +349,15 @@ def template_text(chat_template: str | None) -> str | None:
     return Path(chat_template).read_text(encoding="utf-8")
 
 
+def _template_error(e: Exception) -> str:
+    """A chat template's failure on one record, without the template's bytes: our own mismatch message,
+    the message a template passes to raise_exception (its author's words for the user, e.g. "roles must
+    alternate"; the submitter may read the template: the access check saw to it), else `content_free`."""
+    if isinstance(e, TemplateMismatch) or type(e).__name__ == "TemplateError":
+        return f"{type(e).__name__}: {e}"
+    return content_free(e)
+
+
 class TemplateMismatch(ValueError):
     """The template renders an earlier turn differently once later turns follow."""
 
@@ -531,7 +540,7 @@ def encode_dataset(records: Records, tokenizer, *, template: str | None, max_len
             ids, trained = encoder.encode(s)
         except (TemplateError, TemplateMismatch) as e:
             if len(problems) < MAX_RECORD_PROBLEMS:
-                problems.append(Problem("chat_template", f"{s.where}: {type(e).__name__}: {e}",
+                problems.append(Problem("chat_template", f"{s.where}: {_template_error(e)}",
                                         "fix the record (e.g. roles must alternate user/assistant) or use a "
                                         "chat_template that renders it"))
             continue
@@ -597,7 +606,7 @@ def _scan_key(cfg, root: Path, field_name: str) -> tuple | None:
             if root.exists() else None
         return (files, str(cfg.base_model), _folder_identity(Path(cfg.base_model)), template_text(cfg.chat_template),
                 cfg.dataset_format, cfg.max_seq_length, cfg.truncation, cfg.train_on_prompt, cfg.packing, field_name)
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # the scan itself reports an unreadable template
         return None
 
 
@@ -616,14 +625,14 @@ def _scan_text(cfg, root: Path, field_name: str) -> Scan:
         return Scan(records.samples, [], [], notes=list(records.notes))
     try:
         template = template_text(cfg.chat_template)
-    except OSError as e:
-        return Scan([], [Problem("chat_template", f"cannot read the template file ({e.strerror or e})",
+    except (OSError, UnicodeDecodeError) as e:
+        return Scan([], [Problem("chat_template", f"cannot read the template file ({content_free(e)})",
                                  "point chat_template at a Jinja file, or write the template inline",
                                  cfg.chat_template)], [])
     try:
         tok = tokenizer_for(Path(cfg.base_model))
     except (OSError, ValueError) as e:
-        return Scan([], [Problem("base_model", f"cannot load the tokenizer: {e}",
+        return Scan([], [Problem("base_model", f"cannot load the tokenizer: {content_free(e)}",
                                  "check the model folder's tokenizer files (tokenizer.json, tokenizer_config.json)",
                                  str(cfg.base_model))], [])
     enc = encode_dataset(records, tok, template=template, max_len=cfg.max_seq_length, truncation=cfg.truncation,

@@ -95,6 +95,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
+from trainer.errors import content_free
+
 MIB = 1024 * 1024
 
 common_card_sizes_gib = (8, 12, 16, 24, 48, 80)
@@ -201,7 +203,7 @@ def _read_json(path: Path) -> dict:
         raise VramEstimateError(f"{path} not found: the estimate needs the model's config files "
                                 f"(a diffusers folder for image mode, a transformers folder for text mode)")
     except (OSError, ValueError) as e:
-        raise VramEstimateError(f"cannot read {path}: {e}")
+        raise VramEstimateError(f"cannot read {path}: {content_free(e)}")
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
@@ -372,7 +374,7 @@ def _image_summary(model_dir: str, unet_targets: tuple[str, ...], te_targets: tu
         except VramEstimateError:
             raise
         except Exception as e:  # a config the installed library cannot build
-            raise VramEstimateError(f"cannot build {comp} from {cfg_path}: {type(e).__name__}: {e}") from e
+            raise VramEstimateError(f"cannot build {comp} from {cfg_path}: {content_free(e)}") from None
         frozen[comp] = _count(model)
         if comp == "unet":
             unet = model
@@ -391,7 +393,7 @@ def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) ->
         model = _meta(lambda: AutoModelForCausalLM.from_config(config))
     except Exception as e:
         raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
-                                f"{type(e).__name__}: {e}") from e
+                                f"{content_free(e)}") from None
     import torch.nn as nn
 
     head = model.get_output_embeddings()
@@ -424,7 +426,7 @@ def _flux_summary(model_dir: str, targets: tuple[str, ...], te_targets: tuple[st
             model = _meta(lambda: build(config))
         except Exception as e:  # a config the installed library cannot build
             raise VramEstimateError(f"cannot build {comp} from {root / comp / 'config.json'}: "
-                                    f"{type(e).__name__}: {e}") from e
+                                    f"{content_free(e)}") from None
         frozen[comp] = _count(model)
         if comp == "transformer":
             transformer = model

@@ -88,7 +88,7 @@ def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
                         "point it at a folder with model_index.json and component configs", str(folder))]
     if cp.class_name not in this.PIPELINE_CLASSES:
         return [Problem(
-            "base_model_config", f"is a {cp.class_name} folder, but base_model is a {this.TITLE} checkpoint "
+            "base_model_config", f"is {cp.describe()}, but base_model is a {this.TITLE} checkpoint "
             f"(its keys hold {this.SINGLE_FILE_SIGNATURE!r})",
             f"point base_model_config at a {' or '.join(this.PIPELINE_CLASSES)} folder, or remove it",
             str(folder))]

@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.errors import DescribedError, content_free
+
 SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt"}
 MAX_HEADER_BYTES = 100_000_000
 
@@ -39,18 +41,43 @@ class Probe:
         return any(k.startswith(prefix) for k in self.keys)
 
     def describe(self) -> str:
-        """What the files say, for error messages."""
+        """What the files say, for error messages: by kind and count, quoting a name only when it is one
+        agentd knows (a family's pipeline class, a known key prefix), never a string read from the files
+        (the daemon reads them for a submitter; they can open their own files)."""
         if self.kind == "folder":
             if self.class_name:
                 extra = f", UNet with {self.unet_in_channels} input channels" if self.unet_in_channels else ""
-                return f"a diffusers {self.class_name} folder{extra}"
+                known = self.class_name in _known_pipeline_classes()
+                name = self.class_name if known else "a pipeline class agentd does not train"
+                return f"a diffusers folder (model_index.json _class_name: {name}){extra}"
             if self.architectures:
-                return f"a transformers {', '.join(self.architectures)} folder"
+                from trainer.families.causal_lm import ARCHITECTURE_SUFFIXES
+
+                lm = sum(a.endswith(ARCHITECTURE_SUFFIXES) for a in self.architectures)
+                count = f"{len(self.architectures)} entr{'y' if len(self.architectures) == 1 else 'ies'}"
+                return (f"a transformers folder (config.json architectures: {count}, "
+                        + (f"{lm} a causal LM)" if lm else
+                           f"none a causal LM ending in {' or '.join(ARCHITECTURE_SUFFIXES)})"))
             return "a folder with neither model_index.json nor config.json"
         if self.kind == "file":
-            sample = sorted({k.split(".")[0] + "." + k.split(".")[1] if "." in k else k for k in self.keys})[:4]
-            return f"a single-file checkpoint with {len(self.keys)} tensors (e.g. {', '.join(sample)})"
+            found = [p for p in KNOWN_KEY_PREFIXES if self.has_prefix(p)]
+            return (f"a single-file checkpoint with {len(self.keys)} tensors, " +
+                    (f"keys under {', '.join(found)}" if found else
+                     f"none under a key prefix agentd knows ({', '.join(KNOWN_KEY_PREFIXES[:4])}, ...)"))
         return self.error or self.kind
+
+
+# The top-level tensor-name prefixes of the single-file layouts agentd knows (LDM/SGM checkpoints, Flux,
+# kohya LoRAs, diffusers-style files): named in messages, since they are agentd's, not the file's.
+KNOWN_KEY_PREFIXES = ("model.diffusion_model.", "double_blocks.", "single_blocks.", "first_stage_model.",
+                      "cond_stage_model.", "conditioner.", "lora_unet_", "lora_te", "transformer.", "unet.",
+                      "text_encoder.", "vae.")
+
+
+def _known_pipeline_classes() -> set[str]:
+    from trainer.families import FAMILIES
+
+    return {c for fam in FAMILIES.values() for c in getattr(fam, "PIPELINE_CLASSES", ())}
 
 
 def probe(path: Path) -> Probe:
@@ -68,7 +95,7 @@ def probe(path: Path) -> Probe:
         else:
             shapes, keys = {}, _ckpt_keys(path)
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
-        return Probe(path, "unreadable", error=f"is not a model checkpoint ({type(e).__name__}: {e})")
+        return Probe(path, "unreadable", error=f"is not a model checkpoint ({content_free(e)})")
     in_conv = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     return Probe(path, "file", keys=keys, shapes=shapes,
                  unet_in_channels=int(in_conv[1]) if in_conv and len(in_conv) == 4 else None)
@@ -105,13 +132,13 @@ def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError("file too short for a safetensors header")
+            raise DescribedError("file too short for a safetensors header")
         (n,) = struct.unpack("<Q", head)
         if n <= 0 or n > MAX_HEADER_BYTES:
-            raise ValueError("no safetensors header")
+            raise DescribedError("no safetensors header")
         header = json.loads(f.read(n))
     if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
+        raise DescribedError("safetensors header is not a JSON object")
     meta = header.get("__metadata__") or {}
     return ({k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)},
             {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {})
@@ -123,14 +150,17 @@ def _ckpt_keys(path: Path) -> frozenset[str]:
         with zipfile.ZipFile(path) as z:
             name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
             if name is None:
-                raise ValueError("torch zip without data.pkl")
+                raise DescribedError("torch zip without data.pkl")
             data = z.read(name)
     else:
         data = path.read_bytes()
         if data[:1] != b"\x80":
-            raise ValueError("not a pickle")
+            raise DescribedError("not a pickle")
     keys = set()
-    for op, arg, _ in pickletools.genops(data):
-        if isinstance(arg, str) and "." in arg and " " not in arg and op.name.endswith("UNICODE"):
-            keys.add(arg)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "." in arg and " " not in arg and op.name.endswith("UNICODE"):
+                keys.add(arg)
+    except ValueError:  # pickletools names the opcode bytes it stopped at
+        raise DescribedError("its pickle cannot be parsed") from None
     return frozenset(keys)
