@@ -420,13 +420,20 @@ def history_runs(history: Path) -> list[Path]:
                    and (p / MANIFEST).is_file() and not (p / MANIFEST).is_symlink()), key=lambda p: p.name)
 
 
-def prune_history(history: Path, keep: int) -> list[Path]:
+def prune_history(history: Path, keep: int, output_dir: Path | None = None) -> list[Path]:
     """Delete the oldest run folders beyond `keep` (never a folder that is not a run, never through a
-    link: rmtree works by file descriptor and refuses a link)."""
+    link: the history folder is opened as `move_aside` opens it, and rmtree works from that descriptor,
+    refusing a run folder swapped for a link in the meantime)."""
     runs = history_runs(history)
     removed = runs[: max(0, len(runs) - keep)]
-    for p in removed:
-        shutil.rmtree(p)
+    if not removed:
+        return []
+    history_fd = _history_fd(output_dir, history) if output_dir is not None else _open_dir(history)
+    try:
+        for p in removed:
+            shutil.rmtree(p.name, dir_fd=history_fd)
+    finally:
+        os.close(history_fd)
     return removed
 
 
@@ -473,16 +480,14 @@ class RunStart:
             self.manifest.add(*paths)
 
 
-def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
-    """Decide the run (see `decide_run`) and, for a new one, move the previous run aside first."""
+def decide_for(cfg, data_fingerprint: str) -> tuple[RunDecision, PreviousRun | None]:
+    """`decide_run` for `cfg` as its output_dir stands now, reading only (run.json, the checkpoints): what
+    `begin_run` acts on, and what the daemon asks at submit time (a finished, unchanged config is answered
+    "nothing to do" there, without waiting for a GPU)."""
     from trainer.checkpoint import scan_candidates
     from trainer.config import NON_TRAINING_FIELDS
 
     out, history = Path(cfg.output_dir), history_dir(cfg)
-    try:
-        recover_moves(out, history)
-    except UnsafeHistory:
-        pass  # nothing of ours to finish there; a move into it is refused below with the reason
     previous = read_previous(out, NON_TRAINING_FIELDS)
     candidates = [] if cfg.resume == "never" else scan_candidates(cfg.resume, out / "checkpoints")
     try:
@@ -491,6 +496,17 @@ def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
         label = str(history)
     decision = decide_run(cfg.resume, cfg.training_fields(), data_fingerprint, previous, candidates,
                           training_defaults(), label, out / "checkpoints")
+    return decision, previous
+
+
+def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
+    """Decide the run (see `decide_run`) and, for a new one, move the previous run aside first."""
+    out, history = Path(cfg.output_dir), history_dir(cfg)
+    try:
+        recover_moves(out, history)
+    except UnsafeHistory:
+        pass  # nothing of ours to finish there; a move into it is refused below with the reason
+    decision, previous = decide_for(cfg, data_fingerprint)
     if decision.action in ("refuse", "nothing"):
         return RunStart(decision, previous.run_id if previous else "", previous)
     moved = None
@@ -507,7 +523,7 @@ def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
         if moved is None:
             decision.warnings.append(f"the previous run in {out} has no {MANIFEST} (written by an older agentd): "
                                      "its files stay in place and may be overwritten")
-        prune_history(history, cfg.keep_runs)
+        prune_history(history, cfg.keep_runs, out)
     run_id = previous.run_id if decision.action == "resume" and previous and not decision.move_previous \
         else new_run_id(started, cfg.config_hash())
     return RunStart(decision, run_id, previous, moved)
