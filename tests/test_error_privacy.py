@@ -97,3 +97,15 @@ def test_chat_template_errors_give_the_line_not_the_template(assets, tmp_path):
     template.write_bytes(b"\xfe" + SECRET.encode())
     text = problems_of(chat_config(tmp_path / "bytes", assets, chat_template=str(template)))
     assert not leaked(text) and "undecodable byte at offset 0" in text, text
+
+
+def test_a_tokenizer_that_does_not_parse_is_a_problem_with_its_position(assets, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["chat_model"], model)
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": SECRET}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    text = problems_of(chat_config(tmp_path, assets, base_model=str(model)))
+    assert not leaked(text) and "cannot load the tokenizer" in text and "does not parse at line 1 column" in text, text

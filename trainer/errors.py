@@ -92,4 +92,9 @@ def content_free(e: BaseException) -> str:
     mark = getattr(e, "problem_mark", None)  # a YAML error
     if mark is not None:
         return f"{type(e).__name__} at line {mark.line + 1} column {mark.column + 1}"
+    import re
+
+    at = re.search(r"at line (\d+) column (\d+)", str(e))  # serde (tokenizers, safetensors): keep the place only
+    if at:
+        return f"{type(e).__name__}: the file does not parse at line {at[1]} column {at[2]}"
     return type(e).__name__

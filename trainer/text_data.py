@@ -631,7 +631,7 @@ def _scan_text(cfg, root: Path, field_name: str) -> Scan:
                                  cfg.chat_template)], [])
     try:
         tok = tokenizer_for(Path(cfg.base_model))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # the tokenizers library raises a bare Exception on a tokenizer.json it cannot parse
         return Scan([], [Problem("base_model", f"cannot load the tokenizer: {content_free(e)}",
                                  "check the model folder's tokenizer files (tokenizer.json, tokenizer_config.json)",
                                  str(cfg.base_model))], [])
