@@ -193,6 +193,7 @@ class Scheduler:
         from trainer.config import parse_config
         from trainer.errors import ConfigError
         from trainer.preflight import check_config
+        from trainer.runs import decide_for
 
         try:
             cfg = parse_config(config_text, base_dir=Path(config_path).parent, source=config_path)
@@ -209,6 +210,12 @@ class Scheduler:
         allowed = self._allowed(cfg.device, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         estimate = self._estimate(checked)
+        # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
+        try:
+            decision, previous = decide_for(checked.config, checked.data_fingerprint)
+        except Exception as e:  # the job decides again as it starts, and reports what is wrong there
+            log.warning("submit: run decision for %s deferred to the job: %s", cfg.output_dir, e)
+            decision = previous = None
         with self.cond:
             for job in self.live.values():
                 if job.record["output_dir"] == str(cfg.output_dir) and job.record["state"] not in FINAL:
@@ -223,6 +230,13 @@ class Scheduler:
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority)
             job = LiveJob(job_id, self.journal.get(job_id), estimate=estimate, priority=priority, allowed=allowed)
             self.live[job_id] = job
+            if decision is not None and decision.action == "nothing":
+                self.publish(job, event("run", action="nothing", reason=decision.reason, run_id=previous.run_id))
+                self._finish(job, "succeeded", None, detail=decision.reason, step=previous.steps,
+                             loss=previous.final_loss)
+                self.cond.notify_all()
+                self.on_change()
+                return job_id, False
             self.order.append(job_id)
             # Position in line: the jobs running now count as ahead of it, so the first job is 1.
             ahead = len(self.busy) + self._run_order().index(job_id)
@@ -630,9 +644,11 @@ class Scheduler:
             self.cond.notify_all()
         self.on_change()
 
-    def _finish(self, job: LiveJob, outcome: str, error: str | None, infra: bool = False, **fields) -> None:
+    def _finish(self, job: LiveJob, outcome: str, error: str | None, infra: bool = False,
+                detail: str | None = None, **fields) -> None:
+        """`detail`: the transition's note when it is not an error (a "nothing to do" success)."""
         fields = {**_progress_fields(job), **{k: v for k, v in fields.items() if v is not None}}
-        self.journal.transition(job.id, outcome, error, error=error, **fields)
+        self.journal.transition(job.id, outcome, detail or error, error=error, **fields)
         job.record = self.journal.get(job.id)
         self.counters["jobs_finished"][outcome] = self.counters["jobs_finished"].get(outcome, 0) + 1
         ev = event("finished", outcome=outcome, error=error, output_dir=job.record["output_dir"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, write_config
-from tests.daemon_harness import DaemonProc
+from tests.daemon_harness import DaemonProc, Tail
 from trainer.checkpoint import Candidate
 from trainer.runs import (MANIFEST, PreviousRun, RunManifest, UnsafeHistory, decide_run, move_aside,
                           prune_history, read_manifest, read_previous, recover_moves)
@@ -245,6 +245,45 @@ def test_changed_config_through_the_daemon_starts_a_new_run(tmp_path, assets):
         third = d.run("run", str(cfg))
         assert third.returncode == 0 and "nothing to do" in third.stdout
     finally:
+        d.stop()
+
+
+def test_nothing_to_do_is_answered_at_submit_while_the_only_slot_is_busy(tmp_path, assets):
+    """A finished, unchanged config needs no GPU: the daemon answers it at submit time, while another job
+    holds its only slot, instead of queueing it behind that job (journaled as succeeded with the note)."""
+    (tmp_path / "daemon").mkdir()
+    d = DaemonProc(tmp_path / "daemon").start()
+    busy = None
+    try:
+        (tmp_path / "done").mkdir()
+        (tmp_path / "long").mkdir()
+        done = write_config(tmp_path / "done", assets, max_train_steps=2, save_steps=2)
+        first = d.run("run", str(done))
+        assert first.returncode == 0, first.stdout
+        run_id = json.loads((done.parent / "out/run.json").read_text())["run_id"]
+        stamp = (done.parent / "out/run.json").stat().st_mtime_ns
+
+        long = write_config(tmp_path / "long", assets, max_train_steps=100_000, save_steps=100_000, log_every=1)
+        busy = Tail(d.agentd("run", str(long)))
+        busy.until("step 2/100000")
+        assert [j["id"] for j in d.status()["running"]] == ["job-000002"]
+
+        again = d.run("run", str(done), timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"(run {run_id}): nothing to do" in again.stdout and "step 1/" not in again.stdout
+        # Answered while the slot was still busy: the long job never stopped running for it.
+        assert [j["id"] for j in d.status()["running"]] == ["job-000002"]
+        assert busy.proc.poll() is None
+        rows = d.journal_rows("SELECT state, detail FROM transitions WHERE job_id = 'job-000003' ORDER BY rowid")
+        assert [r["state"] for r in rows] == ["queued", "succeeded"]
+        assert "nothing to do" in rows[-1]["detail"]
+        assert (done.parent / "out/run.json").stat().st_mtime_ns == stamp, "nothing to do writes nothing"
+        assert d.run("cancel", "job-000002").returncode == 0
+        code, _ = busy.finish(timeout=120)
+        assert code != 0  # cancelled
+    finally:
+        if busy is not None and busy.proc.poll() is None:
+            busy.proc.kill()
         d.stop()
 
 
