@@ -91,6 +91,7 @@ def test_chat_template_errors_give_the_line_not_the_template(assets, tmp_path):
     template.write_text("{{ bos_token }}\n{% " + SECRET + " %}\n")  # Jinja: "Encountered unknown tag '…'" + line
     text = problems_of(chat_config(tmp_path / "syntax", assets, chat_template=str(template)))
     assert not leaked(text) and "Jinja syntax error at line 2 of the template" in text, text
+    assert text.startswith("1 problem in"), text  # parsed once, not once per record
     template.write_text("{{ " + SECRET + ".x }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     text = problems_of(chat_config(tmp_path / "undefined", assets, chat_template=str(template)))
     assert not leaked(text) and "UndefinedError" in text, text

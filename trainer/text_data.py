@@ -349,6 +349,23 @@ def template_text(chat_template: str | None) -> str | None:
     return Path(chat_template).read_text(encoding="utf-8")
 
 
+def template_syntax_problem(template: str | None) -> Problem | None:
+    """The config's template parsed once (not per record): a syntax error is one problem, by line."""
+    if template is None:
+        return None
+    from jinja2 import TemplateSyntaxError
+    # transformers' own compiler: the environment apply_chat_template renders with ({% generation %} and
+    # {% break %} are tags there), cached, so the encoder reuses it.
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        return Problem("chat_template", content_free(e), "fix the template at that line (it is Jinja, as the "
+                       "model's chat_template.jinja)", None)
+    return None
+
+
 def _template_error(e: Exception) -> str:
     """A chat template's failure on one record, without the template's bytes: our own mismatch message,
     the message a template passes to raise_exception (its author's words for the user, e.g. "roles must
@@ -629,6 +646,9 @@ def _scan_text(cfg, root: Path, field_name: str) -> Scan:
         return Scan([], [Problem("chat_template", f"cannot read the template file ({content_free(e)})",
                                  "point chat_template at a Jinja file, or write the template inline",
                                  cfg.chat_template)], [])
+    syntax = template_syntax_problem(template)
+    if syntax:
+        return Scan([], [syntax], [])
     try:
         tok = tokenizer_for(Path(cfg.base_model))
     except Exception as e:  # the tokenizers library raises a bare Exception on a tokenizer.json it cannot parse
