@@ -14,11 +14,11 @@ T5 length (512, dev's default) and targets (the family's default: attention of d
                     (`transformer.add_adapter`) and guidance 1.0, unpack, MSE against noise - latents,
                     backward, grad clipping, AdamW, lr scheduler, loss.item()
     ours            `trainer.job.LoraTrainingJob` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
-                    turned off (mixed_precision no, quantize_base no) and no caches (cache_text_embeddings and
+                    turned off (mixed_precision no, quantization no) and no caches (cache_text_embeddings and
                     cache_latents false): the same work per step as the textbook loop
     ours+cache      cache_text_embeddings and cache_latents true: both text encoders and the VAE run once per
                     caption / image in setup, never in the steps (the text encoders then leave the GPU)
-    ours+fp8        ours+cache on the fp8 base (quantize_base fp8): the cost of the per-layer upcast, which on
+    ours+fp8        ours+cache on the fp8 base (quantization fp8): the cost of the per-layer upcast, which on
                     the CPU is pure overhead (on a GPU it is what makes Flux fit in 24 GB)
 
 Timing as in bench_train.py: steady state (loading, caching and `--warmup` steps excluded), median step,
@@ -63,7 +63,7 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: boo
                "base_model": str(assets["flux"]), "resolution": resolution, "lora_rank": RANK,
                "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
                "save_steps": 10_000, "log_every": 10_000, "seed": SEED, "resume": "never",
-               "mixed_precision": "no", "quantize_base": "fp8" if fp8 else "no", "max_sequence_length": SEQ,
+               "mixed_precision": "no", "quantization": "fp8" if fp8 else "no", "max_sequence_length": SEQ,
                "timestep_density": "uniform", "cache_latents": cached, "cache_text_embeddings": cached,
                "output_dir": str(Path(tmp) / "out")}
         path = Path(tmp) / "bench.yaml"

@@ -315,7 +315,7 @@ def flux_estimate(folder: Path, res: int, seq: int, quantize: str, rank: int):
     return estimate_vram(folder, family="flux", resolution=res, batch_size=1, lora_rank=rank,
                          target_modules=FLUX_TARGETS, train_text_encoder=False, text_encoder_target_modules=[],
                          mixed_precision="bf16", gradient_checkpointing=True, cache_latents=True,
-                         quantize_base=quantize, max_sequence_length=seq, cache_text_embeddings=True)
+                         quantization=quantize, max_sequence_length=seq, cache_text_embeddings=True)
 
 
 def flux_steps(transformer_config: dict, quantize: str, res: int, seq: int, rank: int, steps: int,

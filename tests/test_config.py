@@ -195,6 +195,46 @@ def test_single_file_without_config_folder_says_what_to_provide(tmp_path, assets
     assert "base_model_config" in proc.stderr and "model_index.json" in proc.stderr
 
 
+FOREIGN_KEYS = [  # (keys set on a tiny SD config, the field refused, the families it names)
+    ({"guidance_scale": 3.5}, "guidance_scale", "FLUX.1"),
+    ({"max_sequence_length": 256}, "max_sequence_length", "FLUX.1"),
+    ({"timestep_density": "uniform"}, "timestep_density", "FLUX.1"),
+    ({"quantization": "fp8"}, "quantization", "FLUX.1 and causal language model"),
+    ({"chat_template": "{{ messages }}"}, "chat_template", "causal language model"),
+    ({"packing": True}, "packing", "causal language model"),
+]
+
+
+@pytest.mark.parametrize("fields,field,owners", FOREIGN_KEYS, ids=[f[1] for f in FOREIGN_KEYS])
+def test_another_familys_key_on_an_sd_config_exits_2(fields, field, owners, tmp_path, assets):
+    path = write_config(tmp_path, assets, **fields)
+    proc = subprocess.run([str(BIN / "lora-train"), "validate", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{field}: applies only to {owners}" in proc.stderr, proc.stderr
+    assert "base_model is a Stable Diffusion" in proc.stderr
+    assert "fix: remove it, or train a" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_keys_at_their_default_or_null_are_no_error(tmp_path, assets):
+    """Setting a key to its default (or null) changes nothing, so an output folder's config.yaml (every key
+    written out) validates as it is; every problem of a bad config is reported at once."""
+    quiet = write_config(tmp_path, assets, logit_mean=0.0, mode_scale=1.29, max_seq_length=512, truncation="cut",
+                         guidance_scale=None)
+    proc = subprocess.run([str(BIN / "lora-train"), "validate", str(quiet)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tmp_path / "b").mkdir()
+    loud = write_config(tmp_path / "b", assets, clip_skip=2, guidance_scale=3.5, logit_std=0.5, max_seq_length=256)
+    proc = subprocess.run([str(BIN / "lora-train"), "validate", str(loud)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "3 problems" in proc.stderr and "clip_skip" not in proc.stderr  # clip_skip is SD's own
+    for field in ("guidance_scale", "logit_std", "max_seq_length"):
+        assert f"{field}: applies only to" in proc.stderr
+
+
 def test_every_shipped_config_loads():
     root = Path(__file__).resolve().parents[1] / "configs"
     shipped = sorted(p for p in root.glob("*.yaml") if p.name != "agentd.yaml")

@@ -70,7 +70,7 @@ def test_trains_from_yaml_with_the_family_defaults(reference):
     assert [int(r["step"]) for r in loss_rows(reference)] == list(range(1, STEPS + 1))
     resolved = yaml.safe_load((out / "config.yaml").read_text())  # the config that made it, defaults filled in
     assert resolved["model_family"] == "flux" and resolved["mixed_precision"] == "bf16"
-    assert resolved["quantize_base"] == "fp8" and resolved["guidance_scale"] == 1.0
+    assert resolved["quantization"] == "fp8" and resolved["guidance_scale"] == 1.0
     assert resolved["timestep_density"] == "logit_normal" and resolved["target_modules"][:3] == ["to_q", "to_k", "to_v"]
     tensors, meta = read_lora(out / "out.safetensors")
     assert meta["agentd_model_family"] == "flux" and meta["agentd_flux_variant"] == "dev"
@@ -229,7 +229,7 @@ def test_fp8_transformer_output_and_training_with_the_8bit_base(flux_assets, tmp
         ref, out = full(**inputs)[0], quant(**inputs)[0]
     assert ((out - ref).norm() / ref.norm()).item() < 0.10
 
-    cfg = flux_config(tmp_path / "fp8", flux_assets, mixed_precision="no", quantize_base="fp8", lora_rank=8,
+    cfg = flux_config(tmp_path / "fp8", flux_assets, mixed_precision="no", quantization="fp8", lora_rank=8,
                       batch_size=4, learning_rate="1e-2", max_train_steps=30, save_steps=30,
                       timestep_density="uniform", cache_latents=True)
     job = LoraTrainingJob(preflight(cfg))
@@ -284,6 +284,9 @@ BAD_INPUTS = [
     ("dev", {"max_sequence_length": 600}, "max_sequence_length", "at most 512"),
     ("dev", {"resolution": 30}, "resolution", "use 28 or 32"),
     ("dev", {"min_snr_gamma": 5}, "min_snr_gamma", "timestep_density"),
+    ("dev", {"quantization": "4bit"}, "quantization", "use one of: fp8, no"),
+    ("dev", {"clip_skip": 2}, "clip_skip", "or Stable Diffusion XL model"),
+    ("dev", {"chat_template": "{{ messages }}"}, "chat_template", "train a causal language model"),
 ]
 
 
@@ -337,7 +340,7 @@ def test_single_file_detection_shipped_configs_and_validate_on_a_24gib_card(flux
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "quantize_base fp8: 11,834,228,736 weights" in out and "gradient_checkpointing on" in out
+    assert "quantization fp8: 11,834,228,736 weights" in out and "gradient_checkpointing on" in out
     assert "cache_text_embeddings" in out and "leave the GPU" in out
     assert "fits as configured" in out
     as_json = subprocess.run([str(BIN / "agentd"), "validate", str(cfg), "--vram", "24GiB", "--json"],

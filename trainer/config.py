@@ -7,7 +7,9 @@ Rules a user can rely on:
 - Relative paths resolve against the folder that holds the config file (not the current directory),
   so a config committed next to its data works from any workspace.
 - Numbers may be written the way YAML 1.1 reads as strings (`2e-4`); they mean the number.
-- Unknown keys are errors that name the closest valid key.
+- Unknown keys are errors that name the closest valid key; a model family's own keys (guidance_scale for
+  Flux, chat_template for causal LMs ...) set on a config of another family are errors too
+  (`trainer.families.key_problems`, from each family's OWN_KEYS).
 - Every problem is found before any model loads and reported together (`ConfigError`),
   each with the field, the value, the YAML line and the fix.
 
@@ -301,10 +303,13 @@ class TrainConfig(_Strict):
     export_merged: bool = False
     """Text mode: also save <name>-merged/, the base with the LoRA merged in (merge_and_unload), a
     transformers folder with the tokenizer and chat template: as big as the base model."""
-    quantization: Optional[Literal["4bit", "8bit"]] = None
-    """Text mode QLoRA (CUDA + bitsandbytes): load the frozen base in 4-bit NF4 (double quantization,
-    bf16 compute) or 8-bit; LoRA weights stay fp32 and gradient checkpointing is on. ~4x / 2x less
-    weight memory, somewhat slower steps."""
+    quantization: Optional[Literal["4bit", "8bit", "fp8", "no"]] = None
+    """How the frozen base's weights are stored (the LoRA weights stay fp32); each family allows its own:
+    causal LMs (QLoRA, CUDA + bitsandbytes): 4bit (NF4, double quantization, bf16 compute) or 8bit, ~4x / 2x
+    less weight memory, somewhat slower steps, gradient checkpointing on; default: none (no).
+    Flux: fp8 (e4m3 with a per-row scale, upcast one layer at a time: trainer.fp8, any device) for the
+    transformer blocks, half of bf16's weight memory (what fits a 24 GB card), outputs within a few percent
+    of bf16's; default fp8, no keeps the training dtype. SD/SDXL: not available (their bases fit as they are)."""
 
     # --- Flux (trainer.families.flux; defaults come from the family) --------------------------------
     guidance_scale: Optional[float] = Field(None, gt=0)
@@ -324,10 +329,6 @@ class TrainConfig(_Strict):
     """timestep_density logit_normal: its standard deviation (smaller: more concentrated around the mean)."""
     mode_scale: float = 1.29
     """timestep_density mode: the SD3 paper's s (1.29: its recommended value; 0: uniform)."""
-    quantize_base: Optional[Literal["no", "fp8"]] = None
-    """Flux: store the frozen transformer blocks in 8 bits (fp8 e4m3 with a per-row scale, upcast one layer at
-    a time). Default fp8: half the weight memory of bf16 (what fits a 24 GB card), outputs within a few
-    percent of bf16's; no keeps them in the training dtype."""
 
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: Path
@@ -421,21 +422,13 @@ class TrainConfig(_Strict):
         return self
 
     def _text_checks(self) -> list[tuple[str, str, str, Any]]:
-        """Text-mode keys that cannot work together (or outside text mode)."""
+        """Text-mode keys that cannot work together."""
         problems: list[tuple[str, str, str, Any]] = []
         if self.validation_file is not None and (self.validation_split is not None
                                                  or self.validation_data_dir is not None):
             problems.append(("validation_file", "cannot be combined with validation_split or validation_data_dir",
                              "keep one validation source", str(self.validation_file)))
-        if self.mode == "image":
-            set_text_keys = [k for k in ("validation_file", "chat_template", "quantization")
-                             if getattr(self, k) is not None] + \
-                [k for k in ("packing", "export_merged", "train_on_prompt") if getattr(self, k)] + \
-                (["dataset_format"] if self.dataset_format != "auto" else []) + \
-                (["truncation"] if self.truncation != "cut" else [])
-            for key in set_text_keys:
-                problems.append((key, "is a text-mode key (causal language models)",
-                                 "remove it, or train a causal LM (mode: text)", getattr(self, key)))
+        # Text keys on an image config (and any family's keys on another's): trainer.families.key_problems.
         return problems
 
     def _dataset_checks(self) -> list[tuple[str, str, str, Any]]:
@@ -448,8 +441,6 @@ class TrainConfig(_Strict):
             problems.append(("datasets", "cannot be combined with train_data_dir",
                              "keep one: train_data_dir (one folder, or N_name subfolders) or datasets (a list)",
                              f"{len(self.datasets)} subsets"))
-        if self.datasets and self.mode == "text":
-            problems.append(("datasets", "is for image mode", "use train_data_dir for text data", None))
         if self.min_bucket_reso > self.max_bucket_reso:
             problems.append(("min_bucket_reso", f"is larger than max_bucket_reso ({self.max_bucket_reso})",
                              "make min_bucket_reso <= max_bucket_reso (kohya's defaults: 256 and 1024)",
@@ -468,6 +459,11 @@ class TrainConfig(_Strict):
             problems.append(("masked_loss", "has no mask source", "set alpha_mask: true (masks from the images' "
                              "alpha channel) or mask_dir (a folder of masks named like the images)", True))
         return problems
+
+    @property
+    def base_quantization(self) -> str | None:
+        """`quantization` with no as None: the format the frozen base is stored in (None: the training dtype)."""
+        return None if self.quantization == "no" else self.quantization
 
     @property
     def latents_cached(self) -> bool:

@@ -188,13 +188,14 @@ class LoraTrainingJob:
         load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
         # Not the device: a warm base kept in host memory moves to whichever device the next job has.
         self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
-                          str(cfg.base_model_config), str(self.weight_dtype), cfg.quantization, cfg.chat_template,
-                          cfg.quantize_base)  # a fp8 Flux base is another base than a bf16 one
-        if self.base_cache is not None and cfg.quantization is None:
+                          str(cfg.base_model_config), str(self.weight_dtype), cfg.base_quantization,
+                          cfg.chat_template)  # a fp8 Flux base is another base than a bf16 one
+        if self.base_cache is not None and cfg.base_quantization in (None, "fp8"):
             base, self.warm, self.warm_move_s = self.base_cache.get(self._base_key, load, self.device)
             log.info("base model %s (%s)", cfg.base_model, self.warm)
         else:
-            # A bitsandbytes-quantized base (QLoRA) cannot move between device and host memory: never kept warm.
+            # A bitsandbytes-quantized base (QLoRA: 4bit/8bit) cannot move between device and host memory:
+            # never kept warm (a fp8 Flux base is plain tensors: it can).
             self._base_key = None
             base = load()
         return fam.make_task(cfg, base, self.device), dataset

@@ -47,15 +47,16 @@ Each model family (trainer.families) supplies its parameter summary and per-samp
                                   m = 3 for a gated MLP (Llama, Mistral, Qwen...), 5.5 for GPT-2/CLIP's
                                   GELU MLP; + 12h when the config enables dropout (masks, outputs)
     + S x 4V                      logits, fp32 log-probabilities and their gradients in the loss
-- QLoRA (`quantization`): the linear layers' weights (not the output head) at QUANTIZED_BYTES each (NF4
-  with double quantization: 0.516 bytes; 8-bit: 1 byte), every other weight and the activations in half
+- QLoRA (`quantization: 4bit|8bit`, causal LMs): the linear layers' weights (not the output head) at
+  QUANTIZED_BYTES each (NF4 with double quantization: 0.516 bytes; 8-bit: 1 byte), every other weight and
+  the activations in half
   precision (the compute dtype), gradient checkpointing on.
 - flux (S = (resolution / 16)**2 image tokens + max_sequence_length text tokens, h = hidden size 3072):
       S x h x (FLUX_DOUBLE_COEF = 23.8 per double block + FLUX_SINGLE_COEF = 17.0 per single block)
   counted like the UNet's (saved_tensors_hooks, SDPA saving no attention matrix, default LoRA targets);
   with gradient checkpointing 1 x S x h per block plus the largest block recomputed; under bf16 x 0.58 (the
   UNet families' measured ACT_FACTOR, assumed for Flux until gpu_check.py measures it). Weights: with
-  `quantize_base: fp8` the Linear weights of the blocks (`quantizable`) at 1 byte; the text encoders
+  `quantization: fp8` the Linear weights of the blocks (`quantizable`) at 1 byte; the text encoders
   are not resident while training when their outputs are cached (`offloadable`); the estimate's total is
   at least the text precompute's peak (the encoders and the VAE + overhead: the transformer waits in
   host memory while they run).
@@ -191,7 +192,7 @@ class _ModelSummary:
     te_layers: tuple[tuple[int, float, int], ...] = ()  # the same per text encoder
     context_tokens: int = 77
     quantizable: int = 0                   # causal LM: parameters in the linear layers bitsandbytes quantizes;
-                                           # flux: in the blocks' Linear layers quantize_base stores in fp8
+                                           # flux: in the blocks' Linear layers quantization: fp8 stores in fp8
     offloadable: tuple[str, ...] = ()      # components off the GPU while training once their outputs are cached
     flux_blocks: tuple[int, int, int] = () # flux: (hidden size, double blocks, single blocks)
 
@@ -538,7 +539,7 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
                   text_encoder_target_modules: list[str], mixed_precision: str,
                   gradient_checkpointing: bool, cache_latents: bool,
                   max_seq_length: int = 512, quantization: str | None = None,
-                  quantize_base: str | None = None, max_sequence_length: int | None = None,
+                  max_sequence_length: int | None = None,
                   cache_text_embeddings: bool = False) -> VramEstimate:
     """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
 
@@ -553,6 +554,9 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
     if batch_size < 1 or lora_rank < 1:
         raise VramEstimateError("batch_size and lora_rank must be at least 1")
     te_targets = list(text_encoder_target_modules) if train_text_encoder else []
+    # `quantization`: 4bit/8bit (bitsandbytes, causal LMs: QLoRA) or fp8 (trainer.fp8, Flux's blocks); no: none.
+    fp8 = quantization == "fp8"
+    quantization = quantization if quantization in QUANTIZED_BYTES else None  # the bitsandbytes formats
     gradient_checkpointing = gradient_checkpointing or quantization is not None  # QLoRA turns it on
     summary = model_summary(model_dir, family, target_modules, te_targets)  # reports an unknown family
     fam = FAMILIES[family]
@@ -569,9 +573,9 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         weights -= summary.quantizable * (weight_bytes - per_param)
         notes.append(f"quantization {quantization}: {summary.quantizable:,} linear-layer weights at "
                      f"{per_param:.3f} bytes each, the rest in half precision")
-    if quantize_base == "fp8" and summary.quantizable:
+    if fp8 and summary.quantizable:
         weights -= summary.quantizable * (weight_bytes - FP8_BYTES)
-        notes.append(f"quantize_base fp8: {summary.quantizable:,} weights of the transformer blocks at 1 byte "
+        notes.append(f"quantization fp8: {summary.quantizable:,} weights of the transformer blocks at 1 byte "
                      f"(the rest in {'bf16' if weight_bytes == 2 else 'fp32'})")
     # A text encoder whose LoRA trains (flux: CLIP-L with train_text_encoder) stays on the GPU.
     offloaded = [k for k in summary.offloadable if k in frozen and k not in summary.lora_per_rank] \
@@ -582,7 +586,7 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         weights -= encoders
         # While the encoders run, the (quantized) transformer waits in host memory (trainer.families.flux_task).
         transformer = frozen.get("transformer", 0) * weight_bytes
-        if quantize_base == "fp8":
+        if fp8:
             transformer -= summary.quantizable * (weight_bytes - FP8_BYTES)
         precompute = weights - transformer + encoders
         notes.append(f"cache_text_embeddings: {' and '.join(offloaded)} encode every caption before training "
@@ -602,8 +606,8 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         notes.append(f"no module matches target_modules {target_modules}: nothing would be trained")
     lora_bytes = lora_total * LORA_BYTES_PER_PARAM
 
-    shape = {"resolution": resolution, "max_seq_length": max_seq_length, "quantization": quantization,
-             "quantize_base": quantize_base, "max_sequence_length": max_sequence_length,
+    shape = {"resolution": resolution, "max_seq_length": max_seq_length,
+             "quantization": "fp8" if fp8 else quantization, "max_sequence_length": max_sequence_length,
              "cache_text_embeddings": cache_text_embeddings,
              "cache_latents": cache_latents,
              "gradient_checkpointing": gradient_checkpointing, "train_text_encoder": train_text_encoder,
@@ -655,7 +659,7 @@ def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
                 text_encoder_target_modules=cfg.effective_te_targets,
                 mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                 cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length,
-                quantization=cfg.quantization, quantize_base=cfg.quantize_base,
+                quantization=cfg.base_quantization,
                 max_sequence_length=cfg.max_sequence_length, cache_text_embeddings=cfg.cache_text_embeddings)
     args.update(overrides)
     return estimate_vram(Path(model_dir), **args)

@@ -23,6 +23,10 @@ Each family module provides (see `Family` below for the exact signatures):
     vram_per_sample_bytes(summary, shape)          activation bytes of one sample (shape: resolution,
                                max_seq_length, gradient_checkpointing, train_text_encoder, act_bytes)
     VRAM_SHAPE_FIELDS          which of those settings (besides the model) shape its memory
+    OWN_KEYS                   the family-specific config keys it reads: {key: allowed values, or None for
+                               any}. A key some family owns and this one does not is refused when the user
+                               set it (`key_problems`); keys no family lists are common to all
+    KEY_FIXES                  optional {key: fix}: what to use instead of another family's key
     ACT_FACTOR                 activation bytes under mixed precision, as a fraction of fp32
     config_dir(cfg)            the folder holding the model's config files (for estimates)
     preload()                  import what load_base needs (the daemon warms up with it)
@@ -124,6 +128,7 @@ class Family(Protocol):
     VRAM_SHAPE_FIELDS: tuple[str, ...]
     DEFAULT_TARGETS: list[str]
     DEFAULT_TE_TARGETS: list[str]
+    OWN_KEYS: dict[str, tuple | None]
 
     def detect(self, probe: Probe) -> bool: ...
     def defaults(self, probe: Probe, cfg: "TrainConfig") -> dict: ...
@@ -159,8 +164,9 @@ def resolve(cfg: "TrainConfig") -> tuple["TrainConfig", ModuleType | None, Probe
     """Find the config's family from its model files and fill in the family's defaults.
 
     Returns (completed config, family module or None, the probe, problems). Problems: the model is
-    of no supported family (listing them), `model_family`/`mode` contradict the files, or the family's
-    defaults cannot be found. With problems the config comes back unchanged.
+    of no supported family (listing them), `model_family`/`mode` contradict the files (the config then comes
+    back unchanged, without a family), or the config sets keys of another family (`key_problems`; the
+    config comes back completed, so the other checks still run).
     """
     p = probe(cfg.base_model)
     problems: list[Problem] = []
@@ -189,11 +195,42 @@ def resolve(cfg: "TrainConfig") -> tuple["TrainConfig", ModuleType | None, Probe
             "mode", f"is {cfg.mode} but base_model is a {fam.TITLE} model ({p.describe()}), which trains "
             f"in {fam.MODE} mode", f"remove mode (it follows the model) or set mode: {fam.MODE}", cfg.mode))
         return cfg, None, p, problems
+    problems += key_problems(cfg, fam, p)
     fill = {"model_family": found, "mode": fam.MODE}
     for key, value in fam.defaults(p, cfg).items():
         if getattr(cfg, key) is None or key not in cfg.model_fields_set:  # left out, not set to a value
             fill[key] = value
     return cfg.model_copy(update=fill), fam, p, problems
+
+
+def key_problems(cfg: "TrainConfig", fam: ModuleType, p: Probe | None = None) -> list[Problem]:
+    """Family-specific keys (the families' OWN_KEYS) set on a config of another family, and values a family
+    does not allow (e.g. `quantization: 4bit` on Flux). A key counts as set when the config file wrote it
+    (pydantic's model_fields_set) with a value other than null and its default: a default has no effect,
+    which also lets the config.yaml of an output folder (every key written out) run again as it is."""
+    from trainer.config import TrainConfig
+
+    problems = []
+    what = f"a {fam.TITLE} model" + (f" ({p.describe()})" if p is not None else "")
+    for key in sorted(cfg.model_fields_set):
+        value = getattr(cfg, key)
+        owners = [m for m in FAMILIES.values() if key in m.OWN_KEYS]
+        if not owners or value is None or value == TrainConfig.model_fields[key].default:
+            continue
+        titles = list(dict.fromkeys(m.TITLE for m in owners))
+        if fam not in owners:
+            fix = getattr(fam, "KEY_FIXES", {}).get(key, f"train a {' or '.join(titles)} model")
+            problems.append(Problem(key, f"applies only to {' and '.join(titles)}; base_model is {what}",
+                                    f"remove it, or {fix}", value))
+            continue
+        allowed = fam.OWN_KEYS[key]
+        if allowed is not None and value not in allowed:
+            elsewhere = [m.TITLE for m in owners if m is not fam and value in (m.OWN_KEYS[key] or ())]
+            problems.append(Problem(
+                key, f"{value} is not an option for {fam.TITLE}" + (f" (it is for {' and '.join(elsewhere)})"
+                                                                    if elsewhere else ""),
+                f"use one of: {', '.join(allowed)} (or remove it: the default)", value))
+    return problems
 
 
 def resolved(cfg: "TrainConfig") -> "TrainConfig":

@@ -22,6 +22,10 @@ HAS_TEXT_ENCODER = False
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_TE_TARGETS: list[str] = []
 VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides the model that shape its memory
+# Family-specific keys it reads (families.key_problems); quantization: bitsandbytes' 4bit/8bit (QLoRA) or no.
+OWN_KEYS = {**dict.fromkeys(("max_seq_length", "dataset_format", "chat_template", "train_on_prompt", "truncation",
+                             "packing", "validation_file", "export_merged")),
+            "quantization": ("4bit", "8bit", "no")}
 ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
 ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -70,7 +74,7 @@ def _length_problems(cfg) -> list[Problem]:
 
 def quantization_problems(cfg) -> list[Problem]:
     """QLoRA needs CUDA and bitsandbytes: said here, before any weight loads."""
-    if cfg.quantization is None:
+    if cfg.base_quantization is None:
         return []
     import importlib.util
 

@@ -92,7 +92,7 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
         from trainer.text_data import template_text
 
         tokenizer.chat_template = template_text(cfg.chat_template)  # exported with the adapter and merged model
-    if cfg.quantization is not None:
+    if cfg.base_quantization is not None:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, quantization_config=quantization_config(cfg),
             dtype=compute_dtype(cfg), device_map={"": _device_map_target(device)})
@@ -225,7 +225,7 @@ class TextTask:
                 p.requires_grad_(True)
         self._checkpointing = False
         self.chat = False  # set by prepare(): the data is conversations
-        if (cfg.gradient_checkpointing or cfg.quantization) \
+        if (cfg.gradient_checkpointing or cfg.base_quantization) \
                 and getattr(base.model, "supports_gradient_checkpointing", False):
             # Non-reentrant checkpointing works with a frozen base (no input-grad hook needed).
             # transformers 5.x renamed it activation checkpointing (the old name warns until v6).
@@ -329,7 +329,7 @@ class TextTask:
         return out
 
     def _save_dtype(self) -> torch.dtype:
-        if self.cfg.quantization is not None:
+        if self.cfg.base_quantization is not None:
             return compute_dtype(self.cfg)
         return next(p.dtype for n, p in self.base.model.named_parameters() if "lora_" not in n)
 

@@ -15,6 +15,21 @@ from trainer.families import shipped
 from trainer.families.probe import Probe, probe
 
 
+# Config keys only the diffusion (image) families read: a text config that sets one is refused
+# (`trainer.families.key_problems`). Each family's OWN_KEYS starts from these.
+IMAGE_KEYS: dict[str, tuple | None] = dict.fromkeys((
+    "datasets", "metadata_path", "caption_extension", "prior_loss_weight", "resolution", "center_crop",
+    "random_flip", "skip_bad_images", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+    "bucket_no_upscale", "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator",
+    "caption_dropout_rate", "caption_tag_dropout_rate", "caption_prefix", "caption_suffix",
+    "text_encoder_target_modules", "text_encoder_lr", "cache_latents", "cache_latents_to_disk",
+    "cache_text_embeddings", "cache_text_embeddings_to_disk", "compile", "noise_offset",
+    "multires_noise_iterations", "multires_noise_discount", "masked_loss", "alpha_mask", "mask_dir",
+    "sample_sampler"))
+# Keys of the UNet families (sd, sdxl) that a rectified-flow transformer (flux) has no use for.
+UNET_KEYS: dict[str, tuple | None] = dict.fromkeys(("clip_skip", "min_snr_gamma"))
+
+
 def config_dir(cfg, this: ModuleType) -> Path | None:
     """The diffusers-format folder with the model's component configs: the model folder itself, or for a
     single file its `base_model_config`, else the family's shipped config for the file's key layout

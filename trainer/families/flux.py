@@ -21,7 +21,7 @@ diffusers folder).
 
 Memory (so a 24 GB card trains at 1024 px): every caption's text embeddings are computed once before
 training and both text encoders then leave the GPU (`cache_text_embeddings`, default on); the frozen
-transformer blocks are stored in fp8 (`quantize_base: fp8`, `trainer.fp8`); gradient checkpointing;
+transformer blocks are stored in fp8 (`quantization: fp8`, `trainer.fp8`); gradient checkpointing;
 LoRA weights and optimizer state in fp32; bf16 mixed precision by default (fp16 is refused: Flux's
 activations overflow its range).
 
@@ -68,7 +68,14 @@ VARIANTS = ("dev", "schnell")
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 T5_LIMIT = 512  # T5-XXL's tokenizer length; FluxPipeline refuses longer prompts
 DEFAULT_GUIDANCE = 1.0
-VRAM_SHAPE_FIELDS = ("resolution", "max_sequence_length", "quantize_base", "cache_text_embeddings")
+VRAM_SHAPE_FIELDS = ("resolution", "max_sequence_length", "quantization", "cache_text_embeddings")
+# Family-specific keys it reads (families.key_problems); quantization: fp8 (trainer.fp8) or no, not bitsandbytes'.
+OWN_KEYS = {**diffusion.IMAGE_KEYS, **dict.fromkeys(("guidance_scale", "max_sequence_length", "timestep_density",
+                                                     "logit_mean", "logit_std", "mode_scale")),
+            "quantization": ("fp8", "no")}
+# What to say instead of "train another family" when a key of another family is set on a Flux config.
+KEY_FIXES = {"min_snr_gamma": "to weight mid-noise steps use timestep_density: logit_normal (the default) or mode "
+                              "(Flux trains a rectified flow; Min-SNR is defined for DDPM schedules)"}
 ACT_FACTOR = 0.58  # activations under bf16 autocast vs fp32: the UNet families' measured factor, assumed (gpu_check tells)
 SHIPPED = Path(__file__).resolve().parents[1] / "model_configs"
 
@@ -112,7 +119,7 @@ def defaults(p: Probe, cfg) -> dict:
     v = variant(cfg, p)
     out = {"resolution": DEFAULT_RESOLUTION, "target_modules": list(DEFAULT_TARGETS),
            "text_encoder_target_modules": list(DEFAULT_TE_TARGETS), "max_sequence_length": MAX_SEQUENCE_LENGTH[v],
-           "timestep_density": "logit_normal", "quantize_base": "fp8"}
+           "timestep_density": "logit_normal", "quantization": "fp8"}
     if v == "dev":
         out["guidance_scale"] = DEFAULT_GUIDANCE
     if "mixed_precision" not in cfg.model_fields_set:
@@ -144,11 +151,6 @@ def check(cfg, p: Probe) -> list[Problem]:
             "max_sequence_length", f"is above T5-XXL's limit of {T5_LIMIT} tokens (the length Flux was trained "
             "with; FluxPipeline refuses longer prompts)", f"use at most {T5_LIMIT} ({MAX_SEQUENCE_LENGTH[v]} is "
             f"FLUX.1 [{v}]'s default)", cfg.max_sequence_length))
-    if cfg.min_snr_gamma is not None:
-        problems.append(Problem(
-            "min_snr_gamma", "Min-SNR weighting is defined for noise-prediction (DDPM) schedules; Flux trains a "
-            "rectified flow, whose noise levels timestep_density already shapes", "remove min_snr_gamma; to "
-            "weight mid-noise steps use timestep_density: logit_normal (the default) or mode", cfg.min_snr_gamma))
     if problems:
         return problems
     folder = config_dir(cfg)

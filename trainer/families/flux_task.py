@@ -2,7 +2,7 @@
 
 The frozen base (`FluxBase`) is loaded once and may be kept warm by the daemon. Its text encoders live
 in host memory (`FluxTextEncoders` is not a module, so the warm cache never moves them to the GPU): the
-task moves one at a time to the device to encode, then back. With `quantize_base: fp8` the Linear
+task moves one at a time to the device to encode, then back. With `quantization: fp8` the Linear
 layers of the transformer blocks are stored in fp8 (`trainer.fp8`), quantized one layer at a time as
 they move to the device, so a bf16 transformer (24 GB) never has to fit on the GPU whole.
 
@@ -38,7 +38,7 @@ from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
-BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # what quantize_base stores in 8 bits
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # what quantization: fp8 stores in 8 bits
 LORA_PREFIX = "transformer."
 CLIP_LORA_PREFIX = "text_encoder."  # diffusers' (and ComfyUI's) prefix for a CLIP-L LoRA in a Flux LoRA file
 
@@ -66,7 +66,7 @@ class FluxBase:
     scheduler_config: dict
     variant: str
     source: str
-    quantized_params: int = 0  # parameters stored in fp8 (quantize_base)
+    quantized_params: int = 0  # parameters stored in fp8 (quantization: fp8)
 
 
 def preload() -> None:
@@ -113,7 +113,7 @@ def transformer_linear_names(folder: Path) -> tuple[str, ...]:
 
 
 def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> FluxBase:
-    """The frozen base, offline: transformer (8-bit blocks with quantize_base fp8) and VAE (fp32) on
+    """The frozen base, offline: transformer (8-bit blocks with quantization: fp8) and VAE (fp32) on
     `device`, the text encoders in host memory in `weight_dtype`."""
     quiet_libraries()
     from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -140,7 +140,7 @@ def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
         m.requires_grad_(False)
         m.eval()
     quantized = 0
-    if cfg.quantize_base == "fp8":
+    if cfg.quantization == "fp8":
         # Layer by layer onto the device: the bf16 blocks never have to fit there together.
         quantized = quantize_linears(transformer, lambda n: n.startswith(BLOCK_PREFIXES), device)
     transformer.to(device)
@@ -275,7 +275,7 @@ class FluxTask:
                 f"{self.cfg.resolution})", "ss_network_train_unet_only": str(not self.train_clip),
                 "ss_guidance_scale": str(self.guidance), "ss_max_sequence_length": str(self.cfg.max_sequence_length),
                 "ss_timestep_density": str(self.cfg.timestep_density),
-                "agentd_quantize_base": str(self.cfg.quantize_base)}
+                "agentd_quantization": str(self.cfg.quantization)}
 
     def export_extra(self, output_dir: Path) -> list[Path]:
         return []  # <name>.safetensors is read by diffusers and ComfyUI as it is

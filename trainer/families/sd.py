@@ -26,6 +26,7 @@ DEFAULT_RESOLUTION = 512
 # The UNet attention projections: what most SD LoRA trainers (kohya, diffusers' example) adapt by default.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+OWN_KEYS = {**diffusion.IMAGE_KEYS, **diffusion.UNET_KEYS}  # family-specific keys it reads (families.key_problems)
 VRAM_SHAPE_FIELDS = ("resolution", "cache_latents")  # the settings besides the model that shape its memory
 ACT_FACTOR = 0.58  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
 

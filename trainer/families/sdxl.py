@@ -28,6 +28,7 @@ DEFAULT_RESOLUTION = 1024
 DEFAULT_TARGETS = sd.DEFAULT_TARGETS            # UNet attention, as kohya's and diffusers' SDXL scripts
 DEFAULT_TE_TARGETS = sd.DEFAULT_TE_TARGETS      # CLIP attention of both encoders
 SHIPPED_CONFIG = "sdxl-base"
+OWN_KEYS = {**diffusion.IMAGE_KEYS, **diffusion.UNET_KEYS}  # family-specific keys it reads (families.key_problems)
 VRAM_SHAPE_FIELDS = ("resolution", "cache_latents")
 ACT_FACTOR = sd.ACT_FACTOR
 
