@@ -74,7 +74,8 @@ def test_kohya_dataset_examples_convert_and_validate(example, lora_scripts_root)
     shutil.copy(FIXTURES / example, root / "config/dataset.toml")
     for n, folder in enumerate(("C:\\hoge", "C:\\fuga", "C:\\reg")):  # kohya's Windows paths: plain names here
         for i in range(2):
-            image(root / folder / f"{i}.png", (40, 32), colour=(60 * n, 100 * i, 200))
+            # a bucket step (64 px) per side at least: the no-upscale example refuses smaller images
+            image(root / folder / f"{i}.png", (80, 64), colour=(60 * n, 100 * i, 200))
     proc = agentd("import-kohya", "config/default.toml", "--dataset-config", "config/dataset.toml", "-o",
                   "train.yaml", cwd=root)
     assert proc.returncode == 0, proc.stderr
