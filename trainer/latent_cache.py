@@ -120,6 +120,26 @@ class LatentDiskCache(_DiskCache):
                     dataset.resized_size(index))
 
 
+def encode_latents(cfg, vae: torch.nn.Module, dataset, device) -> tuple[dict[int, tuple], int]:
+    """The latent distribution (mean, std, on the CPU) of every dataset image, each encoded once with `vae`;
+    with `cache_latents_to_disk` through the disk cache, so a later job on the same data skips the VAE.
+    Returns ({index: (mean, std)}, how many came from disk)."""
+    disk = LatentDiskCache(cache_root(cfg), vae) if cfg.cache_latents_to_disk else None
+    latents = {}
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            key = disk.key(dataset, i) if disk else None
+            hit = disk.get(key) if disk else None
+            if hit is None:
+                pixels = dataset.load_item(i).pixels
+                dist = vae.encode(pixels[None].to(device, torch.float32)).latent_dist
+                hit = {"mean": dist.mean[0].cpu(), "std": dist.std[0].cpu()}
+                if disk:
+                    disk.put(key, hit)
+            latents[i] = (hit["mean"], hit["std"])
+    return latents, disk.hits if disk else 0
+
+
 class TextDiskCache(_DiskCache):
     """Text-encoder outputs per caption for one set of encoders and one way of encoding."""
 

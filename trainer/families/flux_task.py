@@ -391,19 +391,7 @@ class FluxTask:
         else:
             self._place(clip=True, t5=True)
         if cfg.latents_cached:
-            disk = latent_cache.LatentDiskCache(latent_cache.cache_root(cfg), self.base.vae) \
-                if cfg.cache_latents_to_disk else None
-            with torch.no_grad():
-                for i in range(len(dataset)):
-                    key = disk.key(dataset, i) if disk else None
-                    hit = disk.get(key) if disk else None
-                    if hit is None:
-                        pixels = dataset.load_item(i).pixels
-                        dist = self.base.vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
-                        hit = {"mean": dist.mean[0].cpu(), "std": dist.std[0].cpu()}
-                        if disk:
-                            disk.put(key, hit)
-                    self.latent_cache[i] = (hit["mean"], hit["std"])
+            self.latent_cache.update(latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)[0])
 
     def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
         if self.latent_cache:

@@ -213,21 +213,11 @@ class SdTask:
 
         cfg = self.cfg
         if cfg.latents_cached:
-            disk = latent_cache.LatentDiskCache(latent_cache.cache_root(cfg), self.base.vae) \
-                if cfg.cache_latents_to_disk else None
-            with torch.no_grad():
-                for i in range(len(dataset)):
-                    key = disk.key(dataset, i) if disk else None
-                    hit = disk.get(key) if disk else None
-                    if hit is None:
-                        item = dataset.load_item(i)
-                        dist = self.base.vae.encode(item.pixels[None].to(self.device, torch.float32)).latent_dist
-                        hit = {"mean": dist.mean[0].cpu(), "std": dist.std[0].cpu()}
-                        if disk:
-                            disk.put(key, hit)
-                    self.latent_cache[i] = (hit["mean"], hit["std"], dataset.fixed_geometry(i))
-            self.cache_stats["latents_from_disk"] = disk.hits if disk else 0
-            self.cache_stats["latents_encoded"] = len(dataset) - self.cache_stats["latents_from_disk"]
+            latents, from_disk = latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)
+            self.latent_cache.update({i: (mean, std, dataset.fixed_geometry(i))
+                                      for i, (mean, std) in latents.items()})
+            self.cache_stats["latents_from_disk"] = from_disk
+            self.cache_stats["latents_encoded"] = len(dataset) - from_disk
         if cfg.text_outputs_cached:
             disk = latent_cache.TextDiskCache(latent_cache.cache_root(cfg), list(self.base.text_encoders().values()),
                                               f"{type(self).__name__}/clip_skip={cfg.clip_skip}") \
