@@ -264,10 +264,9 @@ class Daemon:
 
 def _preload_trainer() -> None:
     try:
-        from trainer import job  # noqa: F401  (torch)
         from trainer.families import preload_all
 
-        preload_all()  # every family's loading stack: diffusers, transformers, peft
+        preload_all()  # torch, every family's loading stack (diffusers, transformers, peft), matplotlib
     except Exception:  # the job itself will report a broken install
         log.exception("preloading the trainer failed")
 

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import BIN, write_config
 from tests.daemon_harness import DaemonProc, Tail
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -164,10 +165,15 @@ def test_status_json_schema_idle_and_running_and_no_daemon(daemon, tmp_path, ass
     cfg = job_config(tmp_path, assets, "status", max_train_steps=300, save_steps=1000, log_every=1)
     tail = Tail(daemon.agentd("run", str(cfg)))
     tail.until("step 3/300")
-    busy = json.loads(daemon.run("status", "--json").stdout)
+
+    def running_at_step_3():  # the status object is rebuilt once per tick: it may be a tick behind the console
+        busy = json.loads(daemon.run("status", "--json").stdout)
+        return busy if busy["running"] and (busy["running"][0]["step"] or 0) >= 3 else None
+
+    busy = wait_for(running_at_step_3, timeout=30, interval=0.2, what="status showing step 3")
     check_schema(busy, STATUS_SCHEMA)
     (r,) = busy["running"]
-    assert r["step"] >= 3 and r["total_steps"] == 300 and r["config"] == str(cfg)
+    assert r["total_steps"] == 300 and r["config"] == str(cfg)
     plain = daemon.run("status").stdout
     assert "running:" in plain and r["id"] in plain and "loss" in plain
     daemon.run("cancel", r["id"])

@@ -124,11 +124,17 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def loss_chart(view: RunView) -> bytes:
-    """PNG bytes of the loss chart: raw, smoothed, validation; learning rate on a second axis."""
+def use_headless_matplotlib() -> None:
+    """Import matplotlib with the Agg backend (no display on a build agent)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+def loss_chart(view: RunView) -> bytes:
+    """PNG bytes of the loss chart: raw, smoothed, validation; learning rate on a second axis."""
+    use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -158,9 +164,7 @@ def loss_chart(view: RunView) -> bytes:
 
 def overlay_chart(c: Comparison) -> bytes:
     """Both runs' smoothed loss (and validation loss) on one chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -48,6 +48,7 @@ Adding a family (the recipe):
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
@@ -251,10 +252,24 @@ def family_of_lora(keys: set[str], metadata: dict[str, str]) -> str | None:
     return next((name for name, m in FAMILIES.items() if m.lora_claims(keys, metadata)), None)
 
 
+_preload_lock = threading.Lock()
+
+
 def preload_all() -> None:
-    """Import every family's loading stack (the daemon does this once, so the first job starts warm)."""
-    for m in FAMILIES.values():
-        m.preload()
+    """Import the whole training stack: every family's loading stack and the report's matplotlib.
+
+    The daemon does this once in the background, so the first job starts warm, and each job thread calls
+    it before training. The lock makes the job wait for a preload in progress: two threads importing the
+    same packages for the first time can meet in a cross-thread import cycle, where Python hands one of
+    them a half-initialised module (seen: sympy's optional matplotlib probe under diffusers vs. the
+    report's `import matplotlib`, "module 'matplotlib' has no attribute 'get_data_path'")."""
+    with _preload_lock:
+        import trainer.job  # noqa: F401  (torch)
+        from trainer.report import use_headless_matplotlib
+
+        use_headless_matplotlib()
+        for m in FAMILIES.values():
+            m.preload()
 
 
 def default_family(mode: str | None) -> str:
