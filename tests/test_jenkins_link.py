@@ -1,4 +1,4 @@
-"""JenkinsLink over real HTTP against the fake controller (tests/fake_jenkins.py).
+"""JenkinsLink and BuildTrigger over real HTTP against the fake controller (tests/fake_jenkins.py).
 
 python-jenkins is not mocked: every call goes over a socket to the fake, which records it. The fake behaves
 as the Jenkins version it is given; the link's tests run against 2.426.3 (below the supported floor),
@@ -23,8 +23,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from agentd.jenkins.link import JenkinsLink, LinkError
+from agentd.jenkins.agent_process import SECRET_FILE_NAME
+from agentd.jenkins.builds import BuildTrigger
+from agentd.jenkins.link import JenkinsLink
 from agentd.jenkins.offline import MARK_FILE_NAME
+from agentd.jenkins.session import JenkinsSession, LinkError
 from agentd.jenkins.settings import JenkinsSettings, Secret
 from fake_jenkins import CURRENT_LTS, JNLP_LAUNCHER, SSH_LAUNCHER, FakeJenkins
 from waiting import wait_for
@@ -57,10 +60,8 @@ def java_starts(tmp_path) -> list[dict]:
 
 
 @pytest.fixture
-def make_link(fake, tmp_path):
-    links = []
-
-    def make(gpus=None, slots=None, token=TOKEN, state_dir=None, **overrides):
+def settings_for(fake, tmp_path):
+    def make(**overrides) -> JenkinsSettings:
         options = dict(url=fake.url, user="agentd", token_file=str(tmp_path / "jenkins.token"),
                        node_name=NODE, launcher="none", labels=["gpu-node"],
                        remote_fs=str(tmp_path / "remote"),
@@ -70,16 +71,33 @@ def make_link(fake, tmp_path):
                        sync_interval_s=0.2, retry_min_s=0.05, retry_max_s=0.4,
                        agent_restart_min_s=0.05, agent_restart_max_s=0.2)
         options.update(overrides)
-        settings = JenkinsSettings(**options)
+        return JenkinsSettings(**options)
+
+    return make
+
+
+@pytest.fixture
+def make_link(settings_for):
+    """A link as the daemon makes one; ``gpus`` is a list of GPU facts or the probe itself."""
+    links = []
+
+    def make(gpus=None, slots=None, token=TOKEN, state_dir=None, **overrides):
         facts = [rtx3090()] if gpus is None else gpus
-        secret = Secret(token) if token else None
-        link = JenkinsLink(settings, secret, lambda: facts, slots, rng=random.Random(7), state_dir=state_dir)
+        probe = facts if callable(facts) else (lambda: facts)
+        session = JenkinsSession(settings_for(**overrides), Secret(token) if token else None)
+        link = JenkinsLink(session, probe, slots, rng=random.Random(7), state_dir=state_dir)
         links.append(link)
         return link
 
     yield make
     for link in links:
         link.stop()
+
+
+@pytest.fixture
+def trigger(settings_for):
+    """The folder trigger's BuildTrigger, as the daemon makes it."""
+    return BuildTrigger(JenkinsSession(settings_for(), Secret(TOKEN)))
 
 
 def test_node_created_with_derived_labels_exclusive_and_executors(fake, make_link):
@@ -114,7 +132,6 @@ def test_labels_and_executors_follow_gpu_changes(fake, make_link):
     link = make_link(gpus=gpus)
     assert link.sync()
     gpus.append(SimpleNamespace(name="NVIDIA A100-SXM4-80GB", memory_total_mib=81559, cuda_version="12.4.1"))
-    link.resync()
     assert link.sync()
     node = fake.nodes[NODE]
     assert {"gpu:a100-sxm4-80gb", "vram:80g", "gpu:rtx3090", "vram:24g"} <= set(node.labels.split())
@@ -150,15 +167,19 @@ def test_offline_while_requested_online_after_and_no_needless_toggle(fake, make_
     assert link.status()["state"] == "online"
 
 
-def test_set_offline_and_set_online_apply_at_once(fake, make_link):
+def test_repeated_offline_and_online_requests_toggle_once_each(fake, make_link):
     link = make_link()
     assert link.sync()
-    link.set_offline("foreign process holds 20 GiB on GPU 0")
+    link.request_offline("foreign process holds 20 GiB on GPU 0")
+    assert link.sync()
     assert fake.nodes[NODE].temporarily_offline
-    link.set_offline("foreign process holds 20 GiB on GPU 0")
+    link.request_offline("foreign process holds 20 GiB on GPU 0")
+    assert link.sync()
     assert fake.count("POST", TOGGLE) == 1
-    link.set_online()
-    link.set_online()
+    link.request_online()
+    assert link.sync()
+    link.request_online()
+    assert link.sync()
     assert not fake.nodes[NODE].temporarily_offline and fake.count("POST", TOGGLE) == 2
 
 
@@ -262,31 +283,37 @@ def test_controller_down_backs_off_and_recovers_in_the_background(fake, make_lin
     assert link._thread.is_alive()
 
 
+@pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
 def test_agent_jar_downloaded_verified_cached_and_refetched_on_version_change(fake, make_link, tmp_path):
-    link = make_link()
     dest = tmp_path / "jar"
-    jar = link.download_agent_jar(dest)
+    link = make_link(launcher="inbound", agent_jar_dir=str(dest))
+    assert link.sync(), link.status()["last_error"]
+    jar = dest / "agent.jar"
     assert jar.read_bytes() == fake.agent_jar()
     assert (dest / "agent.jar.version").read_text().strip() == fake.version
-    assert link.download_agent_jar(dest) == jar
+    assert link.status()["agent_jar_version"] == fake.version and link.status()["agent"]["jar"] == str(jar)
+    assert link.sync(), link.status()["last_error"]
     assert fake.count("GET", r"/jnlpJars/agent.jar") == 1, "cached while the controller version is the same"
     fake.set_version("2.479.1")
-    link.download_agent_jar(dest)
+    assert link.sync(), link.status()["last_error"]
     assert fake.count("GET", r"/jnlpJars/agent.jar") == 2 and jar.read_bytes() == fake.agent_jar("2.479.1")
     fake.set_version("2.480")
     fake.serve_bad_jar = True
-    with pytest.raises(LinkError, match="did not return a jar"):
-        link.download_agent_jar(dest)
+    assert link.sync() is False
+    assert "did not return a jar" in link.status()["last_error"]
     assert jar.read_bytes() == fake.agent_jar("2.479.1"), "a bad download never replaces the cached jar"
-    assert sorted(p.name for p in dest.iterdir()) == ["agent.jar", "agent.jar.version"]
+    assert sorted(p.name for p in dest.iterdir()) == ["agent.jar", "agent.jar.version", SECRET_FILE_NAME]
 
 
-def test_agent_secret_comes_from_the_jnlp_file(fake, make_link):
-    link = make_link()
-    assert link.sync()
-    secret = link.agent_secret()
-    assert secret.reveal() == fake.agent_secret(NODE) and repr(secret) == "***"
+@pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
+def test_agent_secret_comes_from_the_jnlp_file(fake, make_link, tmp_path):
+    link = make_link(launcher="inbound")
+    assert link.sync(), link.status()["last_error"]
+    secret_file = tmp_path / "agent" / SECRET_FILE_NAME
+    assert secret_file.read_text() == fake.agent_secret(NODE) + "\n"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
     assert fake.count("GET", rf"/computer/{NODE}/jenkins-agent.jnlp") == 1
+    assert fake.agent_secret(NODE) not in json.dumps(link.status())
 
 
 @pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
@@ -327,60 +354,57 @@ def test_ssh_launcher_registers_ssh_settings_and_runs_no_agent(fake, make_link):
     assert link.sync() and fake.count("POST", CONFIG_POST) == 0
 
 
-def test_trigger_build_queues_a_parameterized_build_and_an_identical_one_is_already_queued(fake, make_link):
+def test_trigger_build_queues_a_parameterized_build_and_an_identical_one_is_already_queued(fake, trigger):
     fake.add_job("train-lora")
-    link = make_link()
-    first = link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
+    first = trigger.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
     assert not first.already_queued and str(first) == f"queue item {first.queue_id}"
     assert fake.builds == [{"job": "train-lora", "params": {"CONFIG_FILE": "/srv/configs/a b.yaml"},
                             "queue_id": first.queue_id, "user": "agentd"}]
     assert fake.count("GET", r"/job/train-lora/api/json") == 1, "the job was checked before the first trigger"
-    again = link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
+    again = trigger.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"})
     assert again.already_queued and str(again) == "already queued" and len(fake.builds) == 1
     assert [r.status for r in fake.requests if r.path.endswith("buildWithParameters")] == [201, 303]
     assert fake.count("GET", r"/job/train-lora/api/json") == 1, "checked once, not before every trigger"
     fake.leave_queue()
-    assert not link.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"}).already_queued
+    assert not trigger.trigger_build("train-lora", {"CONFIG_FILE": "/srv/configs/a b.yaml"}).already_queued
 
 
-def test_trigger_reports_missing_job_parameter_and_disabled_job_by_name_before_building(fake, make_link):
+def test_trigger_reports_missing_job_parameter_and_disabled_job_by_name_before_building(fake, trigger):
     fake.add_job("needs-config", parameters=("CONFIG",))
     fake.add_job("no-params", parameters=())
     fake.add_job("off", disabled=True)
-    link = make_link()
     cases = [("missing-job", "'missing-job' not found"),
              ("needs-config", "'needs-config' does not define the parameter 'CONFIG_FILE' (it defines 'CONFIG')"),
              ("no-params", "'no-params' takes no parameters"),
              ("off", "'off' is disabled")]
     for job, message in cases:
         with pytest.raises(LinkError, match=re.escape(message)):
-            link.trigger_build(job, {"CONFIG_FILE": "/x.yaml"})
+            trigger.trigger_build(job, {"CONFIG_FILE": "/x.yaml"})
     assert fake.count("POST", r".*/buildWithParameters") == 0, "no build attempted"
     assert fake.builds == []
     # a job disabled after its first trigger: Jenkins' 409 is reported by name too
     fake.add_job("later-off")
-    link.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
+    trigger.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
     fake.jobs["later-off"].disabled = True
     fake.leave_queue()
     with pytest.raises(LinkError, match=r"'later-off' is disabled \(HTTP 409"):
-        link.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
+        trigger.trigger_build("later-off", {"CONFIG_FILE": "/x.yaml"})
 
 
 def test_disabled_link_does_nothing():
-    link = JenkinsLink(JenkinsSettings(), None, lambda: [])
+    session = JenkinsSession(JenkinsSettings(), None)
+    link = JenkinsLink(session, lambda: [])
     assert link.sync() is True
     assert link.status()["state"] == "disabled" and link.status()["token_source"] is None
     with pytest.raises(LinkError, match="disabled"):
-        link.trigger_build("x", {})
+        BuildTrigger(session).trigger_build("x", {})
 
 
 def test_gpu_probe_failure_is_an_error_not_a_crash(fake, make_link):
-    link = make_link()
-
     def broken():
         raise RuntimeError("NVML: driver not loaded")
 
-    link._gpus = broken
+    link = make_link(gpus=broken)
     assert link.sync() is False
     assert "GPU probe failed" in link.status()["last_error"] and NODE not in fake.nodes
 
@@ -400,40 +424,43 @@ def tls_cert(tmp_path):
 def test_tls_is_verified_by_default_and_a_ca_bundle_can_be_given(tls_cert, tmp_path):
     with FakeJenkins(tls=tls_cert) as fake:
         base = dict(url=fake.url, user="agentd", token_env="T", node_name=NODE, launcher="none", timeout_s=5)
-        strict = JenkinsLink(JenkinsSettings(**base), Secret(TOKEN), lambda: [])
+        strict = JenkinsLink(JenkinsSession(JenkinsSettings(**base), Secret(TOKEN)), lambda: [])
         assert strict.sync() is False
         message = strict.status()["last_error"]
         assert "TLS error: [SSL: CERTIFICATE_VERIFY_FAILED]" in message and "jenkins.ca_bundle" in message
         assert fake.requests == [], "nothing was sent over an unverified connection"
-        with_ca = JenkinsLink(JenkinsSettings(**base, ca_bundle=tls_cert[0]), Secret(TOKEN), lambda: [])
+        with_ca = JenkinsLink(JenkinsSession(JenkinsSettings(**base, ca_bundle=tls_cert[0]), Secret(TOKEN)),
+                              lambda: [])
         assert with_ca.sync(), with_ca.status()["last_error"]
-        unverified = JenkinsLink(JenkinsSettings(**base, verify_tls=False), Secret(TOKEN), lambda: [])
+        unverified = JenkinsLink(JenkinsSession(JenkinsSettings(**base, verify_tls=False), Secret(TOKEN)),
+                                 lambda: [])
         assert unverified.sync(), unverified.status()["last_error"]
 
 
-def test_fixing_the_token_and_reloading_cuts_the_backoff_short(fake, make_link, tmp_path):
+def test_fixing_the_token_and_restarting_brings_the_node_online(fake, make_link, tmp_path):
+    """SIGHUP reloads nothing: a fixed token takes a restart, which must not wait out the backoff."""
     link = make_link(token="wrong-token-0000", retry_min_s=30.0, retry_max_s=60.0)
     link.start()
     wait_for(lambda: link.status()["state"] == "auth-error", what="auth error")
-    link.update_settings(link.settings, Secret(TOKEN))   # the daemon re-read the token after a reload
-    wait_for(lambda: link.status()["state"] == "online", timeout=5, what="online without waiting the backoff")
+    started = time.monotonic()
+    link.stop()
+    assert time.monotonic() - started < 5, "stop cuts the 15-30 s backoff short"
+    restarted = make_link(retry_min_s=30.0, retry_max_s=60.0)   # the daemon, restarted with the right token
+    restarted.start()
+    wait_for(lambda: restarted.status()["state"] == "online", timeout=5, what="online at once")
     assert NODE in fake.nodes
 
 
 @pytest.mark.parametrize("fake", SUPPORTED, indirect=True)
-def test_reload_keeps_agent_jar_running_unless_its_own_settings_change(fake, make_link):
-    link = make_link(launcher="inbound")
+def test_a_node_reconfiguration_keeps_agent_jar_running(fake, make_link):
+    gpus = [rtx3090()]
+    link = make_link(gpus=gpus, launcher="inbound")
     assert link.sync(), link.status()["last_error"]
     pid = wait_for(lambda: link.status()["agent"]["pid"], what="agent started")
-    link.update_settings(link.settings.model_copy(update={"labels": ["gpu-node", "team-a"]}), Secret(TOKEN))
+    gpus.append(SimpleNamespace(name="NVIDIA A100-SXM4-80GB", memory_total_mib=81559, cuda_version="12.4"))
     assert link.sync()
-    assert "team-a" in fake.nodes[NODE].labels.split()
+    assert "gpu:a100-sxm4-80gb" in fake.nodes[NODE].labels.split() and fake.count("POST", CONFIG_POST) == 1
     assert link.status()["agent"]["pid"] == pid, "a label change must not abort the builds on this node"
-    link.update_settings(link.settings.model_copy(update={"websocket": True}), Secret(TOKEN))
-    assert link.sync()
-    new_pid = wait_for(lambda: link.status()["agent"]["pid"], what="agent restarted")
-    assert new_pid != pid and link.status()["agent"]["command"][-1] == "-webSocket"
-    assert fake.nodes[NODE].launcher.findtext("webSocket") == "true"
 
 
 # -- politeness, versions and the offline mark -----------------------------------------------------------
@@ -591,7 +618,8 @@ def test_config_xml_is_decoded_as_utf8_and_written_back_byte_for_byte(fake, make
         "</nodeProperties>")
     served = node.config_xml().encode("utf-8")
     old_label = f"<label>{node.labels}</label>".encode()
-    link.update_settings(link.settings.model_copy(update={"labels": ["gpu-node", "team-b"]}), Secret(TOKEN))
+    link.stop()
+    link = make_link(labels=["gpu-node", "team-b"])      # the daemon, restarted with another label
     assert link.sync(), link.status()["last_error"]
     post = [r for r in fake.requests if r.method == "POST" and r.path == CONFIG_POST][-1]
     assert "charset=utf-8" in post.headers["Content-Type"].lower()

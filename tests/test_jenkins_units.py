@@ -15,9 +15,12 @@ from pydantic import ValidationError
 from agentd.jenkins.backoff import backoff_delay
 from agentd.jenkins.labels import (cuda_major_minor, derive_labels, is_valid_label, model_slug,
                                    node_description, vram_gib)
-from agentd.jenkins.link import (JNLP_LAUNCHER, SSH_LAUNCHER, LinkError, desired_spec, is_jar, job_problem,
-                                 offline_action, parse_jnlp_secret, plan_reconfig)
-from agentd.jenkins.offline import MARK_FILE_NAME, OfflineMarkStore, reason_kind
+from agentd.jenkins.agent_jar import is_jar, parse_jnlp_secret
+from agentd.jenkins.builds import job_problem
+from agentd.jenkins.node_config import JNLP_LAUNCHER, SSH_LAUNCHER, plan_reconfig
+from agentd.jenkins.offline import MARK_FILE_NAME, OfflineMarkStore, offline_action, reason_kind
+from agentd.jenkins.reconcile import desired_spec
+from agentd.jenkins.session import LinkError
 from agentd.jenkins.versions import MIN_CONTROLLER_VERSION, version_problem
 from agentd.jenkins.settings import JenkinsSettings, Secret, TokenError, read_token, token_source
 from agentd.jenkins.watcher import is_candidate

@@ -1,4 +1,4 @@
-"""Config-folder trigger: watchdog -> debounce -> validate -> JenkinsLink.trigger_build (fake controller).
+"""Config-folder trigger: watchdog -> debounce -> validate -> BuildTrigger.trigger_build (fake controller).
 
 Each test ends with a *barrier*: an invalid config written last. Paths are handled in the order they
 settle, so once the barrier has been rejected every earlier event has been handled too, and "no build"
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentd.jenkins.link import JenkinsLink
+from agentd.jenkins.builds import BuildTrigger
+from agentd.jenkins.session import JenkinsSession
 from agentd.jenkins.settings import JenkinsSettings, Secret, WatchSettings
 from agentd.jenkins.watcher import ConfigWatcher, WatchError
 from fake_jenkins import FakeJenkins
@@ -52,9 +53,9 @@ def setup(tmp_path):
         settings = JenkinsSettings(url=fake.url, user="agentd", token_env="T", node_name="gpu1",
                                    launcher="none",
                                    watch=WatchSettings(dir=folder, job="train-lora", debounce_s=0.2))
-        link = JenkinsLink(settings, Secret(TOKEN), lambda: [])
+        trigger = BuildTrigger(JenkinsSession(settings, Secret(TOKEN)))
         validator = Validator()
-        watcher = ConfigWatcher(settings.watch, validator, link.trigger_build)
+        watcher = ConfigWatcher(settings.watch, validator, trigger.trigger_build)
         watcher.start()
         try:
             yield folder, fake, watcher, validator

@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from agentd.jenkins.backoff import backoff_delay
 from agentd.jenkins.settings import JenkinsSettings, Secret
+from agentd.jenkins.versions import MIN_CONTROLLER_VERSION
 
 log = logging.getLogger(__name__)
 agent_log = logging.getLogger("agentd.jenkins.agent")
@@ -82,7 +83,7 @@ def usage_problem(line: Optional[str], command: Sequence[str]) -> Optional[str]:
     options = " ".join(arg for arg in command if arg.startswith("-") and arg != "-jar")
     return (f"agent.jar printed its usage and exited ({line.strip()!r}): this agent.jar (the controller's "
             f"remoting) does not accept the options agentd starts it with ({options}); upgrade Jenkins to "
-            "2.440.1 or later. agentd does not restart it until the controller serves another agent.jar")
+            f"{MIN_CONTROLLER_VERSION} or later. agentd does not restart it until the controller serves another agent.jar")
 
 
 def _log_level_for(line: str) -> int:
@@ -98,7 +99,7 @@ def _log_level_for(line: str) -> int:
 class AgentProcess:
     """Keeps one agent.jar process running until :meth:`stop`.
 
-    Typical use (the link does this): ``set_secret(secret)``, ``start()``; ``restart()`` after a new
+    Typical use (:class:`~agentd.jenkins.agent_jar.InboundAgent` does this): ``set_secret(secret)``, ``start()``; ``restart()`` after a new
     agent.jar was downloaded; ``stop()`` on shutdown. All methods are thread-safe.
     """
 

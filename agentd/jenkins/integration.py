@@ -1,4 +1,4 @@
-"""Wiring the Jenkins link into the daemon: the link (which owns agent.jar) and the folder trigger.
+"""Wiring the Jenkins link into the daemon: one session, the link (which owns agent.jar), the folder trigger.
 
 The daemon's main loop then tells the link when the node must be offline (`request_offline`) or may be
 online again, from `agentd.gate.node_blocked_reason` (drain, unhealthy GPUs, foreign VRAM).
@@ -9,7 +9,9 @@ import logging
 import time
 from pathlib import Path
 
+from agentd.jenkins.builds import BuildTrigger
 from agentd.jenkins.link import JenkinsLink
+from agentd.jenkins.session import JenkinsSession
 from agentd.jenkins.settings import TokenError, read_token
 
 log = logging.getLogger("agentd.jenkins")
@@ -28,9 +30,6 @@ class TokenProblem:
         pass
 
     def request_online(self) -> None:
-        pass
-
-    def resync(self) -> None:
         pass
 
     def stop(self, timeout: float = 0) -> None:
@@ -56,8 +55,10 @@ def start_jenkins(daemon):
     except TokenError as e:
         log.error("Jenkins link not started: %s", e)
         return TokenProblem(str(e)), None, None
+    # One session for the link and the folder trigger: they share its crumb and cookie.
+    session = JenkinsSession(s, token)
     # state_dir: the link remembers there that it took the node offline (and why), across restarts.
-    link = JenkinsLink(s, token, daemon.gpus, lambda: len(daemon.slots), state_dir=daemon.settings.state_dir)
+    link = JenkinsLink(session, daemon.gpus, lambda: len(daemon.slots), state_dir=daemon.settings.state_dir)
     link.start()
     # READY=1 comes after the link has been tried once (bounded: a dead controller must not hold up the
     # start; the link keeps retrying in the background).
@@ -68,6 +69,6 @@ def start_jenkins(daemon):
     if s.watch is not None:
         from agentd.jenkins.watcher import ConfigWatcher
 
-        watcher = ConfigWatcher(s.watch, validate_training_config, link.trigger_build)
+        watcher = ConfigWatcher(s.watch, validate_training_config, BuildTrigger(session).trigger_build)
         watcher.start()
     return link, None, watcher

@@ -15,7 +15,7 @@ A settled file goes to ``validate(path)`` (the trainer's config validator: an er
 Valid: ``trigger_build(job, {parameter: absolute path})``. Invalid: logged with the error, no build. When
 Jenkins already has an identical build queued (it answers 303, not 201) the outcome is "already queued", a
 success. A failed trigger (controller down; the job missing, disabled or without the parameter, which the
-link checks before the first trigger and names) is logged, and the next change of the file triggers again.
+trigger checks before the first trigger and names) is logged, and the next change of the file triggers again.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class _Handler(FileSystemEventHandler):
 class ConfigWatcher:
     """Watches ``settings.dir`` and triggers ``settings.job`` for each settled, valid config.
 
-    ``trigger_build`` is the link's :meth:`~agentd.jenkins.link.JenkinsLink.trigger_build`;
+    ``trigger_build`` is :meth:`agentd.jenkins.builds.BuildTrigger.trigger_build`;
     ``validate`` returns an error message or None. :meth:`start` raises :class:`WatchError` when the folder
     is missing; nothing else raises out of the watcher.
     """
