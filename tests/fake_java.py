@@ -27,6 +27,9 @@ import sys
 import time
 import zipfile
 
+# settings.java for the tests: this file, run by the Python that runs the tests.
+FAKE_JAVA = f"{sys.executable} {os.path.abspath(__file__)}"
+
 NEWEST_REMOTING = 3309
 # Launcher options (value-taking / boolean) of remoting before 3176 ...
 OLD_VALUE_OPTIONS = {"-jnlpUrl", "-jnlpCredentials", "-secret", "-proxyCredentials", "-cp", "-classpath", "-tcp",

@@ -109,6 +109,7 @@ BUNDLED_REMOTING = [((2, 0), "3107.v665000b_51092"), ((2, 426), "3160.vd76b_9ddd
                     ((2, 437), "3198.v03a_401881f3e"), ((2, 440, 1), "3206.vb_15dcf73f6a_9"),
                     ((2, 462), "3248.3250.v3277a_8e88c9b_"), ((2, 479), "3261.v9c670a_4748a_9"),
                     ((2, 492), "3283.v92c105e0f819"), ((2, 516), "3309.v27b_9314fd1a_4")]
+TOKEN = "11c0ffee5ecret70ken"    # the API token of the controller's user "agentd"
 CURRENT_LTS = "2.516.3"          # the newest LTS whose behaviour is cited above
 USER_CAUSE = "hudson.slaves.OfflineCause$UserCause"
 CHANNEL_TERMINATION = "hudson.slaves.OfflineCause$ChannelTermination"
@@ -317,7 +318,7 @@ class FakeJenkins:
         self.warnings: list[str] = []   # what the controller would log at WARNING
         self.require_crumb = require_crumb
         self.crumbs_enabled = crumbs_enabled
-        self.users: dict[str, User] = {"agentd": User("agentd", "11c0ffee5ecret70ken")}
+        self.users: dict[str, User] = {"agentd": User("agentd", TOKEN)}
         self.nodes: dict[str, Node] = {}
         self.jobs: dict[str, Job] = {}
         self.queue: dict[int, dict] = {}

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 
-from fake_jenkins import FakeJenkins
+from fake_java import FAKE_JAVA
+from fake_jenkins import TOKEN, FakeJenkins
 from tests.daemon_harness import DaemonProc
-
-TOKEN = "11c0ffee5ecret70ken"
-FAKE_JAVA = f"{sys.executable} {Path(__file__).parent / 'fake_java.py'}"
 
 
 def settings_for(fake: FakeJenkins, tmp_path: Path, launcher: str = "inbound", sync_interval_s: float = 0.3) -> str:

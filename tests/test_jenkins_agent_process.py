@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import stat
-import sys
 import time
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import pytest
 
 from agentd.jenkins.agent_process import AgentProcess, build_agent_command, write_secret_file
 from agentd.jenkins.settings import Secret
+from fake_java import FAKE_JAVA
 from waiting import wait_for
 
-FAKE_JAVA = f"{sys.executable} {Path(__file__).with_name('fake_java.py')}"
 SECRET = "5ec7e7" * 10 + "abcd"
 
 

@@ -2,18 +2,17 @@
 is given does (see its docstring for the source of each behaviour), and fake_java.py like that version's agent.jar."""
 
 import json
+import shlex
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import jenkins
 import pytest
 import requests
 
-from fake_jenkins import CURRENT_LTS, FakeJenkins, bundled_remoting, jenkins_escape
+from fake_java import FAKE_JAVA
+from fake_jenkins import CURRENT_LTS, TOKEN, FakeJenkins, bundled_remoting, jenkins_escape
 
-TOKEN = "11c0ffee5ecret70ken"
 
 
 @pytest.fixture
@@ -116,7 +115,6 @@ def test_controls_fail_stop_and_record(fake):
 
 # -- version-faithful behaviour (see the fake's docstring for the Jenkins/remoting source of each) -------
 
-FAKE_JAVA = Path(__file__).with_name("fake_java.py")
 
 
 def offline_node(fake, name="n1"):
@@ -222,7 +220,7 @@ def test_agent_jar_accepts_exactly_its_remotings_flags(version, accepts_url, tmp
     log = tmp_path / "starts.jsonl"
 
     def run(*args):
-        return subprocess.run([sys.executable, str(FAKE_JAVA), "-jar", str(jar), *args], capture_output=True,
+        return subprocess.run([*shlex.split(FAKE_JAVA), "-jar", str(jar), *args], capture_output=True,
                               text=True, timeout=30, env={"FAKE_JAVA_LOG": str(log), "FAKE_JAVA_MODE": "crash"})
 
     modern = run("-url", "http://ci/", "-name", "n1", "-secret", f"@{secret}", "-workDir", str(tmp_path))

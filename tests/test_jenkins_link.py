@@ -15,7 +15,6 @@ import re
 import signal
 import shutil
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -29,11 +28,10 @@ from agentd.jenkins.link import JenkinsLink
 from agentd.jenkins.offline import MARK_FILE_NAME
 from agentd.jenkins.session import JenkinsSession, LinkError
 from agentd.jenkins.settings import JenkinsSettings, Secret
-from fake_jenkins import CURRENT_LTS, JNLP_LAUNCHER, SSH_LAUNCHER, FakeJenkins
+from fake_java import FAKE_JAVA
+from fake_jenkins import CURRENT_LTS, JNLP_LAUNCHER, SSH_LAUNCHER, TOKEN, FakeJenkins
 from waiting import wait_for
 
-TOKEN = "11c0ffee5ecret70ken"
-FAKE_JAVA = f"{sys.executable} {Path(__file__).with_name('fake_java.py')}"
 NODE = "gpu-box-1"
 VERSIONS = ["2.426.3", "2.462.3", CURRENT_LTS]
 SUPPORTED = ["2.462.3", CURRENT_LTS]

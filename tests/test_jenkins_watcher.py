@@ -17,10 +17,9 @@ from agentd.jenkins.builds import BuildTrigger
 from agentd.jenkins.session import JenkinsSession
 from agentd.jenkins.settings import JenkinsSettings, Secret, WatchSettings
 from agentd.jenkins.watcher import ConfigWatcher, WatchError
-from fake_jenkins import FakeJenkins
+from fake_jenkins import TOKEN, FakeJenkins
 from waiting import wait_for
 
-TOKEN = "11c0ffee5ecret70ken"
 VALID = "base_model: ./tiny-sd\ntrain_data_dir: ./data\nlora_rank: 4\n"
 
 
