@@ -228,6 +228,8 @@ def test_wrong_token_is_an_auth_error_naming_the_source(fake, make_link, caplog,
             text += formatter.formatException(record.exc_info)
         assert wrong not in text and TOKEN not in text
     assert any("HTTP 401" in record.getMessage() for record in caplog.records)
+    assert {record.name for record in caplog.records if record.name.startswith("agentd.jenkins")} == \
+        {"agentd.jenkins.link"}, "the link's lines keep their logger name"
 
 
 def test_user_without_permission_gets_a_permission_message(fake, make_link):

@@ -10,7 +10,6 @@ stale secret) or the node was just created, and starts or restarts the
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -23,10 +22,8 @@ import jenkins
 import requests
 
 from agentd.jenkins.agent_process import AgentProcess
-from agentd.jenkins.session import JenkinsSession, LinkError, quote_node
+from agentd.jenkins.session import JenkinsSession, LinkError, log, quote_node
 from agentd.jenkins.settings import JenkinsSettings, Secret
-
-log = logging.getLogger("agentd.jenkins.link")  # the link's log lines keep one logger name
 
 _MAX_JAR_BYTES = 128 * 1024 * 1024
 

@@ -10,7 +10,6 @@ when an identical build is already queued (a success: :class:`Triggered` says wh
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -18,9 +17,7 @@ from typing import Mapping, Optional, Sequence
 import jenkins
 import requests
 
-from agentd.jenkins.session import JenkinsSession, LinkError
-
-log = logging.getLogger("agentd.jenkins.link")  # the link's log lines keep one logger name
+from agentd.jenkins.session import JenkinsSession, LinkError, log
 
 
 @dataclass(frozen=True)

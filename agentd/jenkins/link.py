@@ -51,11 +51,9 @@ from agentd.jenkins.backoff import backoff_delay
 from agentd.jenkins.labels import GpuFactsLike
 from agentd.jenkins.offline import OfflineMarkStore, jenkins_unescape, offline_message, reason_kind
 from agentd.jenkins.reconcile import apply_offline_state, desired_spec, ensure_node
-from agentd.jenkins.session import AuthError, JenkinsSession, LinkError, describe_error
+from agentd.jenkins.session import AuthError, JenkinsSession, LinkError, describe_error, log
 from agentd.jenkins.settings import token_source
 from agentd.jenkins.versions import MIN_CONTROLLER_VERSION, unknown_version_note, version_problem
-
-log = logging.getLogger(__name__)
 
 
 class JenkinsLink:

@@ -17,7 +17,6 @@ from an extra ``GET /``. All requests go through the link's
 
 from __future__ import annotations
 
-import logging
 import socket
 from typing import Mapping, Optional, Sequence
 from urllib.parse import quote, urljoin
@@ -30,10 +29,8 @@ from agentd.jenkins.labels import GpuFactsLike, derive_labels, node_description
 from agentd.jenkins.node_config import (JNLP_LAUNCHER, SSH_LAUNCHER, ConfigError, NodeSpec, plan_reconfig,
                                         xml_encoding)
 from agentd.jenkins.offline import OfflineMarkStore, offline_action
-from agentd.jenkins.session import JenkinsSession, LinkError, quote_node
+from agentd.jenkins.session import JenkinsSession, LinkError, log, quote_node
 from agentd.jenkins.settings import JenkinsSettings
-
-log = logging.getLogger("agentd.jenkins.link")  # the link's log lines keep one logger name
 
 
 def desired_spec(settings: JenkinsSettings, gpus: Sequence[GpuFactsLike], slots: int,

@@ -22,7 +22,9 @@ import requests
 
 from agentd.jenkins.settings import JenkinsSettings, Secret, token_source
 
-log = logging.getLogger("agentd.jenkins.link")  # the link's log lines keep one logger name
+# Every line the link writes (session, node reconcile, agent.jar, build triggers) goes to this one logger,
+# named as before these parts had modules of their own, so journal filters keep working.
+log = logging.getLogger("agentd.jenkins.link")
 
 T = TypeVar("T")
 
