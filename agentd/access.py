@@ -67,7 +67,7 @@ class Identity:
         uid, gid = int(submitter["uid"]), int(submitter.get("gid", -1))
         groups = submitter.get("groups")
         if groups is None:
-            groups = _groups_from_database(uid, gid)
+            groups = groups_from_database(uid, gid)
         gids = {int(g) for g in groups} | ({gid} if gid >= 0 else set())
         return cls(uid, frozenset(gids), submitter.get("user"))
 
@@ -75,7 +75,8 @@ class Identity:
         return f"uid {self.uid}" + (f" ({self.user})" if self.user else "")
 
 
-def _groups_from_database(uid: int, gid: int) -> list[int]:
+def groups_from_database(uid: int, gid: int) -> list[int]:
+    """A user's groups as the group database has them (what `id` shows at login)."""
     try:
         name = pwd.getpwuid(uid).pw_name
         return os.getgrouplist(name, gid if gid >= 0 else pwd.getpwuid(uid).pw_gid)
@@ -317,7 +318,7 @@ def _is_resume_path(value: str) -> bool:
 
 
 def _is_template_file(value: str) -> bool:
-    from trainer.text_data import is_inline_template
+    from trainer.api import is_inline_template
 
     return bool(value.strip()) and not is_inline_template(value)
 

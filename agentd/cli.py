@@ -1,8 +1,7 @@
 """The `agentd` command line. Subcommands are a table of handlers, imported only when used,
 so `agentd --help` and `agentd status` stay fast and never import torch.
 
-Exit codes (agentd run): 0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable,
-5 infrastructure failure (a GPU fault; retries exhausted).
+Exit codes: `trainer.errors.ExitCode` (one table for `agentd` and `lora-train`).
 """
 from __future__ import annotations
 

@@ -52,11 +52,12 @@ class Daemon:
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
+        from agentd.access import authorizer
         from agentd.gpu import probe_from_settings
         from agentd.journal import Journal
         from agentd.scheduler import Scheduler
         from agentd.server import ControlServer, bind_socket
-        from trainer.model_cache import BaseModelCache
+        from trainer.api import BaseModelCache
 
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -64,15 +65,14 @@ class Daemon:
         if self.probe is None:
             self.probe = probe_from_settings(s)
         self.slots = self._make_slots()
+        self.base_cache = BaseModelCache(s.model_cache_size, s.warm_vram_ttl_s)
         self.scheduler = Scheduler(
-            self.journal, self.slots, base_cache=BaseModelCache(s.model_cache_size, s.warm_vram_ttl_s),
-            probe=self.probe, max_wait_s=s.max_wait_s, max_infra_retries=s.max_infra_retries,
+            self.journal, self.slots, base_cache=self.base_cache, probe=self.probe, max_wait_s=s.max_wait_s,
+            max_infra_retries=s.max_infra_retries,
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
-            vram_margin_mib=s.vram_margin_mib, gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s,
-            max_foreign_vram_mib=s.max_foreign_vram_mib, on_change=self._scheduler_changed)
-        from agentd.access import authorizer
-
-        self.scheduler.authorize = authorizer(self.own_folders())
+            authorize=authorizer(self.own_folders()), vram_margin_mib=s.vram_margin_mib,
+            gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s, max_foreign_vram_mib=s.max_foreign_vram_mib,
+            on_change=self._scheduler_changed)
         recovered = self.scheduler.start()
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
@@ -147,7 +147,7 @@ class Daemon:
     def build_status(self):
         """The typed status (agentd.status_model.Status), built from the scheduler, probe, link and cache."""
         from agentd.status_model import (DaemonInfo, JenkinsInfo, ModelCacheInfo, RecentJob, SlotInfo, Status,
-                                         _build)
+                                         build)
 
         sched = self.scheduler.snapshot()
         gpus = {g.index: g for g in self.scheduler.gpu_view(self.gpus())}
@@ -162,7 +162,7 @@ class Daemon:
             slots.append(SlotInfo(name=sl.name, index=sl.index, healthy=healthy, unhealthy_reason=reason,
                                   job=sched["busy_slots"].get(sl.index), uuid=g.uuid if g else None,
                                   gpu=g.to_dict() if g else None, agentd_vram_mib=own.get(sl.index)))
-        recent = [_build(RecentJob, _recent_view(r)) for r in self.journal.jobs(("succeeded", "failed", "cancelled"),
+        recent = [build(RecentJob, _recent_view(r)) for r in self.journal.jobs(("succeeded", "failed", "cancelled"),
                                                                               limit=10, newest_first=True)]
         metrics_url = (f"http://{self.settings.metrics.host}:{self.metrics.port}/metrics" if self.metrics else None)
         return Status(
@@ -172,7 +172,7 @@ class Daemon:
                               metrics=metrics_url),
             jenkins=JenkinsInfo.from_link(self.link.status()) if self.link else JenkinsInfo(),
             slots=slots, running=sched["running"], queue=sched["queue"], paused=sched["paused"], recent=recent,
-            counters=sched["counters"], model_cache=_build(ModelCacheInfo, self.scheduler.base_cache.info()))
+            counters=sched["counters"], model_cache=build(ModelCacheInfo, self.base_cache.info()))
 
     def _scheduler_changed(self) -> None:
         self._changes += 1  # called under the scheduler's lock: only a counter, no work
@@ -210,9 +210,9 @@ class Daemon:
         self.setup()
         notifier.ready(self.status_line())
         while not self._stop.wait(0.5):
-            if self.scheduler._dispatcher.is_alive():
+            if self.scheduler.is_dispatching():
                 notifier.watchdog_tick()
-            self.scheduler.base_cache.offload_expired()  # the polite warm cache: off the GPU after its TTL
+            self.base_cache.offload_expired()  # the polite warm cache: off the GPU after its TTL
             with self._status_lock:
                 changes = self._changes
                 self._status = self.build_status()
@@ -264,7 +264,7 @@ class Daemon:
 
 def _preload_trainer() -> None:
     try:
-        from trainer.families import preload_all
+        from trainer.api import preload_all
 
         preload_all()  # torch, every family's loading stack (diffusers, transformers, peft), matplotlib
     except Exception:  # the job itself will report a broken install
@@ -274,9 +274,9 @@ def _preload_trainer() -> None:
 def _own_mib_per_gpu(gpus: list) -> dict[int, int]:
     """VRAM this daemon holds per GPU: NVML's figure for our pid when it lists processes, else CUDA's
     reserved memory (what the gate must not count as someone else's)."""
-    from agentd.scheduler import own_vram_mib
+    from trainer.api import cuda_reserved_mib
 
-    cuda = own_vram_mib()
+    cuda = cuda_reserved_mib()
     out = {}
     for g in gpus:
         mine = [p.used_mib for p in (g.processes or []) if p.pid == os.getpid() and p.used_mib is not None]
@@ -302,7 +302,7 @@ def _recent_view(r: dict) -> dict:
 def _estimator(journal):
     """A job's VRAM estimate, calibrated by the peak the journal recorded for the same model and shape."""
     def estimate(checked):
-        from trainer.vram import calibrated, estimate_for_config
+        from trainer.api import calibrated, estimate_for_config
 
         formula = estimate_for_config(checked.config)
         return calibrated(formula, journal.recorded_peak(formula.key))

@@ -1,6 +1,6 @@
 """The VRAM gate: pure decisions about where (and whether) a job may start. No I/O, no clock.
 
-The scheduler probes the GPUs (`agentd.gpu`), estimates the job (`trainer.vram`), and asks
+The scheduler probes the GPUs (`trainer.gpus`), estimates the job (`trainer.vram`), and asks
 `gate_decision` what to do. The answer is one of:
 
 - ``start``       - run on ``slot`` now;
@@ -25,8 +25,8 @@ Rules (and why):
 - Unhealthy GPUs are skipped; the others keep working.
 - A healthy GPU whose NVML reports no free-memory figure (some GPUs do not) is used only when no GPU
   with a known figure fits, and the reason says the memory check was skipped.
-- ``allowed`` (a config's ``device:``, see `match_device`): only those GPUs are considered; the others
-  are listed as "not the requested device".
+- ``allowed`` (a config's ``device:``, see `trainer.gpus.match_device`): only those GPUs are considered;
+  the others are listed as "not the requested device".
 - ``own_mib``: what agentd itself holds on each GPU (a warm base model, the CUDA context). It is never
   counted as foreign, even when NVML cannot list processes.
 - No GPU at all (``gpus == []``, a CPU-only box): a single CPU slot, ``CPU_SLOT`` (-1). The gate always
@@ -36,10 +36,9 @@ Rules (and why):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import fnmatch
 from typing import Iterable, Literal, Optional
 
-from agentd.gpu import GpuFacts
+from trainer.gpus import GpuFacts
 
 CPU_SLOT = -1
 
@@ -61,7 +60,7 @@ class GateDecision:
 
     @property
     def device(self) -> Optional[str]:
-        """The torch device for ``slot`` ("cuda:N" assumes CUDA_DEVICE_ORDER=PCI_BUS_ID, see agentd.gpu)."""
+        """The torch device for ``slot`` ("cuda:N" assumes CUDA_DEVICE_ORDER=PCI_BUS_ID, see trainer.gpus)."""
         if self.slot is None:
             return None
         return "cpu" if self.slot == CPU_SLOT else f"cuda:{self.slot}"
@@ -79,31 +78,6 @@ def _holders(g: GpuFacts, own_pids: Iterable[int]) -> str:
     items = [f"pid {p.pid} {p.name or '?'} {p.used_mib if p.used_mib is not None else 'N/A'} MiB"
              for p in procs]
     return "; held by " + ", ".join(items)
-
-
-class NoSuchDevice(ValueError):
-    """A config's ``device:`` matches no GPU here; the message lists the GPUs there are."""
-
-
-def gpu_list(gpus: list[GpuFacts]) -> str:
-    return "; ".join(f"{g.index}: {g.name or 'N/A'} ({g.uuid or 'no UUID'})" for g in gpus) or "none (CPU only)"
-
-
-def match_device(spec, gpus: list[GpuFacts]) -> set[int]:
-    """The NVML indices a config's ``device:`` names: an index (0 or "0"), a GPU UUID ("GPU-8f2c...",
-    a unique prefix is enough) or a name pattern ("*4090*", case-insensitive). Pure.
-    Raises NoSuchDevice naming the GPUs on this box when nothing matches."""
-    text = str(spec).strip()
-    if text.isdigit():
-        found = {g.index for g in gpus if g.index == int(text)}
-    elif text.upper().startswith(("GPU-", "MIG-")):
-        found = {g.index for g in gpus if g.uuid and g.uuid.lower().startswith(text.lower())}
-    else:
-        found = {g.index for g in gpus if g.name and fnmatch.fnmatch(g.name.lower(), text.lower())}
-    if not found:
-        raise NoSuchDevice(f"device {text!r} matches no GPU on this box; GPUs here: {gpu_list(gpus)}. "
-                           "Use an index, a GPU UUID or a name pattern such as \"*4090*\"")
-    return found
 
 
 def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int], margin_mib: int,

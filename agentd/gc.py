@@ -28,7 +28,7 @@ def plan(settings, journal, now: float | None = None) -> list[tuple[str, str]]:
                 kind = {"latents": "latent-cache", "text": "text-cache"}.get(p.relative_to(cache).parts[0], "cache")
                 actions.append((kind, str(p)))
     if settings.gc_user_outputs:
-        from trainer.checkpoint import list_checkpoints
+        from trainer.api import list_checkpoints
 
         seen = set()
         for r in journal.jobs():
@@ -37,7 +37,7 @@ def plan(settings, journal, now: float | None = None) -> list[tuple[str, str]]:
                 continue
             seen.add(out)
             keep = int((r.get("resolved") or {}).get("keep_checkpoints") or 3)
-            actions += [("checkpoint", str(p)) for p in list_checkpoints(Path(out) / "checkpoints")[keep:]]
+            actions += [("checkpoint", str(p)) for p in list_checkpoints(out)[keep:]]
     return actions
 
 

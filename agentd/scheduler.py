@@ -5,9 +5,9 @@ then higher `priority`, FIFO within a priority). The head of that order waits at
 wait behind it.
 
 Threads: one dispatcher places the head of the queue (the gate decides where and whether); each
-placed job runs in its own runner thread, calling the trainer library (`LoraTrainingJob.run`).
-Every state change goes to the journal first, then to the job's subscribers (`agentd run`,
-`agentd logs --follow`).
+placed job runs in its own thread, through `agentd.runner.Runner` (which also admits jobs at submit:
+the config is parsed once per job and kept on its `LiveJob`). Every state change goes to the journal
+first, then to the job's subscribers (`agentd run`, `agentd logs --follow`).
 
 Interruptions: `cancel` sets the job's stop flag (it checkpoints at the next step boundary and ends
 cancelled); `shutdown` sets every running job's stop flag with reason "shutdown", so they end
@@ -32,18 +32,22 @@ import logging
 import os
 import queue
 import threading
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from agentd.events import Gated, InfraRetry, Queued, State
 from agentd.failures import classify_failure
-from agentd.gate import CPU_SLOT, GateDecision, NoSuchDevice, gate_decision, gpu_list, match_device
+from agentd.gate import CPU_SLOT, GateDecision, gate_decision
 from agentd.journal import FINAL, Journal
 from agentd.queue_order import Waiting, run_order
+from agentd.runner import RunEnd, Runner
 from agentd.status_model import Counters, PausedJob, QueuedJob, RunningJob, Submitter
+from trainer import api
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError, Problem
 from trainer.events import Event, event
+from trainer.gpus import VRAM_MARGIN_MIB, GpuFacts, NoSuchDevice, match_device
 
 INJECT_ENV = "AGENTD_INJECT_INFRA_FAULT"
 
@@ -74,6 +78,8 @@ class LiveJob:
 
     id: str
     record: dict
+    config: TrainConfig | None = None  # parsed once per job (agentd.runner): at submit, or when recovered
+    config_error: Exception | None = None  # why a recovered job's config did not parse: it fails with it
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # "cancel" | "shutdown" | "pause"
     pause: threading.Event = field(default_factory=threading.Event)
@@ -88,7 +94,7 @@ class LiveJob:
     subscribers: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
     slot: Slot | None = None
-    estimate: object = None  # trainer.vram.VramEstimate (GPU slots only)
+    estimate: api.VramEstimate | None = None  # GPU slots only
     gated_since: float | None = None
     last_gate_note: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,14 +124,16 @@ class JobChannel:
 
 class Scheduler:
     def __init__(self, journal: Journal, slots: list[Slot], *, base_cache=None, probe=None, estimator=None,
-                 vram_margin_mib: int = 1024, gate_timeout_s: float = 3600, gate_poll_s: float = 2.0,
-                 max_foreign_vram_mib: int | None = None, on_change=None, max_wait_s: float = 3600,
-                 max_infra_retries: int = 2):
+                 authorize=None, vram_margin_mib: int = VRAM_MARGIN_MIB, gate_timeout_s: float = 3600,
+                 gate_poll_s: float = 2.0, max_foreign_vram_mib: int | None = None, on_change=None,
+                 max_wait_s: float = 3600, max_infra_retries: int = 2):
+        """`estimator(checked)`: a job's VRAM estimate (None: a CPU-only daemon); `authorize`: the
+        submitter's access check (`agentd.access.authorizer`)."""
         self.journal = journal
         self.slots = slots
         self.base_cache = base_cache
         self.probe = probe
-        self.estimator = estimator  # callable(checked) -> (estimate_mib, shape_key) or None
+        self.runner = Runner(base_cache=base_cache, estimator=estimator, authorize=authorize)
         self.margin = vram_margin_mib
         self.gate_timeout_s = gate_timeout_s
         self.gate_poll_s = gate_poll_s
@@ -134,7 +142,6 @@ class Scheduler:
         self.max_infra_retries = max_infra_retries
         self.fault = _parse_fault(os.environ.get(INJECT_ENV))
         self.on_change = on_change or (lambda: None)
-        self.authorize = lambda cfg, checked, submitter, source=None: None  # the daemon sets agentd.access's
         self.live: dict[str, LiveJob] = {}
         self.order: list[str] = []  # queued/gated job ids, head first
         self.busy: dict[int, str] = {}  # slot index -> job id
@@ -151,8 +158,9 @@ class Scheduler:
         """Load the journal's unfinished jobs (interrupted ones first) and start dispatching."""
         recovered = self.journal.recover_after_start()
         for rec in self.journal.jobs(("interrupted", "queued", "paused")):
-            job = LiveJob(rec["id"], rec, seq=self.journal.last_event_seq(rec["id"]), estimate=self._reestimate(rec),
-                          priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
+            config, config_error, estimate = self.runner.recover(rec)
+            job = LiveJob(rec["id"], rec, config, config_error, seq=self.journal.last_event_seq(rec["id"]),
+                          estimate=estimate, priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
                           attempt=(rec.get("infra_retries") or 0) + 1,
                           allowed=self._allowed_or_none((rec.get("resolved") or {}).get("device")))
             self.live[job.id] = job
@@ -160,6 +168,10 @@ class Scheduler:
                 self.order.append(job.id)
         self._dispatcher.start()
         return recovered
+
+    def is_dispatching(self) -> bool:
+        """Whether the dispatcher thread is alive (the daemon's systemd watchdog pings only while it is)."""
+        return self._dispatcher.is_alive()
 
     def shutdown(self, timeout: float) -> None:
         """Stop taking jobs; running ones checkpoint and end interrupted (bounded by `timeout`)."""
@@ -190,18 +202,9 @@ class Scheduler:
                priority: int | None = None) -> tuple[str, bool]:
         """Queue a job, or return the active job that already trains into the same output folder.
         `priority` (agentd run --priority) overrides the config's."""
-        from trainer.config import parse_config
-        from trainer.errors import ConfigError
-        from trainer.preflight import check_config
-        from trainer.runs import decide_for
-
         try:
-            cfg = parse_config(config_text, base_dir=Path(config_path).parent, source=config_path)
-            # The submitter's own rights bound what the daemon reads and writes for them (agentd.access):
-            # the paths first, so the dataset scan never opens a file they may not read.
-            self.authorize(cfg, None, submitter, config_path)
-            checked = check_config(cfg, source=config_path)
-            self.authorize(cfg, checked, submitter, config_path)
+            cfg = self.runner.parse(config_text, config_path)
+            checked = self.runner.check(cfg, config_path, submitter)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
@@ -209,13 +212,8 @@ class Scheduler:
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
-        estimate = self._estimate(checked)
-        # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
-        try:
-            decision, previous = decide_for(checked.config, checked.data_fingerprint)
-        except Exception as e:  # the job decides again as it starts, and reports what is wrong there
-            log.warning("submit: run decision for %s deferred to the job: %s", cfg.output_dir, e)
-            decision = previous = None
+        plan = self.runner.plan(checked)
+        estimate, decision, previous = plan.estimate, plan.decision, plan.previous
         with self.cond:
             for job in self.live.values():
                 if job.record["output_dir"] == str(cfg.output_dir) and job.record["state"] not in FINAL:
@@ -228,8 +226,10 @@ class Scheduler:
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority)
-            job = LiveJob(job_id, self.journal.get(job_id), estimate=estimate, priority=priority, allowed=allowed)
+            job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
+                          allowed=allowed)
             self.live[job_id] = job
+            # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
             if decision is not None and decision.action == "nothing":
                 self.publish(job, event("run", action="nothing", reason=decision.reason, run_id=previous.run_id))
                 self._finish(job, "succeeded", None, detail=decision.reason, step=previous.steps,
@@ -240,7 +240,7 @@ class Scheduler:
             self.order.append(job_id)
             # Position in line: the jobs running now count as ahead of it, so the first job is 1.
             ahead = len(self.busy) + self._run_order().index(job_id)
-            self.publish(job, event("queued", job_id=job_id, position=ahead + 1, ahead=ahead, priority=priority))
+            self.publish(job, Queued(job_id=job_id, position=ahead + 1, ahead=ahead, priority=priority))
             self.cond.notify_all()
         self.on_change()
         return job_id, False
@@ -253,8 +253,6 @@ class Scheduler:
         try:
             return match_device(device, gpus)
         except NoSuchDevice as e:
-            from trainer.errors import ConfigError, Problem
-
             err = ConfigError([Problem("device", str(e), "set device: to one of the GPUs listed, or remove it",
                                        device)], source)
             raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
@@ -321,7 +319,7 @@ class Scheduler:
             job.record["state"] = "queued"
             self.order.append(job_id)
             position = len(self.busy) + self._run_order().index(job_id) + 1
-            self.publish(job, event("state", state="queued", detail=f"resumed; position {position} in the queue"))
+            self.publish(job, State(state="queued", detail=f"resumed; position {position} in the queue"))
             self.cond.notify_all()
         self.on_change()
         return "queued"
@@ -439,8 +437,6 @@ class Scheduler:
         gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
         if not gpus and any(s.index != CPU_SLOT for s in self.slots):
             # A GPU slot whose GPU vanished from the probe: report it unhealthy through the gate.
-            from agentd.gpu import GpuFacts
-
             gpus = [GpuFacts(index=s.index, uuid=None, name=None, memory_total_mib=None, memory_used_mib=None,
                              memory_free_mib=None, utilization_pct=None, temperature_c=None, cuda_version=None,
                              processes=None, healthy=False, error=f"GPU {s.index}: not found by the probe")
@@ -449,7 +445,7 @@ class Scheduler:
         job.device_uuid = None
         estimate = job.record.get("estimate_mib") or 0
         decision = gate_decision(int(estimate), gpus, set(self.busy), self.margin, self.max_foreign, {os.getpid()},
-                                 allowed=job.allowed, own_mib=own_vram_mib())
+                                 allowed=job.allowed, own_mib=api.cuda_reserved_mib())
         if decision.outcome == "start":
             job.device_uuid = next((g.uuid for g in gpus if g.index == decision.slot), None)
         return decision
@@ -461,38 +457,13 @@ class Scheduler:
         return [replace(g, healthy=False, error=f"{g.error + '; ' if g.error else ''}GPU {g.index}: {reasons[g.index]}")
                 if g.index in reasons else g for g in gpus]
 
-    def _reestimate(self, rec: dict):
-        if self.estimator is None:
-            return None
-        from trainer.config import parse_config
-        from trainer.preflight import Checked
-
-        try:
-            cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
-        except Exception:
-            return None  # the job fails with the config error when it runs
-        return self._estimate(Checked(cfg, scan=None, source=rec["config_path"]))
-
-    def _estimate(self, checked):
-        """The job's VRAM estimate (None on a CPU-only daemon, or when the model's configs cannot be read:
-        then the gate starts it on the best free GPU and the out-of-memory handling is the safety net)."""
-        if self.estimator is None:
-            return None
-        try:
-            return self.estimator(checked)
-        except Exception as e:
-            log.warning("no VRAM estimate for %s: %s", checked.source, e)
-            return None
-
     def _advice(self, job: LiveJob, decision) -> str:
         """The never-fits failure, with the batch size (and accumulation) that would fit the largest GPU."""
-        from trainer.vram import recommend_batch_size
-
         text = decision.reason
         cfg = job.record.get("resolved") or {}
         if decision.outcome == "never_fits" and job.estimate is not None and decision.largest_total_mib:
             batch, accum = cfg.get("batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
-            fit = recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, batch, accum)
+            fit = api.recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, batch, accum)
             if fit:
                 text += (f"; recommended: batch_size {fit[0]} with gradient_accumulation_steps {fit[1]} "
                          f"(same effective batch {batch * accum})")
@@ -515,7 +486,7 @@ class Scheduler:
             return
         if now - job.last_gate_note >= max(self.gate_poll_s, 5.0) or job.last_gate_note == 0.0:
             job.last_gate_note = now
-            self.publish(job, event("gated", reason=decision.reason, per_gpu=list(decision.per_gpu)))
+            self.publish(job, Gated(reason=decision.reason, per_gpu=list(decision.per_gpu)))
 
     def _launch(self, job: LiveJob, slot: Slot, gate_note: str | None) -> None:
         job.slot = slot
@@ -524,7 +495,7 @@ class Scheduler:
         self.journal.transition(job.id, "running", detail, slot=slot.name, requeue_first=0)
         job.record["state"] = "running"
         job.first = False
-        self.publish(job, event("state", state="running", detail=detail))
+        self.publish(job, State(state="running", detail=detail))
         t = threading.Thread(target=self._run, args=(job, slot), name=f"job-{job.id}", daemon=True)
         self.runners[job.id] = t
         t.start()
@@ -532,44 +503,9 @@ class Scheduler:
 
     # --- running ----------------------------------------------------------------------------------
     def _run(self, job: LiveJob, slot: Slot) -> None:
-        from trainer.families import preload_all
-
-        preload_all()  # waits for the daemon's background preload: no two threads import the stack at once
-        from trainer.config import parse_config
-        from trainer.errors import ConfigError
-        from trainer.job import LoraTrainingJob
-        from trainer.preflight import check_config
-
-        rec = job.record
-        outcome, error, extra = "failed", None, {}
         try:
             history = [t["state"] for t in self.journal.transitions(job.id)]
-            was_interrupted = "interrupted" in history or "paused" in history or bool(job.infra_retries)
-            # An interrupted job continues from its own checkpoints even when its config said `resume: never`
-            # (that asked for a fresh start of the job, not of every restart of it).
-            cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
-            if was_interrupted and cfg.resume == "never":
-                cfg = cfg.model_copy(update={"resume": "auto"})
-            # Judged again as it starts: files may have changed since the submit (agentd.access).
-            self.authorize(cfg, None, rec.get("submitter"), rec["config_path"])
-            checked = check_config(cfg, source=rec["config_path"])
-            self.authorize(cfg, checked, rec.get("submitter"), rec["config_path"])
-            trainer_job = LoraTrainingJob(
-                checked, JobChannel(self, job), job.stop, base_cache=self.base_cache, env=rec.get("env") or {},
-                device=slot.device, pause=job.pause, infra_retries=job.infra_retries,
-                resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto")
-            result = trainer_job.run()
-            if result.outcome == "paused":
-                outcome, error = "paused", f"paused at step {result.steps}"
-            elif result.outcome == "cancelled":
-                outcome = "interrupted" if job.stop_reason == "shutdown" else "cancelled"
-                error = f"stopped at step {result.steps}"
-            else:
-                outcome = "succeeded"
-                extra = {"artifacts": result.artifacts, "peak_mib": result.peak_memory_mib, "step": result.steps,
-                         "loss": result.final_loss}
-        except ConfigError as e:
-            error = e.render()
+            end = self.runner.run(job, slot, JobChannel(self, job), history)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             if classify_failure(error, self._gpu_healthy(slot)) == "infra":
@@ -577,19 +513,16 @@ class Scheduler:
                           traceback.format_exc())
                 self._infra_failure(job, slot, error)
                 return
-            if _is_oom(e):
-                error = self._oom_message(job, e)
-                if self.base_cache is not None:
-                    self.base_cache.clear()
-                _free_cuda()
             log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc())
+            end = RunEnd("failed", error)
+        outcome, error = end.outcome, end.error
         with self.cond:
             self.busy.pop(slot.index, None)
             self.runners.pop(job.id, None)
             if outcome == "interrupted":
                 self.journal.transition(job.id, "interrupted", "daemon stopping; resumes from the checkpoint",
                                         requeue_first=1, **_progress_fields(job))
-                self.publish(job, event("state", state="interrupted",
+                self.publish(job, State(state="interrupted",
                                         detail="daemon stopping; the job resumes when it starts again"))
                 self._close_subscribers(job)
             elif outcome == "paused":
@@ -597,10 +530,10 @@ class Scheduler:
                 job.record["state"] = "paused"
                 job.record["paused_at"] = time.time()
                 job.slot = None
-                self.publish(job, event("state", state="paused", detail=f"{error}, checkpoint saved; "
+                self.publish(job, State(state="paused", detail=f"{error}, checkpoint saved; "
                                         f"`agentd resume {job.id}` continues it"))
             else:
-                self._finish(job, outcome, error, **extra)
+                self._finish(job, outcome, error, **end.fields)
             self.cond.notify_all()
         self.on_change()
 
@@ -642,8 +575,8 @@ class Scheduler:
                                         infra_retries=len(job.infra_retries), **_progress_fields(job))
                 job.record["state"] = "queued"
                 self.order.append(job.id)
-                self.publish(job, event("infra_retry", attempt=job.attempt - 1, max_retries=self.max_infra_retries,
-                                        slot=slot.name, error=error, from_step=from_step))
+                self.publish(job, InfraRetry(attempt=job.attempt - 1, max_retries=self.max_infra_retries,
+                                             slot=slot.name, error=error, from_step=from_step))
             self.cond.notify_all()
         self.on_change()
 
@@ -660,22 +593,6 @@ class Scheduler:
         self.publish(job, ev)
         self._close_subscribers(job)
         self.live.pop(job.id, None)
-
-    def _oom_message(self, job: LiveJob, e: Exception) -> str:
-        est = job.record.get("estimate_mib")
-        peak = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                peak = round(torch.cuda.max_memory_allocated() / 2**20)
-        except Exception:
-            pass
-        where = job.slot.name if job.slot else "the device"
-        return (f"out of memory on {where} ({type(e).__name__}); estimate {est} MiB, measured peak {peak} MiB; "
-                "the last checkpoint is kept; lower batch_size (raise gradient_accumulation_steps to keep the "
-                "effective batch), enable gradient_checkpointing or mixed_precision; `agentd validate` "
-                "recommends a batch size")
 
     # --- status -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -698,7 +615,7 @@ class Scheduler:
                                         state=job.record["state"], priority=job.priority,
                                         waited_s=round(now - job.enqueued, 1),
                                         device=_str_or_none((job.record.get("resolved") or {}).get("device")),
-                                        submitted=job.record.get("created")))
+                                        created=job.record.get("created")))
             for job in self.live.values():
                 if job.record["state"] == "paused":
                     paused.append(PausedJob(id=job.id, name=job.record.get("name"),
@@ -732,28 +649,14 @@ def _str_or_none(v) -> str | None:
     return None if v is None else str(v)
 
 
-def _resume_reason(history: list[str], job: LiveJob) -> str:
-    if job.infra_retries:
-        last = job.infra_retries[-1]
-        return (f"infrastructure retry {len(job.infra_retries)} after a failure on {last['slot']}: "
-                f"{last['error'].splitlines()[0][:200]}")
-    # history ends with this run's "running"; before it: paused -> queued when `agentd resume` queued it.
-    if history[-3:-1] == ["paused", "queued"]:
-        return "resumed after a pause (agentd resume)"
-    return "daemon restarted after an interruption"
-
-
 def _last_checkpoint_step(output_dir: str | None) -> int | None:
     """The newest checkpoint's step in a job's output folder (what a retry resumes from), if any."""
-    if not output_dir:
-        return None
-    steps = []
-    for p in (Path(output_dir) / "checkpoints").glob("step-*"):
+    for p in api.list_checkpoints(output_dir) if output_dir else []:
         try:
-            steps.append(int(p.name.split("-", 1)[1]))
+            return int(p.name.split("-", 1)[1])
         except ValueError:
             continue
-    return max(steps) if steps else None
+    return None
 
 
 def _parse_fault(value: str | None) -> tuple[int, int] | None:
@@ -768,19 +671,6 @@ def _parse_fault(value: str | None) -> tuple[int, int] | None:
         return None
 
 
-def own_vram_mib() -> dict[int, int]:
-    """MiB this process holds on each GPU (CUDA's reserved memory), without importing torch for it."""
-    torch = sys.modules.get("torch")
-    out: dict[int, int] = {}
-    try:
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i in range(torch.cuda.device_count()):
-                out[i] = int(torch.cuda.memory_reserved(i) // 2**20)
-    except Exception:
-        pass
-    return out
-
-
 def _progress_fields(job: LiveJob) -> dict:
     p = job.progress
     out = {}
@@ -791,28 +681,3 @@ def _progress_fields(job: LiveJob) -> dict:
     if p.get("loss") is not None:
         out["loss"] = p["loss"]
     return out
-
-
-def _is_oom(e: Exception) -> bool:
-    try:
-        import torch
-
-        if isinstance(e, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    text = str(e).lower()
-    return "out of memory" in text or "can't allocate memory" in text
-
-
-def _free_cuda() -> None:
-    try:
-        import gc
-
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass

@@ -59,9 +59,9 @@ def _peer_groups(conn: socket.socket, uid: int, gid: int) -> list[int]:
                 continue
             break
         return sorted(set(struct.unpack(f"{len(data) // 4}I", data)) | {gid})
-    from agentd.access import _groups_from_database
+    from agentd.access import groups_from_database
 
-    return sorted(set(_groups_from_database(uid, gid)) | {gid})
+    return sorted(set(groups_from_database(uid, gid)) | {gid})
 
 
 class SocketGroupError(Exception):

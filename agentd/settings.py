@@ -3,7 +3,8 @@
 Relative paths resolve against the settings file's folder. systemd's directories win for the
 defaults when the unit sets them: `$RUNTIME_DIRECTORY` (socket), `$STATE_DIRECTORY` (journal),
 `$CACHE_DIRECTORY` (agent.jar and other caches). Errors are reported like training-config errors:
-every problem with field, value, line and fix (exit code 78, which the unit does not restart on).
+every problem with field, value, line and fix (exit code 78, `trainer.errors.ExitCode.BAD_SETTINGS`,
+which the unit does not restart on).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentd.jenkins.settings import JenkinsSettings
 from agentd.paths import default_socket, env_dir
-
-EXIT_BAD_SETTINGS = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 keeps a broken file from looping
+from trainer.gpus import VRAM_MARGIN_MIB
 
 
 class MetricsSettings(BaseModel):
@@ -53,7 +53,7 @@ class Settings(BaseModel):
     """Largest control-socket message accepted (a line of JSON)."""
     idle_client_timeout_s: float = Field(30, gt=0)
     """A client that connects and sends nothing is dropped after this long."""
-    vram_margin_mib: int = Field(1024, ge=0)
+    vram_margin_mib: int = Field(VRAM_MARGIN_MIB, ge=0)
     """Safety margin on top of a job's VRAM estimate before it may start on a GPU."""
     gate_timeout_s: float = Field(3600, gt=0)
     """How long a job waits for GPU memory before it fails."""

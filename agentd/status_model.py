@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-def _build(cls, data: Any):
+def build(cls, data: Any):
     """`cls` from a dict: unknown keys dropped, nested dataclasses (and lists of them) rebuilt."""
     if data is None:
         return None
@@ -33,9 +33,9 @@ def _build(cls, data: Any):
         inner = _dataclass_in(hint)
         if inner is not None:
             if isinstance(value, list):
-                value = [_build(inner, v) for v in value]
+                value = [build(inner, v) for v in value]
             else:
-                value = _build(inner, value)
+                value = build(inner, value)
         values[f.name] = value
     return cls(**values)
 
@@ -106,7 +106,7 @@ class JenkinsInfo:
                    min_controller_version=s.get("min_controller_version"),
                    controller_version_note=s.get("controller_version_note"),
                    offline_mark=s.get("offline_mark"),
-                   agent=_build(AgentInfo, agent) if isinstance(agent, dict) else None)
+                   agent=build(AgentInfo, agent) if isinstance(agent, dict) else None)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class SlotInfo:
     unhealthy_reason: Optional[str] = None
     job: Optional[str] = None
     uuid: Optional[str] = None
-    gpu: Optional[dict] = None  # agentd.gpu.GpuFacts.to_dict(), None for the CPU slot or a vanished GPU
+    gpu: Optional[dict] = None  # trainer.gpus.GpuFacts.to_dict(), None for the CPU slot or a vanished GPU
     agentd_vram_mib: Optional[float] = None  # memory agentd itself holds on this device (None: unknown)
 
 
@@ -164,7 +164,7 @@ class QueuedJob:
     priority: int = 0
     waited_s: Optional[float] = None
     device: Optional[str] = None  # the config's device: request, if any
-    submitted: Optional[float] = None
+    created: Optional[float] = None  # when it was submitted (the journal's `created`, as in RecentJob)
     submitter: Submitter = field(default_factory=Submitter)
     build_url: Optional[str] = None
     estimate_mib: Optional[float] = None
@@ -237,7 +237,7 @@ class Status:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Status":
-        return _build(cls, data)
+        return build(cls, data)
 
     def line(self) -> str:
         """The one-line summary systemd shows (`STATUS=`): what runs, where, the queue, the link."""

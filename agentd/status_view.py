@@ -8,19 +8,13 @@ from __future__ import annotations
 import time
 
 from agentd.status_model import JenkinsInfo, RunningJob, SlotInfo, Status
+from trainer.events import format_duration
 
 NA = "N/A"
 
 
 def _num(v, fmt="{}", na=NA) -> str:
     return na if v is None else fmt.format(v)
-
-
-def _dur(seconds) -> str:
-    if seconds is None:
-        return NA
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _ago(ts) -> str:
@@ -86,7 +80,8 @@ def running_line(r: RunningJob) -> str:
     attempt = f" attempt {r.attempt}" if r.attempt > 1 else ""
     device = f" ({r.device_uuid})" if r.device_uuid else ""
     return (f"{r.id} {r.name or ''} on {r.slot}{device}: step {_num(r.step, na='0')}/"
-            f"{_num(r.total_steps, na='?')} loss {loss} {speed} ETA {_dur(r.eta_s)}{prio}{attempt}{stop}"
+            f"{_num(r.total_steps, na='?')} loss {loss} {speed} ETA {format_duration(r.eta_s, NA)}"
+            f"{prio}{attempt}{stop}"
             f"\n    config {r.config}\n    by {who}")
 
 
@@ -101,7 +96,7 @@ def cache_line(s: Status) -> str:
 def render_plain(snapshot) -> str:
     s = _status(snapshot)
     d = s.daemon
-    lines = [f"agentd {d.version}  pid {d.pid}  up {_dur(d.uptime_s)}  socket {d.socket}"
+    lines = [f"agentd {d.version}  pid {d.pid}  up {format_duration(d.uptime_s, NA)}  socket {d.socket}"
              + ("  DRAINING" if d.draining else "")]
     lines.append(jenkins_line(s.jenkins))
     agent = agent_line(s.jenkins)
@@ -115,7 +110,7 @@ def render_plain(snapshot) -> str:
     lines.append(f"queue: {len(s.queue)}")
     for q in s.queue:
         prio = f" priority {q.priority}" if q.priority else ""
-        lines.append(f"  {q.position}. {q.id} {q.state}{prio} waited {_dur(q.waited_s)} {q.config}")
+        lines.append(f"  {q.position}. {q.id} {q.state}{prio} waited {format_duration(q.waited_s, NA)} {q.config}")
     if s.paused:
         lines.append(f"paused: {len(s.paused)}")
         lines += [f"  {p.id} at step {_num(p.step)}/{_num(p.total_steps)} {p.config} (agentd resume {p.id})"
@@ -138,7 +133,7 @@ def rich_renderable(snapshot):
 
     s = _status(snapshot)
     d, j = s.daemon, s.jenkins
-    head = (f"[bold]agentd {d.version}[/] pid {d.pid} up {_dur(d.uptime_s)} · {escape(d.socket)}"
+    head = (f"[bold]agentd {d.version}[/] pid {d.pid} up {format_duration(d.uptime_s, NA)} · {escape(d.socket)}"
             + (" · [yellow]DRAINING[/]" if d.draining else "")
             + "\n" + escape(jenkins_line(j))
             + (f"\n{escape(agent_line(j))}" if j.agent else "")
@@ -162,13 +157,14 @@ def rich_renderable(snapshot):
     for r in s.running:
         running.add_row(r.id + (f" ({r.stopping}...)" if r.stopping else ""),
                         f"{_num(r.step, na='0')}/{_num(r.total_steps, na='?')}",
-                        _num(r.loss, "{:.4f}"), _num(r.it_s, "{:.2f} it/s"), _dur(r.eta_s), str(r.priority),
+                        _num(r.loss, "{:.4f}"), _num(r.it_s, "{:.2f} it/s"), format_duration(r.eta_s, NA),
+                        str(r.priority),
                         f"{r.config}\n{r.build_url or ''}")
     queue = Table(title=f"queue ({len(s.queue)})", expand=True)
     for col in ("#", "job", "state", "prio", "waited", "config"):
         queue.add_column(col)
     for q in s.queue:
-        queue.add_row(str(q.position), q.id, q.state, str(q.priority), _dur(q.waited_s), q.config or "")
+        queue.add_row(str(q.position), q.id, q.state, str(q.priority), format_duration(q.waited_s, NA), q.config or "")
     parts = [Panel(head), slots, running, queue]
     if s.paused:
         paused = Table(title=f"paused ({len(s.paused)})", expand=True)

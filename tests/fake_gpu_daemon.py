@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agentd.commands import load_settings_or_exit  # noqa: E402
 from agentd.daemon import Daemon, serve  # noqa: E402
-from agentd.gpu import NvmlProbe  # noqa: E402
+from trainer.gpus import NvmlProbe  # noqa: E402
 from agentd.scheduler import Slot  # noqa: E402
 from tests.fake_nvml import FakeGpu, FakeNvml  # noqa: E402
 

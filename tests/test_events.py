@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import agentd.events  # noqa: F401  (the daemon's kinds: queued, gated, state, infra_retry)
 from trainer.events import KINDS, Event, Finished, Step, event, format_event, from_dict
 
 

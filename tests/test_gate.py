@@ -6,7 +6,7 @@ import os
 import pytest
 
 from agentd.gate import CPU_SLOT, gate_decision, node_blocked_reason
-from agentd.gpu import GpuFacts, NvmlProbe
+from trainer.gpus import GpuFacts, NvmlProbe
 from fake_nvml import FakeGpu, FakeNvml
 from test_vram import image_args, write_sd15_configs
 from trainer.vram import estimate_vram, recommend_batch_size
@@ -137,7 +137,7 @@ def test_unknown_free_memory_is_used_only_when_nothing_known_fits():
 
 
 def _facts(index, free, total=24576, healthy=True, procs=()):
-    from agentd.gpu import GpuProcess
+    from trainer.gpus import GpuProcess
     return GpuFacts(index=index, uuid=None, name=None, memory_total_mib=total,
                     memory_used_mib=None if free is None else total - free, memory_free_mib=free,
                     utilization_pct=None, temperature_c=None, cuda_version=None,

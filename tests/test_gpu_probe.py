@@ -6,7 +6,8 @@ import os
 import pynvml
 import pytest
 
-from agentd.gpu import GpuFacts, GpuProcess, NoGpuProbe, NvmlProbe, Probe, probe_from_settings
+from agentd.gpu import probe_from_settings
+from trainer.gpus import GpuFacts, GpuProcess, NoGpuProbe, NvmlProbe, Probe
 from fake_nvml import FakeGpu, FakeNvml
 
 

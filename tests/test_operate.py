@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from agentd.failures import classify_failure
-from agentd.gate import NoSuchDevice, match_device
-from agentd.gpu import NvmlProbe
 from agentd.queue_order import Waiting, run_order
 from agentd.scheduler import SubmitRefused
 from tests.conftest import write_config
 from tests.fake_nvml import FakeGpu, FakeNvml
 from tests.test_scheduler_gate import events, gpu_slots, make_scheduler, wait_state
+from trainer.gpus import NoSuchDevice, NvmlProbe, match_device
 
 
 def submit(s, tmp_path, assets, name: str, priority=None, **fields) -> str:
@@ -331,7 +330,7 @@ def test_the_gate_never_counts_agentds_own_vram_as_foreign():
 
 
 def test_validate_names_the_gpus_when_device_matches_none(tmp_path, assets):
-    from agentd.commands.validate import device_problem
+    from trainer.validate import device_problem
 
     folder = tmp_path / "v"
     folder.mkdir()

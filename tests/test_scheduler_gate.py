@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agentd.gpu import NvmlProbe
 from agentd.journal import Journal
 from agentd.scheduler import Scheduler, Slot
 from tests.conftest import write_config
 from tests.fake_nvml import FakeGpu, FakeNvml
+from trainer.gpus import NvmlProbe
 from trainer.vram import calibrated, estimate_for_config, recommend_batch_size
 
 

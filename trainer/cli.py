@@ -1,12 +1,13 @@
-"""`lora-train`: the trainer in the foreground, no daemon.
+"""`lora-train`: the trainer in the foreground, no daemon. It goes through the same door as the daemon
+(`trainer.api`).
 
     lora-train --config X.yaml        train (the seed's `python train.py --config X.yaml`)
     lora-train X.yaml                 same
     lora-train validate X.yaml        check the config, paths and dataset; print the VRAM estimate
     lora-train make-demo [FOLDER]     write the tiny demo model, dataset and config
 
-Exit codes: 0 succeeded, 1 failed, 2 invalid config, 3 cancelled (SIGINT/SIGTERM: the job writes a
-checkpoint at the next step boundary; run the same command again to resume).
+Exit codes (`trainer.errors.ExitCode`): succeeded, failed, invalid config, cancelled (SIGINT/SIGTERM: the
+job writes a checkpoint at the next step boundary; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import signal
 import sys
 import threading
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 3
+from trainer import api
+from trainer.errors import ConfigError, ExitCode, OutOfMemory
+from trainer.events import ConsoleReporter
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["validate"]:
-        return _validate(argv[1:])
+        return api.validate_main(argv[1:])
     if argv[:1] == ["make-demo"]:
         return _make_demo(argv[1:])
     p = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config (foreground).")
@@ -36,14 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(path: str, device: str | None = None) -> int:
-    from trainer.errors import ConfigError
-    from trainer.preflight import preflight
-
     try:
-        checked = preflight(path)
+        checked = api.preflight(path)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID_CONFIG
 
     stop = threading.Event()
 
@@ -58,24 +58,17 @@ def train(path: str, device: str | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    from trainer.events import ConsoleReporter
-    from trainer.job import LoraTrainingJob
-
     try:
-        result = LoraTrainingJob(checked, ConsoleReporter(), stop, device=device).run()
+        result = api.run_job(checked, ConsoleReporter(), stop, device=device)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
-        return EXIT_INVALID
+        return ExitCode.INVALID_CONFIG
     except Exception as e:  # the job already wrote run.json; the console gets the reason
-        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_CANCELLED if result.outcome == "cancelled" else EXIT_OK
-
-
-def _validate(argv: list[str]) -> int:
-    from agentd.commands.validate import main as validate_main
-
-    return validate_main("validate", argv)
+        # Out of memory: the error as the device reported it (the advice quotes the daemon's admission estimate).
+        reason = e.__cause__ if isinstance(e, OutOfMemory) else e
+        print(f"FAILED: {type(reason).__name__}: {reason}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.CANCELLED if result.outcome == "cancelled" else ExitCode.SUCCEEDED
 
 
 def _make_demo(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Errors the trainer reports to users.
+"""Errors the trainer reports to users, and the exit codes that tell a build how a command ended.
 
 A `ConfigError` carries every problem found in one pass, so a user fixes a config in one edit
 instead of one error per run. Each problem names the field, the value, the YAML line when known,
@@ -7,6 +7,19 @@ and how to fix it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of `lora-train` and the `agentd` commands (a Jenkins build step fails on any but 0)."""
+
+    SUCCEEDED = 0  # the job succeeded (or the command did what it was asked)
+    FAILED = 1  # the job failed, or the daemon refused the request
+    INVALID_CONFIG = 2  # the config (or another input) has problems, all printed; nothing was written
+    CANCELLED = 3  # cancelled (a checkpoint is saved: the same command resumes it)
+    UNREACHABLE = 4  # `agentd run` and the job commands: the daemon did not answer (not running, or gone)
+    INFRA_FAILURE = 5  # the GPU or driver failed and the daemon's retries are used up: retry the build
+    BAD_SETTINGS = 78  # EX_CONFIG: agentd's own settings are invalid; systemd does not restart on it
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,11 @@ class ConfigError(Exception):
                 for p in self.problems
             ],
         }
+
+
+class OutOfMemory(Exception):
+    """A job ran out of device memory. The message is the advice for the user: where, the estimate and the
+    measured peak, that the last checkpoint is kept, and what to change."""
 
 
 class TrainingInterrupted(Exception):

@@ -11,8 +11,9 @@ places that only look at one field.
 
 Adding a kind (others do: samples, validation, run-started...): write a `@dataclass(kw_only=True)`
 subclass of `Event` with `kind = "name"` and its fields, and a `line()` if the console shows it. The
-class registers itself by its `kind`; nothing else changes. Unknown kinds arriving from a newer
-daemon become `UnknownEvent` (kept as-is, not shown).
+class registers itself by its `kind` when its module is imported; nothing else changes. The daemon's
+own kinds (queued, gated, state, infra_retry) live in `agentd.events`, which its readers import.
+Unknown kinds (from a newer daemon, or a module not imported) become `UnknownEvent` (kept, not shown).
 
 `format_event` turns an event (typed or dict) into the one plain line a Jenkins console shows; this
 module imports nothing heavy, so the `agentd` client uses it too.
@@ -74,9 +75,10 @@ class Event(Mapping):
         return len(self.to_dict())
 
 
-def _duration(seconds) -> str:
+def format_duration(seconds, unknown: str = "?") -> str:
+    """H:MM:SS (an ETA, an uptime, a wait); `unknown` when there is no figure."""
     if seconds is None:
-        return "?"
+        return unknown
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -147,7 +149,7 @@ class Step(Event):
             return None
         return (f"step {self.step}/{self.total_steps}  epoch {self.epoch}  loss {self.loss:.4f} "
                 f"(mean {self.loss_mean:.4f})  lr {self.lr:.2e}  {self.it_s or 0:.2f} it/s  "
-                f"ETA {_duration(self.eta_s)}")
+                f"ETA {format_duration(self.eta_s)}")
 
 
 @dataclass(kw_only=True)
@@ -246,59 +248,6 @@ class Validation(Event):
         best = f" (best {self.best:.4f})" if self.best is not None else ""
         return (f"validation loss {self.val_loss:.4f}{best} at step {self.step} on {self.samples} samples, "
                 f"{self.seconds or 0:.2f} s")
-
-
-# --- the daemon's events -------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class Queued(Event):
-    kind: ClassVar[str] = "queued"
-    position: int
-    ahead: int
-    priority: int = 0
-
-    def line(self) -> str:
-        prio = f", priority {self.priority}" if self.priority else ""
-        return (f"queued as {self.job_id} (position {self.position}: {self.ahead} "
-                f"job{'s' if self.ahead != 1 else ''} ahead{prio})")
-
-
-@dataclass(kw_only=True)
-class Gated(Event):
-    kind: ClassVar[str] = "gated"
-    reason: str
-    per_gpu: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        return f"waiting for GPU memory: {self.reason}"
-
-
-@dataclass(kw_only=True)
-class State(Event):
-    """A state change the journal records: running, paused, interrupted, queued (resumed or retried)."""
-
-    kind: ClassVar[str] = "state"
-    state: str
-    detail: str | None = None
-
-    def line(self) -> str:
-        return f"job {self.job_id} {self.state}" + (f": {self.detail}" if self.detail else "")
-
-
-@dataclass(kw_only=True)
-class InfraRetry(Event):
-    """An infrastructure failure (not the job's fault): the slot is marked unhealthy, the job re-queued."""
-
-    kind: ClassVar[str] = "infra_retry"
-    attempt: int  # the retry about to happen (1 = first retry)
-    max_retries: int
-    slot: str
-    error: str
-    from_step: int | None = None
-
-    def line(self) -> str:
-        at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
-        return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
-                f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")
 
 
 @dataclass(kw_only=True)

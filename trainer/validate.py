@@ -1,17 +1,67 @@
 """`validate`: check a config without training, and say what it will need.
 
+    agentd validate CONFIG [--vram 24GiB] [--json] [--margin MiB]   (also `lora-train validate`)
+
 Prints every problem (exit 2), or: a summary, the warnings, the VRAM estimate with its parts, each
 GPU's free memory with the largest batch that fits there (`recommended_batch_size`, with the
 gradient_accumulation_steps that keeps the effective batch), or — without a GPU, or with
 `--vram 24GiB` — the same advice for the card sizes asked about.
+
+No daemon needed: the GPUs are probed here (NVML, no torch); the estimate reads model configs only.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
-DEFAULT_MARGIN_MIB = 1024
+from trainer.config import parse_config
+from trainer.errors import ConfigError, ExitCode, Problem
+from trainer.gpus import VRAM_MARGIN_MIB, NoSuchDevice, default_probe, match_device
+
+
+def main(argv: list[str]) -> int:
+    """The command: the config's `device:` against this box's GPUs, then the report (`validate_command`)."""
+    p = argparse.ArgumentParser(prog="agentd validate", description="Check a training config and plan its memory.")
+    p.add_argument("config")
+    p.add_argument("--vram", help="plan for a card of this size (e.g. 24GiB) instead of this box's GPUs")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--margin", type=int, default=VRAM_MARGIN_MIB,
+                   help=f"safety margin in MiB (default {VRAM_MARGIN_MIB})")
+    args = p.parse_args(argv)
+    facts = []
+    if not args.vram:
+        facts = default_probe().list_gpus()
+        problem = device_problem(args.config, facts)
+        if problem:
+            print(problem, file=sys.stderr)
+            return ExitCode.INVALID_CONFIG
+    return validate_command(args.config, vram=args.vram, as_json=args.json,
+                            gpus=None if args.vram else local_gpus(facts), margin_mib=args.margin)
+
+
+def local_gpus(facts) -> list[dict]:
+    return [{"index": g.index, "name": g.name, "free_mib": g.memory_free_mib} for g in facts if g.healthy]
+
+
+def device_problem(config: str, gpus) -> str | None:
+    """The config's `device:` against this box's GPUs (checked only on a box that has GPUs: elsewhere the
+    target box is not known here; the daemon checks again at submit)."""
+    if not gpus:
+        return None
+    path = Path(config)
+    try:
+        cfg = parse_config(path.read_text(encoding="utf-8"), base_dir=path.resolve().parent, source=str(path))
+        if cfg.device is not None:
+            match_device(cfg.device, gpus)
+    except NoSuchDevice as e:
+        return ConfigError([Problem("device", str(e), "set device: to one of the GPUs listed, or remove it",
+                                    cfg.device)], str(path)).render()
+    except (OSError, ConfigError):
+        return None  # validate_command reports those with every other problem
+    return None
 
 
 def parse_vram(text: str) -> int:
@@ -23,7 +73,7 @@ def parse_vram(text: str) -> int:
     return int(value * 1024) if unit.startswith("g") else int(value)
 
 
-def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: int = DEFAULT_MARGIN_MIB) -> dict:
+def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: int = VRAM_MARGIN_MIB) -> dict:
     """The validate report as data: estimate, and per GPU (or card size) the batch advice."""
     from trainer.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
 
@@ -61,15 +111,14 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
 
 
 def validate_command(path: str, *, vram: str | None = None, as_json: bool = False, gpus=None,
-                     margin_mib: int = DEFAULT_MARGIN_MIB) -> int:
-    from trainer.errors import ConfigError
+                     margin_mib: int = VRAM_MARGIN_MIB) -> int:
     from trainer.preflight import preflight
 
     try:
         vram_mib = parse_vram(vram) if vram else None
     except ValueError as e:
         print(str(e), file=sys.stderr)
-        return 2
+        return ExitCode.INVALID_CONFIG
     try:
         checked = preflight(path)
     except ConfigError as e:
@@ -77,7 +126,7 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
             print(json.dumps({"valid": False, **e.to_dict()}, indent=2))
         else:
             print(e.render(), file=sys.stderr)
-        return 2
+        return ExitCode.INVALID_CONFIG
     report = plan(checked, gpus=gpus, vram_mib=vram_mib, margin_mib=margin_mib)
     from trainer.lint import lint, render
 
@@ -90,7 +139,7 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
             print(f"{len(dataset['errors'])} dataset problem(s) in {path}:", file=sys.stderr)
             for err in dataset["errors"]:
                 print(f"  ERROR: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.INVALID_CONFIG
     if as_json:
         print(json.dumps(report, indent=2))
         return 0

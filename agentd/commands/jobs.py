@@ -7,6 +7,8 @@ import socket
 import sys
 import time
 
+from trainer.errors import ExitCode
+
 
 def main(name: str, argv: list[str]) -> int:
     from agentd.cli import add_socket_arg, socket_path
@@ -26,7 +28,7 @@ def main(name: str, argv: list[str]) -> int:
         return HANDLERS[name](socket_path(args), args)
     except DaemonUnreachable as e:
         print(f"agentd {name}: {e}", file=sys.stderr)
-        return 4
+        return ExitCode.UNREACHABLE
 
 
 def _jobs(sock, args) -> int:
@@ -53,7 +55,7 @@ def _job_op(op: str):
         reply = request(sock, {"op": op, "job_id": args.job_id})
         if not reply.get("ok"):
             print(f"agentd {op}: {reply['error']['message']}", file=sys.stderr)
-            return 1
+            return ExitCode.FAILED
         print(f"{args.job_id}: {reply['state']}")
         return 0
 
@@ -62,12 +64,12 @@ def _job_op(op: str):
 
 def _logs(sock, args) -> int:
     from agentd.client import open_request
-    from trainer.events import format_event
+    from agentd.events import format_event
 
     conn = open_request(sock, {"op": "logs", "job_id": args.job_id, "follow": args.follow})
     if not conn.reply.get("ok"):
         print(f"agentd logs: {conn.reply['error']['message']}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     try:
         while True:
             try:
@@ -89,7 +91,7 @@ def _drain(sock, args, on=True) -> int:
 
     reply = request(sock, {"op": "drain" if on else "undrain"})
     print("draining: the running job finishes, no new jobs start" if on else "taking jobs again")
-    return 0 if reply.get("ok") else 1
+    return ExitCode.SUCCEEDED if reply.get("ok") else ExitCode.FAILED
 
 
 HANDLERS = {"jobs": _jobs, "cancel": _job_op("cancel"), "pause": _job_op("pause"), "resume": _job_op("resume"),

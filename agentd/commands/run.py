@@ -1,10 +1,11 @@
 """agentd run CONFIG: the command a Jenkins build step runs.
 
-It validates the config locally (exit 2 with every problem), submits it with the Jenkins variables,
-prints every event as one plain line (stdout is the Jenkins console), and exits with the job's outcome:
-0 succeeded, 1 failed, 2 invalid config, 3 cancelled, 4 daemon unreachable, 5 infrastructure failure
-(the GPU or driver failed and the daemon's `max_infra_retries` re-queues are used up: retry the build,
-e.g. with the Jenkinsfile's `retry`, rather than fix the config).
+It validates the config locally (exit 2 with every problem), submits it with the Jenkins variables
+the run records (`trainer.api.jenkins_vars`), prints every event as one plain line (stdout is the
+Jenkins console), and exits with the job's outcome (`trainer.errors.ExitCode`: succeeded, failed,
+invalid config, cancelled, daemon unreachable, or an infrastructure failure: the GPU or driver failed
+and the daemon's `max_infra_retries` re-queues are used up, so retry the build, e.g. with the
+Jenkinsfile's `retry`, rather than fix the config).
 
 - A daemon that is not up yet (`systemctl restart agentd`, a boot) is waited for, up to
   `--connect-timeout` (default 60 s), printing each try.
@@ -30,10 +31,12 @@ import sys
 import time
 from pathlib import Path
 
-EXIT = {"succeeded": 0, "failed": 1, "invalid": 2, "cancelled": 3, "unreachable": 4, "infra": 5}
+from trainer.errors import ExitCode
+
+# The job's final outcome (its `finished` event) as the build's exit code.
+OUTCOME_EXIT = {"succeeded": ExitCode.SUCCEEDED, "failed": ExitCode.FAILED, "cancelled": ExitCode.CANCELLED,
+                "infra": ExitCode.INFRA_FAILURE}
 CANCEL_GRACE_S = 10.0  # while the daemon is down, how long an aborted build keeps trying to deliver the cancel
-JENKINS_ENV = ("JOB_NAME", "BUILD_NUMBER", "BUILD_URL", "BUILD_TAG", "GIT_COMMIT", "GIT_BRANCH", "WORKSPACE",
-               "NODE_NAME")
 
 
 def say(text: str) -> None:
@@ -56,18 +59,18 @@ def main(name: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     sock = socket_path(args)
 
+    from trainer.api import jenkins_vars, preflight
     from trainer.errors import ConfigError
-    from trainer.preflight import preflight
 
     path = Path(args.config).resolve()
     try:
         checked = preflight(path)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
-        return EXIT["invalid"]
+        return ExitCode.INVALID_CONFIG
     for w in checked.warnings:
         say(f"WARNING: {w}")
-    env = {k: os.environ[k] for k in JENKINS_ENV if os.environ.get(k)}
+    env = jenkins_vars(os.environ)
     msg = {"op": "submit", "config_path": str(path), "config_text": path.read_text(encoding="utf-8"),
            "env": env, "detach": args.detach}
     if args.priority is not None:
@@ -108,7 +111,7 @@ class Follower:
                 if not e.starting or left <= 0 or self.cancel_wanted:
                     waited = f" (waited {self.connect_timeout:.0f} s for it to start)" if attempt > 1 else ""
                     print(f"agentd run: {e}{waited}", file=sys.stderr)
-                    return EXIT["cancelled"] if self.cancel_wanted else EXIT["unreachable"]
+                    return ExitCode.CANCELLED if self.cancel_wanted else ExitCode.UNREACHABLE
                 wait = min(delay, left)
                 say(f"waiting for agentd to start: try {attempt}: {e}; next try in {wait:.0f} s "
                     f"(--connect-timeout {self.connect_timeout:.0f} s)")
@@ -118,7 +121,7 @@ class Follower:
         if not reply.get("ok"):
             err = reply.get("error", {})
             print(f"agentd run: {err.get('message')}", file=sys.stderr)
-            return EXIT["invalid"] if err.get("code") == "invalid_config" else EXIT["failed"]
+            return ExitCode.INVALID_CONFIG if err.get("code") == "invalid_config" else ExitCode.FAILED
         self.job_id = reply["job_id"]
         if reply.get("attached"):
             say(f"attached to {self.job_id}, already queued or running for this output folder")
@@ -126,11 +129,11 @@ class Follower:
             say(f"submitted {self.job_id}")
         if msg.get("detach"):
             conn.close()
-            return EXIT["succeeded"]
+            return ExitCode.SUCCEEDED
         return self.follow(conn)
 
     def follow(self, conn) -> int:
-        from trainer.events import format_event
+        from agentd.events import format_event
 
         while True:
             outcome = None
@@ -161,12 +164,12 @@ class Follower:
             finally:
                 conn.close()
             if outcome is not None:
-                return EXIT.get(outcome, EXIT["failed"])
+                return OUTCOME_EXIT.get(outcome, ExitCode.FAILED)
             conn = self._reattach()
             if conn is None:
                 say(f"gave up: agentd did not come back within {self.reconnect_timeout:.0f} s; the job "
                     f"{self.job_id} resumes when the daemon starts (`agentd logs {self.job_id} --follow`)")
-                return EXIT["unreachable"]
+                return ExitCode.UNREACHABLE
 
     def _send_cancel(self) -> None:
         from agentd.client import DaemonUnreachable, request
@@ -194,7 +197,7 @@ class Follower:
                 if time.monotonic() > cancel_deadline:
                     say(f"abort: agentd is unreachable, so the cancel was not delivered; {self.job_id} will "
                         f"resume when agentd is back (`agentd cancel {self.job_id}` to stop it)")
-                    raise SystemExit(EXIT["cancelled"])
+                    raise SystemExit(ExitCode.CANCELLED)
             attempt += 1
             try:
                 conn = open_request(self.sock, {"op": "attach", "job_id": self.job_id, "after_seq": self.last_seq})

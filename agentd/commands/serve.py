@@ -31,10 +31,10 @@ def main(name: str, argv: list[str]) -> int:
         print(f"agentd: {e}", file=sys.stderr)
         return 1
     except SocketGroupError as e:
-        from agentd.settings import EXIT_BAD_SETTINGS
+        from trainer.errors import ExitCode
 
         print(f"agentd: {e}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS  # restarting cannot fix it (the unit does not restart on 78)
+        return ExitCode.BAD_SETTINGS  # restarting cannot fix it (the unit does not restart on 78)
     except PermissionError as e:
         print(f"agentd: permission denied on {e.filename}: run it as the service (systemctl start agentd) or set "
               "socket, state_dir and cache_dir in agentd.yaml to folders you can write", file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 
 class GpuFactsLike(Protocol):
-    """What the labels need from a GPU probe result (agentd.gpu provides objects with these attributes)."""
+    """What the labels need from a GPU probe result (trainer.gpus provides objects with these attributes)."""
 
     name: Optional[str]
     memory_total_mib: Optional[int]

@@ -1,0 +1,67 @@
+"""The daemon's own job events: queued, gated, state changes and infrastructure retries.
+
+They are `trainer.events` kinds like the trainer's (one typed class per kind, registered in its table by
+`kind` when this module is imported): the scheduler publishes them, and the journal, `agentd run` and
+`agentd logs` read them back. So every reader of a job's events formats them with this module's
+`format_event`, which knows the trainer's kinds and these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from trainer.events import Event, format_event
+
+__all__ = ["Gated", "InfraRetry", "Queued", "State", "format_event"]
+
+
+@dataclass(kw_only=True)
+class Queued(Event):
+    kind: ClassVar[str] = "queued"
+    position: int
+    ahead: int
+    priority: int = 0
+
+    def line(self) -> str:
+        prio = f", priority {self.priority}" if self.priority else ""
+        return (f"queued as {self.job_id} (position {self.position}: {self.ahead} "
+                f"job{'s' if self.ahead != 1 else ''} ahead{prio})")
+
+
+@dataclass(kw_only=True)
+class Gated(Event):
+    kind: ClassVar[str] = "gated"
+    reason: str
+    per_gpu: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"waiting for GPU memory: {self.reason}"
+
+
+@dataclass(kw_only=True)
+class State(Event):
+    """A state change the journal records: running, paused, interrupted, queued (resumed or retried)."""
+
+    kind: ClassVar[str] = "state"
+    state: str
+    detail: str | None = None
+
+    def line(self) -> str:
+        return f"job {self.job_id} {self.state}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass(kw_only=True)
+class InfraRetry(Event):
+    """An infrastructure failure (not the job's fault): the slot is marked unhealthy, the job re-queued."""
+
+    kind: ClassVar[str] = "infra_retry"
+    attempt: int  # the retry about to happen (1 = first retry)
+    max_retries: int
+    slot: str
+    error: str
+    from_step: int | None = None
+
+    def line(self) -> str:
+        at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
+        return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
+                f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")

@@ -1,0 +1,164 @@
+"""The one door into the trainer: everything the daemon (`agentd`) and `lora-train` call.
+
+Besides this module they import only the shared vocabulary: `trainer.config` (the training config),
+`trainer.errors` (problems, typed errors, exit codes), `trainer.events` (typed job events),
+`trainer.yaml_schema` (reading YAML into a schema) and `trainer.gpus` (GPU facts and the NVML probe).
+
+- Checking a config: `preflight` (a config file), `check_for_submitter` (a parsed config, with the
+  submitter's access check before and after the dataset scan), `run_decision` (which run it would be).
+- Running a job: `run_job` in a slot, with stop and pause flags and an event reporter, returning the
+  typed `JobResult` (out-of-memory becomes `OutOfMemory` carrying its advice); `preload_all` (the
+  training stack, imported once); `BaseModelCache` (the warm base models kept between jobs);
+  `cuda_reserved_mib` (what this process's CUDA holds per GPU, for the gate and status).
+- Planning memory: `estimate_for_config`, `calibrated` (by a measured peak), `recommend_batch_size`.
+- Run folders: `list_checkpoints`, `compare_runs`, `write_report`, `is_run_folder`, `newest_previous`,
+  `jenkins_vars` (the CI variables a run records); `atomic_write_text`/`atomic_write_json`, the trainer's
+  crash-safe file writes, which the daemon uses for its own files too (one implementation).
+- Commands: `validate_main` (`agentd validate` and `lora-train validate`), `import_kohya`,
+  `is_inline_template` (whether a config's chat_template is a file the daemon must check access to).
+
+Importing this module imports no torch, so `agentd run`, `validate` and `compare` answer fast: the
+modules that need torch (the training loop, checkpoints) are imported by the functions that use them.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+from trainer.config import TrainConfig
+from trainer.errors import ConfigError, OutOfMemory
+from trainer.events import Reporter
+from trainer.families import preload_all
+from trainer.kohya_import import import_kohya
+from trainer.model_cache import BaseModelCache
+from trainer.outputs import atomic_write_json, atomic_write_text, jenkins_vars
+from trainer.preflight import Checked, check_config, preflight
+from trainer.report import compare_runs, write_report
+from trainer.runs import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
+from trainer.text_data import is_inline_template
+from trainer.validate import main as validate_main
+from trainer.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
+
+if TYPE_CHECKING:
+    import threading
+
+    from trainer.job import JobResult
+
+__all__ = [
+    "Authorize", "BaseModelCache", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
+    "VramEstimate", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
+    "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
+    "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "recommend_batch_size",
+    "run_decision", "run_job", "validate_main", "write_report",
+]
+
+# The daemon's access check (agentd.access): raises ConfigError naming what the submitter may not use.
+# Called with checked=None on the config's paths, then with the scanned dataset.
+Authorize = Callable[[TrainConfig, Optional[Checked]], None]
+
+
+def check_for_submitter(cfg: TrainConfig, source: str, authorize: Authorize | None = None) -> Checked:
+    """Every problem of `cfg` (one ConfigError), or the checked config with its dataset scan.
+
+    `authorize` bounds what the trainer reads for the submitter: it runs on the paths first, so the
+    scan never opens a file they may not read, and again on the files the scan found."""
+    if authorize is not None:
+        authorize(cfg, None)
+    checked = check_config(cfg, source=source)
+    if authorize is not None:
+        authorize(cfg, checked)
+    return checked
+
+
+def run_decision(checked: Checked) -> tuple[RunDecision, PreviousRun | None]:
+    """Which run of its output folder `checked` would be (new, resume, or nothing to do), read-only:
+    a finished, unchanged config is answered "nothing to do" without a GPU. Raises what it cannot read."""
+    return decide_for(checked.config, checked.data_fingerprint)
+
+
+def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event", *, device: str | None = None,
+            pause: "threading.Event | None" = None, base_cache: BaseModelCache | None = None,
+            env: dict | None = None, infra_retries: list[dict] | None = None,
+            resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
+            estimate_mib: int | None = None) -> "JobResult":
+    """Train `checked` on `device` until it ends, reporting every event to `reporter`.
+
+    `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
+    the same, outcome "paused". Otherwise "succeeded" (or "nothing to do", also "succeeded").
+    Raises ConfigError for what is found only as the job starts, `OutOfMemory` when the device ran out
+    (its advice names `where` the job ran, the `estimate_mib` it was admitted with and the measured peak;
+    the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is."""
+    from trainer.job import LoraTrainingJob  # imports torch
+
+    job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
+                          infra_retries=infra_retries, resume_reason=resume_reason)
+    try:
+        return job.run()
+    except ConfigError:
+        raise
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        advice = _oom_advice(e, where or str(job.device), estimate_mib)
+        if base_cache is not None:
+            base_cache.clear()
+        _free_cuda()
+        raise OutOfMemory(advice) from e
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """A job's checkpoint folders (`output_dir/checkpoints/step-N`), newest first."""
+    from trainer.checkpoint import list_checkpoints as checkpoints_in  # imports torch
+
+    return checkpoints_in(Path(output_dir) / "checkpoints")
+
+
+def cuda_reserved_mib() -> dict[int, int]:
+    """MiB this process's CUDA holds on each GPU (its reserved memory: a warm base model, a running job),
+    without importing torch for it: empty before the first job imported it."""
+    torch = sys.modules.get("torch")
+    out: dict[int, int] = {}
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                out[i] = int(torch.cuda.memory_reserved(i) // 2**20)
+    except Exception:
+        pass
+    return out
+
+
+def _is_oom(e: Exception) -> bool:
+    torch = sys.modules.get("torch")  # the job imported it
+    if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(e).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _oom_advice(e: Exception, where: str, estimate_mib: int | None) -> str:
+    peak = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            peak = round(torch.cuda.max_memory_allocated() / 2**20)
+    except Exception:
+        pass
+    return (f"out of memory on {where} ({type(e).__name__}); estimate {estimate_mib} MiB, measured peak {peak} "
+            "MiB; the last checkpoint is kept; lower batch_size (raise gradient_accumulation_steps to keep the "
+            "effective batch), enable gradient_checkpointing or mixed_precision; `agentd validate` "
+            "recommends a batch size")
+
+
+def _free_cuda() -> None:
+    """Return what the failed job held to the driver, so the next job (or another process) can have it."""
+    try:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
