@@ -41,7 +41,6 @@ class Daemon:
         self._gpu_cache: tuple[float, list] = (0.0, [])
         self._last_gc = 0.0
         self.link = None
-        self.agent = None
         self.watcher = None
         self.metrics = None
         self._status = None
@@ -133,7 +132,7 @@ class Daemon:
             return
         from agentd.jenkins.integration import start_jenkins
 
-        self.link, self.agent, self.watcher = start_jenkins(self)
+        self.link, self.watcher = start_jenkins(self)
 
     # --- status -----------------------------------------------------------------------------------
     def gpus(self) -> list:
@@ -251,7 +250,7 @@ class Daemon:
         log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)
         self.server.close()
         self.scheduler.shutdown(self.settings.stop_timeout_s)
-        for part in (self.watcher, self.agent, self.link, self.metrics):
+        for part in (self.watcher, self.link, self.metrics):
             if part is not None:
                 try:
                     part.stop()

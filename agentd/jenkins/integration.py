@@ -54,7 +54,7 @@ def start_jenkins(daemon):
         token = read_token(s)
     except TokenError as e:
         log.error("Jenkins link not started: %s", e)
-        return TokenProblem(str(e)), None, None
+        return TokenProblem(str(e)), None
     # One session for the link and the folder trigger: they share its crumb and cookie.
     session = JenkinsSession(s, token)
     # state_dir: the link remembers there that it took the node offline (and why), across restarts.
@@ -71,4 +71,4 @@ def start_jenkins(daemon):
 
         watcher = ConfigWatcher(s.watch, validate_training_config, BuildTrigger(session).trigger_build)
         watcher.start()
-    return link, None, watcher
+    return link, watcher
