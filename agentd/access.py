@@ -317,7 +317,7 @@ def _is_resume_path(value: str) -> bool:
 
 
 def _is_template_file(value: str) -> bool:
-    from trainer.text_data import is_inline_template
+    from trainer.data.text import is_inline_template
 
     return bool(value.strip()) and not is_inline_template(value)
 

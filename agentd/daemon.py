@@ -56,7 +56,7 @@ class Daemon:
         from agentd.journal import Journal
         from agentd.scheduler import Scheduler
         from agentd.server import ControlServer, bind_socket
-        from trainer.model_cache import BaseModelCache
+        from trainer.training.model_cache import BaseModelCache
 
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +302,7 @@ def _recent_view(r: dict) -> dict:
 def _estimator(journal):
     """A job's VRAM estimate, calibrated by the peak the journal recorded for the same model and shape."""
     def estimate(checked):
-        from trainer.vram import calibrated, estimate_for_config
+        from trainer.checks.vram import calibrated, estimate_for_config
 
         formula = estimate_for_config(checked.config)
         return calibrated(formula, journal.recorded_peak(formula.key))

@@ -28,7 +28,7 @@ def plan(settings, journal, now: float | None = None) -> list[tuple[str, str]]:
                 kind = {"latents": "latent-cache", "text": "text-cache"}.get(p.relative_to(cache).parts[0], "cache")
                 actions.append((kind, str(p)))
     if settings.gc_user_outputs:
-        from trainer.checkpoint import list_checkpoints
+        from trainer.runs.checkpoint import list_checkpoints
 
         seen = set()
         for r in journal.jobs():

@@ -192,8 +192,8 @@ class Scheduler:
         `priority` (agentd run --priority) overrides the config's."""
         from trainer.config import parse_config
         from trainer.errors import ConfigError
-        from trainer.preflight import check_config
-        from trainer.runs import decide_for
+        from trainer.checks.preflight import check_config
+        from trainer.runs.history import decide_for
 
         try:
             cfg = parse_config(config_text, base_dir=Path(config_path).parent, source=config_path)
@@ -465,7 +465,7 @@ class Scheduler:
         if self.estimator is None:
             return None
         from trainer.config import parse_config
-        from trainer.preflight import Checked
+        from trainer.checks.preflight import Checked
 
         try:
             cfg = parse_config(rec["config_text"], base_dir=Path(rec["config_path"]).parent, source=rec["config_path"])
@@ -486,7 +486,7 @@ class Scheduler:
 
     def _advice(self, job: LiveJob, decision) -> str:
         """The never-fits failure, with the batch size (and accumulation) that would fit the largest GPU."""
-        from trainer.vram import recommend_batch_size
+        from trainer.checks.vram import recommend_batch_size
 
         text = decision.reason
         cfg = job.record.get("resolved") or {}
@@ -537,8 +537,8 @@ class Scheduler:
         preload_all()  # waits for the daemon's background preload: no two threads import the stack at once
         from trainer.config import parse_config
         from trainer.errors import ConfigError
-        from trainer.job import LoraTrainingJob
-        from trainer.preflight import check_config
+        from trainer.training.job import LoraTrainingJob
+        from trainer.checks.preflight import check_config
 
         rec = job.record
         outcome, error, extra = "failed", None, {}

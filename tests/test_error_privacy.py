@@ -65,10 +65,10 @@ def test_the_model_probe_describes_files_by_kind_and_count(tmp_path):
 
 
 def test_lora_checkpoint_and_estimate_readers_do_not_quote_the_file(tmp_path):
-    from trainer.checkpoint import read_state
+    from trainer.runs.checkpoint import read_state
     from trainer.errors import content_free
-    from trainer.lora_io import LoraFormatError, read_lora_file
-    from trainer.vram import VramEstimateError, _read_json
+    from trainer.families.lora_io import LoraFormatError, read_lora_file
+    from trainer.checks.vram import VramEstimateError, _read_json
 
     lora = tmp_path / "lora.safetensors"  # serde's "invalid type: string \"…\"" quotes the value
     lora.write_bytes(safetensors_bytes({"w": SECRET}))

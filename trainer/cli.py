@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(path: str, device: str | None = None) -> int:
     from trainer.errors import ConfigError
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     try:
         checked = preflight(path)
@@ -59,7 +59,7 @@ def train(path: str, device: str | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
 
     from trainer.events import ConsoleReporter
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     try:
         result = LoraTrainingJob(checked, ConsoleReporter(), stop, device=device).run()
@@ -82,7 +82,7 @@ def _make_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lora-train make-demo")
     p.add_argument("folder", nargs="?", default="demo-output")
     args = p.parse_args(argv)
-    from trainer.demo import write_demo_config
+    from trainer.dev.demo import write_demo_config
 
     print(write_demo_config(args.folder))
     return 0

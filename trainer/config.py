@@ -42,7 +42,7 @@ PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base
                "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
                "validation_file", "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
 RESUME_POLICIES = ("auto", "never", "strict")
-# kohya's sampler names (sd-scripts' --sample_sampler); trainer.sampling maps each to a diffusers scheduler.
+# kohya's sampler names (sd-scripts' --sample_sampler); trainer.training.sampling maps each to a diffusers scheduler.
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
 
@@ -56,14 +56,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-# kohya's `optimizer_type` names (case-insensitive there) -> ours; trainer.optim builds each.
+# kohya's `optimizer_type` names (case-insensitive there) -> ours; trainer.training.optim builds each.
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-# kohya's `lr_scheduler` names; trainer.optim.lr_factor computes each.
+# kohya's `lr_scheduler` names; trainer.training.optim.lr_factor computes each.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 class OptimizerConfig(_Strict):
-    """Optimizer settings (trainer.optim builds it; the libraries are bitsandbytes, prodigyopt, transformers)."""
+    """Optimizer settings (trainer.training.optim builds it; the libraries are bitsandbytes, prodigyopt, transformers)."""
 
     name: Literal[OPTIMIZERS] = "adamw"
     """adamw (torch). adamw8bit: bitsandbytes, CUDA only, ~75% less optimizer memory. prodigy: prodigyopt,
@@ -149,7 +149,7 @@ class TrainConfig(_Strict):
     base_model_config: Optional[Path] = None
     """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer.
     Not needed for SD 1.5, SD 2.x (768-v) and SDXL base single files (their architecture configs ship in
-    trainer/model_configs); needed for a Flux single file (its VAE, text encoders and tokenizers) and for a
+    trainer/families/model_configs); needed for a Flux single file (its VAE, text encoders and tokenizers) and for a
     fine-tune whose configs differ from the shipped ones (e.g. SD 2.x base at 512 px)."""
     resolution: Optional[int] = Field(None, ge=8)
     """Training image side in pixels: images are resized (shorter side) then center-cropped to it.
@@ -307,7 +307,7 @@ class TrainConfig(_Strict):
     """How the frozen base's weights are stored (the LoRA weights stay fp32); each family allows its own:
     causal LMs (QLoRA, CUDA + bitsandbytes): 4bit (NF4, double quantization, bf16 compute) or 8bit, ~4x / 2x
     less weight memory, somewhat slower steps, gradient checkpointing on; default: none (no).
-    Flux: fp8 (e4m3 with a per-row scale, upcast one layer at a time: trainer.fp8, any device) for the
+    Flux: fp8 (e4m3 with a per-row scale, upcast one layer at a time: trainer.families.fp8, any device) for the
     transformer blocks, half of bf16's weight memory (what fits a 24 GB card), outputs within a few percent
     of bf16's; default fp8, no keeps the training dtype. SD/SDXL: not available (their bases fit as they are)."""
 
@@ -485,7 +485,7 @@ class TrainConfig(_Strict):
 
     @property
     def caption_options(self) -> dict:
-        """The top-level caption options (a subset's own values override them: trainer.data)."""
+        """The top-level caption options (a subset's own values override them: trainer.data.images)."""
         return {k: getattr(self, k) for k in CAPTION_OPTIONS}
 
     # --- derived values ---------------------------------------------------------------------------

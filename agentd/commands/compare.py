@@ -15,7 +15,7 @@ from pathlib import Path
 def resolve_previous(a: Path) -> Path | None:
     import json
 
-    from trainer.runs import newest_previous
+    from trainer.runs.history import newest_previous
 
     try:
         history = (json.loads((a / "run.json").read_text()).get("config") or {}).get("history_dir")
@@ -33,8 +33,8 @@ def main(name: str, argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from trainer.report import compare_runs, write_report
-    from trainer.runs import is_run_folder
+    from trainer.runs.report import compare_runs, write_report
+    from trainer.runs.history import is_run_folder
 
     a = Path(args.a).resolve()
     b = resolve_previous(a) if args.b == "previous" else Path(args.b).resolve()

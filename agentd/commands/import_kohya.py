@@ -19,8 +19,8 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     args = p.parse_args(argv)
     from trainer.errors import ConfigError
-    from trainer.kohya_import import import_kohya
-    from trainer.outputs import atomic_write_text
+    from trainer.data.kohya_import import import_kohya
+    from trainer.runs.outputs import atomic_write_text
 
     source = Path(args.file)
     try:

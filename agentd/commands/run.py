@@ -57,7 +57,7 @@ def main(name: str, argv: list[str]) -> int:
     sock = socket_path(args)
 
     from trainer.errors import ConfigError
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     path = Path(args.config).resolve()
     try:

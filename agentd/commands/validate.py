@@ -36,7 +36,7 @@ def device_problem(config: str, gpus) -> str | None:
 
 
 def main(name: str, argv: list[str]) -> int:
-    from trainer.validate import DEFAULT_MARGIN_MIB, validate_command
+    from trainer.checks.validate_report import DEFAULT_MARGIN_MIB, validate_command
 
     p = argparse.ArgumentParser(prog="agentd validate", description="Check a training config and plan its memory.")
     p.add_argument("config")

@@ -40,7 +40,7 @@ class TokenProblem:
 def validate_training_config(path: Path) -> str | None:
     """The folder trigger's check: the same preflight as `agentd validate` (None when valid)."""
     from trainer.errors import ConfigError
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     try:
         preflight(path)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from trainer.outputs import atomic_write_json
+from trainer.runs.outputs import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Each family module provides (see `Family` below for the exact signatures):
     defaults(probe, cfg)       config values it fills in when the config leaves them out
                                (resolution, target_modules, text_encoder_target_modules)
     check(cfg, probe)          preflight problems, from config files only (no weights, no torch)
-    scan_dataset(cfg)          find and check the samples (a `trainer.data.Scan`)
+    scan_dataset(cfg)          find and check the samples (a `trainer.data.images.Scan`)
     make_dataset(cfg, samples) what `Task.loss` reads samples from
     load_base(cfg, device, dtype)  the frozen base, offline (the daemon may keep it warm)
     make_task(cfg, base, device)   a `Task` (below) on that base, for one job
@@ -40,9 +40,9 @@ Adding a family (the recipe):
 3. `detect` must claim only its own models: a folder by `model_index.json`'s `_class_name` (or
    `config.json`'s `architectures`), a single file by its key signature (e.g. `double_blocks.` for Flux).
    Add a row to `FAMILIES` below, before any family whose `detect` would also claim those models.
-4. If a single file must load offline, ship its architecture config under `trainer/model_configs/`
+4. If a single file must load offline, ship its architecture config under `trainer/families/model_configs/`
    (`trainer.families.shipped`; the diffusion families' `shipped_config_name(probe)` picks one).
-5. Tests (tests/test_sdxl.py is the model): a tiny model of the family in `trainer/tiny.py` (added to
+5. Tests (tests/test_sdxl.py is the model): a tiny model of the family in `trainer/dev/tiny.py` (added to
    `demo_assets`), a training run from YAML, SIGKILL + rerun bit-identical, the warm cache, its LoRA loaded
    by the library users load it with with every module applied, and the bad inputs (exit 2).
 """
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     import torch
 
     from trainer.config import TrainConfig
-    from trainer.sampling import SamplePrompt
+    from trainer.training.sampling import SamplePrompt
 
 FAMILIES: dict[str, ModuleType] = {
     "sd": sd,
@@ -72,7 +72,7 @@ FAMILIES: dict[str, ModuleType] = {
 
 
 class Task(Protocol):
-    """What the training loop (`trainer.job`) needs from one job's LoRA on a frozen base.
+    """What the training loop (`trainer.training.job`) needs from one job's LoRA on a frozen base.
 
     Randomness: every random draw of a step comes from the `generator` passed to `loss` (its state is
     checkpointed), which is what makes a resumed run bit-identical on the CPU.
@@ -106,7 +106,7 @@ class Task(Protocol):
         """Put the trainable parts in evaluation mode (validation and samples; `train` undoes it)."""
 
     def render_sample(self, prompt: "SamplePrompt", path: Path) -> Path:
-        """One sample of the LoRA as trained so far for `prompt` (`trainer.sampling.SamplePrompt`: the
+        """One sample of the LoRA as trained so far for `prompt` (`trainer.training.sampling.SamplePrompt`: the
         text, negative, size, steps, guidance, seed, sampler), written to `path` plus the family's suffix
         (.png, .txt); returns the file. May raise: the caller turns a failure into a warning."""
 
@@ -264,8 +264,8 @@ def preload_all() -> None:
     them a half-initialised module (seen: sympy's optional matplotlib probe under diffusers vs. the
     report's `import matplotlib`, "module 'matplotlib' has no attribute 'get_data_path'")."""
     with _preload_lock:
-        import trainer.job  # noqa: F401  (torch)
-        from trainer.report import use_headless_matplotlib
+        import trainer.training.job  # noqa: F401  (torch)
+        from trainer.runs.report import use_headless_matplotlib
 
         use_headless_matplotlib()
         for m in FAMILIES.values():

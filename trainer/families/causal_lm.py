@@ -2,7 +2,7 @@
 
 Detected from a folder whose `config.json` lists an `architectures` entry ending in `ForCausalLM` (or
 `LMHeadModel`, GPT-2's name). Trains on raw text, alpaca, sharegpt or OpenAI-messages records rendered
-with the model's chat template (`trainer.text_data`); no separate text encoder. Light (no torch at
+with the model's chat template (`trainer.data.text`); no separate text encoder. Light (no torch at
 import): the loader and the task are in `trainer.families.causal_lm_task`.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides t
 OWN_KEYS = {**dict.fromkeys(("max_seq_length", "dataset_format", "chat_template", "train_on_prompt", "truncation",
                              "packing", "validation_file", "export_merged")),
             "quantization": ("4bit", "8bit", "no")}
-ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
+ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.checks.vram)
 ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -98,7 +98,7 @@ def config_dir(cfg) -> Path:
 
 
 def scan_dataset(cfg):
-    from trainer.text_data import scan_text
+    from trainer.data.text import scan_text
 
     return scan_text(cfg)
 
@@ -129,13 +129,13 @@ def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
 
 
 def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
-    from trainer.vram import causal_lm_model_summary
+    from trainer.checks.vram import causal_lm_model_summary
 
     return causal_lm_model_summary(model_dir, targets)
 
 
 def vram_per_sample_bytes(summary, shape: dict) -> float:
-    from trainer.vram import causal_lm_per_sample_bytes
+    from trainer.checks.vram import causal_lm_per_sample_bytes
 
     return causal_lm_per_sample_bytes(summary, shape)
 

@@ -4,7 +4,7 @@
 The frozen base (`TextBase`: model + tokenizer) is loaded once, offline, and may be kept warm by the
 daemon between jobs; the task injects LoRA layers for one job and removes them in `detach()`.
 
-Data: `trainer.text_data` reads the records (raw text, alpaca, sharegpt, OpenAI messages), renders chat
+Data: `trainer.data.text` reads the records (raw text, alpaca, sharegpt, OpenAI messages), renders chat
 formats with the model's chat template and tokenizes everything once, at preflight; each `TextSample`
 holds its token ids, the 0/1 mask of the tokens the loss trains on (the assistant turns, from the
 rendered template; every token of raw text, which ends with EOS) and, packed, the lengths of the samples
@@ -15,7 +15,7 @@ Packing: position ids restart at 0 for every sample of a row and the model gets 
 and no KV cache (`use_cache=False`: with a cache transformers does not look for packed rows), so
 transformers' masking utilities (`create_causal_mask`) see the restarts and keep each sample's
 attention within itself: a block-diagonal causal mask for eager, sdpa and flex attention, per-sample
-lengths for flash_attention_2/3. `trainer.text_data.packing_isolates` tells which models build their
+lengths for flash_attention_2/3. `trainer.data.text.packing_isolates` tells which models build their
 mask that way (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 ... in transformers 5); for others preflight
 warns that packed samples can see the samples before them.
 
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer import lora_io
+from trainer.families import lora_io
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, Problem
 from trainer.quiet import quiet_libraries
@@ -89,7 +89,7 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template is not None:
-        from trainer.text_data import template_text
+        from trainer.data.text import template_text
 
         tokenizer.chat_template = template_text(cfg.chat_template)  # exported with the adapter and merged model
     if cfg.base_quantization is not None:
@@ -127,7 +127,7 @@ def quantization_config(cfg: TrainConfig):
 
 
 class TextDataset:
-    """The tokenized rows of a text-mode dataset (`trainer.text_data.TextSample`s)."""
+    """The tokenized rows of a text-mode dataset (`trainer.data.text.TextSample`s)."""
 
     def __init__(self, samples: list):
         self.samples = samples
@@ -242,7 +242,7 @@ class TextTask:
                  "lr": self.cfg.learning_rate}]
 
     def prepare(self, dataset: TextDataset, autocast=None) -> None:
-        # Tokenized at preflight already (trainer.text_data); samples follow the data: chat data, chat prompts.
+        # Tokenized at preflight already (trainer.data.text); samples follow the data: chat data, chat prompts.
         self.chat = bool(dataset.samples) and dataset.samples[0].chat
 
     def train(self):
@@ -416,7 +416,7 @@ class TextTask:
         self.base.model.eval()
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """The greedy continuation of `prompt.prompt` (a `trainer.sampling.SamplePrompt`) with the LoRA as
+        """The greedy continuation of `prompt.prompt` (a `trainer.training.sampling.SamplePrompt`) with the LoRA as
         trained so far, saved as `path`.txt (prompt + completion). On chat data the prompt is a user turn,
         rendered with the chat template and its generation prompt, and generation stops at the turn's end."""
         model, tok = self.base.model, self.base.tokenizer

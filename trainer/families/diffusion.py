@@ -1,6 +1,6 @@
 """What the diffusion families (sd, sdxl; flux next) share before any weights load: where their
 component configs are (the model folder, `base_model_config`, or for a single file the family's shipped
-config, `trainer/model_configs/`), the preflight checks that read them, and the image dataset.
+config, `trainer/families/model_configs/`), the preflight checks that read them, and the image dataset.
 
 Light: no torch. Each family module passes itself (`this`) so messages name the family.
 """
@@ -96,7 +96,7 @@ def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
         problem = shipped.tokenizer_problem(this.shipped_config_name(probe(cfg.base_model)))
         if problem:
             return [Problem("base_model", problem, shipped.TOKENIZER_FIX, str(cfg.base_model))]
-        return []  # the shipped config of this architecture (trainer/model_configs/) is used
+        return []  # the shipped config of this architecture (trainer/families/model_configs/) is used
     cp = probe(folder)
     if cp.kind != "folder" or not cp.class_name:
         return [Problem("base_model_config", "is not a diffusers-format folder (no model_index.json)",
@@ -111,13 +111,13 @@ def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
 
 
 def scan_dataset(cfg):
-    from trainer.data import scan_image_subsets
+    from trainer.data.images import scan_image_subsets
 
     return scan_image_subsets(cfg)  # train_data_dir (plain or N_name folders) or datasets:, with buckets
 
 
 def make_dataset(cfg, samples):
-    from trainer.data import ImageDataset
+    from trainer.data.images import ImageDataset
 
     return ImageDataset(samples, cfg.resolution, cfg.center_crop, cfg.random_flip, alpha_mask=cfg.alpha_mask,
                         masked_loss=cfg.masked_loss, prior_loss_weight=cfg.prior_loss_weight)

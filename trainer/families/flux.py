@@ -14,14 +14,14 @@ at sampling time: dev's `use_dynamic_shifting` makes the shift depend on the ima
 Detected from a diffusers folder whose `model_index.json` says `FluxPipeline`, or from a single file
 holding `double_blocks.` and `single_blocks.` (BFL's original layout, as flux1-dev.safetensors; also
 under ComfyUI's `model.diffusion_model.` prefix). Such a file holds the transformer only: its
-architecture comes from the configs shipped in `trainer/model_configs/flux-dev|flux-schnell` (dev when
+architecture comes from the configs shipped in `trainer/families/model_configs/flux-dev|flux-schnell` (dev when
 the file has `guidance_in.` keys), so detection, checks and the VRAM estimate need no config folder;
 the VAE, text encoders and tokenizers it lacks are loaded from `base_model_config` (any FLUX.1
 diffusers folder).
 
 Memory (so a 24 GB card trains at 1024 px): every caption's text embeddings are computed once before
 training and both text encoders then leave the GPU (`cache_text_embeddings`, default on); the frozen
-transformer blocks are stored in fp8 (`quantization: fp8`, `trainer.fp8`); gradient checkpointing;
+transformer blocks are stored in fp8 (`quantization: fp8`, `trainer.families.fp8`); gradient checkpointing;
 LoRA weights and optimizer state in fp32; bf16 mixed precision by default (fp16 is refused: Flux's
 activations overflow its range).
 
@@ -69,7 +69,7 @@ MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}
 T5_LIMIT = 512  # T5-XXL's tokenizer length; FluxPipeline refuses longer prompts
 DEFAULT_GUIDANCE = 1.0
 VRAM_SHAPE_FIELDS = ("resolution", "max_sequence_length", "quantization", "cache_text_embeddings")
-# Family-specific keys it reads (families.key_problems); quantization: fp8 (trainer.fp8) or no, not bitsandbytes'.
+# Family-specific keys it reads (families.key_problems); quantization: fp8 (trainer.families.fp8) or no, not bitsandbytes'.
 OWN_KEYS = {**diffusion.IMAGE_KEYS, **dict.fromkeys(("guidance_scale", "max_sequence_length", "timestep_density",
                                                      "logit_mean", "logit_std", "mode_scale")),
             "quantization": ("fp8", "no")}
@@ -77,7 +77,7 @@ OWN_KEYS = {**diffusion.IMAGE_KEYS, **dict.fromkeys(("guidance_scale", "max_sequ
 KEY_FIXES = {"min_snr_gamma": "to weight mid-noise steps use timestep_density: logit_normal (the default) or mode "
                               "(Flux trains a rectified flow; Min-SNR is defined for DDPM schedules)"}
 ACT_FACTOR = 0.58  # activations under bf16 autocast vs fp32: the UNet families' measured factor, assumed (gpu_check tells)
-SHIPPED = Path(__file__).resolve().parents[1] / "model_configs"
+SHIPPED = Path(__file__).resolve().parent / "model_configs"
 
 
 def detect(p: Probe) -> bool:
@@ -262,13 +262,13 @@ def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
 
 
 def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
-    from trainer.vram import flux_model_summary
+    from trainer.checks.vram import flux_model_summary
 
     return flux_model_summary(model_dir, tuple(expand_targets(list(targets))), te_targets)
 
 
 def vram_per_sample_bytes(summary, shape: dict) -> float:
-    from trainer.vram import flux_per_sample_bytes
+    from trainer.checks.vram import flux_per_sample_bytes
 
     return flux_per_sample_bytes(summary, shape)
 

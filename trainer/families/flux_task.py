@@ -3,7 +3,7 @@
 The frozen base (`FluxBase`) is loaded once and may be kept warm by the daemon. Its text encoders live
 in host memory (`FluxTextEncoders` is not a module, so the warm cache never moves them to the GPU): the
 task moves one at a time to the device to encode, then back. With `quantization: fp8` the Linear
-layers of the transformer blocks are stored in fp8 (`trainer.fp8`), quantized one layer at a time as
+layers of the transformer blocks are stored in fp8 (`trainer.families.fp8`), quantized one layer at a time as
 they move to the device, so a bf16 transformer (24 GB) never has to fit on the GPU whole.
 
 Loss (rectified flow, as diffusers' train_dreambooth_lora_flux.py): latents = (VAE latent - shift) x
@@ -12,7 +12,7 @@ image's token count; schnell: its fixed shift); x_t = (1 - t) latents + t noise,
 the transformer (guidance `guidance_scale` for dev) predicts noise - latents; MSE. Every random draw
 (latent sampling, noise, t) comes from the loop's generator: a resumed run is bit-identical on the CPU.
 
-The kohya loss options come from `trainer.losses` as for the UNet families: `noise_offset` and multires
+The kohya loss options come from `trainer.families.losses` as for the UNet families: `noise_offset` and multires
 noise (`make_noise`), masked loss and `prior_loss_weight` (`diffusion_loss`, on the unpacked latents);
 Min-SNR weighting is for noise-prediction schedules and is refused for Flux (`flux.check`).
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import losses
+from trainer.families import losses
 from trainer.config import TrainConfig
 from trainer.families import flux
 from trainer.quiet import quiet_libraries
@@ -119,7 +119,7 @@ def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from trainer.fp8 import quantize_linears
+    from trainer.families.fp8 import quantize_linears
 
     variant = flux.variant(cfg)
     parts = cfg.base_model if cfg.base_model.is_dir() else cfg.base_model_config
@@ -228,7 +228,7 @@ class FluxTask:
         """(key in the LoRA file, lora_A weight, lora_B weight) of every LoRA layer, in model order. CLIP-L's
         keys keep the `text_model.` level that transformers >= 5.6 dropped from CLIPTextModel (ComfyUI and older
         stacks read text_encoder.text_model.encoder...; diffusers reads both)."""
-        from trainer.lora_io import _kohya_root
+        from trainer.families.lora_io import _kohya_root
 
         a_suffix, b_suffix = ".lora_A.default.weight", ".lora_B.default.weight"
         for prefix, model in self._trained().items():
@@ -363,13 +363,13 @@ class FluxTask:
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, dataset, autocast=None) -> None:
         """Text embeddings of every caption and sample prompt (text_outputs_cached), latents of every image
-        (latents_cached); with the _to_disk keys through the content-keyed disk cache (`trainer.latent_cache`),
+        (latents_cached); with the _to_disk keys through the content-keyed disk cache (`trainer.families.latent_cache`),
         so a later job on the same data skips the encoders and the VAE. Without the text cache the encoders
         move to the device for the whole job."""
         import contextlib
 
-        from trainer import latent_cache
-        from trainer.sampling import load_prompts
+        from trainer.families import latent_cache
+        from trainer.training.sampling import load_prompts
 
         cfg = self.cfg
         autocast = autocast or contextlib.nullcontext
@@ -447,7 +447,7 @@ class FluxTask:
         distilled guidance; schnell takes 4 steps unless the prompt says --s."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        from trainer.sampling import DEFAULT_STEPS
+        from trainer.training.sampling import DEFAULT_STEPS
 
         base = self.base
         with torch.no_grad():

@@ -28,7 +28,7 @@ DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 OWN_KEYS = {**diffusion.IMAGE_KEYS, **diffusion.UNET_KEYS}  # family-specific keys it reads (families.key_problems)
 VRAM_SHAPE_FIELDS = ("resolution", "cache_latents")  # the settings besides the model that shape its memory
-ACT_FACTOR = 0.58  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
+ACT_FACTOR = 0.58  # activations under mixed precision, as a fraction of fp32 (see trainer.checks.vram)
 
 
 def detect(p: Probe) -> bool:
@@ -88,13 +88,13 @@ def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
 
 
 def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
-    from trainer.vram import unet_model_summary
+    from trainer.checks.vram import unet_model_summary
 
     return unet_model_summary(model_dir, targets, te_targets)
 
 
 def vram_per_sample_bytes(summary, shape: dict) -> float:
-    from trainer.vram import unet_per_sample_bytes
+    from trainer.checks.vram import unet_per_sample_bytes
 
     return unet_per_sample_bytes(summary, shape)
 

@@ -16,7 +16,7 @@ per step); `cache_text_embeddings` (when the text encoders are frozen) encodes e
 once, each on its own, so a cached row never depends on which batch first needed it (a resume sees the
 same numbers).
 
-Loss options (`trainer.losses`): noise_offset and multires noise in the noise, Min-SNR weighting,
+Loss options (`trainer.families.losses`): noise_offset and multires noise in the noise, Min-SNR weighting,
 masked loss (the batch's masks at latent size), prior_loss_weight for regularization images; caption
 options (`ImageDataset.caption`) and clip_skip in the conditioning.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import lora_io, losses
+from trainer.families import lora_io, losses
 from trainer.config import TrainConfig
-from trainer.data import ImageDataset
+from trainer.data.images import ImageDataset
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,9 @@ class SdTask:
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, dataset: ImageDataset, autocast=None) -> None:
         """Build the caches the config asks for (see the module docstring); with the _to_disk keys, through
-        the content-keyed disk cache (`trainer.latent_cache`), so a later job on the same data skips the VAE
+        the content-keyed disk cache (`trainer.families.latent_cache`), so a later job on the same data skips the VAE
         and the text encoders for what is there."""
-        from trainer import latent_cache
+        from trainer.families import latent_cache
 
         cfg = self.cfg
         if cfg.latents_cached:
@@ -322,11 +322,11 @@ class SdTask:
                                        feature_extractor=None, requires_safety_checker=False)
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """One image of `prompt` (a `trainer.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
+        """One image of `prompt` (a `trainer.training.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
         sampler) with the LoRA as trained so far, saved as `path`.png."""
         import diffusers
 
-        from trainer.sampling import SCHEDULERS
+        from trainer.training.sampling import SCHEDULERS
 
         base = self.base
         cls_name, extra = SCHEDULERS[prompt.sampler]

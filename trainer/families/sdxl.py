@@ -86,13 +86,13 @@ def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
 
 
 def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
-    from trainer.vram import unet_model_summary
+    from trainer.checks.vram import unet_model_summary
 
     return unet_model_summary(model_dir, targets, te_targets)
 
 
 def vram_per_sample_bytes(summary, shape: dict) -> float:
-    from trainer.vram import unet_per_sample_bytes
+    from trainer.checks.vram import unet_per_sample_bytes
 
     return unet_per_sample_bytes(summary, shape)
 

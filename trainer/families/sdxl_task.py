@@ -5,7 +5,7 @@
   pooled embedding is the second encoder's projected output (diffusers' `encode_prompt`, kohya's
   sdxl_train_util).
 - Per-sample `time_ids` = (original height, width, crop top, left, target height, width): what the data
-  pipeline did to that image (`trainer.data.ImageItem`), not the training resolution repeated.
+  pipeline did to that image (`trainer.data.images.ImageItem`), not the training resolution repeated.
 - LoRA on both text encoders with `train_text_encoder` (their own `text_encoder_lr`); kohya key prefixes
   `lora_te1_` / `lora_te2_`; `ss_base_model_version` `sdxl_base_v1-0`.
 - The VAE stays fp32 (SDXL's VAE overflows in fp16: `force_upcast` in its config).

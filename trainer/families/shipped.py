@@ -1,4 +1,4 @@
-"""The shipped architecture configs (`trainer/model_configs/<name>/`) and the CLIP tokenizer built offline.
+"""The shipped architecture configs (`trainer/families/model_configs/<name>/`) and the CLIP tokenizer built offline.
 
 A single-file SD/SDXL checkpoint holds weights only. diffusers' `from_single_file` needs a diffusers-format
 folder (model_index.json, component configs, tokenizer files) or it downloads one from the hub. We ship
@@ -23,7 +23,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "model_configs"
+ROOT = Path(__file__).resolve().parent / "model_configs"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2
 TOKENIZER_FIX = (f"install open_clip_torch, which ships CLIP's vocabulary ({BPE_FILE}): "
@@ -87,7 +87,7 @@ def tokenizer_problem(name: str) -> str | None:
 def materialize(name: str, cache: Path | None = None) -> Path:
     """The complete diffusers-format config folder for shipped config `name` (JSON + tokenizer files),
     built once under the cache folder. Raises FileNotFoundError with the fix when the vocabulary is missing."""
-    from trainer.tiny import cache_root
+    from trainer.dev.tiny import cache_root
 
     src = shipped_dir(name)
     files = sorted(p for p in src.rglob("*") if p.is_file())

@@ -199,7 +199,7 @@ def write_grid(samples_dir: Path, prompts: list[SamplePrompt]) -> Path | None:
 
     from PIL import Image, ImageDraw
 
-    from trainer.outputs import atomic_write_bytes
+    from trainer.runs.outputs import atomic_write_bytes
 
     cols = [(step, folder) for step, folder in rounds(samples_dir) if any(folder.glob("*.png"))]
     if not cols or not prompts:

@@ -1,6 +1,6 @@
 """What a training job does beside training: validation loss, samples, early stopping, the report.
 
-`RunWatch` holds it so the loop in `trainer.job` only calls four hooks:
+`RunWatch` holds it so the loop in `trainer.training.job` only calls four hooks:
 
     start()                          after setup: sample_at_start (a fresh run only)
     validate(step)                   after an optimizer step: the validation loss when due, else None
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from trainer import sampling, validation
+from trainer.training import sampling, validation_loss as validation
 from trainer.events import event
 
 
@@ -36,7 +36,7 @@ class RunWatch:
 
     def _val_history_so_far(self) -> list[float]:
         """Validation losses already in loss.csv (a resumed run continues its early-stopping count)."""
-        from trainer.outputs import read_loss_csv
+        from trainer.runs.outputs import read_loss_csv
 
         if not self.job.logs.loss_path.exists():
             return []
@@ -84,7 +84,7 @@ class RunWatch:
 
     def report(self) -> list[Path]:
         """logs/loss.png and report.html (with the comparison when there is a previous run)."""
-        from trainer import report, runs
+        from trainer.runs import history as runs, report
 
         out = Path(self.cfg.output_dir)
         png = report.write_loss_png(out)
@@ -100,7 +100,7 @@ class RunWatch:
 
     # --- sampling -----------------------------------------------------------------------------------
     def _sample(self, step: int) -> None:
-        from trainer.checkpoint import isolated_rng
+        from trainer.runs.checkpoint import isolated_rng
 
         def warn(message: str) -> None:
             self.job.reporter.emit(event("warning", message=message))

@@ -16,7 +16,7 @@ It is written to `checkpoints/.tmp-step-…`, every file fsynced, then renamed i
 Which checkpoint wins (`choose_resume`, a pure function): with `resume: auto` the newest valid
 checkpoint whose training fields and dataset match the config; a corrupt newest one is skipped
 with a warning; a mismatch is returned with the list of what changed (`changes`, and a refusal text
-for `resume: strict` or a named checkpoint; `trainer.runs.decide_run` starts a new run for `auto`).
+for `resume: strict` or a named checkpoint; `trainer.runs.history.decide_run` starts a new run for `auto`).
 `resume: <path>` uses exactly that checkpoint, with the same checks.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from trainer.errors import content_free
-from trainer.outputs import atomic_write_json, fsync_dir, save_safetensors_atomic
+from trainer.runs.outputs import atomic_write_json, fsync_dir, save_safetensors_atomic
 
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
 

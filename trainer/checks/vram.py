@@ -554,7 +554,7 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
     if batch_size < 1 or lora_rank < 1:
         raise VramEstimateError("batch_size and lora_rank must be at least 1")
     te_targets = list(text_encoder_target_modules) if train_text_encoder else []
-    # `quantization`: 4bit/8bit (bitsandbytes, causal LMs: QLoRA) or fp8 (trainer.fp8, Flux's blocks); no: none.
+    # `quantization`: 4bit/8bit (bitsandbytes, causal LMs: QLoRA) or fp8 (trainer.families.fp8, Flux's blocks); no: none.
     fp8 = quantization == "fp8"
     quantization = quantization if quantization in QUANTIZED_BYTES else None  # the bitsandbytes formats
     gradient_checkpointing = gradient_checkpointing or quantization is not None  # QLoRA turns it on

@@ -29,7 +29,7 @@ def split(samples: list, fraction: float | None) -> tuple[list, list]:
 
 def validation_set(cfg, samples: list, scan_dir) -> tuple[list, list, list[Problem]]:
     """(training samples, validation samples, problems). `scan_dir(folder)` scans a dataset folder the
-    way the model family scans train_data_dir (a `trainer.data.Scan`)."""
+    way the model family scans train_data_dir (a `trainer.data.images.Scan`)."""
     # validation_file (text mode): held-out records, scanned like train_data_dir (a file or a folder).
     key = "validation_data_dir" if cfg.validation_data_dir is not None else "validation_file"
     held = getattr(cfg, key)
@@ -78,8 +78,8 @@ def evaluate(task, dataset, indices: list[int], batch_size: int, autocast) -> fl
     """Mean validation loss over `indices` (weighted by batch size), at fixed noise and timesteps."""
     import torch
 
-    from trainer.checkpoint import isolated_rng
-    from trainer.data import bucket_batches
+    from trainer.runs.checkpoint import isolated_rng
+    from trainer.data.images import bucket_batches
 
     total, count = 0.0, 0
     task.eval()

@@ -4,7 +4,7 @@ make, found before any GPU time.
 Per subset: images, repeats, effective samples per epoch, images per bucket, images without a caption,
 tiny images (shorter side < half the resolution: upscaled, blurry), exact duplicates (sha256 of the
 file), caption length in tokens against the text encoder's limit (how many get cut), the 20 most frequent
-tags (keep_tokens longer than a caption: a scan warning, `trainer.data.keep_tokens_warnings`); overall: samples per epoch and the regularization balance.
+tags (keep_tokens longer than a caption: a scan warning, `trainer.data.images.keep_tokens_warnings`); overall: samples per epoch and the regularization balance.
 
 Errors (training would be wrong; exit 2): the same image in a training and a regularization subset.
 (A dataset of only regularization images, missing or unreadable images and bad folders are preflight
@@ -43,7 +43,7 @@ def _tokenizer(cfg):
 
 def lint(checked) -> dict | None:
     """The dataset report (see the module docstring) as data; None for text datasets."""
-    from trainer.data import caption_tags, epoch_items, process_caption
+    from trainer.data.images import caption_tags, epoch_items, process_caption
 
     cfg = checked.config
     samples = checked.scan.samples
@@ -118,7 +118,7 @@ def lint(checked) -> dict | None:
 
 
 def _default_opts():
-    from trainer.data import CaptionOptions
+    from trainer.data.images import CaptionOptions
 
     return CaptionOptions()
 

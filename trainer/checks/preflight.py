@@ -11,10 +11,12 @@ from functools import cached_property
 from pathlib import Path
 
 from trainer.config import TrainConfig, load_config
-from trainer import families, runs, sampling, validation
-from trainer.data import Scan, fingerprint
+from trainer import families
+from trainer.runs import history as runs
+from trainer.training import sampling, validation_loss as validation
+from trainer.data.images import Scan, fingerprint
 from trainer.errors import ConfigError, Problem, content_free
-from trainer.optim import optimizer_problems
+from trainer.training.optim import optimizer_problems
 from trainer.families.probe import probe, safetensors_header
 
 
