@@ -264,7 +264,7 @@ class Daemon:
 
 def _preload_trainer() -> None:
     try:
-        from trainer.families import preload_all
+        from trainer.training.preload import preload_all
 
         preload_all()  # torch, every family's loading stack (diffusers, transformers, peft), matplotlib
     except Exception:  # the job itself will report a broken install

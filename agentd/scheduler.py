@@ -532,7 +532,7 @@ class Scheduler:
 
     # --- running ----------------------------------------------------------------------------------
     def _run(self, job: LiveJob, slot: Slot) -> None:
-        from trainer.families import preload_all
+        from trainer.training.preload import preload_all
 
         preload_all()  # waits for the daemon's background preload: no two threads import the stack at once
         from trainer.config import parse_config

@@ -182,13 +182,14 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.quiet import quiet_libraries
-    from trainer.dev.tiny import build_tiny_flux, cache_root, demo_assets
+    from trainer.config import default_cache_dir
+    from trainer.dev.tiny import build_tiny_flux, demo_assets
 
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     assets = dict(demo_assets())
-    flux = cache_root() / "bench-flux-dev"
+    flux = default_cache_dir() / "bench-flux-dev"
     if not (flux / "model_index.json").exists():
         build_tiny_flux(flux)
     assets["flux"] = flux

@@ -185,7 +185,7 @@ def test_not_toml_and_wrong_types_are_refused_and_nothing_is_written(tmp_path):
 
 def test_kohya_sample_prompt_file_is_read_as_ours(tmp_path, assets):
     from trainer.config import parse_config
-    from trainer.training.sampling import load_prompts
+    from trainer.data.prompts import load_prompts
 
     (tmp_path / "prompts.txt").write_text("a red circle --n blurry --w 64 --h 32 --s 5 --l 6.5 --d 42\n")
     (tmp_path / "k.toml").write_text(f'pretrained_model_name_or_path = "{assets["sd_model"]}"\n'

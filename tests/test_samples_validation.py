@@ -37,7 +37,7 @@ def events(out: Path) -> list[dict]:
 
 
 def test_prompt_file_in_kohyas_syntax(tmp_path, assets):
-    from trainer.training.sampling import load_prompts
+    from trainer.data.prompts import load_prompts
 
     f = tmp_path / "prompts.txt"
     f.write_text("# shapes\n\na red circle --n blurry, text --w 48 --h 32 --s 4 --l 5.5 --d 123 --ss euler_a\n"
@@ -91,7 +91,7 @@ def test_bad_prompt_file_exits_2_from_the_command_line(tmp_path, assets):
 
 def test_validation_split_depends_on_the_data_alone():
     from trainer.data.images import Sample
-    from trainer.training.validation_loss import split
+    from trainer.data.holdout import split
 
     samples = [Sample(Path(f"/d/{i:02d}.png"), "") for i in range(20)]
     train, val = split(samples, 0.2)

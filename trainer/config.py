@@ -7,9 +7,10 @@ Rules a user can rely on:
 - Relative paths resolve against the folder that holds the config file (not the current directory),
   so a config committed next to its data works from any workspace.
 - Numbers may be written the way YAML 1.1 reads as strings (`2e-4`); they mean the number.
-- Unknown keys are errors that name the closest valid key; a model family's own keys (guidance_scale for
-  Flux, chat_template for causal LMs ...) set on a config of another family are errors too
-  (`trainer.families.key_problems`, from each family's OWN_KEYS).
+- Unknown keys are errors that name the closest valid key. What depends on the model is checked where
+  the families' table is (`trainer.families.resolve`, at preflight): a `model_family` that is none, and a
+  model family's own keys (guidance_scale for Flux, chat_template for causal LMs ...) set on a config of
+  another family (`trainer.families.key_problems`, from each family's OWN_KEYS).
 - Every problem is found before any model loads and reported together (`ConfigError`),
   each with the field, the value, the YAML line and the fix.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -56,8 +58,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-# kohya's `optimizer_type` names (case-insensitive there) -> ours; trainer.training.optim builds each.
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+# kohya's `optimizer_type` names (case-insensitive there) -> ours, each -> (module to import, class path, pip
+# package): trainer.training.optim builds it, trainer.checks.preflight checks the library is there.
+OPTIMIZER_LIBRARIES = {
+    "adamw": ("torch", "torch.optim.AdamW", "torch"),
+    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim.AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt.Prodigy", "prodigyopt"),
+    "adafactor": ("transformers", "transformers.optimization.Adafactor", "transformers"),
+}
+OPTIMIZERS = tuple(OPTIMIZER_LIBRARIES)
 # kohya's `lr_scheduler` names; trainer.training.optim.lr_factor computes each.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -387,12 +396,6 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "TrainConfig":
         problems: list[tuple[str, str, str, Any]] = []
-        if self.model_family is not None:
-            from trainer.families import FAMILIES, supported
-
-            if self.model_family not in FAMILIES:
-                problems.append(("model_family", "is not a supported model family",
-                                 f"use one of: {supported()} (or remove it: it is detected)", self.model_family))
         problems += self._dataset_checks()
         if self.latents_cached and self.random_flip:
             problems.append(("cache_latents", "cannot be combined with random_flip: cached latents "
@@ -497,29 +500,6 @@ class TrainConfig(_Strict):
     def effective_alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
-    @property
-    def family_name(self) -> str:
-        """`model_family` once preflight resolved it; before that, the default family of `mode`."""
-        from trainer.families import default_family
-
-        return self.model_family or default_family(self.mode)
-
-    @property
-    def effective_targets(self) -> list[str]:
-        if self.target_modules:
-            return list(self.target_modules)
-        from trainer.families import family
-
-        return list(family(self.family_name).DEFAULT_TARGETS)
-
-    @property
-    def effective_te_targets(self) -> list[str]:
-        if self.text_encoder_target_modules:
-            return list(self.text_encoder_target_modules)
-        from trainer.families import family
-
-        return list(family(self.family_name).DEFAULT_TE_TARGETS)
-
     def resolved(self) -> dict:
         """The config as plain JSON-able data, with defaults filled in and paths absolute."""
         return json.loads(self.model_dump_json())
@@ -533,6 +513,16 @@ class TrainConfig(_Strict):
 
     def full_hash(self) -> str:
         return _hash(self.resolved())
+
+
+def default_cache_dir() -> Path:
+    """Where the disk caches live when a config leaves `cache_dir` out (latents, text embeddings, the shipped
+    model configs, the tiny test models): $AGENTD_CACHE_DIR (what `agentd serve` sets), else the daemon's
+    ($CACHE_DIRECTORY, systemd's), else ~/.cache/agentd."""
+    for var in ("AGENTD_CACHE_DIR", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    return Path.home() / ".cache" / "agentd"
 
 
 def _hash(data: dict) -> str:

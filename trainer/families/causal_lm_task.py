@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.families import lora_io
+import trainer.families.lora_io as lora_io
+import trainer.families.peft_lora as peft_lora
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, Problem
 from trainer.quiet import quiet_libraries
@@ -152,10 +153,6 @@ def adaptable_layer_names(model: torch.nn.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
-
-
 def target_problems(model: torch.nn.Module, targets: list[str], where: str = "") -> list[Problem]:
     """Problems with `targets` for `model`: each target must name at least one adaptable layer."""
     if targets == [ALL_LINEAR]:
@@ -163,9 +160,9 @@ def target_problems(model: torch.nn.Module, targets: list[str], where: str = "")
     names = [n for n, m in model.named_modules() if n]
     layer_names = adaptable_layer_names(model)
     problems = []
-    unmatched = [t for t in targets if not any(_matches(n, t) for n in names)]
+    unmatched = [t for t in targets if not any(peft_lora.matches(n, [t]) for n in names)]
     not_layers = [t for t in targets if t not in unmatched
-                  and not any(_matches(n, t) and _adaptable(m) for n, m in model.named_modules() if n)]
+                  and not any(peft_lora.matches(n, [t]) and _adaptable(m) for n, m in model.named_modules() if n)]
     arch = type(model).__name__ + (f" at {where}" if where else "")
     suggestion = [n for n in layer_names if n not in ("lm_head", "embed_tokens", "wte", "wpe")]
     if unmatched:
@@ -192,7 +189,7 @@ def check_text_targets(cfg: TrainConfig) -> list[Problem]:
     config = AutoConfig.from_pretrained(cfg.base_model, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return target_problems(model, cfg.effective_targets, str(cfg.base_model))
+    return target_problems(model, cfg.target_modules, str(cfg.base_model))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,27 +199,19 @@ class TextTask:
     """One job's LoRA on a `TextBase`: trainable parameters, the loss, and the LoRA's file formats."""
 
     def __init__(self, cfg: TrainConfig, base: TextBase, device: torch.device):
-        from peft import LoraConfig, inject_adapter_in_model
-
         self.cfg, self.base, self.device = cfg, base, device
-        targets = cfg.effective_targets
+        targets = cfg.target_modules
         problems = target_problems(base.model, targets, str(cfg.base_model))
         if problems:
             raise TargetModulesError(problems)
-        self.lora_config = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets, task_type="CAUSAL_LM",
-            base_model_name_or_path=str(cfg.base_model))
         # LoRA init (A: kaiming uniform, B: zeros) draws from the global RNG: seed it so the same config
         # gives the same starting LoRA, cold or warm daemon.
         torch.manual_seed(cfg.seed)
-        inject_adapter_in_model(self.lora_config, base.model)
+        self.lora_config = peft_lora.inject(
+            base.model, cfg, ALL_LINEAR if targets == [ALL_LINEAR] else targets, task_type="CAUSAL_LM",
+            base_model_name_or_path=str(cfg.base_model))
         self.models = {MODEL_KEY: base.model}
-        for n, p in base.model.named_parameters():
-            if "lora_" in n:
-                # Trainable LoRA weights stay fp32 even when the frozen base is half precision.
-                p.data = p.data.float()
-                p.requires_grad_(True)
+        peft_lora.trainable(base.model)
         self._checkpointing = False
         self.chat = False  # set by prepare(): the data is conversations
         if (cfg.gradient_checkpointing or cfg.base_quantization) \
@@ -258,7 +247,7 @@ class TextTask:
 
     def lora_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": "causal_lm", "agentd_base_architecture": self.base.architecture,
-                "agentd_target_modules": ",".join(self.cfg.effective_targets),
+                "agentd_target_modules": ",".join(self.cfg.target_modules),
                 "agentd_max_seq_length": str(self.cfg.max_seq_length)}
 
     def peft_state(self) -> dict[str, torch.Tensor]:
@@ -357,18 +346,12 @@ class TextTask:
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         model = self.base.model
         if self._checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
             self._checkpointing = False
-        recurse_remove_peft_layers(model)
-        if "peft_config" in model.__dict__:
-            del model.peft_config
-        model.requires_grad_(False)
-        model.eval()
+        peft_lora.remove(model)
 
     # --- the loss ---------------------------------------------------------------------------------
     def batch(self, rows: list) -> dict[str, torch.Tensor]:

@@ -28,19 +28,16 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import default_cache_dir
+
 # Bump when the pixels fed to the VAE change for the same inputs (resampling filter, value range): every
 # old latent becomes a miss.
 PIPELINE = "rgb-bicubic-center-v1"
 
 
 def cache_root(cfg) -> Path:
-    """Where the disk caches live (see the module docstring)."""
-    if cfg.cache_dir is not None:
-        return Path(cfg.cache_dir)
-    for var in ("AGENTD_CACHE_DIR", "CACHE_DIRECTORY"):
-        if os.environ.get(var):
-            return Path(os.environ[var].split(":")[0])
-    return Path.home() / ".cache" / "agentd"
+    """Where the disk caches live: the config's `cache_dir`, else `trainer.config.default_cache_dir()`."""
+    return Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
 
 
 def file_hash(path: Path) -> str:

@@ -220,7 +220,7 @@ def _when(t) -> str:
 
 
 def _samples_html(view: RunView) -> str:
-    from trainer.training.sampling import text_samples
+    from trainer.runs.samples import text_samples
 
     grid = view.folder / "samples" / "grid.png"
     if grid.is_file():

@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 
 from trainer import families
-from trainer.runs import checkpoint as ckpt
-from trainer.training import optim
+from trainer.checks.preflight import Checked, optimizer_problems
 from trainer.config import TrainConfig, dump_config
 from trainer.data.images import epoch_batches, epoch_items
 from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
-from trainer.training.model_cache import BaseModelCache, file_identity
-from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
-                             library_versions, save_safetensors_atomic)
-from trainer.checks.preflight import Checked
-from trainer.runs.report import write_loss_png
+from trainer.runs import checkpoint as ckpt
 from trainer.runs.history import RunManifest, begin_run
+from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
+                                  library_versions, save_safetensors_atomic)
+from trainer.runs.report import write_loss_png
+from trainer.training import optim
+from trainer.training.model_cache import BaseModelCache, file_identity
 from trainer.training.watch import RunWatch
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,9 @@ class LoraTrainingJob:
     # --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        optimizer_problems = optim.optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
-        if optimizer_problems:
-            raise ConfigError(optimizer_problems, self.checked.source)
+        problems = optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
+        if problems:
+            raise ConfigError(problems, self.checked.source)
         # Which run this is (resume / new / nothing to do / refuse): trainer.runs.history, before anything is written.
         self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
         choice = self.run_start.decision
