@@ -25,7 +25,7 @@ Cases:
 
 A save includes everything `save_checkpoint` does: safetensors + 2 torch.save files + JSON, fsync of every
 file and folder, sha256 of every file for the manifest, the rename and the pruning. The fsync and sha256
-shares are measured separately (by wrapping `os.fsync` and `trainer.runs.checkpoint._sha256`).
+shares are measured separately (by wrapping `os.fsync` and `trainer.runs.checkpoint.file_sha256`).
 
 The CPU step time here is not a GPU step time: the overhead of checkpointing at save_steps N is reported as
 save / (N x step) against both the measured CPU step and an ASSUMED GPU step time (--gpu-step-s, default
@@ -62,7 +62,7 @@ class IoClock:
     def __enter__(self):
         import trainer.runs.checkpoint as ckpt
 
-        self._fsync, self._sha = os.fsync, ckpt._sha256
+        self._fsync, self._sha = os.fsync, ckpt.file_sha256
 
         def fsync(fd):
             t = time.perf_counter()
@@ -78,13 +78,13 @@ class IoClock:
             finally:
                 self.sha += time.perf_counter() - t
 
-        os.fsync, ckpt._sha256 = fsync, sha
+        os.fsync, ckpt.file_sha256 = fsync, sha
         return self
 
     def __exit__(self, *exc):
         import trainer.runs.checkpoint as ckpt
 
-        os.fsync, ckpt._sha256 = self._fsync, self._sha
+        os.fsync, ckpt.file_sha256 = self._fsync, self._sha
 
 
 def folder_bytes(path: Path) -> int:

@@ -167,13 +167,11 @@ def test_bad_target_modules_name_the_model_layers(assets, tmp_path):
 
 def test_example_config_loads():
     from trainer.config import load_config
-    from trainer.families import assumed
 
     path = ROOT / "configs/llm_adapter.yaml"
     cfg = load_config(path)
-    # The config leaves target_modules out: the family's defaults apply (the families' table holds them).
-    assert cfg.mode == "text" and cfg.target_modules is None
-    assert assumed(cfg).DEFAULT_TARGETS == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # The example names its targets (effective_targets, which returned them, is gone: the table fills defaults).
+    assert cfg.mode == "text" and cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.base_model.resolve() == (ROOT / "models/llm/Llama-3.2-1B").resolve()  # relative to configs/
     assert cfg.output_dir.is_absolute() and cfg.learning_rate == pytest.approx(2e-4)
     # Every knob carries a comment saying its trade-off.

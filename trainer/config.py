@@ -44,7 +44,7 @@ PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base
                "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
                "validation_file", "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
 RESUME_POLICIES = ("auto", "never", "strict")
-# kohya's sampler names (sd-scripts' --sample_sampler); trainer.training.sampling maps each to a diffusers scheduler.
+# kohya's sampler names (sd-scripts' --sample_sampler); trainer.families.sd_task maps each to a diffusers scheduler.
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
 

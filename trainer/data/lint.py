@@ -13,19 +13,12 @@ files: no torch.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 
+from trainer.data.files import file_sha256
+
 TOP_TAGS = 20
-
-
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tokenizer(cfg):
@@ -55,7 +48,7 @@ def lint(checked) -> dict | None:
     errors, warnings = [], []
     hashes: dict[str, list] = {}
     for s in samples:
-        hashes.setdefault(_hash(s.path), []).append(s)
+        hashes.setdefault(file_sha256(s.path), []).append(s)
     items = epoch_items(samples)
     per_subset = []
     for n, sub in enumerate(subsets):

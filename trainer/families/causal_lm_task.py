@@ -399,7 +399,7 @@ class TextTask:
         self.base.model.eval()
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """The greedy continuation of `prompt.prompt` (a `trainer.training.sampling.SamplePrompt`) with the LoRA as
+        """The greedy continuation of `prompt.prompt` (a `trainer.data.prompts.SamplePrompt`) with the LoRA as
         trained so far, saved as `path`.txt (prompt + completion). On chat data the prompt is a user turn,
         rendered with the chat template and its generation prompt, and generation stops at the turn's end."""
         model, tok = self.base.model, self.base.tokenizer

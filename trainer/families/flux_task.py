@@ -317,18 +317,8 @@ class FluxTask:
             self.latent_cache.update(latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)[0])
 
     def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
-        if self.latent_cache:
-            mean = torch.stack([self.latent_cache[i][0] for i in indices])
-            std = torch.stack([self.latent_cache[i][1] for i in indices])
-            # masked_loss: cached latents are center crops, so are their masks
-            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
-        else:
-            items = [dataset.load_item(i, generator) for i in indices]
-            pixels = torch.stack([it.pixels for it in items]).to(self.device)
-            with torch.no_grad():
-                dist = self.base.vae.encode(pixels).latent_dist
-            mean, std = dist.mean.cpu(), dist.std.cpu()
-            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
+        mean, std, _, self._masks = latent_cache.batch_latents(
+            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
         eps = torch.randn(mean.shape, generator=generator)  # our generator, not the VAE's: resumable
         c = self.base.vae.config
         return ((mean + std * eps - c.shift_factor) * c.scaling_factor).to(self.device)

@@ -78,7 +78,6 @@ class VramEstimateError(ValueError):
     """The model folder cannot be read for an estimate (missing or unreadable config files)."""
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Model structure from config files (meta device)
 

@@ -41,7 +41,7 @@ from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
-# kohya's sampler names -> (diffusers scheduler class, extra config)
+# kohya's sampler names (trainer.config.SAMPLERS) -> (diffusers scheduler class, extra config), for samples
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "ddpm": ("DDPMScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
@@ -234,20 +234,9 @@ class SdTask:
     def _latents(self, indices: list[int], dataset: ImageDataset,
                  generator: torch.Generator) -> tuple[torch.Tensor, list[tuple]]:
         """Latents of the samples and, per sample, (original size, crop top-left, target size)."""
-        if self.latent_cache:
-            mean = torch.stack([self.latent_cache[i][0] for i in indices])
-            std = torch.stack([self.latent_cache[i][1] for i in indices])
-            geometry = [self.latent_cache[i][2] for i in indices]
-            # masked_loss: cached latents are center crops, so are their masks
-            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
-        else:
-            items = [dataset.load_item(i, generator) for i in indices]
-            pixels = torch.stack([it.pixels for it in items]).to(self.device)
-            with torch.no_grad():
-                dist = self.base.vae.encode(pixels).latent_dist
-            mean, std = dist.mean.cpu(), dist.std.cpu()
-            geometry = [_geometry(it) for it in items]
-            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
+        mean, std, items, self._masks = latent_cache.batch_latents(
+            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
+        geometry = [self.latent_cache[i][2] for i in indices] if items is None else [_geometry(it) for it in items]
         # Sampling the latent distribution with our generator (not the VAE's internal RNG) keeps it resumable.
         eps = torch.randn(mean.shape, generator=generator)
         return ((mean + std * eps) * self.base.vae.config.scaling_factor).to(self.device), geometry
@@ -321,7 +310,7 @@ class SdTask:
                                        feature_extractor=None, requires_safety_checker=False)
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """One image of `prompt` (a `trainer.training.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
+        """One image of `prompt` (a `trainer.data.prompts.SamplePrompt`: negative, size, steps, guidance, seed,
         sampler) with the LoRA as trained so far, saved as `path`.png."""
         import diffusers
 

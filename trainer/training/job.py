@@ -182,7 +182,7 @@ class LoraTrainingJob:
         """The family's base (warm from the daemon's cache when it has it), task and dataset."""
         cfg = self.cfg
         fam = families.family(cfg.model_family)
-        # One dataset: the training samples, then the held-out validation samples (trainer.training.validation_loss).
+        # One dataset: the training samples, then the held-out validation samples (trainer.data.holdout).
         train = self.checked.scan.samples if self.checked.train_samples is None else self.checked.train_samples
         self.train_size = len(train)
         dataset = fam.make_dataset(cfg, list(train) + list(self.checked.validation_samples))
