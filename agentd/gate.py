@@ -1,6 +1,6 @@
 """The VRAM gate: pure decisions about where (and whether) a job may start. No I/O, no clock.
 
-The scheduler probes the GPUs (`trainer.gpus`), estimates the job (`trainer.vram`), and asks
+The scheduler probes the GPUs (`trainer.gpus`), estimates the job (`trainer.checks.vram`, through `trainer.api`), and asks
 `gate_decision` what to do. The answer is one of:
 
 - ``start``       - run on ``slot`` now;

@@ -8,7 +8,7 @@
 
 Cases:
 
-    tiny          a real `LoraTrainingJob` on the demo model and data (`trainer.tiny.demo_assets()`, the
+    tiny          a real `LoraTrainingJob` on the demo model and data (`trainer.dev.tiny.demo_assets()`, the
                   demo config, resolution 32, batch 4, rank 4, cache_latents): setup, a few training steps
                   (median step interval after the first), then `job.save_checkpoint()` timed --saves times
                   (each a new step folder, so pruning to keep_checkpoints runs as in training)
@@ -18,14 +18,14 @@ Cases:
                   (no download); LoRA rank R (alpha = R) on to_q/to_k/to_v/to_out.0 with
                   `peft.inject_adapter_in_model`; AdamW (so the optimizer state exists), --steps training
                   steps on the CPU at a small size (batch 1, --latent x --latent latents, 77 random text
-                  tokens of width 768); then `trainer.checkpoint.save_checkpoint` timed --saves times with
-                  what a job writes: the LoRA as kohya tensors (`trainer.lora_io.to_kohya`, inside the timed
+                  tokens of width 768); then `trainer.runs.checkpoint.save_checkpoint` timed --saves times with
+                  what a job writes: the LoRA as kohya tensors (`trainer.families.lora_io.to_kohya`, inside the timed
                   region as in `LoraTrainingJob.save_checkpoint`), the AdamW + LR scheduler state, the RNG
                   states (`capture_rng`) and a state dict like the job's
 
 A save includes everything `save_checkpoint` does: safetensors + 2 torch.save files + JSON, fsync of every
 file and folder, sha256 of every file for the manifest, the rename and the pruning. The fsync and sha256
-shares are measured separately (by wrapping `os.fsync` and `trainer.checkpoint._sha256`).
+shares are measured separately (by wrapping `os.fsync` and `trainer.runs.checkpoint.file_sha256`).
 
 The CPU step time here is not a GPU step time: the overhead of checkpointing at save_steps N is reported as
 save / (N x step) against both the measured CPU step and an ASSUMED GPU step time (--gpu-step-s, default
@@ -60,9 +60,9 @@ class IoClock:
         self.sha = 0.0
 
     def __enter__(self):
-        import trainer.checkpoint as ckpt
+        import trainer.runs.checkpoint as ckpt
 
-        self._fsync, self._sha = os.fsync, ckpt._sha256
+        self._fsync, self._sha = os.fsync, ckpt.file_sha256
 
         def fsync(fd):
             t = time.perf_counter()
@@ -78,13 +78,13 @@ class IoClock:
             finally:
                 self.sha += time.perf_counter() - t
 
-        os.fsync, ckpt._sha256 = fsync, sha
+        os.fsync, ckpt.file_sha256 = fsync, sha
         return self
 
     def __exit__(self, *exc):
-        import trainer.checkpoint as ckpt
+        import trainer.runs.checkpoint as ckpt
 
-        os.fsync, ckpt._sha256 = self._fsync, self._sha
+        os.fsync, ckpt.file_sha256 = self._fsync, self._sha
 
 
 def folder_bytes(path: Path) -> int:
@@ -112,9 +112,9 @@ def timed_saves(save, n: int) -> dict:
 def bench_tiny(root: Path, steps: int, saves: int) -> dict:
     import yaml
 
-    from trainer.demo import write_demo_config
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.dev.demo import write_demo_config
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     path = write_demo_config(root / "tiny")
     cfg = yaml.safe_load(path.read_text())
@@ -170,9 +170,9 @@ def bench_sd15_rank(unet, rank: int, root: Path, args) -> dict:
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft import LoraConfig, inject_adapter_in_model
 
-    import trainer.checkpoint as ckpt
-    from trainer.lora_io import to_kohya
-    from trainer.outputs import library_versions
+    import trainer.runs.checkpoint as ckpt
+    from trainer.families.lora_io import to_kohya
+    from trainer.runs.outputs import library_versions
 
     torch.manual_seed(rank)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     quiet_libraries()
     torch.set_num_threads(1)
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print()
-    print("save = one trainer.checkpoint.save_checkpoint (LoRA + AdamW/scheduler + RNG + state, fsync, "
+    print("save = one trainer.runs.checkpoint.save_checkpoint (LoRA + AdamW/scheduler + RNG + state, fsync, "
           "sha256 manifest, rename, prune);\noverhead @N = save / (N x step), i.e. the share of training "
           "time spent checkpointing at save_steps N (500 is the default)")
     print(f"{'case':<22s} {'LoRA params':>11s} {'ckpt MiB':>9s} {'save ms':>8s} {'fsync ms':>9s} "

@@ -4,8 +4,8 @@
     python bench/bench_daemon.py --repeat 2      # the whole set twice, best and every run shown
     options: --steps N (per job, default 3)  --status-runs N (default 20)  --keep (keep the temp folder)
 
-Scenarios, all on the tiny demo model and data (`trainer.tiny.demo_assets()`, config from
-`trainer.demo.write_demo_config` with max_train_steps 3, log_every 1, resume never, save_steps 1000):
+Scenarios, all on the tiny demo model and data (`trainer.dev.tiny.demo_assets()`, config from
+`trainer.dev.demo.write_demo_config` with max_train_steps 3, log_every 1, resume never, save_steps 1000):
 
     cold lora-train     `lora-train --config X` as a fresh process: wall time from just before the process
                         is spawned to the first "step ..." line on its stdout (python start, imports of
@@ -50,7 +50,7 @@ def write_config(folder: Path, steps: int, seed: int) -> Path:
     """The demo config (tiny SD + shapes) with a short run that prints every step."""
     import yaml
 
-    from trainer.demo import write_demo_config
+    from trainer.dev.demo import write_demo_config
 
     path = write_demo_config(folder)
     cfg = yaml.safe_load(path.read_text())
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (configs, outputs, logs)")
     args = p.parse_args(argv)
 
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     demo_assets()  # build once, outside the timings
     load = os.getloadavg()

@@ -3,7 +3,7 @@
     python bench/bench_flux.py                        # resolution 32, 512 T5 tokens, 20 timed steps, twice
     python bench/bench_flux.py --resolution 64 --steps 10 --repeat 1
 
-Runs, with the same model (`trainer.tiny.build_tiny_flux`), data, batch size, rank, learning rate, steps,
+Runs, with the same model (`trainer.dev.tiny.build_tiny_flux`), data, batch size, rank, learning rate, steps,
 T5 length (512, dev's default) and targets (the family's default: attention of double and single blocks):
 
     textbook        the loop of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, written out
@@ -13,7 +13,7 @@ T5 length (512, dev's default) and targets (the family's default: attention of d
                     sigmas from the scheduler's (shifted) timesteps, pack, transformer with LoRA
                     (`transformer.add_adapter`) and guidance 1.0, unpack, MSE against noise - latents,
                     backward, grad clipping, AdamW, lr scheduler, loss.item()
-    ours            `trainer.job.LoraTrainingJob` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
+    ours            `trainer.training.job.LoraTrainingJob` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
                     turned off (mixed_precision no, quantization no) and no caches (cache_text_embeddings and
                     cache_latents false): the same work per step as the textbook loop
     ours+cache      cache_text_embeddings and cache_latents true: both text encoders and the VAE run once per
@@ -48,8 +48,8 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: boo
              fp8: bool = False) -> tuple[float, float]:
     import yaml
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     stamps: list[tuple[float, float]] = []
 
@@ -182,13 +182,14 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import build_tiny_flux, cache_root, demo_assets
+    from trainer.config import default_cache_dir
+    from trainer.dev.tiny import build_tiny_flux, demo_assets
 
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     assets = dict(demo_assets())
-    flux = cache_root() / "bench-flux-dev"
+    flux = default_cache_dir() / "bench-flux-dev"
     if not (flux / "model_index.json").exists():
         build_tiny_flux(flux)
     assets["flux"] = flux

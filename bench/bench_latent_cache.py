@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_data(folder: Path, images: int, size: int) -> Path:
-    from trainer.tiny import build_shapes_dataset
+    from trainer.dev.tiny import build_shapes_dataset
 
     return build_shapes_dataset(folder, count=images, size=size)
 
 
 def job(assets: dict, data: Path, cache: Path, folder: Path, resolution: int) -> dict:
     from tests.conftest import write_config
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     stamps = []
 
@@ -69,7 +69,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     assets = demo_assets()
     rows = {"cold": [], "warm": []}

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run(assets: dict, steps: int, prompts: int, sample_steps: int, sampling: bool) -> dict:
     from tests.conftest import write_config
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     extra = {}
     if sampling:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     quiet_libraries()
     assets = demo_assets()

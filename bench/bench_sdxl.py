@@ -3,7 +3,7 @@
     python bench/bench_sdxl.py                        # resolution 32, 20 timed steps, each run twice
     python bench/bench_sdxl.py --resolution 64 --steps 10 --repeat 1
 
-Runs, with the same model (`trainer.tiny.build_tiny_sdxl`), data, batch size, rank, learning rate, steps:
+Runs, with the same model (`trainer.dev.tiny.build_tiny_sdxl`), data, batch size, rank, learning rate, steps:
 
     textbook        the loop of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py, written
                     out below without accelerate: images resized and center-cropped with their original size
@@ -11,7 +11,7 @@ Runs, with the same model (`trainer.tiny.build_tiny_sdxl`), data, batch size, ra
                     timesteps, encode_prompt with both text encoders (penultimate hidden states concatenated,
                     pooled from the second), add_time_ids, unet with LoRA (`unet.add_adapter`) and
                     added_cond_kwargs, MSE, backward, grad clipping, AdamW, lr scheduler, loss.item()
-    ours            `trainer.job.LoraTrainingJob` (what `lora-train` runs), no caches: cache_latents false,
+    ours            `trainer.training.job.LoraTrainingJob` (what `lora-train` runs), no caches: cache_latents false,
                     cache_text_embeddings false (the same work per step as the textbook loop)
     ours+cache      cache_latents and cache_text_embeddings true: the VAE and both text encoders run once per
                     image / caption in setup, not in the steps
@@ -38,8 +38,8 @@ from bench_train import BATCH, LR, RANK, SEED, TARGETS, now, steady_ms  # noqa: 
 def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool) -> tuple[float, float]:
     import yaml
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     stamps: list[tuple[float, float]] = []
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     quiet_libraries()
     if args.threads:

@@ -1,5 +1,5 @@
 """Text mode throughput: tokens per second of our trainer with packing off and on, and of a textbook
-transformers + peft loop, on the tiny chat model (`trainer.tiny.build_tiny_chat_llm`) and the same chat data.
+transformers + peft loop, on the tiny chat model (`trainer.dev.tiny.build_tiny_chat_llm`) and the same chat data.
 
     python bench/bench_text.py                  # 96 conversations, max_seq_length 256, batch 4, each run twice
     python bench/bench_text.py --hidden 256 --layers 4    # a wider model: compute, not overhead, per token
@@ -14,7 +14,7 @@ q/k/v/o_proj, AdamW, lr 1e-4, batch 4, grad clipping 1.0:
                  per record, `get_peft_model`, a shuffled DataLoader whose collate pads to the longest
                  (DataCollatorForSeq2Seq's behaviour), model(**batch, labels=...) computing the loss,
                  backward, clipping, AdamW, zero_grad, loss.item()
-    ours         `trainer.job.LoraTrainingJob` in-process (what lora-train runs), packing: false
+    ours         `trainer.training.job.LoraTrainingJob` in-process (what lora-train runs), packing: false
     ours+packing the same with packing: true (rows of up to 256 tokens, position ids restarting per sample)
 
 Reported: real (non-padding) tokens per CPU second of this process over the timed steps (model loading,
@@ -58,8 +58,8 @@ def build_data(folder: Path, count: int, max_turns: int) -> Path:
 def run_ours(model: Path, data: Path, steps: int, warmup: int, packing: bool) -> dict:
     import yaml
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     with tempfile.TemporaryDirectory(prefix="bench-text-") as tmp:
         cfg = {"train_data_dir": str(data), "base_model": str(model), "lora_rank": RANK, "batch_size": BATCH,
@@ -155,7 +155,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import build_tiny_chat_llm
+    from trainer.dev.tiny import build_tiny_chat_llm
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="bench-text-data-") as tmp:

@@ -5,7 +5,7 @@
 
 Runs, per resolution, with the same model, data, batch size, rank, learning rate and number of steps:
 
-    ours            `trainer.job.LoraTrainingJob` in-process (what `lora-train` runs), cache_latents: false
+    ours            `trainer.training.job.LoraTrainingJob` in-process (what `lora-train` runs), cache_latents: false
     ours+cache      the same with cache_latents: true (each image VAE-encoded once, in setup)
     textbook        the loop of diffusers' examples/text_to_image/train_text_to_image_lora.py, written out
                     below without accelerate: a DataLoader over the images (resize, center crop, normalize),
@@ -64,8 +64,8 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int,
              cache_latents: bool) -> tuple[float, float]:
     import yaml
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     stamps: list[tuple[float, float]] = []
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     import torch
 
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     quiet_libraries()
     if args.threads:

@@ -53,8 +53,8 @@ class FirstStep:
 def one_job(config: Path, out: Path, cache, device: str, seed: int) -> FirstStep:
     import yaml
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     cfg = yaml.safe_load(config.read_text())
     cfg.update(output_dir=str(out), seed=seed, resume="never", max_train_steps=2, save_steps=1000, log_every=1)
@@ -81,13 +81,13 @@ def main() -> int:
 
     import torch
 
-    from trainer.model_cache import BaseModelCache
+    from trainer.training.model_cache import BaseModelCache
 
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
     try:
         config = args.config
         if config is None:
-            from trainer.demo import write_demo_config
+            from trainer.dev.demo import write_demo_config
 
             config = write_demo_config(work / "demo")
         device = "cuda:0" if torch.cuda.is_available() else "cpu"

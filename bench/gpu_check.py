@@ -11,7 +11,7 @@ Run on a GPU box (or a lent GPU):
 
 For each case it builds the models from configs written inline here (random weights, nothing is
 downloaded): the SD1.5 UNet (block_out_channels 320/640/1280/1280, cross_attention_dim 768, ...) with its
-VAE and CLIP-L text encoder, SDXL base from the config the trainer ships (trainer/model_configs/sdxl-base:
+VAE and CLIP-L text encoder, SDXL base from the config the trainer ships (trainer/families/model_configs/sdxl-base:
 UNet 2.57B, both text encoders, time ids, 1024 px), a tiny SD, a TinyLlama-1.1B-shaped causal LM and a
 tiny one. It runs a
 few training steps the way the trainer does (frozen parts cast to the weight dtype, fp32 LoRA on the
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from trainer.vram import OVERHEAD_MIB, estimate_vram  # noqa: E402
+from trainer.checks.vram import OVERHEAD_MIB, estimate_vram  # noqa: E402
 
 MIB = 1024 * 1024
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -329,7 +329,7 @@ def flux_steps(transformer_config: dict, quantize: str, res: int, seq: int, rank
 
     from trainer.families import flux
     from trainer.families.flux_task import BLOCK_PREFIXES, shifted_sigmas
-    from trainer.fp8 import quantize_linears
+    from trainer.families.fp8 import quantize_linears
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -420,7 +420,7 @@ def run_flux_case(steps: int, rank: int, cuda: bool, ctx: int | None) -> list[di
     """FLUX.1 [dev] from the shipped config at 1024 px, batch 1: bf16 base and the 8-bit base, each against
     the estimate and a 24 GiB card. Without CUDA: the estimates, and the same code on a tiny Flux (CPU)."""
     from trainer.families import flux
-    from trainer.tiny import build_tiny_flux
+    from trainer.dev.tiny import build_tiny_flux
 
     folder = flux.shipped_config("dev")
     rows = []

@@ -8,7 +8,7 @@ Run on a GPU box (or a lent GPU):
     .venv/bin/python bench/gpu_qlora_check.py --layers 4   # a quicker, smaller model of the same width
 
 The model has random weights (bf16, saved once to a temporary folder; nothing is downloaded) and the tiny chat
-model's character tokenizer and ChatML template (`trainer.tiny.build_tiny_chat_llm`), so the vocabulary is
+model's character tokenizer and ChatML template (`trainer.dev.tiny.build_tiny_chat_llm`), so the vocabulary is
 small: the quantized share of the weights is the decoder's linear layers, as in a real model. For each case
 it prints the estimate (`agentd validate`'s figure), `torch.cuda.max_memory_allocated`, tokens/s, and checks
 that the merged export loads with transformers and matches the trained model's logits. Without CUDA it says
@@ -31,7 +31,7 @@ def build_model(folder: Path, layers: int) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer.tiny import build_tiny_chat_llm
+    from trainer.dev.tiny import build_tiny_chat_llm
 
     tok_dir = build_tiny_chat_llm(folder.with_name("tok"))
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -52,9 +52,9 @@ def run_case(model: Path, data: Path, work: Path, quantization: str | None, step
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
-    from trainer.vram import estimate_for_config
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
+    from trainer.checks.vram import estimate_for_config
 
     out = work / f"out-{quantization or 'bf16'}"
     cfg = {"train_data_dir": str(data), "base_model": str(model), "output_dir": str(out), "name": "chk",
@@ -104,7 +104,7 @@ def main() -> int:
         print("no CUDA GPU: QLoRA needs one (the CPU tests cover the code path); nothing measured")
         return 0
     from trainer.quiet import quiet_libraries
-    from trainer.tiny import build_chat_datasets
+    from trainer.dev.tiny import build_chat_datasets
 
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="qlora-check-"))

@@ -22,7 +22,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD model, tiny LM, shapes and text datasets (cached for the session in AGENTD_CACHE_DIR)."""
     cache = tmp_path_factory.getbasetemp() / "agentd-cache"
     os.environ["AGENTD_CACHE_DIR"] = str(cache)
-    from trainer.tiny import demo_assets
+    from trainer.dev.tiny import demo_assets
 
     return demo_assets(cache)
 
@@ -55,8 +55,8 @@ def write_config(folder: Path, assets: dict, **fields) -> Path:
 
 def lora_at_step_zero(config_path: Path) -> dict:
     """The LoRA tensors a job holds after setup, before its first step (init or resume applied)."""
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     job = LoraTrainingJob(preflight(config_path))
     job.setup()

@@ -157,7 +157,7 @@ def test_skip_bad_images_skips_and_reports(tmp_path, assets):
 
 
 def test_txt_captions_when_no_metadata(tmp_path, assets):
-    from trainer.data import scan_image_dataset
+    from trainer.data.images import scan_image_dataset
 
     data = tmp_path / "kohya"
     data.mkdir()
@@ -172,7 +172,7 @@ def test_txt_captions_when_no_metadata(tmp_path, assets):
 
 
 def test_alternative_metadata_columns(tmp_path, assets):
-    from trainer.data import scan_image_dataset
+    from trainer.data.images import scan_image_dataset
 
     import shutil
 
@@ -242,7 +242,7 @@ def test_every_shipped_config_loads():
     for p in shipped:
         cfg = load_config(p)
         assert cfg.output_dir.is_absolute()
-        # SD/SDXL single files load from the shipped architecture configs (trainer/model_configs): an example
+        # SD/SDXL single files load from the shipped architecture configs (trainer/families/model_configs): an example
         # that sets base_model_config for one teaches users a key they do not need.
         if cfg.base_model.suffix in (".safetensors", ".ckpt") and cfg.mode != "text":
             assert cfg.base_model_config is None, f"{p.name}: base_model_config is not needed for {cfg.base_model.name}"

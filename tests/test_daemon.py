@@ -220,8 +220,8 @@ def test_data_removed_while_queued_fails_that_job_only(daemon, tmp_path, assets)
 def test_warm_cache_gives_the_same_lora_as_cold_runs(daemon, tmp_path, assets):
     from safetensors.torch import load_file
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     a = job_config(tmp_path, assets, "seedA", max_train_steps=3, seed=1)
     b = job_config(tmp_path, assets, "seedB", max_train_steps=3, seed=2)

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from tests.conftest import BIN
-from trainer.data import (CaptionOptions, epoch_batches, epoch_items, make_bucket_resolutions, process_caption,
+from trainer.data.images import (CaptionOptions, epoch_batches, epoch_items, make_bucket_resolutions, process_caption,
                           select_bucket)
 from trainer.errors import ConfigError
-from trainer.preflight import preflight
+from trainer.checks.preflight import preflight
 
 
 def image(path: Path, size: tuple[int, int], colour=(200, 40, 40), caption: str | None = None) -> Path:
@@ -78,7 +78,7 @@ def test_bucket_no_upscale_follows_kohya(size, bucket, resized):
 def test_mixed_aspect_dataset_trains_one_bucket_per_batch(assets, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     for i, size in enumerate([(32, 32), (48, 24), (24, 48), (32, 32), (48, 24), (24, 48), (40, 32)]):
         image(tmp_path / "data" / f"{i}.png", size, caption="a red circle")
@@ -109,7 +109,7 @@ def test_mixed_aspect_dataset_trains_one_bucket_per_batch(assets, tmp_path):
 # --- repeats ----------------------------------------------------------------------------------------
 
 def test_repeat_folders_count_in_the_epoch(assets, tmp_path):
-    from trainer.outputs import read_loss_csv
+    from trainer.runs.outputs import read_loss_csv
 
     for i in range(2):
         image(tmp_path / "data/3_cat" / f"{i}.png", (32, 32))

@@ -30,45 +30,47 @@ def safetensors_bytes(header: dict) -> bytes:
 
 
 def test_the_model_probe_describes_files_by_kind_and_count(tmp_path):
+    # The names a description may quote are the families' table's (describe), the facts the probe's.
+    from trainer.families import describe
     from trainer.families.probe import probe
 
     st = tmp_path / "keys.safetensors"  # a valid header whose tensor names are the secret
     st.write_bytes(safetensors_bytes({f"{SECRET}.w{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
                                       for i in range(3)}) + b"\0" * 4)
-    text = probe(st).describe()
+    text = describe(probe(st))
     assert not leaked(text) and "3 tensors" in text and "none under a key prefix agentd knows" in text, text
     known = tmp_path / "known.safetensors"
     known.write_bytes(safetensors_bytes({"model.diffusion_model.x": {"dtype": "F32", "shape": [1],
                                                                      "data_offsets": [0, 4]}}) + b"\0" * 4)
-    assert "keys under model.diffusion_model." in probe(known).describe()
+    assert "keys under model.diffusion_model." in describe(probe(known))
     bad_json = tmp_path / "bad.safetensors"
     bad_json.write_bytes(struct.pack("<Q", 40) + f'{{"a": {SECRET} {SECRET}}}'.encode().ljust(40))
-    text = probe(bad_json).describe()
+    text = describe(probe(bad_json))
     assert not leaked(text) and "not valid JSON" in text and "line 1 column" in text, text
     ckpt = tmp_path / "model.ckpt"  # a pickle that stops at an unknown opcode (pickletools quotes it)
     ckpt.write_bytes(pickle.dumps({"a.b": 1}, protocol=2)[:-1] + SECRET.encode())
-    text = probe(ckpt).describe()
+    text = describe(probe(ckpt))
     assert not leaked(text) and "pickle cannot be parsed" in text, text
 
     diffusers = tmp_path / "pipe"
     diffusers.mkdir()
     (diffusers / "model_index.json").write_text(json.dumps({"_class_name": SECRET}))
-    text = probe(diffusers).describe()
+    text = describe(probe(diffusers))
     assert not leaked(text) and "a pipeline class agentd does not train" in text, text
     (diffusers / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert "StableDiffusionPipeline" in probe(diffusers).describe()  # agentd's own name: still said
+    assert "StableDiffusionPipeline" in describe(probe(diffusers))  # agentd's own name: still said
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"architectures": [SECRET + "ForCausalLM", SECRET]}))
-    text = probe(lm).describe()
+    text = describe(probe(lm))
     assert not leaked(text) and "2 entries, 1 a causal LM" in text, text
 
 
 def test_lora_checkpoint_and_estimate_readers_do_not_quote_the_file(tmp_path):
-    from trainer.checkpoint import read_state
+    from trainer.runs.checkpoint import read_state
     from trainer.errors import content_free
-    from trainer.lora_io import LoraFormatError, read_lora_file
-    from trainer.vram import VramEstimateError, _read_json
+    from trainer.families.lora_io import LoraFormatError, read_lora_file
+    from trainer.families.memory import VramEstimateError, _read_json
 
     lora = tmp_path / "lora.safetensors"  # serde's "invalid type: string \"…\"" quotes the value
     lora.write_bytes(safetensors_bytes({"w": SECRET}))

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import BIN
 from tests.test_resume import kill_foreground_after, loss_rows, train_foreground
 from trainer.errors import ConfigError
-from trainer.preflight import preflight
+from trainer.checks.preflight import preflight
 
 STEPS, SAVE = 8, 3
 
@@ -24,7 +24,7 @@ STEPS, SAVE = 8, 3
 @pytest.fixture(scope="module")
 def flux_assets(assets, tmp_path_factory) -> dict[str, Path]:
     """Tiny FLUX.1 [dev] and [schnell] pipelines (built offline) and the shapes dataset."""
-    from trainer.tiny import build_tiny_flux
+    from trainer.dev.tiny import build_tiny_flux
 
     root = tmp_path_factory.mktemp("flux-models")
     return {"dev": build_tiny_flux(root / "flux-dev"), "schnell": build_tiny_flux(root / "flux-schnell",
@@ -100,8 +100,8 @@ def test_warm_base_gives_the_same_lora_as_a_cold_one(reference, flux_assets, tmp
     """Two jobs on one BaseModelCache: the second gets the base warm (LoRA removed, text encoders back in host
     memory, fp8 blocks as loaded) and trains exactly what a cold run trains. Both keep their text embeddings
     in the disk cache too: the second job reads them (same numbers as encoding them)."""
-    from trainer.job import LoraTrainingJob
-    from trainer.model_cache import BaseModelCache
+    from trainer.training.job import LoraTrainingJob
+    from trainer.training.model_cache import BaseModelCache
 
     cache = BaseModelCache()
     results = []
@@ -124,7 +124,7 @@ def test_lora_loads_in_flux_pipeline_on_every_module_and_unloads(flux_assets, tm
     from diffusers import FluxPipeline
     from peft.tuners.lora import LoraLayer
 
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     cfg = flux_config(tmp_path / "strong", flux_assets, learning_rate="3e-2", max_train_steps=4,
                       mixed_precision="no", target_modules=["all-linear"], train_text_encoder=True)
@@ -191,7 +191,7 @@ def test_fp8_layer_matches_full_precision_within_tolerance():
     """fp8 e4m3 keeps 3 mantissa bits (relative rounding <= 2**-4 per weight); over a dot product the errors
     average out. Stated tolerance: 5% relative error (L2) of a layer's outputs and input gradients; the whole
     tiny transformer's output within 10%."""
-    from trainer.fp8 import FP8, Fp8Linear
+    from trainer.families.fp8 import FP8, Fp8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128)
@@ -212,9 +212,9 @@ def test_fp8_transformer_output_and_training_with_the_8bit_base(flux_assets, tmp
 
     from diffusers import FluxTransformer2DModel
 
-    from trainer.fp8 import FP8, quantize_linears
-    from trainer.job import LoraTrainingJob
-    from trainer.outputs import read_loss_csv
+    from trainer.families.fp8 import FP8, quantize_linears
+    from trainer.training.job import LoraTrainingJob
+    from trainer.runs.outputs import read_loss_csv
 
     full = FluxTransformer2DModel.from_pretrained(flux_assets["dev"], subfolder="transformer", local_files_only=True)
     quant = copy.deepcopy(full)
@@ -246,7 +246,7 @@ def test_fp8_transformer_output_and_training_with_the_8bit_base(flux_assets, tmp
 
 
 def test_schnell_trains_without_guidance_and_samples_in_few_steps(flux_assets, tmp_path):
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     cfg = flux_config(tmp_path / "schnell", flux_assets, variant="schnell", max_train_steps=2, mixed_precision="no",
                       gradient_checkpointing=True, sample_prompts=["a blue square on white background --w 32 --h 32"])
@@ -321,7 +321,7 @@ def test_single_file_detection_shipped_configs_and_validate_on_a_24gib_card(flux
     from safetensors.torch import save_file
 
     from trainer.families import flux
-    from trainer.vram import model_param_counts
+    from trainer.checks.vram import model_param_counts
 
     ckpt = tmp_path / "flux1-dev.safetensors"
     save_file({k: torch.zeros(1) for k in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
@@ -348,7 +348,7 @@ def test_single_file_detection_shipped_configs_and_validate_on_a_24gib_card(flux
     est = json.loads(as_json.stdout)["estimate"]
     assert 12_000 < est["total_mib"] < 24 * 1024 and est["params"]["frozen_transformer"] == 11_901_408_320
 
-    from trainer.vram import estimate_for_config
+    from trainer.checks.vram import estimate_for_config
 
     clip = estimate_for_config(checked.config, train_text_encoder=True)  # CLIP-L's LoRA: CLIP-L stays resident
     assert clip.params["lora_text_encoder"] == 16 * 12 * 4 * (768 + 768)

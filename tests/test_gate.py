@@ -9,7 +9,7 @@ from agentd.gate import CPU_SLOT, gate_decision, node_blocked_reason
 from trainer.gpus import GpuFacts, NvmlProbe
 from fake_nvml import FakeGpu, FakeNvml
 from test_vram import image_args, write_sd15_configs
-from trainer.vram import estimate_vram, recommend_batch_size
+from trainer.checks.vram import estimate_vram, recommend_batch_size
 
 OWN = {os.getpid()}
 MARGIN = 1024

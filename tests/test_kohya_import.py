@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import BIN
 from tests.test_datasets import image
-from trainer.kohya_import import MAPPED, convert
+from trainer.data.kohya_import import MAPPED, convert
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kohya"
 
@@ -140,7 +140,7 @@ def test_every_mapped_key_lands(tmp_path):
         assert conv.origin[target] == f"[training_arguments] {key} = " + conv.origin[target].split(" = ", 1)[1]
     # All of them at once (flat layout, lora-scripts' newer format) make a config the schema accepts.
     from trainer.config import parse_config
-    from trainer.kohya_import import to_yaml
+    from trainer.data.kohya_import import to_yaml
 
     flat = tmp_path / "flat.toml"
     skip = {"learning_rate", "lr_scheduler_num_cycles", "batch_size", "max_train_steps", "model_train_type",
@@ -185,7 +185,7 @@ def test_not_toml_and_wrong_types_are_refused_and_nothing_is_written(tmp_path):
 
 def test_kohya_sample_prompt_file_is_read_as_ours(tmp_path, assets):
     from trainer.config import parse_config
-    from trainer.sampling import load_prompts
+    from trainer.data.prompts import load_prompts
 
     (tmp_path / "prompts.txt").write_text("a red circle --n blurry --w 64 --h 32 --s 5 --l 6.5 --d 42\n")
     (tmp_path / "k.toml").write_text(f'pretrained_model_name_or_path = "{assets["sd_model"]}"\n'
@@ -198,7 +198,7 @@ def test_kohya_sample_prompt_file_is_read_as_ours(tmp_path, assets):
 
 
 def to_yaml_of(path: Path) -> str:
-    from trainer.kohya_import import import_kohya
+    from trainer.data.kohya_import import import_kohya
 
     return import_kohya(path)
 

@@ -30,8 +30,8 @@ def encoder_calls(job_setup) -> int:
 
 def setup_job(cfg: Path):
     """A job's setup (which builds its caches) and cleanup: no training needed to count encodes."""
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     def run():
         job = LoraTrainingJob(preflight(cfg))
@@ -93,8 +93,8 @@ def test_cached_run_trains_like_an_uncached_one(assets, tmp_path):
     """Latents from disk are the numbers the VAE gave: the LoRA is bit-identical with and without them."""
     from safetensors.torch import load_file
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     data = data_copy(assets, tmp_path / "data")
     outs = []

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.test_datasets import config, image
-from trainer.losses import diffusion_loss, make_noise
-from trainer.optim import lr_factor
-from trainer.preflight import preflight
+from trainer.families.losses import diffusion_loss, make_noise
+from trainer.training.optim import lr_factor
+from trainer.checks.preflight import preflight
 
 
 def test_noise_options():
@@ -63,7 +63,7 @@ def test_lr_schedules_by_kohya_name():
     {"clip_skip": 2, "noise_offset": 0.1, "multires_noise_iterations": 4, "min_snr_gamma": 5.0},
 ], ids=["prodigy", "adafactor", "adamw-args-restarts", "loss-options"])
 def test_each_option_trains(fields, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     for i in range(3):
         image(tmp_path / "data" / f"{i}.png", (32, 32), colour=(200, 40 * i, 40), caption="a red circle")
@@ -99,7 +99,7 @@ def test_masked_loss_from_alpha_and_from_a_mask_folder(assets, tmp_path):
     from PIL import Image
 
     from trainer.families import family
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     data = tmp_path / "data"
     data.mkdir()

@@ -261,7 +261,7 @@ def test_device_pins_the_gpu_and_a_device_that_matches_none_is_refused(tmp_path,
 
 # --- the polite warm cache -----------------------------------------------------------------------
 def test_warm_cache_moves_to_host_after_the_ttl_and_back_at_the_next_job():
-    from trainer.model_cache import BaseModelCache
+    from trainer.training.model_cache import BaseModelCache
 
     now = [0.0]
     cache = BaseModelCache(1, warm_vram_ttl_s=30, clock=lambda: now[0])
@@ -297,7 +297,7 @@ def _host_only_bookkeeping(cache):
 
 
 def test_entry_in_use_is_never_moved_and_the_ttl_counts_from_the_job_end(tmp_path, assets):
-    from trainer.model_cache import BaseModelCache, _Entry
+    from trainer.training.model_cache import BaseModelCache, _Entry
 
     now = [100.0]
     cache = BaseModelCache(2, warm_vram_ttl_s=5, clock=lambda: now[0])
@@ -330,7 +330,7 @@ def test_the_gate_never_counts_agentds_own_vram_as_foreign():
 
 
 def test_validate_names_the_gpus_when_device_matches_none(tmp_path, assets):
-    from trainer.validate import device_problem
+    from trainer.checks.validate_report import device_problem
 
     folder = tmp_path / "v"
     folder.mkdir()

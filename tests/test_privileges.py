@@ -664,7 +664,7 @@ def test_an_output_folder_with_a_link_out_of_it_is_refused(tmp_path):
 
 
 def test_metadata_errors_describe_the_file_without_its_bytes(tmp_path):
-    from trainer.data import scan_image_dataset
+    from trainer.data.images import scan_image_dataset
 
     secret = "s3cr3t-first-line"
     meta = tmp_path / "metadata.csv"

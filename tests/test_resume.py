@@ -25,7 +25,7 @@ def config(tmp_path: Path, assets, name: str, **fields) -> Path:
 
 
 def loss_rows(cfg: Path) -> list[dict]:
-    from trainer.outputs import read_loss_csv
+    from trainer.runs.outputs import read_loss_csv
 
     path = cfg.parent / "out/logs/loss.csv"
     if not path.exists():
@@ -202,7 +202,7 @@ def test_resume_policy_config_changes(tmp_path, assets):
 
 
 def test_checkpoint_contents_and_safe_loading(reference):
-    from trainer.checkpoint import list_checkpoints, load_checkpoint, verify
+    from trainer.runs.checkpoint import list_checkpoints, load_checkpoint, verify
 
     ckpts = list_checkpoints(reference.parent / "out/checkpoints")
     assert [p.name for p in ckpts] == ["step-00000036", "step-00000030", "step-00000020", "step-00000010"]

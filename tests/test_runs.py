@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import BIN, write_config
 from tests.daemon_harness import DaemonProc, Tail
-from trainer.checkpoint import Candidate
-from trainer.runs import (MANIFEST, PreviousRun, RunManifest, UnsafeHistory, decide_run, move_aside,
+from trainer.runs.checkpoint import Candidate
+from trainer.runs.history import (MANIFEST, PreviousRun, RunManifest, UnsafeHistory, decide_run, move_aside,
                           prune_history, read_manifest, read_previous, recover_moves)
 
 FIELDS = {"learning_rate": 0.002, "lora_rank": 4}
@@ -288,7 +288,7 @@ def test_nothing_to_do_is_answered_at_submit_while_the_only_slot_is_busy(tmp_pat
 
 
 def test_demo_config_trains_from_scratch_every_time(tmp_path, assets):
-    from trainer.demo import write_demo_config
+    from trainer.dev.demo import write_demo_config
 
     cfg = write_demo_config(tmp_path, max_train_steps=3)
     for _ in range(2):

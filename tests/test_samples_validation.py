@@ -14,13 +14,13 @@ import pytest
 from tests.conftest import BIN, write_config
 from tests.test_train_text import write_text_config
 from trainer.errors import ConfigError
-from trainer.outputs import read_loss_csv
-from trainer.preflight import preflight
+from trainer.runs.outputs import read_loss_csv
+from trainer.checks.preflight import preflight
 
 
 def run_job(cfg: Path, stop_at: int | None = None):
     """The real job in-process (as the daemon runs it); `stop_at`: request a stop at that step."""
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     stop = threading.Event()
 
@@ -37,7 +37,7 @@ def events(out: Path) -> list[dict]:
 
 
 def test_prompt_file_in_kohyas_syntax(tmp_path, assets):
-    from trainer.sampling import load_prompts
+    from trainer.data.prompts import load_prompts
 
     f = tmp_path / "prompts.txt"
     f.write_text("# shapes\n\na red circle --n blurry, text --w 48 --h 32 --s 4 --l 5.5 --d 123 --ss euler_a\n"
@@ -90,8 +90,8 @@ def test_bad_prompt_file_exits_2_from_the_command_line(tmp_path, assets):
 
 
 def test_validation_split_depends_on_the_data_alone():
-    from trainer.data import Sample
-    from trainer.validation import split
+    from trainer.data.images import Sample
+    from trainer.data.holdout import split
 
     samples = [Sample(Path(f"/d/{i:02d}.png"), "") for i in range(20)]
     train, val = split(samples, 0.2)
@@ -100,7 +100,7 @@ def test_validation_split_depends_on_the_data_alone():
 
 
 def test_should_stop():
-    from trainer.validation import should_stop
+    from trainer.training.validation_loss import should_stop
 
     assert not should_stop([1.0, 0.9, 0.8], 2)
     assert not should_stop([1.0, 0.9, 0.95], 2)

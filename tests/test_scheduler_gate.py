@@ -13,8 +13,8 @@ from agentd.journal import Journal
 from agentd.scheduler import Scheduler, Slot
 from tests.conftest import write_config
 from tests.fake_nvml import FakeGpu, FakeNvml
+from trainer.checks.vram import calibrated, estimate_for_config, recommend_batch_size
 from trainer.gpus import NvmlProbe
-from trainer.vram import calibrated, estimate_for_config, recommend_batch_size
 
 
 def make_scheduler(tmp_path, nvml, slots, **kw) -> Scheduler:

@@ -35,8 +35,8 @@ def lora_layers(model: torch.nn.Module) -> int:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, assets) -> Path:
     """A tiny SDXL LoRA on the UNet and both text encoders (their own learning rate), from YAML."""
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     folder = tmp_path_factory.mktemp("sdxl")
     path = sdxl_config(folder, assets, train_text_encoder=True, text_encoder_lr="5e-3", max_train_steps=6)
@@ -46,7 +46,7 @@ def trained(tmp_path_factory, assets) -> Path:
 
 
 def test_family_is_detected_and_its_defaults_filled(assets, tmp_path):
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     path = sdxl_config(tmp_path, assets, resolution=None)
     cfg = preflight(path).config
@@ -57,7 +57,7 @@ def test_family_is_detected_and_its_defaults_filled(assets, tmp_path):
 def test_lora_loads_in_the_sdxl_pipeline_with_every_module_applied(trained, assets):
     from diffusers import StableDiffusionXLPipeline
 
-    from trainer.lora_io import read_lora_file
+    from trainer.families.lora_io import read_lora_file
 
     tensors, meta = read_lora_file(trained)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -87,8 +87,8 @@ def test_lora_loads_in_the_sdxl_pipeline_with_every_module_applied(trained, asse
 
 
 def test_text_encoders_have_their_own_learning_rate(assets, tmp_path):
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     job = LoraTrainingJob(preflight(sdxl_config(tmp_path, assets, train_text_encoder=True, learning_rate="2e-3",
                                                 text_encoder_lr="1e-4")))
@@ -108,8 +108,8 @@ def test_time_ids_are_what_the_data_pipeline_did(assets, tmp_path):
     at left 5: time_ids (48, 64, 0, 5, 32, 32) reach the UNet."""
     from PIL import Image
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     data = tmp_path / "data"
     data.mkdir()
@@ -148,9 +148,9 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path):
 def test_warm_cache_serves_an_sdxl_base_and_gives_the_same_lora(assets, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.job import LoraTrainingJob
-    from trainer.model_cache import BaseModelCache
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.training.model_cache import BaseModelCache
+    from trainer.checks.preflight import preflight
 
     cache = BaseModelCache(1)
     outs = []
@@ -171,8 +171,8 @@ def test_warm_cache_serves_an_sdxl_base_and_gives_the_same_lora(assets, tmp_path
 def test_single_file_in_the_original_layout_round_trips_and_trains(family, assets, tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     folder = assets["sd_model" if family == "sd" else "sdxl_model"]
     cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
@@ -196,7 +196,7 @@ def test_single_file_in_the_original_layout_round_trips_and_trains(family, asset
 
 def test_shipped_configs_have_the_released_parameter_counts():
     from trainer.families.shipped import shipped_dir
-    from trainer.vram import model_param_counts
+    from trainer.checks.vram import model_param_counts
 
     sdxl = model_param_counts(shipped_dir("sdxl-base"), "sdxl")
     assert sdxl == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
@@ -312,7 +312,7 @@ def test_bad_family_inputs_exit_2_and_write_nothing(case, field, words, assets, 
 
 def test_v_prediction_and_zero_terminal_snr_come_from_the_scheduler(assets, tmp_path):
     from trainer.families.sdxl_task import load_sdxl_base
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     model = tmp_path / "vpred"
     shutil.copytree(assets["sdxl_model"], model)
@@ -342,7 +342,7 @@ def test_ckpt_single_files_are_detected_without_unpickling(tmp_path):
 def test_preflight_of_an_sdxl_config_imports_no_torch(assets, tmp_path):
     """`agentd run` and `validate`-level questions stay torch-free: detection reads headers and JSON only."""
     path = sdxl_config(tmp_path, assets)
-    code = ("import sys; from trainer.preflight import preflight; c = preflight(sys.argv[1]).config; "
+    code = ("import sys; from trainer.checks.preflight import preflight; c = preflight(sys.argv[1]).config; "
             "print(c.model_family, 'torch' in sys.modules)")
     proc = subprocess.run([str(BIN / "python"), "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -352,8 +352,8 @@ def test_preflight_of_an_sdxl_config_imports_no_torch(assets, tmp_path):
 def test_samples_render_with_the_sdxl_pipeline(assets, tmp_path):
     from PIL import Image
 
-    from trainer.job import LoraTrainingJob
-    from trainer.preflight import preflight
+    from trainer.training.job import LoraTrainingJob
+    from trainer.checks.preflight import preflight
 
     path = sdxl_config(tmp_path, assets, max_train_steps=1, sample_prompts=["a blue circle --s 2"])
     result = LoraTrainingJob(preflight(path)).run()
@@ -370,7 +370,7 @@ def test_every_shipped_config_is_detected_and_builds(name, family):
     from trainer.families import detect
     from trainer.families.probe import probe
     from trainer.families.shipped import shipped_dir
-    from trainer.vram import model_param_counts
+    from trainer.checks.vram import model_param_counts
 
     folder = shipped_dir(name)
     assert detect(probe(folder)) == family

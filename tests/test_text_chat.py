@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import BIN, ROOT
 from trainer.errors import ConfigError
-from trainer.preflight import preflight
+from trainer.checks.preflight import preflight
 
 
 def chat_config(folder: Path, assets: dict, data: str | Path = "sharegpt.jsonl", **fields) -> Path:
@@ -47,8 +47,8 @@ def tokenizer(assets):
 @pytest.mark.parametrize("fmt,data", [("alpaca", "alpaca.json"), ("sharegpt", "sharegpt.jsonl"),
                                       ("messages", "messages.jsonl"), ("text", "text.jsonl")])
 def test_each_format_trains_the_tiny_chat_model(fmt, data, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
-    from trainer.outputs import read_loss_csv
+    from trainer.training.job import LoraTrainingJob
+    from trainer.runs.outputs import read_loss_csv
 
     checked = preflight(chat_config(tmp_path, assets, data))
     assert checked.scan.notes[0].startswith(f"dataset_format auto: {fmt} (decided from ")
@@ -122,7 +122,7 @@ def test_validate_prints_the_first_example_with_trained_spans_and_long_samples(a
 def test_packing_restarts_positions_and_isolates_samples(assets, tmp_path):
     """A packed row's logits equal each of its samples run alone (Llama + sdpa: transformers' masking
     utilities turn the restarting position ids into a block-diagonal mask)."""
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     checked = preflight(chat_config(tmp_path, assets, packing=True, max_seq_length=256))
     rows = checked.scan.samples
@@ -168,7 +168,7 @@ def test_validation_file_and_merged_export(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     path = chat_config(tmp_path, assets, validation_file=str(assets["chat_data"] / "messages.jsonl"),
                        validate_every_n_steps=2, max_train_steps=4, export_merged=True, name="chat",
@@ -199,7 +199,7 @@ def test_validation_file_and_merged_export(assets, tmp_path):
 
 def test_quantized_estimate_counts_the_quantized_weights(tmp_path):
     """A Llama-2-7B-shaped config (meta device): NF4 weights are about a quarter of bf16's."""
-    from trainer.vram import estimate_vram
+    from trainer.checks.vram import estimate_vram
 
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
@@ -226,8 +226,8 @@ def test_qlora_trains_and_merges_through_bitsandbytes(assets, tmp_path):
     from trainer.config import load_config
     from trainer.families import resolved
     from trainer.families.causal_lm_task import TextDataset, TextTask, load_text_base
-    from trainer.text_data import scan_text
-    from trainer.tiny import build_tiny_chat_llm
+    from trainer.data.text import scan_text
+    from trainer.dev.tiny import build_tiny_chat_llm
 
     model_dir = build_tiny_chat_llm(tmp_path / "model", hidden=128)
     cfg = resolved(load_config(chat_config(tmp_path, assets, "messages.jsonl", base_model=str(model_dir),
@@ -366,7 +366,7 @@ def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):
 
 
 def test_templates_that_cannot_give_masks_are_refused_per_record(assets, tmp_path):
-    from trainer.tiny import CHAT_TEMPLATE
+    from trainer.dev.tiny import CHAT_TEMPLATE
 
     # A template that renders the turn count up front: earlier turns render differently once more follow.
     counting = "{{ messages|length }}" + CHAT_TEMPLATE

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from tests.conftest import BIN, lora_at_step_zero, write_config
-from trainer.preflight import preflight
+from trainer.checks.preflight import preflight
 
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One 60-step seeded run shared by the tests below."""
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     folder = tmp_path_factory.mktemp("trained")
     path = write_config(folder, assets, max_train_steps=60, save_steps=20, keep_checkpoints=2, log_every=10,
@@ -30,7 +30,7 @@ def trained(assets, tmp_path_factory):
 
 
 def test_sixty_steps_learn(trained):
-    from trainer.outputs import read_loss_csv
+    from trainer.runs.outputs import read_loss_csv
 
     result, events, out = trained
     assert result.outcome == "succeeded" and result.steps == 60
@@ -87,7 +87,7 @@ def test_lora_loads_into_diffusers_pipeline_and_unloads(trained, assets):
 
 
 def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
-    from trainer.lora_io import read_lora_file
+    from trainer.families.lora_io import read_lora_file
 
     _, _, out = trained
     path = write_config(tmp_path, assets, init_lora_weights=str(out / "shapes.safetensors"), seed=99)
@@ -98,8 +98,8 @@ def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
 
 
 def test_init_lora_with_other_rank_is_a_clear_error(trained, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
-    from trainer.lora_io import LoraFormatError
+    from trainer.training.job import LoraTrainingJob
+    from trainer.families.lora_io import LoraFormatError
 
     _, _, out = trained
     path = write_config(tmp_path, assets, init_lora_weights=str(out / "shapes.safetensors"), lora_rank=8)
@@ -130,7 +130,7 @@ def test_v_prediction_scheduler_trains_against_velocity(assets, tmp_path):
     """A base whose scheduler says prediction_type: v_prediction (SD 2.x-768 style) is trained on velocity."""
     import shutil
 
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     vmodel = tmp_path / "vmodel"
     shutil.copytree(assets["sd_model"], vmodel)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, lora_at_step_zero
-from trainer.preflight import preflight
+from trainer.checks.preflight import preflight
 
 
 def write_text_config(folder: Path, assets: dict, **fields) -> Path:
@@ -41,7 +41,7 @@ def load_base(assets):
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):
     """One 40-step seeded run shared by the tests below."""
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     folder = tmp_path_factory.mktemp("text")
     path = write_text_config(folder, assets, max_train_steps=40, name="lm", sample_prompts=["the red "])
@@ -50,7 +50,7 @@ def trained(assets, tmp_path_factory):
 
 
 def test_forty_steps_learn(trained):
-    from trainer.outputs import read_loss_csv
+    from trainer.runs.outputs import read_loss_csv
 
     result, out = trained
     assert result.outcome == "succeeded" and result.steps == 40
@@ -95,7 +95,7 @@ def test_peft_folder_loads_and_changes_logits(trained, assets):
 
 
 def test_batch_pads_with_ignored_labels_and_appends_eos(trained, assets, tmp_path):
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     (tmp_path / "cut").mkdir()
     cut = preflight(write_text_config(tmp_path / "cut", assets, max_seq_length=4)).scan.samples[0]
@@ -120,8 +120,8 @@ def test_batch_pads_with_ignored_labels_and_appends_eos(trained, assets, tmp_pat
 
 
 def test_warm_base_is_clean_after_the_job(assets, tmp_path):
-    from trainer.job import LoraTrainingJob
-    from trainer.model_cache import BaseModelCache
+    from trainer.training.job import LoraTrainingJob
+    from trainer.training.model_cache import BaseModelCache
 
     cache = BaseModelCache()
     path = write_text_config(tmp_path, assets, max_train_steps=2)
@@ -135,7 +135,7 @@ def test_warm_base_is_clean_after_the_job(assets, tmp_path):
 
 
 def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
-    from trainer.lora_io import read_lora_file
+    from trainer.families.lora_io import read_lora_file
 
     _, out = trained
     path = write_text_config(tmp_path, assets, init_lora_weights=str(out / "lm.safetensors"), seed=99)
@@ -170,7 +170,8 @@ def test_example_config_loads():
 
     path = ROOT / "configs/llm_adapter.yaml"
     cfg = load_config(path)
-    assert cfg.mode == "text" and cfg.effective_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # The example names its targets (effective_targets, which returned them, is gone: the table fills defaults).
+    assert cfg.mode == "text" and cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert cfg.base_model.resolve() == (ROOT / "models/llm/Llama-3.2-1B").resolve()  # relative to configs/
     assert cfg.output_dir.is_absolute() and cfg.learning_rate == pytest.approx(2e-4)
     # Every knob carries a comment saying its trade-off.
@@ -185,7 +186,7 @@ def test_resume_after_stop_is_bit_identical(assets, tmp_path):
 
     from safetensors.torch import load_file
 
-    from trainer.job import LoraTrainingJob
+    from trainer.training.job import LoraTrainingJob
 
     fields = dict(max_train_steps=6, lora_dropout=0.1, lr_scheduler="cosine")
     (tmp_path / "a").mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.vram import (VramEstimate, VramEstimateError, calibrated, common_card_sizes_gib,
+from trainer.checks.vram import (VramEstimate, VramEstimateError, calibrated, common_card_sizes_gib,
                           estimate_for_config, estimate_vram, model_param_counts, recommend_batch_size,
                           recommend_for_cards)
 

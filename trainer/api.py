@@ -30,21 +30,21 @@ from typing import TYPE_CHECKING, Callable, Optional
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.events import Reporter
-from trainer.families import preload_all
-from trainer.kohya_import import import_kohya
-from trainer.model_cache import BaseModelCache
-from trainer.outputs import atomic_write_json, atomic_write_text, jenkins_vars
-from trainer.preflight import Checked, check_config, preflight
-from trainer.report import compare_runs, write_report
-from trainer.runs import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
-from trainer.text_data import is_inline_template
-from trainer.validate import main as validate_main
-from trainer.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
+from trainer.training.preload import preload_all
+from trainer.data.kohya_import import import_kohya
+from trainer.training.model_cache import BaseModelCache
+from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
+from trainer.checks.preflight import Checked, check_config, preflight
+from trainer.runs.report import compare_runs, write_report
+from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
+from trainer.data.text import is_inline_template
+from trainer.checks.validate_report import main as validate_main
+from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
 
 if TYPE_CHECKING:
     import threading
 
-    from trainer.job import JobResult
+    from trainer.training.job import JobResult
 
 __all__ = [
     "Authorize", "BaseModelCache", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
@@ -90,7 +90,7 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     Raises ConfigError for what is found only as the job starts, `OutOfMemory` when the device ran out
     (its advice names `where` the job ran, the `estimate_mib` it was admitted with and the measured peak;
     the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is."""
-    from trainer.job import LoraTrainingJob  # imports torch
+    from trainer.training.job import LoraTrainingJob  # imports torch
 
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
                           infra_retries=infra_retries, resume_reason=resume_reason)
@@ -110,7 +110,7 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """A job's checkpoint folders (`output_dir/checkpoints/step-N`), newest first."""
-    from trainer.checkpoint import list_checkpoints as checkpoints_in  # imports torch
+    from trainer.runs.checkpoint import list_checkpoints as checkpoints_in  # imports torch
 
     return checkpoints_in(Path(output_dir) / "checkpoints")
 

@@ -75,7 +75,7 @@ def _make_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lora-train make-demo")
     p.add_argument("folder", nargs="?", default="demo-output")
     args = p.parse_args(argv)
-    from trainer.demo import write_demo_config
+    from trainer.dev.demo import write_demo_config
 
     print(write_demo_config(args.folder))
     return 0

@@ -7,9 +7,10 @@ Rules a user can rely on:
 - Relative paths resolve against the folder that holds the config file (not the current directory),
   so a config committed next to its data works from any workspace.
 - Numbers may be written the way YAML 1.1 reads as strings (`2e-4`); they mean the number.
-- Unknown keys are errors that name the closest valid key; a model family's own keys (guidance_scale for
-  Flux, chat_template for causal LMs ...) set on a config of another family are errors too
-  (`trainer.families.key_problems`, from each family's OWN_KEYS).
+- Unknown keys are errors that name the closest valid key. What depends on the model is checked where
+  the families' table is (`trainer.families.resolve`, at preflight): a `model_family` that is none, and a
+  model family's own keys (guidance_scale for Flux, chat_template for causal LMs ...) set on a config of
+  another family (`trainer.families.key_problems`, from each family's OWN_KEYS).
 - Every problem is found before any model loads and reported together (`ConfigError`),
   each with the field, the value, the YAML line and the fix.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -42,7 +44,7 @@ PATH_FIELDS = ("train_data_dir", "metadata_path", "cache_dir", "mask_dir", "base
                "init_lora_weights", "output_dir", "history_dir", "compare_with", "validation_data_dir",
                "validation_file", "sample_prompts")  # sample_prompts: only when it is a file name (a list stays a list)
 RESUME_POLICIES = ("auto", "never", "strict")
-# kohya's sampler names (sd-scripts' --sample_sampler); trainer.sampling maps each to a diffusers scheduler.
+# kohya's sampler names (sd-scripts' --sample_sampler); trainer.families.sd_task maps each to a diffusers scheduler.
 SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
             "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a", "ddpm")
 
@@ -56,14 +58,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-# kohya's `optimizer_type` names (case-insensitive there) -> ours; trainer.optim builds each.
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-# kohya's `lr_scheduler` names; trainer.optim.lr_factor computes each.
+# kohya's `optimizer_type` names (case-insensitive there) -> ours, each -> (module to import, class path, pip
+# package): trainer.training.optim builds it, trainer.checks.preflight checks the library is there.
+OPTIMIZER_LIBRARIES = {
+    "adamw": ("torch", "torch.optim.AdamW", "torch"),
+    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim.AdamW8bit", "bitsandbytes"),
+    "prodigy": ("prodigyopt", "prodigyopt.Prodigy", "prodigyopt"),
+    "adafactor": ("transformers", "transformers.optimization.Adafactor", "transformers"),
+}
+OPTIMIZERS = tuple(OPTIMIZER_LIBRARIES)
+# kohya's `lr_scheduler` names; trainer.training.optim.lr_factor computes each.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 class OptimizerConfig(_Strict):
-    """Optimizer settings (trainer.optim builds it; the libraries are bitsandbytes, prodigyopt, transformers)."""
+    """Optimizer settings (trainer.training.optim builds it; the libraries are bitsandbytes, prodigyopt, transformers)."""
 
     name: Literal[OPTIMIZERS] = "adamw"
     """adamw (torch). adamw8bit: bitsandbytes, CUDA only, ~75% less optimizer memory. prodigy: prodigyopt,
@@ -149,7 +158,7 @@ class TrainConfig(_Strict):
     base_model_config: Optional[Path] = None
     """For a single-file base_model: a local diffusers-format folder with its configs and tokenizer.
     Not needed for SD 1.5, SD 2.x (768-v) and SDXL base single files (their architecture configs ship in
-    trainer/model_configs); needed for a Flux single file (its VAE, text encoders and tokenizers) and for a
+    trainer/families/model_configs); needed for a Flux single file (its VAE, text encoders and tokenizers) and for a
     fine-tune whose configs differ from the shipped ones (e.g. SD 2.x base at 512 px)."""
     resolution: Optional[int] = Field(None, ge=8)
     """Training image side in pixels: images are resized (shorter side) then center-cropped to it.
@@ -307,7 +316,7 @@ class TrainConfig(_Strict):
     """How the frozen base's weights are stored (the LoRA weights stay fp32); each family allows its own:
     causal LMs (QLoRA, CUDA + bitsandbytes): 4bit (NF4, double quantization, bf16 compute) or 8bit, ~4x / 2x
     less weight memory, somewhat slower steps, gradient checkpointing on; default: none (no).
-    Flux: fp8 (e4m3 with a per-row scale, upcast one layer at a time: trainer.fp8, any device) for the
+    Flux: fp8 (e4m3 with a per-row scale, upcast one layer at a time: trainer.families.fp8, any device) for the
     transformer blocks, half of bf16's weight memory (what fits a 24 GB card), outputs within a few percent
     of bf16's; default fp8, no keeps the training dtype. SD/SDXL: not available (their bases fit as they are)."""
 
@@ -387,12 +396,6 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "TrainConfig":
         problems: list[tuple[str, str, str, Any]] = []
-        if self.model_family is not None:
-            from trainer.families import FAMILIES, supported
-
-            if self.model_family not in FAMILIES:
-                problems.append(("model_family", "is not a supported model family",
-                                 f"use one of: {supported()} (or remove it: it is detected)", self.model_family))
         problems += self._dataset_checks()
         if self.latents_cached and self.random_flip:
             problems.append(("cache_latents", "cannot be combined with random_flip: cached latents "
@@ -485,7 +488,7 @@ class TrainConfig(_Strict):
 
     @property
     def caption_options(self) -> dict:
-        """The top-level caption options (a subset's own values override them: trainer.data)."""
+        """The top-level caption options (a subset's own values override them: trainer.data.images)."""
         return {k: getattr(self, k) for k in CAPTION_OPTIONS}
 
     # --- derived values ---------------------------------------------------------------------------
@@ -496,29 +499,6 @@ class TrainConfig(_Strict):
     @property
     def effective_alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
-
-    @property
-    def family_name(self) -> str:
-        """`model_family` once preflight resolved it; before that, the default family of `mode`."""
-        from trainer.families import default_family
-
-        return self.model_family or default_family(self.mode)
-
-    @property
-    def effective_targets(self) -> list[str]:
-        if self.target_modules:
-            return list(self.target_modules)
-        from trainer.families import family
-
-        return list(family(self.family_name).DEFAULT_TARGETS)
-
-    @property
-    def effective_te_targets(self) -> list[str]:
-        if self.text_encoder_target_modules:
-            return list(self.text_encoder_target_modules)
-        from trainer.families import family
-
-        return list(family(self.family_name).DEFAULT_TE_TARGETS)
 
     def resolved(self) -> dict:
         """The config as plain JSON-able data, with defaults filled in and paths absolute."""
@@ -533,6 +513,16 @@ class TrainConfig(_Strict):
 
     def full_hash(self) -> str:
         return _hash(self.resolved())
+
+
+def default_cache_dir() -> Path:
+    """Where the disk caches live when a config leaves `cache_dir` out (latents, text embeddings, the shipped
+    model configs, the tiny test models): $AGENTD_CACHE_DIR (what `agentd serve` sets), else the daemon's
+    ($CACHE_DIRECTORY, systemd's), else ~/.cache/agentd."""
+    for var in ("AGENTD_CACHE_DIR", "CACHE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    return Path.home() / ".cache" / "agentd"
 
 
 def _hash(data: dict) -> str:

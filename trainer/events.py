@@ -208,7 +208,7 @@ class Message(Event):
 
 @dataclass(kw_only=True)
 class Run(Event):
-    """Which run of the output folder this is (trainer.runs): new, resume, or nothing to do."""
+    """Which run of the output folder this is (trainer.runs.history): new, resume, or nothing to do."""
 
     kind: ClassVar[str] = "run"
     action: str
@@ -222,7 +222,7 @@ class Run(Event):
 
 @dataclass(kw_only=True)
 class Sample(Event):
-    """A sampling round (trainer.sampling): the files written and how long it took (not in step time)."""
+    """A sampling round (trainer.training.sampling): the files written and how long it took (not in step time)."""
 
     kind: ClassVar[str] = "sample"
     step: int
@@ -235,7 +235,7 @@ class Sample(Event):
 
 @dataclass(kw_only=True)
 class Validation(Event):
-    """The validation loss at a step (trainer.validation), at fixed noise and timesteps."""
+    """The validation loss at a step (trainer.training.validation_loss), at fixed noise and timesteps."""
 
     kind: ClassVar[str] = "validation"
     step: int

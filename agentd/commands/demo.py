@@ -21,7 +21,7 @@ def main(name: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     from agentd.client import DaemonUnreachable, request
     from agentd.commands.run import Follower
-    from trainer.demo import write_demo_config
+    from trainer.dev.demo import write_demo_config
 
     folder = Path(args.dir).resolve()
     print(f"building the tiny demo model and dataset (cached under {os.environ.get('AGENTD_CACHE_DIR') or '~/.cache/agentd'})",

@@ -1,7 +1,7 @@
 """agentd import-kohya FILE [--dataset-config FILE] [-o OUT.yaml] [--force]
 
 A kohya sd-scripts / lora-scripts training TOML (or a kohya dataset TOML) as an agentd YAML config
-(`trainer.kohya_import`). Exit 2 with every problem when the TOML is bad; nothing is written then.
+(`trainer.data.kohya_import`). Exit 2 with every problem when the TOML is bad; nothing is written then.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def main(name: str, argv: list[str]) -> int:
         settings.socket = Path(args.socket).resolve()
     import os
 
-    # Jobs keep their on-disk latent/text-embedding caches in the daemon's cache folder (trainer.latent_cache),
+    # Jobs keep their on-disk latent/text-embedding caches in the daemon's cache folder (trainer.families.latent_cache),
     # where `agentd gc` prunes them.
     os.environ.setdefault("AGENTD_CACHE_DIR", str(settings.cache_dir))
     from agentd.daemon import serve

@@ -1,5 +1,5 @@
 """agentd validate CONFIG [--vram 24GiB] [--json] [--margin MiB]: the trainer's validate command
-(`trainer.validate`, the same as `lora-train validate`)."""
+(`trainer.checks.validate_report`, the same as `lora-train validate`)."""
 from __future__ import annotations
 
 

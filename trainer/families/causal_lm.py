@@ -2,7 +2,7 @@
 
 Detected from a folder whose `config.json` lists an `architectures` entry ending in `ForCausalLM` (or
 `LMHeadModel`, GPT-2's name). Trains on raw text, alpaca, sharegpt or OpenAI-messages records rendered
-with the model's chat template (`trainer.text_data`); no separate text encoder. Light (no torch at
+with the model's chat template (`trainer.data.text`); no separate text encoder. Light (no torch at
 import): the loader and the task are in `trainer.families.causal_lm_task`.
 """
 from __future__ import annotations
@@ -10,50 +10,86 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.errors import Problem
+import trainer.families.memory as memory
+from trainer.families.base import Family
 from trainer.families.probe import Probe
 
-NAME = "causal_lm"
-TITLE = "causal language model (transformers)"
-MODE = "text"
-LORA_VERSIONS = ("causal_lm",)
-LORA_PREFIX = "lora_lm_"
-HAS_TEXT_ENCODER = False
-# Llama-style attention projections (also Mistral, Qwen2, Gemma, Phi-3 ...); GPT-2 needs [c_attn, c_proj].
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_TE_TARGETS: list[str] = []
-VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides the model that shape its memory
-# Family-specific keys it reads (families.key_problems); quantization: bitsandbytes' 4bit/8bit (QLoRA) or no.
-OWN_KEYS = {**dict.fromkeys(("max_seq_length", "dataset_format", "chat_template", "train_on_prompt", "truncation",
-                             "packing", "validation_file", "export_merged")),
-            "quantization": ("4bit", "8bit", "no")}
-ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.vram)
-ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+class CausalLmFamily(Family):
+    NAME = "causal_lm"
+    TITLE = "causal language model (transformers)"
+    MODE = "text"
+    LORA_VERSIONS = ("causal_lm",)
+    LORA_KEY_PREFIXES = ("lora_lm_",)
+    ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+    # Llama-style attention projections (also Mistral, Qwen2, Gemma, Phi-3 ...); GPT-2 needs [c_attn, c_proj].
+    DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides the model that shape its memory
+    # Family-specific keys it reads (families.key_problems); quantization: bitsandbytes' 4bit/8bit (QLoRA) or no.
+    OWN_KEYS = {**dict.fromkeys(("max_seq_length", "dataset_format", "chat_template", "train_on_prompt", "truncation",
+                                 "packing", "validation_file", "export_merged")),
+                "quantization": ("4bit", "8bit", "no")}
+    ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.checks.vram)
+
+    def detect(self, p: Probe) -> bool:
+        return p.kind == "folder" and any(a.endswith(self.ARCHITECTURE_SUFFIXES) for a in p.architectures)
+
+    def check(self, cfg, p: Probe, describe) -> list[Problem]:
+        problems = []
+        if cfg.train_text_encoder:
+            problems.append(Problem("train_text_encoder", f"a {self.TITLE} has no separate text encoder",
+                                    "remove train_text_encoder (the LoRA already adapts the whole model's "
+                                    "target_modules)", True))
+        if cfg.base_model_config is not None:
+            problems.append(Problem("base_model_config", f"does not apply to a {self.TITLE} (its folder holds its "
+                                    "config.json)", "remove base_model_config", str(cfg.base_model_config)))
+        problems += _length_problems(cfg)
+        problems += quantization_problems(cfg)
+        if not problems:  # target modules are checked against the model's config (meta device, no weights)
+            from trainer.families.causal_lm_task import check_text_targets
+
+            problems += check_text_targets(cfg)
+        return problems
+
+    def config_dir(self, cfg) -> Path:
+        """The folder with config.json (the model folder itself)."""
+        return cfg.base_model
+
+    def scan_dataset(self, cfg):
+        from trainer.data.text import scan_text
+
+        return scan_text(cfg)
+
+    def make_dataset(self, cfg, samples):
+        from trainer.families.causal_lm_task import TextDataset
+
+        return TextDataset(samples)
+
+    def load_base(self, cfg, device, dtype):
+        from trainer.families.causal_lm_task import load_text_base
+
+        return load_text_base(cfg, device, dtype)
+
+    def make_task(self, cfg, base, device):
+        from trainer.families.causal_lm_task import TextTask
+
+        return TextTask(cfg, base, device)
+
+    def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
+        return memory.causal_lm_model_summary(model_dir, targets)
+
+    def vram_per_sample_bytes(self, summary, shape: dict) -> float:
+        return memory.causal_lm_per_sample_bytes(summary, shape)
+
+    def preload(self) -> None:
+        from trainer.quiet import quiet_libraries
+
+        quiet_libraries()
+        from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
-def detect(p: Probe) -> bool:
-    return p.kind == "folder" and any(a.endswith(ARCHITECTURE_SUFFIXES) for a in p.architectures)
-
-
-def defaults(p: Probe, cfg) -> dict:
-    return {"target_modules": list(DEFAULT_TARGETS)}
-
-
-def check(cfg, p: Probe) -> list[Problem]:
-    problems = []
-    if cfg.train_text_encoder:
-        problems.append(Problem("train_text_encoder", f"a {TITLE} has no separate text encoder",
-                                "remove train_text_encoder (the LoRA already adapts the whole model's "
-                                "target_modules)", True))
-    if cfg.base_model_config is not None:
-        problems.append(Problem("base_model_config", f"does not apply to a {TITLE} (its folder holds its "
-                                "config.json)", "remove base_model_config", str(cfg.base_model_config)))
-    problems += _length_problems(cfg)
-    problems += quantization_problems(cfg)
-    if not problems:  # target modules are checked against the model's config (meta device, no weights)
-        from trainer.families.causal_lm_task import check_text_targets
-
-        problems += check_text_targets(cfg)
-    return problems
+FAMILY = CausalLmFamily()
 
 
 def _length_problems(cfg) -> list[Problem]:
@@ -90,59 +126,3 @@ def quantization_problems(cfg) -> list[Problem]:
                         "pip install bitsandbytes (make setup installs it), or remove quantization",
                         cfg.quantization)]
     return []
-
-
-def config_dir(cfg) -> Path:
-    """The folder with config.json (the model folder itself)."""
-    return cfg.base_model
-
-
-def scan_dataset(cfg):
-    from trainer.text_data import scan_text
-
-    return scan_text(cfg)
-
-
-def make_dataset(cfg, samples):
-    from trainer.families.causal_lm_task import TextDataset
-
-    return TextDataset(samples)
-
-
-def load_base(cfg, device, dtype):
-    from trainer.families.causal_lm_task import load_text_base
-
-    return load_text_base(cfg, device, dtype)
-
-
-def make_task(cfg, base, device):
-    from trainer.families.causal_lm_task import TextTask
-
-    return TextTask(cfg, base, device)
-
-
-def lora_claims(keys: set[str], metadata: dict[str, str]) -> bool:
-    version = metadata.get("ss_base_model_version")
-    if version:
-        return version in LORA_VERSIONS
-    return any(k.startswith(LORA_PREFIX) for k in keys)
-
-
-def vram_summary(model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
-    from trainer.vram import causal_lm_model_summary
-
-    return causal_lm_model_summary(model_dir, targets)
-
-
-def vram_per_sample_bytes(summary, shape: dict) -> float:
-    from trainer.vram import causal_lm_per_sample_bytes
-
-    return causal_lm_per_sample_bytes(summary, shape)
-
-
-def preload() -> None:
-    from trainer.quiet import quiet_libraries
-
-    quiet_libraries()
-    from peft import LoraConfig, inject_adapter_in_model  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401

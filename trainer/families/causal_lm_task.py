@@ -4,7 +4,7 @@
 The frozen base (`TextBase`: model + tokenizer) is loaded once, offline, and may be kept warm by the
 daemon between jobs; the task injects LoRA layers for one job and removes them in `detach()`.
 
-Data: `trainer.text_data` reads the records (raw text, alpaca, sharegpt, OpenAI messages), renders chat
+Data: `trainer.data.text` reads the records (raw text, alpaca, sharegpt, OpenAI messages), renders chat
 formats with the model's chat template and tokenizes everything once, at preflight; each `TextSample`
 holds its token ids, the 0/1 mask of the tokens the loss trains on (the assistant turns, from the
 rendered template; every token of raw text, which ends with EOS) and, packed, the lengths of the samples
@@ -15,7 +15,7 @@ Packing: position ids restart at 0 for every sample of a row and the model gets 
 and no KV cache (`use_cache=False`: with a cache transformers does not look for packed rows), so
 transformers' masking utilities (`create_causal_mask`) see the restarts and keep each sample's
 attention within itself: a block-diagonal causal mask for eager, sdpa and flex attention, per-sample
-lengths for flash_attention_2/3. `trainer.text_data.packing_isolates` tells which models build their
+lengths for flash_attention_2/3. `trainer.data.text.packing_isolates` tells which models build their
 mask that way (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 ... in transformers 5); for others preflight
 warns that packed samples can see the samples before them.
 
@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer import lora_io
+import trainer.families.lora_io as lora_io
+import trainer.families.peft_lora as peft_lora
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError, Problem
 from trainer.quiet import quiet_libraries
@@ -89,7 +90,7 @@ def load_text_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template is not None:
-        from trainer.text_data import template_text
+        from trainer.data.text import template_text
 
         tokenizer.chat_template = template_text(cfg.chat_template)  # exported with the adapter and merged model
     if cfg.base_quantization is not None:
@@ -127,7 +128,7 @@ def quantization_config(cfg: TrainConfig):
 
 
 class TextDataset:
-    """The tokenized rows of a text-mode dataset (`trainer.text_data.TextSample`s)."""
+    """The tokenized rows of a text-mode dataset (`trainer.data.text.TextSample`s)."""
 
     def __init__(self, samples: list):
         self.samples = samples
@@ -152,10 +153,6 @@ def adaptable_layer_names(model: torch.nn.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
-
-
 def target_problems(model: torch.nn.Module, targets: list[str], where: str = "") -> list[Problem]:
     """Problems with `targets` for `model`: each target must name at least one adaptable layer."""
     if targets == [ALL_LINEAR]:
@@ -163,9 +160,9 @@ def target_problems(model: torch.nn.Module, targets: list[str], where: str = "")
     names = [n for n, m in model.named_modules() if n]
     layer_names = adaptable_layer_names(model)
     problems = []
-    unmatched = [t for t in targets if not any(_matches(n, t) for n in names)]
+    unmatched = [t for t in targets if not any(peft_lora.matches(n, [t]) for n in names)]
     not_layers = [t for t in targets if t not in unmatched
-                  and not any(_matches(n, t) and _adaptable(m) for n, m in model.named_modules() if n)]
+                  and not any(peft_lora.matches(n, [t]) and _adaptable(m) for n, m in model.named_modules() if n)]
     arch = type(model).__name__ + (f" at {where}" if where else "")
     suggestion = [n for n in layer_names if n not in ("lm_head", "embed_tokens", "wte", "wpe")]
     if unmatched:
@@ -192,7 +189,7 @@ def check_text_targets(cfg: TrainConfig) -> list[Problem]:
     config = AutoConfig.from_pretrained(cfg.base_model, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return target_problems(model, cfg.effective_targets, str(cfg.base_model))
+    return target_problems(model, cfg.target_modules, str(cfg.base_model))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,27 +199,19 @@ class TextTask:
     """One job's LoRA on a `TextBase`: trainable parameters, the loss, and the LoRA's file formats."""
 
     def __init__(self, cfg: TrainConfig, base: TextBase, device: torch.device):
-        from peft import LoraConfig, inject_adapter_in_model
-
         self.cfg, self.base, self.device = cfg, base, device
-        targets = cfg.effective_targets
+        targets = cfg.target_modules
         problems = target_problems(base.model, targets, str(cfg.base_model))
         if problems:
             raise TargetModulesError(problems)
-        self.lora_config = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets, task_type="CAUSAL_LM",
-            base_model_name_or_path=str(cfg.base_model))
         # LoRA init (A: kaiming uniform, B: zeros) draws from the global RNG: seed it so the same config
         # gives the same starting LoRA, cold or warm daemon.
         torch.manual_seed(cfg.seed)
-        inject_adapter_in_model(self.lora_config, base.model)
+        self.lora_config = peft_lora.inject(
+            base.model, cfg, ALL_LINEAR if targets == [ALL_LINEAR] else targets, task_type="CAUSAL_LM",
+            base_model_name_or_path=str(cfg.base_model))
         self.models = {MODEL_KEY: base.model}
-        for n, p in base.model.named_parameters():
-            if "lora_" in n:
-                # Trainable LoRA weights stay fp32 even when the frozen base is half precision.
-                p.data = p.data.float()
-                p.requires_grad_(True)
+        peft_lora.trainable(base.model)
         self._checkpointing = False
         self.chat = False  # set by prepare(): the data is conversations
         if (cfg.gradient_checkpointing or cfg.base_quantization) \
@@ -242,7 +231,7 @@ class TextTask:
                  "lr": self.cfg.learning_rate}]
 
     def prepare(self, dataset: TextDataset, autocast=None) -> None:
-        # Tokenized at preflight already (trainer.text_data); samples follow the data: chat data, chat prompts.
+        # Tokenized at preflight already (trainer.data.text); samples follow the data: chat data, chat prompts.
         self.chat = bool(dataset.samples) and dataset.samples[0].chat
 
     def train(self):
@@ -258,7 +247,7 @@ class TextTask:
 
     def lora_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": "causal_lm", "agentd_base_architecture": self.base.architecture,
-                "agentd_target_modules": ",".join(self.cfg.effective_targets),
+                "agentd_target_modules": ",".join(self.cfg.target_modules),
                 "agentd_max_seq_length": str(self.cfg.max_seq_length)}
 
     def peft_state(self) -> dict[str, torch.Tensor]:
@@ -357,18 +346,12 @@ class TextTask:
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         model = self.base.model
         if self._checkpointing:
             disable = getattr(model, "activation_checkpointing_disable", None)
             (disable or model.gradient_checkpointing_disable)()
             self._checkpointing = False
-        recurse_remove_peft_layers(model)
-        if "peft_config" in model.__dict__:
-            del model.peft_config
-        model.requires_grad_(False)
-        model.eval()
+        peft_lora.remove(model)
 
     # --- the loss ---------------------------------------------------------------------------------
     def batch(self, rows: list) -> dict[str, torch.Tensor]:
@@ -416,7 +399,7 @@ class TextTask:
         self.base.model.eval()
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """The greedy continuation of `prompt.prompt` (a `trainer.sampling.SamplePrompt`) with the LoRA as
+        """The greedy continuation of `prompt.prompt` (a `trainer.data.prompts.SamplePrompt`) with the LoRA as
         trained so far, saved as `path`.txt (prompt + completion). On chat data the prompt is a user turn,
         rendered with the chat template and its generation prompt, and generation stops at the turn's end."""
         model, tok = self.base.model, self.base.tokenizer

@@ -1,18 +1,19 @@
-"""What the diffusion families (sd, sdxl; flux next) share before any weights load: where their
-component configs are (the model folder, `base_model_config`, or for a single file the family's shipped
-config, `trainer/model_configs/`), the preflight checks that read them, and the image dataset.
+"""What the diffusion families (sd, sdxl, flux) share before any weights load (`DiffusionFamily`): where
+their component configs are (the model folder, `base_model_config`, or for a single file the family's
+shipped config, `trainer/families/model_configs/`), the preflight checks that read them, and the image
+dataset.
 
-Light: no torch. Each family module passes itself (`this`) so messages name the family.
+Light: no torch.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 from trainer.errors import Problem
-from trainer.families import shipped
+from trainer.families.base import Family
 from trainer.families.probe import Probe, probe
+from trainer.families.shipped import TOKENIZER_FIX, materialize, shipped_dir, tokenizer_problem
 
 
 # Config keys only the diffusion (image) families read: a text config that sets one is refused
@@ -30,23 +31,87 @@ IMAGE_KEYS: dict[str, tuple | None] = dict.fromkeys((
 UNET_KEYS: dict[str, tuple | None] = dict.fromkeys(("clip_skip", "min_snr_gamma"))
 
 
-def config_dir(cfg, this: ModuleType) -> Path | None:
-    """The diffusers-format folder with the model's component configs: the model folder itself, or for a
-    single file its `base_model_config`, else the family's shipped config for the file's key layout
-    (the JSON files in the package: enough for checks and estimates; loading uses `loading_config_dir`)."""
-    if cfg.base_model.is_dir():
-        return cfg.base_model
-    if cfg.base_model_config is not None:
-        return cfg.base_model_config
-    name = this.shipped_config_name(probe(cfg.base_model))
-    return shipped.shipped_dir(name) if name else None
+class DiffusionFamily(Family):
+    """An image family read by diffusers: SINGLE_FILE_SIGNATURE names the tensor-name prefix its single-file
+    checkpoints hold; `shipped_config_name(probe)` the shipped config such a file loads with (None: none)."""
 
+    MODE = "image"
+    HAS_TEXT_ENCODER = True
+    SINGLE_FILE_SIGNATURE: str
+    DEFAULT_RESOLUTION: int
 
-def loading_config_dir(cfg, this: ModuleType) -> Path:
-    """The complete config folder `from_single_file` loads a single file with (tokenizer files included)."""
-    if cfg.base_model_config is not None:
-        return cfg.base_model_config
-    return shipped.materialize(this.shipped_config_name(probe(cfg.base_model)))
+    def shipped_config_name(self, p: Probe) -> str | None:
+        return None
+
+    def defaults(self, p: Probe, cfg) -> dict:
+        return {"resolution": self.DEFAULT_RESOLUTION, "target_modules": list(self.DEFAULT_TARGETS),
+                "text_encoder_target_modules": list(self.DEFAULT_TE_TARGETS)}
+
+    def config_dir(self, cfg) -> Path | None:
+        """The diffusers-format folder with the model's component configs: the model folder itself, or for a
+        single file its `base_model_config`, else the family's shipped config for the file's key layout
+        (the JSON files in the package: enough for checks and estimates; loading uses `loading_config_dir`)."""
+        if cfg.base_model.is_dir():
+            return cfg.base_model
+        if cfg.base_model_config is not None:
+            return cfg.base_model_config
+        name = self.shipped_config_name(probe(cfg.base_model))
+        return shipped_dir(name) if name else None
+
+    def loading_config_dir(self, cfg) -> Path | None:
+        """The complete config folder `from_single_file` loads a single-file base_model with (tokenizer files
+        included); None for a model folder."""
+        if cfg.base_model.is_dir():
+            return None
+        if cfg.base_model_config is not None:
+            return cfg.base_model_config
+        return materialize(self.shipped_config_name(probe(cfg.base_model)))
+
+    def check(self, cfg, p: Probe, describe) -> list[Problem]:
+        """Preflight for a UNet family: the config folder of a single file, the resolution."""
+        problems: list[Problem] = []
+        if p.kind == "file":
+            problems += self._single_file_config_problems(cfg, describe)
+        factor = latent_factor(self.config_dir(cfg)) if not problems else None
+        if factor and cfg.resolution % (factor * 8):
+            step = factor * 8
+            lower, upper = max(step, cfg.resolution // step * step), (cfg.resolution // step + 1) * step
+            problems.append(Problem(
+                "resolution", f"must be a multiple of {step} for this model ({self.TITLE}: the VAE downscales by "
+                f"{factor} and the UNet halves the latent 3 times)", f"use {lower} or {upper}", cfg.resolution))
+        if factor and cfg.enable_bucket:
+            problems += _bucket_problems(cfg, factor)
+        return problems
+
+    def _single_file_config_problems(self, cfg, describe) -> list[Problem]:
+        folder = cfg.base_model_config
+        if folder is None:
+            problem = tokenizer_problem(self.shipped_config_name(probe(cfg.base_model)))
+            if problem:
+                return [Problem("base_model", problem, TOKENIZER_FIX, str(cfg.base_model))]
+            return []  # the shipped config of this architecture (trainer/families/model_configs/) is used
+        cp = probe(folder)
+        if cp.kind != "folder" or not cp.class_name:
+            return [Problem("base_model_config", "is not a diffusers-format folder (no model_index.json)",
+                            "point it at a folder with model_index.json and component configs", str(folder))]
+        if cp.class_name not in self.PIPELINE_CLASSES:
+            return [Problem(
+                "base_model_config", f"is {describe(cp)}, but base_model is a {self.TITLE} checkpoint "
+                f"(its keys hold {self.SINGLE_FILE_SIGNATURE!r})",
+                f"point base_model_config at a {' or '.join(self.PIPELINE_CLASSES)} folder, or remove it",
+                str(folder))]
+        return []
+
+    def scan_dataset(self, cfg):
+        from trainer.data.images import scan_image_subsets
+
+        return scan_image_subsets(cfg)  # train_data_dir (plain or N_name folders) or datasets:, with buckets
+
+    def make_dataset(self, cfg, samples):
+        from trainer.data.images import ImageDataset
+
+        return ImageDataset(samples, cfg.resolution, cfg.center_crop, cfg.random_flip, alpha_mask=cfg.alpha_mask,
+                            masked_loss=cfg.masked_loss, prior_loss_weight=cfg.prior_loss_weight)
 
 
 def latent_factor(folder: Path | None) -> int | None:
@@ -60,24 +125,6 @@ def latent_factor(folder: Path | None) -> int | None:
         return None
 
 
-def check(cfg, p: Probe, this: ModuleType) -> list[Problem]:
-    """Preflight for a diffusion family: the config folder of a single file, the resolution."""
-    problems: list[Problem] = []
-    if p.kind == "file":
-        problems += _single_file_config_problems(cfg, this)
-    folder = config_dir(cfg, this)
-    factor = latent_factor(folder) if not problems else None
-    if factor and cfg.resolution % (factor * 8):
-        step = factor * 8
-        lower, upper = max(step, cfg.resolution // step * step), (cfg.resolution // step + 1) * step
-        problems.append(Problem(
-            "resolution", f"must be a multiple of {step} for this model ({this.TITLE}: the VAE downscales by "
-            f"{factor} and the UNet halves the latent 3 times)", f"use {lower} or {upper}", cfg.resolution))
-    if factor and cfg.enable_bucket:
-        problems += _bucket_problems(cfg, factor)
-    return problems
-
-
 def _bucket_problems(cfg, factor: int) -> list[Problem]:
     """Bucket sides are multiples of bucket_reso_steps, which must keep the latent whole."""
     step = cfg.bucket_reso_steps
@@ -88,36 +135,3 @@ def _bucket_problems(cfg, factor: int) -> list[Problem]:
     return [Problem(key, f"must be a multiple of bucket_reso_steps ({step})",
                     f"use {getattr(cfg, key) // step * step or step}", getattr(cfg, key))
             for key in ("min_bucket_reso", "max_bucket_reso") if getattr(cfg, key) % step]
-
-
-def _single_file_config_problems(cfg, this: ModuleType) -> list[Problem]:
-    folder = cfg.base_model_config
-    if folder is None:
-        problem = shipped.tokenizer_problem(this.shipped_config_name(probe(cfg.base_model)))
-        if problem:
-            return [Problem("base_model", problem, shipped.TOKENIZER_FIX, str(cfg.base_model))]
-        return []  # the shipped config of this architecture (trainer/model_configs/) is used
-    cp = probe(folder)
-    if cp.kind != "folder" or not cp.class_name:
-        return [Problem("base_model_config", "is not a diffusers-format folder (no model_index.json)",
-                        "point it at a folder with model_index.json and component configs", str(folder))]
-    if cp.class_name not in this.PIPELINE_CLASSES:
-        return [Problem(
-            "base_model_config", f"is {cp.describe()}, but base_model is a {this.TITLE} checkpoint "
-            f"(its keys hold {this.SINGLE_FILE_SIGNATURE!r})",
-            f"point base_model_config at a {' or '.join(this.PIPELINE_CLASSES)} folder, or remove it",
-            str(folder))]
-    return []
-
-
-def scan_dataset(cfg):
-    from trainer.data import scan_image_subsets
-
-    return scan_image_subsets(cfg)  # train_data_dir (plain or N_name folders) or datasets:, with buckets
-
-
-def make_dataset(cfg, samples):
-    from trainer.data import ImageDataset
-
-    return ImageDataset(samples, cfg.resolution, cfg.center_crop, cfg.random_flip, alpha_mask=cfg.alpha_mask,
-                        masked_loss=cfg.masked_loss, prior_loss_weight=cfg.prior_loss_weight)

@@ -3,7 +3,7 @@
 The frozen base (`FluxBase`) is loaded once and may be kept warm by the daemon. Its text encoders live
 in host memory (`FluxTextEncoders` is not a module, so the warm cache never moves them to the GPU): the
 task moves one at a time to the device to encode, then back. With `quantization: fp8` the Linear
-layers of the transformer blocks are stored in fp8 (`trainer.fp8`), quantized one layer at a time as
+layers of the transformer blocks are stored in fp8 (`trainer.families.fp8`), quantized one layer at a time as
 they move to the device, so a bf16 transformer (24 GB) never has to fit on the GPU whole.
 
 Loss (rectified flow, as diffusers' train_dreambooth_lora_flux.py): latents = (VAE latent - shift) x
@@ -12,9 +12,10 @@ image's token count; schnell: its fixed shift); x_t = (1 - t) latents + t noise,
 the transformer (guidance `guidance_scale` for dev) predicts noise - latents; MSE. Every random draw
 (latent sampling, noise, t) comes from the loop's generator: a resumed run is bit-identical on the CPU.
 
-The kohya loss options come from `trainer.losses` as for the UNet families: `noise_offset` and multires
+The kohya loss options come from `trainer.families.losses` as for the UNet families: `noise_offset` and multires
 noise (`make_noise`), masked loss and `prior_loss_weight` (`diffusion_loss`, on the unpacked latents);
-Min-SNR weighting is for noise-prediction schedules and is refused for Flux (`flux.check`).
+Min-SNR weighting is for noise-prediction schedules and is refused for Flux (the `min_snr_gamma` key is the
+UNet families' own).
 
 Caches (`prepare`): with `cache_text_embeddings` (default; off by itself when caption options vary the
 text) every distinct caption and sample prompt is encoded once, each on its own (a row never depends on
@@ -22,7 +23,6 @@ its batch); with `cache_latents` every image once.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -31,9 +31,12 @@ from pathlib import Path
 
 import torch
 
-from trainer import losses
 from trainer.config import TrainConfig
-from trainer.families import flux
+import trainer.families.latent_cache as latent_cache
+import trainer.families.lora_io as lora_io
+import trainer.families.losses as losses
+import trainer.families.peft_lora as peft_lora
+from trainer.data.prompts import DEFAULT_STEPS, load_prompts
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,6 @@ log = logging.getLogger(__name__)
 BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # what quantization: fp8 stores in 8 bits
 LORA_PREFIX = "transformer."
 CLIP_LORA_PREFIX = "text_encoder."  # diffusers' (and ComfyUI's) prefix for a CLIP-L LoRA in a Flux LoRA file
-
-
-class FluxLoraError(ValueError):
-    pass
 
 
 @dataclass
@@ -76,59 +75,25 @@ def preload() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: F401
 
 
-@functools.lru_cache(maxsize=8)
-def _linear_names(config_path: str, stamp: float) -> tuple[str, ...]:
-    from diffusers import FluxTransformer2DModel
-
-    config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-
-
-@functools.lru_cache(maxsize=8)
-def _encoder_linear_names(config_path: str, stamp: float, kind: str) -> tuple[str, ...]:
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    config = {k: v for k, v in json.loads(Path(config_path).read_text(encoding="utf-8")).items()
-              if k != "architectures"}
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**config)) if kind == "clip" else T5EncoderModel(T5Config(**config))
-    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-
-
-def encoder_linear_names(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(CLIP-L's, T5's) Linear layer names, from their configs on the meta device."""
-    quiet_libraries()
-    clip, t5 = Path(folder) / "text_encoder" / "config.json", Path(folder) / "text_encoder_2" / "config.json"
-    return (_encoder_linear_names(str(clip), clip.stat().st_mtime, "clip"),
-            _encoder_linear_names(str(t5), t5.stat().st_mtime, "t5"))
-
-
-def transformer_linear_names(folder: Path) -> tuple[str, ...]:
-    """Qualified names of the transformer's Linear layers, from its config on the meta device (no weights)."""
-    quiet_libraries()
-    path = Path(folder) / "transformer" / "config.json"
-    return _linear_names(str(path), path.stat().st_mtime)
-
-
-def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> FluxBase:
+def load_flux_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype, variant: str,
+                   transformer_config: Path) -> FluxBase:
     """The frozen base, offline: transformer (8-bit blocks with quantization: fp8) and VAE (fp32) on
-    `device`, the text encoders in host memory in `weight_dtype`."""
+    `device`, the text encoders in host memory in `weight_dtype`. `variant` (dev|schnell) and
+    `transformer_config` (the shipped config folder a single-file transformer loads with) come from the
+    family (`trainer.families.flux`)."""
     quiet_libraries()
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from trainer.fp8 import quantize_linears
+    from trainer.families.fp8 import quantize_linears
 
-    variant = flux.variant(cfg)
     parts = cfg.base_model if cfg.base_model.is_dir() else cfg.base_model_config
     if cfg.base_model.is_dir():
         transformer = FluxTransformer2DModel.from_pretrained(parts, subfolder="transformer", torch_dtype=weight_dtype,
                                                              local_files_only=True)
     else:
         transformer = FluxTransformer2DModel.from_single_file(
-            str(cfg.base_model), config=str(flux.shipped_config(variant)), subfolder="transformer",
+            str(cfg.base_model), config=str(transformer_config), subfolder="transformer",
             torch_dtype=weight_dtype, local_files_only=True)
     vae = AutoencoderKL.from_pretrained(parts, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
     clip = CLIPTextModel.from_pretrained(parts, subfolder="text_encoder", local_files_only=True, dtype=weight_dtype)
@@ -170,24 +135,19 @@ def shifted_sigmas(u: torch.Tensor, scheduler_config: dict, image_seq_len: int) 
 class FluxTask:
     """One job's LoRA on a `FluxBase`: trainable parameters, the loss, the LoRA file and samples."""
 
-    def __init__(self, cfg: TrainConfig, base: FluxBase, device: torch.device):
-        from peft import LoraConfig, inject_adapter_in_model
-
+    def __init__(self, cfg: TrainConfig, base: FluxBase, device: torch.device, targets: list[str]):
+        """`targets`: the transformer's target modules, the `all-linear` preset expanded (`flux.expand_targets`)."""
         self.cfg, self.base, self.device = cfg, base, device
-        self.targets = flux.expand_targets(cfg.effective_targets)
+        self.targets = targets
         # LoRA init draws from the global RNG: seeded, so a cold and a warm daemon start from the same LoRA.
         torch.manual_seed(cfg.seed)
-        inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
-                                           lora_dropout=cfg.lora_dropout, target_modules=self.targets,
-                                           init_lora_weights="gaussian"), base.transformer)
+        peft_lora.inject(base.transformer, cfg, targets, init_lora_weights="gaussian")
         # train_text_encoder: a LoRA on CLIP-L (T5-XXL is never trained), its pooled output computed every step.
         self.train_clip = cfg.train_text_encoder
         if self.train_clip:
-            inject_adapter_in_model(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
-                                               lora_dropout=cfg.lora_dropout, target_modules=cfg.effective_te_targets,
-                                               init_lora_weights="gaussian"), base.text.clip)
-        self.params = _trainable(base.transformer)
-        self.te_params = _trainable(base.text.clip) if self.train_clip else []
+            peft_lora.inject(base.text.clip, cfg, cfg.text_encoder_target_modules, init_lora_weights="gaussian")
+        self.params = peft_lora.trainable(base.transformer)
+        self.te_params = peft_lora.trainable(base.text.clip) if self.train_clip else []
         # T5's outputs are cached when the captions are fixed (train_text_encoder only stops CLIP-L's caching).
         self.cache_t5 = cfg.text_outputs_cached or (
             self.train_clip and (cfg.cache_text_embeddings or cfg.cache_text_embeddings_to_disk)
@@ -224,49 +184,21 @@ class FluxTask:
         for m in self._trained().values():
             m.eval()
 
-    def _lora_layers(self):
-        """(key in the LoRA file, lora_A weight, lora_B weight) of every LoRA layer, in model order. CLIP-L's
+    def _lora_layers(self) -> dict[str, tuple]:
+        """{key in the LoRA file: (lora_A weight, lora_B weight)} of every LoRA layer, in model order. CLIP-L's
         keys keep the `text_model.` level that transformers >= 5.6 dropped from CLIPTextModel (ComfyUI and older
         stacks read text_encoder.text_model.encoder...; diffusers reads both)."""
-        from trainer.lora_io import _kohya_root
-
-        a_suffix, b_suffix = ".lora_A.default.weight", ".lora_B.default.weight"
-        for prefix, model in self._trained().items():
-            params = dict(model.named_parameters())
-            root = _kohya_root(model)
-            for name, a in params.items():
-                if name.endswith(a_suffix):
-                    module = name[: -len(a_suffix)]
-                    yield prefix + root + module, a, params[module + b_suffix]
+        return {prefix + path: (a, b) for prefix, model in self._trained().items()
+                for path, a, b, _ in lora_io.peft_layers(model)}
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """diffusers' Flux LoRA layout: transformer.<module>.lora_A/.lora_B weights and .alpha (scale =
         alpha / rank), and text_encoder.<module>... for a CLIP-L LoRA, which FluxPipeline.load_lora_weights and
         ComfyUI both read."""
-        out: dict[str, torch.Tensor] = {}
-        for key, a, b in self._lora_layers():
-            out[f"{key}.lora_A.weight"] = a.detach().float().cpu().contiguous()
-            out[f"{key}.lora_B.weight"] = b.detach().float().cpu().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(self.cfg.effective_alpha))
-        return out
+        return lora_io.layer_tensors(self._lora_layers(), self.cfg.effective_alpha, lora_io.DIFFUSERS_SUFFIXES)
 
     def load_lora_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        layers = {key: (a, b) for key, a, b in self._lora_layers()}
-        given = {k.rsplit(".", 2)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))}
-        missing, extra = sorted(set(layers) - given), sorted(given - set(layers))
-        if missing or extra:
-            raise FluxLoraError(
-                f"{source}: LoRA layers do not match this config ({len(missing)} missing, {len(extra)} unexpected; "
-                f"e.g. missing {missing[:2]}): set target_modules, train_text_encoder and lora_rank to what the file "
-                "was trained with")
-        with torch.no_grad():
-            for key, (a, b) in layers.items():
-                down, up = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-                if down.shape != a.shape or up.shape != b.shape:
-                    raise FluxLoraError(f"{source}: {key} has rank {down.shape[0]}, the config asks for rank "
-                                        f"{a.shape[0]}: set lora_rank: {down.shape[0]}")
-                a.copy_(down.to(a.dtype))
-                b.copy_(up.to(b.dtype))
+        lora_io.load_layers(self._lora_layers(), tensors, source, lora_io.DIFFUSERS_SUFFIXES)
 
     def lora_metadata(self) -> dict[str, str]:
         v = self.base.variant
@@ -282,16 +214,10 @@ class FluxTask:
 
     def detach(self) -> None:
         """Remove this job's LoRA, caches and device placement of the encoders (the warm base stays as loaded)."""
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         if self.cfg.gradient_checkpointing:
             self.base.transformer.disable_gradient_checkpointing()
         for m in self._trained().values():
-            recurse_remove_peft_layers(m)
-            if "peft_config" in m.__dict__:
-                del m.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
-            m.requires_grad_(False)
-            m.eval()
+            peft_lora.remove(m)
         self._place(clip=False, t5=False)
         self.text_cache.clear()
         self.latent_cache.clear()
@@ -363,13 +289,10 @@ class FluxTask:
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, dataset, autocast=None) -> None:
         """Text embeddings of every caption and sample prompt (text_outputs_cached), latents of every image
-        (latents_cached); with the _to_disk keys through the content-keyed disk cache (`trainer.latent_cache`),
+        (latents_cached); with the _to_disk keys through the content-keyed disk cache (`trainer.families.latent_cache`),
         so a later job on the same data skips the encoders and the VAE. Without the text cache the encoders
         move to the device for the whole job."""
         import contextlib
-
-        from trainer import latent_cache
-        from trainer.sampling import load_prompts
 
         cfg = self.cfg
         autocast = autocast or contextlib.nullcontext
@@ -394,18 +317,8 @@ class FluxTask:
             self.latent_cache.update(latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)[0])
 
     def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
-        if self.latent_cache:
-            mean = torch.stack([self.latent_cache[i][0] for i in indices])
-            std = torch.stack([self.latent_cache[i][1] for i in indices])
-            # masked_loss: cached latents are center crops, so are their masks
-            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
-        else:
-            items = [dataset.load_item(i, generator) for i in indices]
-            pixels = torch.stack([it.pixels for it in items]).to(self.device)
-            with torch.no_grad():
-                dist = self.base.vae.encode(pixels).latent_dist
-            mean, std = dist.mean.cpu(), dist.std.cpu()
-            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
+        mean, std, _, self._masks = latent_cache.batch_latents(
+            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
         eps = torch.randn(mean.shape, generator=generator)  # our generator, not the VAE's: resumable
         c = self.base.vae.config
         return ((mean + std * eps - c.shift_factor) * c.scaling_factor).to(self.device)
@@ -447,8 +360,6 @@ class FluxTask:
         distilled guidance; schnell takes 4 steps unless the prompt says --s."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        from trainer.sampling import DEFAULT_STEPS
-
         base = self.base
         with torch.no_grad():
             seq, pooled = self._text([prompt.prompt], _autocast_for(self.device, base.transformer.dtype))
@@ -470,17 +381,6 @@ class FluxTask:
         out = Path(path).with_suffix(".png")
         image.save(out)
         return out
-
-
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The LoRA parameters of `model`, made trainable and fp32 (so is AdamW's state) over a bf16/fp8 base."""
-    params = []
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-            params.append(p)
-    return params
 
 
 def unpack(tokens: torch.Tensor, b: int, ch: int, h: int, w: int) -> torch.Tensor:

@@ -7,7 +7,8 @@
   header is JSON; a `.ckpt` is a torch zip whose pickle is scanned for strings with `pickletools`
   (never executed), so detection reads no weights and imports no torch.
 
-Family modules decide from the `Probe` whether a model is theirs (`detect`); this module only reads.
+Family modules decide from the `Probe` whether a model is theirs (`detect`); this module only reads (the
+names it may quote in messages come from the families' table: `trainer.families.describe`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 from trainer.errors import DescribedError, content_free
 
@@ -40,24 +42,23 @@ class Probe:
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.keys)
 
-    def describe(self) -> str:
+    def describe(self, pipeline_classes: Collection[str], architecture_suffixes: tuple[str, ...]) -> str:
         """What the files say, for error messages: by kind and count, quoting a name only when it is one
-        agentd knows (a family's pipeline class, a known key prefix), never a string read from the files
-        (the daemon reads them for a submitter; they can open their own files)."""
+        agentd knows (one of the families' `pipeline_classes`, a known key prefix; the table passes its
+        names: `trainer.families.describe`), never a string read from the files (the daemon reads them for a
+        submitter; they can open their own files)."""
         if self.kind == "folder":
             if self.class_name:
                 extra = f", UNet with {self.unet_in_channels} input channels" if self.unet_in_channels else ""
-                known = self.class_name in _known_pipeline_classes()
+                known = self.class_name in pipeline_classes
                 name = self.class_name if known else "a pipeline class agentd does not train"
                 return f"a diffusers folder (model_index.json _class_name: {name}){extra}"
             if self.architectures:
-                from trainer.families.causal_lm import ARCHITECTURE_SUFFIXES
-
-                lm = sum(a.endswith(ARCHITECTURE_SUFFIXES) for a in self.architectures)
+                lm = sum(a.endswith(architecture_suffixes) for a in self.architectures)
                 count = f"{len(self.architectures)} entr{'y' if len(self.architectures) == 1 else 'ies'}"
                 return (f"a transformers folder (config.json architectures: {count}, "
                         + (f"{lm} a causal LM)" if lm else
-                           f"none a causal LM ending in {' or '.join(ARCHITECTURE_SUFFIXES)})"))
+                           f"none a causal LM ending in {' or '.join(architecture_suffixes)})"))
             return "a folder with neither model_index.json nor config.json"
         if self.kind == "file":
             found = [p for p in KNOWN_KEY_PREFIXES if self.has_prefix(p)]
@@ -72,12 +73,6 @@ class Probe:
 KNOWN_KEY_PREFIXES = ("model.diffusion_model.", "double_blocks.", "single_blocks.", "first_stage_model.",
                       "cond_stage_model.", "conditioner.", "lora_unet_", "lora_te", "transformer.", "unet.",
                       "text_encoder.", "vae.")
-
-
-def _known_pipeline_classes() -> set[str]:
-    from trainer.families import FAMILIES
-
-    return {c for fam in FAMILIES.values() for c in getattr(fam, "PIPELINE_CLASSES", ())}
 
 
 def probe(path: Path) -> Probe:

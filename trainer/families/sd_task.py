@@ -16,7 +16,7 @@ per step); `cache_text_embeddings` (when the text encoders are frozen) encodes e
 once, each on its own, so a cached row never depends on which batch first needed it (a resume sees the
 same numbers).
 
-Loss options (`trainer.losses`): noise_offset and multires noise in the noise, Min-SNR weighting,
+Loss options (`trainer.families.losses`): noise_offset and multires noise in the noise, Min-SNR weighting,
 masked loss (the batch's masks at latent size), prior_loss_weight for regularization images; caption
 options (`ImageDataset.caption`) and clip_skip in the conditioning.
 
@@ -31,12 +31,29 @@ from pathlib import Path
 
 import torch
 
-from trainer import lora_io, losses
+import trainer.families.latent_cache as latent_cache
+import trainer.families.lora_io as lora_io
+import trainer.families.losses as losses
+import trainer.families.peft_lora as peft_lora
 from trainer.config import TrainConfig
-from trainer.data import ImageDataset
+from trainer.data.images import ImageDataset
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
+
+# kohya's sampler names (trainer.config.SAMPLERS) -> (diffusers scheduler class, extra config), for samples
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}), "ddpm": ("DDPMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}), "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}), "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
 
 
 @dataclass
@@ -77,13 +94,14 @@ def freeze_and_place(modules: list[torch.nn.Module], vae: torch.nn.Module, devic
         m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
 
 
-def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> SdBase:
-    """Load the base from a diffusers folder or a single-file checkpoint, offline, frozen, on `device`."""
+def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype,
+                 single_file_config: Path | None = None) -> SdBase:
+    """Load the base from a diffusers folder or a single-file checkpoint, offline, frozen, on `device`.
+    `single_file_config`: for a single file, the complete diffusers-format config folder it loads with
+    (the family's `loading_config_dir`)."""
     quiet_libraries()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from trainer.families import diffusion, sd
 
     path = cfg.base_model
     if path.is_dir():
@@ -94,7 +112,7 @@ def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dty
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
     else:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(diffusion.loading_config_dir(cfg, sd)),
+            str(path), config=str(single_file_config),
             local_files_only=True,
             safety_checker=None, requires_safety_checker=False)
         tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
@@ -126,29 +144,18 @@ class SdTask:
     LORA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
     def __init__(self, cfg: TrainConfig, base: SdBase, device: torch.device):
-        from peft import LoraConfig, inject_adapter_in_model
-
         self.cfg, self.base, self.device = cfg, base, device
         # LoRA init (A: kaiming uniform) draws from the global RNG: seed it so the same config gives
         # the same starting LoRA, cold or warm daemon.
         torch.manual_seed(cfg.seed)
-        unet_lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=cfg.effective_targets, init_lora_weights="gaussian")
-        inject_adapter_in_model(unet_lora, base.unet)
+        peft_lora.inject(base.unet, cfg, cfg.target_modules, init_lora_weights="gaussian")
         self.models = {"unet": base.unet}
         if cfg.train_text_encoder:
             for name, te in base.text_encoders().items():
-                te_lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_alpha,
-                                     lora_dropout=cfg.lora_dropout, target_modules=cfg.effective_te_targets,
-                                     init_lora_weights="gaussian")
-                inject_adapter_in_model(te_lora, te)
+                peft_lora.inject(te, cfg, cfg.text_encoder_target_modules, init_lora_weights="gaussian")
                 self.models[name] = te
         for m in self.models.values():
-            for n, p in m.named_parameters():
-                if "lora_" in n:
-                    # Trainable LoRA weights stay fp32 even when the frozen base is half precision.
-                    p.data = p.data.float()
-                    p.requires_grad_(True)
+            peft_lora.trainable(m)
         if cfg.gradient_checkpointing:
             # Recompute each block's activations in backward: much less memory, ~30% more compute.
             base.unet.enable_gradient_checkpointing()
@@ -191,26 +198,18 @@ class SdTask:
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""
-        from diffusers.utils.peft_utils import recurse_remove_peft_layers
-
         if self.cfg.gradient_checkpointing:
             self.base.unet.disable_gradient_checkpointing()
         for m in self.models.values():
-            recurse_remove_peft_layers(m)
-            if "peft_config" in m.__dict__:
-                del m.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
-            m.requires_grad_(False)
-            m.eval()
+            peft_lora.remove(m)
         self.latent_cache.clear()
         self.text_cache.clear()
 
     # --- data -------------------------------------------------------------------------------------
     def prepare(self, dataset: ImageDataset, autocast=None) -> None:
         """Build the caches the config asks for (see the module docstring); with the _to_disk keys, through
-        the content-keyed disk cache (`trainer.latent_cache`), so a later job on the same data skips the VAE
+        the content-keyed disk cache (`trainer.families.latent_cache`), so a later job on the same data skips the VAE
         and the text encoders for what is there."""
-        from trainer import latent_cache
-
         cfg = self.cfg
         if cfg.latents_cached:
             latents, from_disk = latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)
@@ -235,20 +234,9 @@ class SdTask:
     def _latents(self, indices: list[int], dataset: ImageDataset,
                  generator: torch.Generator) -> tuple[torch.Tensor, list[tuple]]:
         """Latents of the samples and, per sample, (original size, crop top-left, target size)."""
-        if self.latent_cache:
-            mean = torch.stack([self.latent_cache[i][0] for i in indices])
-            std = torch.stack([self.latent_cache[i][1] for i in indices])
-            geometry = [self.latent_cache[i][2] for i in indices]
-            # masked_loss: cached latents are center crops, so are their masks
-            self._masks = [dataset.center_mask(i) for i in indices] if self.cfg.masked_loss else None
-        else:
-            items = [dataset.load_item(i, generator) for i in indices]
-            pixels = torch.stack([it.pixels for it in items]).to(self.device)
-            with torch.no_grad():
-                dist = self.base.vae.encode(pixels).latent_dist
-            mean, std = dist.mean.cpu(), dist.std.cpu()
-            geometry = [_geometry(it) for it in items]
-            self._masks = [it.mask for it in items] if self.cfg.masked_loss else None
+        mean, std, items, self._masks = latent_cache.batch_latents(
+            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
+        geometry = [self.latent_cache[i][2] for i in indices] if items is None else [_geometry(it) for it in items]
         # Sampling the latent distribution with our generator (not the VAE's internal RNG) keeps it resumable.
         eps = torch.randn(mean.shape, generator=generator)
         return ((mean + std * eps) * self.base.vae.config.scaling_factor).to(self.device), geometry
@@ -322,11 +310,9 @@ class SdTask:
                                        feature_extractor=None, requires_safety_checker=False)
 
     def render_sample(self, prompt, path: Path) -> Path:
-        """One image of `prompt` (a `trainer.sampling.SamplePrompt`: negative, size, steps, guidance, seed,
+        """One image of `prompt` (a `trainer.data.prompts.SamplePrompt`: negative, size, steps, guidance, seed,
         sampler) with the LoRA as trained so far, saved as `path`.png."""
         import diffusers
-
-        from trainer.sampling import SCHEDULERS
 
         base = self.base
         cls_name, extra = SCHEDULERS[prompt.sampler]

@@ -5,7 +5,7 @@
   pooled embedding is the second encoder's projected output (diffusers' `encode_prompt`, kohya's
   sdxl_train_util).
 - Per-sample `time_ids` = (original height, width, crop top, left, target height, width): what the data
-  pipeline did to that image (`trainer.data.ImageItem`), not the training resolution repeated.
+  pipeline did to that image (`trainer.data.images.ImageItem`), not the training resolution repeated.
 - LoRA on both text encoders with `train_text_encoder` (their own `text_encoder_lr`); kohya key prefixes
   `lora_te1_` / `lora_te2_`; `ss_base_model_version` `sdxl_base_v1-0`.
 - The VAE stays fp32 (SDXL's VAE overflows in fp16: `force_upcast` in its config).
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,13 +50,13 @@ def training_scheduler(config):
     return DDPMScheduler(**keep, clip_sample=False)
 
 
-def load_sdxl_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> SdxlBase:
-    """Load SDXL from a diffusers folder or a single-file (SGM layout) checkpoint, offline, frozen."""
+def load_sdxl_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype,
+                   single_file_config: Path | None = None) -> SdxlBase:
+    """Load SDXL from a diffusers folder or a single-file (SGM layout) checkpoint, offline, frozen.
+    `single_file_config`: for a single file, the config folder it loads with (the family's `loading_config_dir`)."""
     quiet_libraries()
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from trainer.families import diffusion, sdxl
 
     path = cfg.base_model
     if path.is_dir():
@@ -71,7 +72,7 @@ def load_sdxl_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.d
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     else:
         pipe = StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(diffusion.loading_config_dir(cfg, sdxl)), local_files_only=True)
+            str(path), config=str(single_file_config), local_files_only=True)
         tokenizer, tokenizer_2 = pipe.tokenizer, pipe.tokenizer_2
         text_encoder, text_encoder_2, vae, unet = pipe.text_encoder, pipe.text_encoder_2, pipe.vae, pipe.unet
         scheduler_config = dict(pipe.scheduler.config)

@@ -1,11 +1,11 @@
-"""The shipped architecture configs (`trainer/model_configs/<name>/`) and the CLIP tokenizer built offline.
+"""The shipped architecture configs (`trainer/families/model_configs/<name>/`) and the CLIP tokenizer built offline.
 
 A single-file SD/SDXL checkpoint holds weights only. diffusers' `from_single_file` needs a diffusers-format
 folder (model_index.json, component configs, tokenizer files) or it downloads one from the hub. We ship
 the configs (small JSON of public hyperparameters) and build the tokenizer files from CLIP's BPE
 vocabulary as the open_clip package ships it (`bpe_simple_vocab_16e6.txt.gz`, installed by `make setup`
 with `--no-deps`: only that file is read; open_clip itself is never imported). `materialize(name)` writes
-the complete folder once into the cache (`$AGENTD_CACHE_DIR/model-configs/`), atomically.
+the complete folder once into the cache (`trainer.config.default_cache_dir()/model-configs/`), atomically.
 
 The vocabulary is the one OpenAI's CLIP tokenizer builds: the 256 byte symbols, the same with `</w>`,
 one token per merge (the file's lines 1 .. 48894), then `<|startoftext|>` and `<|endoftext|>` — 49408
@@ -23,7 +23,9 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "model_configs"
+from trainer.config import default_cache_dir
+
+ROOT = Path(__file__).resolve().parent / "model_configs"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2
 TOKENIZER_FIX = (f"install open_clip_torch, which ships CLIP's vocabulary ({BPE_FILE}): "
@@ -87,12 +89,10 @@ def tokenizer_problem(name: str) -> str | None:
 def materialize(name: str, cache: Path | None = None) -> Path:
     """The complete diffusers-format config folder for shipped config `name` (JSON + tokenizer files),
     built once under the cache folder. Raises FileNotFoundError with the fix when the vocabulary is missing."""
-    from trainer.tiny import cache_root
-
     src = shipped_dir(name)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     digest = hashlib.sha256(b"".join(p.relative_to(src).as_posix().encode() + p.read_bytes() for p in files))
-    out = Path(cache or cache_root()) / "model-configs" / f"{name}-{digest.hexdigest()[:12]}"
+    out = Path(cache or default_cache_dir()) / "model-configs" / f"{name}-{digest.hexdigest()[:12]}"
     if out.is_dir():
         return out
     problem = tokenizer_problem(name)

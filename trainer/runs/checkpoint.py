@@ -16,13 +16,12 @@ It is written to `checkpoints/.tmp-step-…`, every file fsynced, then renamed i
 Which checkpoint wins (`choose_resume`, a pure function): with `resume: auto` the newest valid
 checkpoint whose training fields and dataset match the config; a corrupt newest one is skipped
 with a warning; a mismatch is returned with the list of what changed (`changes`, and a refusal text
-for `resume: strict` or a named checkpoint; `trainer.runs.decide_run` starts a new run for `auto`).
+for `resume: strict` or a named checkpoint; `trainer.runs.history.decide_run` starts a new run for `auto`).
 `resume: <path>` uses exactly that checkpoint, with the same checks.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -34,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.data.files import file_sha256
 from trainer.errors import content_free
-from trainer.outputs import atomic_write_json, fsync_dir, save_safetensors_atomic
+from trainer.runs.outputs import atomic_write_json, fsync_dir, save_safetensors_atomic
 
 FILES = ("lora.safetensors", "optimizer.pt", "rng.pt", "state.json")
 
@@ -59,14 +59,6 @@ class TrainState:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def capture_rng(generator: torch.Generator) -> dict:
@@ -106,7 +98,7 @@ def save_checkpoint(root: Path, step: int, *, lora: dict, optim: dict, rng: dict
             f.flush()
             os.fsync(f.fileno())
     atomic_write_json(tmp / "state.json", state)
-    manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
+    manifest = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
     atomic_write_json(tmp / "manifest.json", manifest)
     fsync_dir(tmp)
     if final.exists():  # a redo of the same step after a crash: replace it
@@ -149,7 +141,7 @@ def verify(path: Path) -> str | None:
             return f"{name} missing"
         if f.stat().st_size != entry["bytes"]:
             return f"{name} is {f.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)"
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             return f"{name} checksum mismatch"
     return None
 

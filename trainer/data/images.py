@@ -30,7 +30,7 @@ SDXL's `time_ids`: `ImageDataset.load_item` returns an `ImageItem` whose `origin
 height, width), `crop_top_left` (top, left of the crop in the resized image) and `target_size` (the
 bucket's height, width) are what the pipeline really did to that sample.
 
-Text datasets (raw text, alpaca, sharegpt, OpenAI messages): `trainer.text_data`.
+Text datasets (raw text, alpaca, sharegpt, OpenAI messages): `trainer.data.text`.
 """
 from __future__ import annotations
 

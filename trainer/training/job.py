@@ -10,7 +10,7 @@ other random draw of a step (latent sampling, noise, timesteps, crops/flips) com
 generator whose state is in the checkpoint, with the global RNGs. So a run resumed from step K is
 bit-identical on the CPU to one that never stopped. On resume the checkpoint wins for progress
 (step, cursor, optimizer, RNG); the config must match it in every training field, or the job refuses
-(see `trainer.checkpoint.choose_resume`).
+(see `trainer.runs.checkpoint.choose_resume`).
 """
 from __future__ import annotations
 
@@ -26,19 +26,20 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer import families, optim
+from trainer import families
+from trainer.checks.preflight import Checked, optimizer_problems
 from trainer.config import TrainConfig, dump_config
-from trainer.data import epoch_batches, epoch_items
+from trainer.data.images import epoch_batches, epoch_items
 from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
-from trainer.model_cache import BaseModelCache, file_identity
-from trainer.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
-                             library_versions, save_safetensors_atomic)
-from trainer.preflight import Checked
-from trainer.report import write_loss_png
-from trainer.runs import RunManifest, begin_run
-from trainer.watch import RunWatch
+from trainer.runs import checkpoint as ckpt
+from trainer.runs.history import RunManifest, begin_run
+from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
+                                  library_versions, save_safetensors_atomic)
+from trainer.runs.report import write_loss_png
+from trainer.training import optim
+from trainer.training.model_cache import BaseModelCache, file_identity
+from trainer.training.watch import RunWatch
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,10 @@ class LoraTrainingJob:
     # --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        optimizer_problems = optim.optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
-        if optimizer_problems:
-            raise ConfigError(optimizer_problems, self.checked.source)
-        # Which run this is (resume / new / nothing to do / refuse): trainer.runs, before anything is written.
+        problems = optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
+        if problems:
+            raise ConfigError(problems, self.checked.source)
+        # Which run this is (resume / new / nothing to do / refuse): trainer.runs.history, before anything is written.
         self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
         choice = self.run_start.decision
         if choice.action == "refuse":
@@ -132,14 +133,14 @@ class LoraTrainingJob:
             self.reporter.emit(event("resumed", from_step=self.state.global_step, checkpoint=str(resume_path),
                                      reason=self.resume_reason))
         elif cfg.init_lora_weights is not None:
-            from trainer.lora_io import read_lora_file
+            from trainer.families.lora_io import read_lora_file
 
             tensors, _ = read_lora_file(cfg.init_lora_weights)
             self.task.load_lora_state(tensors, str(cfg.init_lora_weights))
         self.task.prepare(self.dataset, self.autocast)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.watch)
+        self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.training.watch)
         self._write_run_json("running")
         self.reporter.emit(event(
             "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
@@ -159,7 +160,7 @@ class LoraTrainingJob:
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """The epoch's micro-batches of training samples, one bucket each, from (seed, epoch) alone
-        (`trainer.data.epoch_batches`): a resume recomputes its place without re-reading data."""
+        (`trainer.data.images.epoch_batches`): a resume recomputes its place without re-reading data."""
         return epoch_batches(self.dataset.samples[:self.train_size], self.cfg.seed, epoch, self.cfg.batch_size)
 
     def _checkpoint_step(self, path: Path) -> int:
@@ -181,7 +182,7 @@ class LoraTrainingJob:
         """The family's base (warm from the daemon's cache when it has it), task and dataset."""
         cfg = self.cfg
         fam = families.family(cfg.model_family)
-        # One dataset: the training samples, then the held-out validation samples (trainer.validation).
+        # One dataset: the training samples, then the held-out validation samples (trainer.data.holdout).
         train = self.checked.scan.samples if self.checked.train_samples is None else self.checked.train_samples
         self.train_size = len(train)
         dataset = fam.make_dataset(cfg, list(train) + list(self.checked.validation_samples))
@@ -324,7 +325,7 @@ class LoraTrainingJob:
                          self.resumed_from, self.peak_memory_mib(), artifacts)
 
     def _summary(self, final_loss) -> dict:
-        from trainer.outputs import read_loss_csv
+        from trainer.runs.outputs import read_loss_csv
 
         rows = read_loss_csv(self.logs.loss_path)
         last = [float(r["loss"]) for r in rows[-10:]]

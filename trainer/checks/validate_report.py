@@ -75,7 +75,7 @@ def parse_vram(text: str) -> int:
 
 def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: int = VRAM_MARGIN_MIB) -> dict:
     """The validate report as data: estimate, and per GPU (or card size) the batch advice."""
-    from trainer.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
+    from trainer.checks.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
 
     cfg = checked.config
     report = {"valid": True, "config": checked.source, "mode": cfg.mode, "model_family": cfg.model_family,
@@ -112,7 +112,7 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
 
 def validate_command(path: str, *, vram: str | None = None, as_json: bool = False, gpus=None,
                      margin_mib: int = VRAM_MARGIN_MIB) -> int:
-    from trainer.preflight import preflight
+    from trainer.checks.preflight import preflight
 
     try:
         vram_mib = parse_vram(vram) if vram else None
@@ -128,9 +128,9 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
             print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
     report = plan(checked, gpus=gpus, vram_mib=vram_mib, margin_mib=margin_mib)
-    from trainer.lint import lint, render
+    from trainer.data.lint import lint, render
 
-    report["dataset"] = dataset = lint(checked)  # image datasets: the kohya-user mistakes (trainer.lint)
+    report["dataset"] = dataset = lint(checked)  # image datasets: the kohya-user mistakes (trainer.data.lint)
     if dataset and dataset["errors"]:
         report["valid"] = False
         if as_json:

@@ -4,7 +4,7 @@ make, found before any GPU time.
 Per subset: images, repeats, effective samples per epoch, images per bucket, images without a caption,
 tiny images (shorter side < half the resolution: upscaled, blurry), exact duplicates (sha256 of the
 file), caption length in tokens against the text encoder's limit (how many get cut), the 20 most frequent
-tags (keep_tokens longer than a caption: a scan warning, `trainer.data.keep_tokens_warnings`); overall: samples per epoch and the regularization balance.
+tags (keep_tokens longer than a caption: a scan warning, `trainer.data.images.keep_tokens_warnings`); overall: samples per epoch and the regularization balance.
 
 Errors (training would be wrong; exit 2): the same image in a training and a regularization subset.
 (A dataset of only regularization images, missing or unreadable images and bad folders are preflight
@@ -13,19 +13,12 @@ files: no torch.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 
+from trainer.data.files import file_sha256
+
 TOP_TAGS = 20
-
-
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tokenizer(cfg):
@@ -43,7 +36,7 @@ def _tokenizer(cfg):
 
 def lint(checked) -> dict | None:
     """The dataset report (see the module docstring) as data; None for text datasets."""
-    from trainer.data import caption_tags, epoch_items, process_caption
+    from trainer.data.images import caption_tags, epoch_items, process_caption
 
     cfg = checked.config
     samples = checked.scan.samples
@@ -55,7 +48,7 @@ def lint(checked) -> dict | None:
     errors, warnings = [], []
     hashes: dict[str, list] = {}
     for s in samples:
-        hashes.setdefault(_hash(s.path), []).append(s)
+        hashes.setdefault(file_sha256(s.path), []).append(s)
     items = epoch_items(samples)
     per_subset = []
     for n, sub in enumerate(subsets):
@@ -118,7 +111,7 @@ def lint(checked) -> dict | None:
 
 
 def _default_opts():
-    from trainer.data import CaptionOptions
+    from trainer.data.images import CaptionOptions
 
     return CaptionOptions()
 

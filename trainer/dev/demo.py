@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.tiny import demo_assets
+from trainer.dev.tiny import demo_assets
 
 DEMO_CONFIG = """\
 # The demo job: a LoRA on a tiny random Stable Diffusion model, learning coloured shapes.

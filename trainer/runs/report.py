@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
-from trainer.outputs import atomic_write_bytes, atomic_write_text
+from trainer.runs.outputs import atomic_write_bytes, atomic_write_text
 
 
 @dataclass
@@ -63,7 +63,7 @@ class RunView:
 
 
 def read_run(folder: Path, label: str = "") -> RunView:
-    from trainer.outputs import read_loss_csv
+    from trainer.runs.outputs import read_loss_csv
 
     folder = Path(folder)
     run = json.loads((folder / "run.json").read_text())
@@ -220,7 +220,7 @@ def _when(t) -> str:
 
 
 def _samples_html(view: RunView) -> str:
-    from trainer.sampling import text_samples
+    from trainer.runs.samples import text_samples
 
     grid = view.folder / "samples" / "grid.png"
     if grid.is_file():

@@ -3,7 +3,7 @@
 Optimizers come from the well-kept libraries, never re-implemented here:
 
     adamw      torch.optim.AdamW
-    adamw8bit  bitsandbytes.optim.AdamW8bit (CUDA only: `optimizer_problems` refuses it on a CPU device
+    adamw8bit  bitsandbytes.optim.AdamW8bit (CUDA only: `trainer.checks.preflight.optimizer_problems` refuses it on a CPU device
                before any weights load; the package is optional: `pip install bitsandbytes`)
     prodigy    prodigyopt.Prodigy (learns its step size: the usual learning_rate is 1.0)
     adafactor  transformers.optimization.Adafactor with a fixed learning rate (relative_step off, so the
@@ -18,19 +18,9 @@ polynomial (`lr_scheduler_power`, to 0). Every schedule starts with `lr_warmup_s
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
-from trainer.errors import Problem
-
-# optimizer name -> (module to import, class path, pip package)
-LIBRARIES = {
-    "adamw": ("torch", "torch.optim.AdamW", "torch"),
-    "adamw8bit": ("bitsandbytes", "bitsandbytes.optim.AdamW8bit", "bitsandbytes"),
-    "prodigy": ("prodigyopt", "prodigyopt.Prodigy", "prodigyopt"),
-    "adafactor": ("transformers", "transformers.optimization.Adafactor", "transformers"),
-}
-
+from trainer.config import OPTIMIZER_LIBRARIES
 
 def lr_factor(step: int, warmup: int, total: int, kind: str, cycles: int = 1, power: float = 1.0) -> float:
     """Multiplier on the peak learning rate at optimizer step `step` (0-based)."""
@@ -50,28 +40,12 @@ def lr_factor(step: int, warmup: int, total: int, kind: str, cycles: int = 1, po
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def optimizer_problems(cfg, device_type: str | None = None) -> list[Problem]:
-    """What stops the optimizer from being built here: a missing library, or AdamW8bit without CUDA.
-    No torch import: preflight (validate) calls it with device_type None, the job with its device."""
-    name = cfg.optimizer.name
-    module, cls, package = LIBRARIES[name]
-    problems = []
-    if importlib.util.find_spec(module) is None:
-        problems.append(Problem("optimizer.name", f"{name} needs the {package} package, which is not installed",
-                                f"pip install {package} (into agentd's venv), or use optimizer name adamw", name))
-    if name == "adamw8bit" and device_type is not None and device_type != "cuda":
-        problems.append(Problem("optimizer.name", f"adamw8bit (bitsandbytes) runs on CUDA GPUs only, and this job's "
-                                f"device is {device_type}", "use optimizer name adamw (or adafactor for less memory) "
-                                "on this machine, or run the job on a GPU box", name))
-    return problems
-
-
 def build_optimizer(cfg, param_groups: list[dict], device_type: str = "cpu"):
     """The configured optimizer over the task's parameter groups (each with its own "lr")."""
     import importlib
 
     o = cfg.optimizer
-    module_path, _, cls_name = LIBRARIES[o.name][1].rpartition(".")
+    module_path, _, cls_name = OPTIMIZER_LIBRARIES[o.name][1].rpartition(".")
     cls = getattr(importlib.import_module(module_path), cls_name)
     if o.name == "adafactor":
         kwargs = {"eps": (1e-30, 1e-3), "weight_decay": o.weight_decay, "beta1": None, "scale_parameter": False,

@@ -1,6 +1,6 @@
 """What a training job does beside training: validation loss, samples, early stopping, the report.
 
-`RunWatch` holds it so the loop in `trainer.job` only calls four hooks:
+`RunWatch` holds it so the loop in `trainer.training.job` only calls four hooks:
 
     start()                          after setup: sample_at_start (a fresh run only)
     validate(step)                   after an optimizer step: the validation loss when due, else None
@@ -15,8 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from trainer import sampling, validation
+from trainer.data.prompts import load_prompts
 from trainer.events import event
+from trainer.runs import history, report
+from trainer.runs.samples import rounds, write_grid
+from trainer.training import sampling, validation_loss
 
 
 class RunWatch:
@@ -24,19 +27,19 @@ class RunWatch:
         self.job = job
         self.cfg = job.cfg
         self.samples_dir = Path(self.cfg.output_dir) / "samples"
-        self.prompts = sampling.load_prompts(self.cfg)[0] if self.cfg.sample_prompts else []
+        self.prompts = load_prompts(self.cfg)[0] if self.cfg.sample_prompts else []
         n_train = job.train_size
         self.val_indices = list(range(n_train, len(job.dataset)))
         self.val_history = self._val_history_so_far()
         self.best = min(self.val_history) if self.val_history else None
         self.stopped_early = False
-        self.sampled_steps: set[int] = {s for s, _ in sampling.rounds(self.samples_dir)}
+        self.sampled_steps: set[int] = {s for s, _ in rounds(self.samples_dir)}
         self.sampling_s = 0.0
         self.validation_s = 0.0
 
     def _val_history_so_far(self) -> list[float]:
         """Validation losses already in loss.csv (a resumed run continues its early-stopping count)."""
-        from trainer.outputs import read_loss_csv
+        from trainer.runs.outputs import read_loss_csv
 
         if not self.job.logs.loss_path.exists():
             return []
@@ -48,10 +51,10 @@ class RunWatch:
             self._sample(0)
 
     def validate(self, step: int) -> float | None:
-        if not self.val_indices or not validation.due(self.cfg, step, self.job.total_steps):
+        if not self.val_indices or not validation_loss.due(self.cfg, step, self.job.total_steps):
             return None
         t0 = time.perf_counter()
-        loss = validation.evaluate(self.job.task, self.job.dataset, self.val_indices, self.cfg.batch_size,
+        loss = validation_loss.evaluate(self.job.task, self.job.dataset, self.val_indices, self.cfg.batch_size,
                                    self.job.autocast)
         seconds = time.perf_counter() - t0
         self.validation_s += seconds
@@ -59,7 +62,7 @@ class RunWatch:
         self.best = loss if self.best is None else min(self.best, loss)
         self.job.reporter.emit(event("validation", step=step, val_loss=loss, best=self.best,
                                      samples=len(self.val_indices), seconds=round(seconds, 3)))
-        if validation.should_stop(self.val_history, self.cfg.early_stopping_patience):
+        if validation_loss.should_stop(self.val_history, self.cfg.early_stopping_patience):
             self.stopped_early = True
             self.job.reporter.emit(event("warning", message=(
                 f"early stopping at step {step}: validation loss has not improved for "
@@ -77,19 +80,17 @@ class RunWatch:
         step = self.job.state.global_step
         if self.prompts and step not in self.sampled_steps:
             self._sample(step)
-        grid = sampling.write_grid(self.samples_dir, self.prompts) if self.prompts else None
+        grid = write_grid(self.samples_dir, self.prompts) if self.prompts else None
         if grid:
             self.job.run_start.record(grid)
         return [grid] if grid else []
 
     def report(self) -> list[Path]:
         """logs/loss.png and report.html (with the comparison when there is a previous run)."""
-        from trainer import report, runs
-
         out = Path(self.cfg.output_dir)
         png = report.write_loss_png(out)
         self.job.run_start.record(png)
-        previous = self.cfg.compare_with or runs.newest_previous(runs.history_dir(self.cfg))
+        previous = self.cfg.compare_with or history.newest_previous(history.history_dir(self.cfg))
         page = report.write_report(out, previous)
         self.job.run_start.record(page)
         return [png, page]
@@ -100,7 +101,7 @@ class RunWatch:
 
     # --- sampling -----------------------------------------------------------------------------------
     def _sample(self, step: int) -> None:
-        from trainer.checkpoint import isolated_rng
+        from trainer.runs.checkpoint import isolated_rng
 
         def warn(message: str) -> None:
             self.job.reporter.emit(event("warning", message=message))

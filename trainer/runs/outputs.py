@@ -3,7 +3,7 @@
     <output_dir>/<name>.safetensors   the LoRA (kohya keys, ss_* metadata)
     <output_dir>/config.yaml          the resolved config that made it
     <output_dir>/run.json             provenance (see `provenance`)
-    <output_dir>/checkpoints/step-N/  resumable state (trainer.checkpoint)
+    <output_dir>/checkpoints/step-N/  resumable state (trainer.runs.checkpoint)
     <output_dir>/logs/loss.csv        one row per optimizer step (val_loss on the steps that validated)
     <output_dir>/logs/events.jsonl    every event
 

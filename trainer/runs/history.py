@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.outputs import atomic_write_json
+from trainer.runs.outputs import atomic_write_json
 
 if TYPE_CHECKING:
-    from trainer.checkpoint import Candidate
+    from trainer.runs.checkpoint import Candidate
 
 MANIFEST = "run-manifest.json"
 MOVING_PREFIX = ".moving-"
@@ -88,7 +88,7 @@ def decide_run(policy: str, training_fields: dict, data_fingerprint: str, previo
                candidates: list["Candidate"], defaults: dict, history_label: str = "runs",
                own_checkpoints: Path | None = None) -> RunDecision:
     """What to do with a submitted config, given the run in output_dir (pure; see the module doc)."""
-    from trainer.checkpoint import choose_resume
+    from trainer.runs.checkpoint import choose_resume
 
     kept = (lambda p: f"the previous one is kept in {history_label}/{p.run_id}") if previous else None
     if policy == "never":
@@ -484,7 +484,7 @@ def decide_for(cfg, data_fingerprint: str) -> tuple[RunDecision, PreviousRun | N
     """`decide_run` for `cfg` as its output_dir stands now, reading only (run.json, the checkpoints): what
     `begin_run` acts on, and what the daemon asks at submit time (a finished, unchanged config is answered
     "nothing to do" there, without waiting for a GPU)."""
-    from trainer.checkpoint import scan_candidates
+    from trainer.runs.checkpoint import scan_candidates
     from trainer.config import NON_TRAINING_FIELDS
 
     out, history = Path(cfg.output_dir), history_dir(cfg)

@@ -25,14 +25,12 @@ import os
 import shutil
 from pathlib import Path
 
+from trainer.config import default_cache_dir
+
 ASSETS_VERSION = "5"
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 WORDS = sorted({*COLOURS, *SHAPES, "a", "on", "white", "black", "background", "photo", "of", "style", "painting"})
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("AGENTD_CACHE_DIR") or Path.home() / ".cache" / "agentd")
 
 
 def _write_clip_tokenizer(folder: Path) -> int:
@@ -361,7 +359,7 @@ def build_chat_datasets(folder: Path) -> Path:
 
 def demo_assets(root: Path | None = None) -> dict[str, Path]:
     """The tiny SD model, tiny LM and both datasets, built once under the cache folder (atomic per part)."""
-    root = Path(root or cache_root()) / f"tiny-v{ASSETS_VERSION}"
+    root = Path(root or default_cache_dir()) / f"tiny-v{ASSETS_VERSION}"
     parts = {
         "sd_model": (root / "tiny-sd", build_tiny_sd),
         "sdxl_model": (root / "tiny-sdxl", build_tiny_sdxl),

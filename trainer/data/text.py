@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from trainer.data import Sample, Scan
+from trainer.data.images import Sample, Scan
 from trainer.errors import Problem, content_free
 
 FORMATS = ("auto", "text", "alpaca", "sharegpt", "messages")

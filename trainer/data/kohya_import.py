@@ -9,7 +9,7 @@ Reads (with the standard library's `tomllib`):
 
 Writes YAML where every line that came from a kohya key says so in a comment (`# kohya: [section] key =
 value`), then lists every key it did not convert with the reason: nothing is dropped silently. kohya's
-`sample_prompts` file (`--n --w --h --s --l --d`) is read by agentd as it is (`trainer.sampling`).
+`sample_prompts` file (`--n --w --h --s --l --d`) is read by agentd as it is (`trainer.training.sampling`).
 
 `MAPPED` is the table of converted keys (the test covers each); `UNSUPPORTED` says why the others are not.
 Bad input raises `ConfigError`: a file that is not TOML (its line and column), a value of the wrong type
@@ -353,7 +353,7 @@ def _convert_key(section: str, key: str, value, conv: Conversion, path: Path) ->
 
 def _reg_folders(conv: Conversion, key: str, value, path: Path, where: str) -> None:
     """reg_data_dir's N_name folders as is_reg subsets (listed now: agentd marks reg by subset)."""
-    from trainer.data import REPEAT_FOLDER
+    from trainer.data.images import REPEAT_FOLDER
 
     folder = _existing_dir(value, path)
     if folder is None:
@@ -440,7 +440,7 @@ def _settle(conv: Conversion, source: str) -> None:
         del v["max_train_steps"]
     if conv.subsets and "train_data_dir" in v:
         # reg_data_dir folders became subsets: train_data_dir's N_name folders join them.
-        from trainer.data import REPEAT_FOLDER
+        from trainer.data.images import REPEAT_FOLDER
 
         where = conv.origin.pop("train_data_dir")
         train = v.pop("train_data_dir")

@@ -5,17 +5,19 @@ It raises one `ConfigError` holding every problem, so nothing is written when th
 """
 from __future__ import annotations
 
+import importlib.util
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from trainer.config import TrainConfig, load_config
-from trainer import families, runs, sampling, validation
-from trainer.data import Scan, fingerprint
+from trainer import families
+from trainer.config import OPTIMIZER_LIBRARIES, TrainConfig, load_config
+from trainer.data import holdout, prompts
+from trainer.data.images import Scan, fingerprint
 from trainer.errors import ConfigError, Problem, content_free
-from trainer.optim import optimizer_problems
-from trainer.families.probe import probe, safetensors_header
+from trainer.families.probe import Probe, safetensors_header
+from trainer.runs import history
 
 
 @dataclass
@@ -41,11 +43,8 @@ def preflight(config_path: str | Path, overrides: dict | None = None) -> Checked
 def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     """Every problem of `cfg` at once (ConfigError), or the checked config completed with its model
     family and the family's defaults (`trainer.families.resolve`)."""
-    problems: list[Problem] = _base_model_problems(cfg)
-    fam = model_probe = None
-    if not problems:
-        cfg, fam, model_probe, family_problems = families.resolve(cfg)
-        problems += family_problems
+    cfg, fam, model_probe, problems = families.resolve(cfg)
+    problems = _base_model_problems(cfg, model_probe) + problems
     out = cfg.output_dir
     if out.exists() and not out.is_dir():
         problems.append(Problem("output_dir", "exists and is a file", "point output_dir at a folder", str(out)))
@@ -60,15 +59,16 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
                                 "use auto, never, strict, or an existing checkpoints/step-N folder", cfg.resume))
     problems += optimizer_problems(cfg)  # a missing optimizer library (the device is checked when the job starts)
     if fam is not None:
-        problems += fam.check(cfg, model_probe)
+        problems += fam.check(cfg, model_probe, families.describe)
         problems += _init_lora_problems(cfg, fam)
     # Without a family (the model is missing or unknown) the data is still checked, as `mode` says.
-    scan = (fam or families.family(cfg.family_name)).scan_dataset(cfg)
+    data_family = fam or families.assumed(cfg)
+    scan = data_family.scan_dataset(cfg)
     problems += scan.problems
-    # The held-out validation set, sample prompts and compare_with (trainer.validation/sampling/runs).
-    scan_dir = lambda d: (fam or families.family(cfg.family_name)).scan_dataset(validation.as_train_dir(cfg, d))  # noqa: E731
-    train_samples, held_out, val_problems = validation.validation_set(cfg, scan.samples, scan_dir)
-    problems += val_problems + sampling.problems(cfg) + runs.problems(cfg)
+    # The held-out validation set, sample prompts and compare_with (trainer.data.holdout/prompts, trainer.runs).
+    scan_dir = lambda d: data_family.scan_dataset(holdout.as_train_dir(cfg, d))  # noqa: E731
+    train_samples, held_out, val_problems = holdout.validation_set(cfg, scan.samples, scan_dir)
+    problems += val_problems + prompts.problems(cfg) + history.problems(cfg)
     if problems:
         raise ConfigError(problems, source)
     warnings = list(scan.warnings)
@@ -85,9 +85,9 @@ def _nearest_existing(path: Path) -> Path | None:
     return None
 
 
-def _base_model_problems(cfg: TrainConfig) -> list[Problem]:
-    """The path itself (exists, a folder or a readable checkpoint); what it is, `families.resolve` says."""
-    p = probe(cfg.base_model)
+def _base_model_problems(cfg: TrainConfig, p: Probe) -> list[Problem]:
+    """The path itself (exists, a folder or a readable checkpoint; `p`: its probe); what it is,
+    `families.resolve` says."""
     if p.kind == "missing":
         return [Problem("base_model", "does not exist", "point base_model at a model folder (diffusers: "
                         "model_index.json; transformers: config.json) or a .safetensors/.ckpt file",
@@ -117,3 +117,19 @@ def _init_lora_problems(cfg: TrainConfig, fam) -> list[Problem]:
                         f"start from a LoRA trained on a {fam.TITLE} model, or remove init_lora_weights",
                         str(path))]
     return []
+
+
+def optimizer_problems(cfg, device_type: str | None = None) -> list[Problem]:
+    """What stops the optimizer from being built here: a missing library, or AdamW8bit without CUDA.
+    No torch import: preflight (validate) calls it with device_type None, the job with its device."""
+    name = cfg.optimizer.name
+    module, cls, package = OPTIMIZER_LIBRARIES[name]
+    problems = []
+    if importlib.util.find_spec(module) is None:
+        problems.append(Problem("optimizer.name", f"{name} needs the {package} package, which is not installed",
+                                f"pip install {package} (into agentd's venv), or use optimizer name adamw", name))
+    if name == "adamw8bit" and device_type is not None and device_type != "cuda":
+        problems.append(Problem("optimizer.name", f"adamw8bit (bitsandbytes) runs on CUDA GPUs only, and this job's "
+                                f"device is {device_type}", "use optimizer name adamw (or adafactor for less memory) "
+                                "on this machine, or run the job on a GPU box", name))
+    return problems

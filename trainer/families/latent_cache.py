@@ -28,27 +28,17 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import default_cache_dir
+from trainer.data.files import file_sha256
+
 # Bump when the pixels fed to the VAE change for the same inputs (resampling filter, value range): every
 # old latent becomes a miss.
 PIPELINE = "rgb-bicubic-center-v1"
 
 
 def cache_root(cfg) -> Path:
-    """Where the disk caches live (see the module docstring)."""
-    if cfg.cache_dir is not None:
-        return Path(cfg.cache_dir)
-    for var in ("AGENTD_CACHE_DIR", "CACHE_DIRECTORY"):
-        if os.environ.get(var):
-            return Path(os.environ[var].split(":")[0])
-    return Path.home() / ".cache" / "agentd"
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Where the disk caches live: the config's `cache_dir`, else `trainer.config.default_cache_dir()`."""
+    return Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
 
 
 def module_identity(module: torch.nn.Module) -> str:
@@ -116,8 +106,25 @@ class LatentDiskCache(_DiskCache):
     def key(self, dataset, index: int) -> str:
         s = dataset.samples[index]
         original, crop, target = dataset.fixed_geometry(index)
-        return _key("latent", PIPELINE, file_hash(s.path), self.vae_id, original, crop, target,
+        return _key("latent", PIPELINE, file_sha256(s.path), self.vae_id, original, crop, target,
                     dataset.resized_size(index))
+
+
+def batch_latents(cached: dict[int, tuple], indices: list[int], dataset, generator: torch.Generator,
+                  vae: torch.nn.Module, device, masked_loss: bool):
+    """The latent distributions (mean, std, on the CPU) of a micro-batch: from `cached` ({index: (mean, std,
+    ...)}, from `encode_latents`) when it holds them, else encoded now from the loaded items (crops and flips
+    drawn from `generator`). Returns (mean, std, the loaded items or None when cached, the masks or None
+    without masked_loss); cached latents are center crops, so are their masks."""
+    if cached:
+        mean = torch.stack([cached[i][0] for i in indices])
+        std = torch.stack([cached[i][1] for i in indices])
+        return mean, std, None, [dataset.center_mask(i) for i in indices] if masked_loss else None
+    items = [dataset.load_item(i, generator) for i in indices]
+    pixels = torch.stack([it.pixels for it in items]).to(device)
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    return dist.mean.cpu(), dist.std.cpu(), items, [it.mask for it in items] if masked_loss else None
 
 
 def encode_latents(cfg, vae: torch.nn.Module, dataset, device) -> tuple[dict[int, tuple], int]:

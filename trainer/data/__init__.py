@@ -1,0 +1,1 @@
+"""Training data without model knowledge: image folders and buckets, text/chat records, prompt files, the held-out split, lint, kohya import; imports only the vocabulary (trainer.config, errors, quiet)."""
