@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# pytest-xdist workers for `make test`. The tests mostly wait (daemons, subprocesses, sockets), so more
+# workers than the CI machine's 2 cores pay; more than 4 only adds workers competing for those 2 cores.
+# loadgroup: the tests of one xdist_group mark share a worker (see the marks in tests/).
+TEST_WORKERS ?= 4
 
 .PHONY: setup demo test browser bench clean install-service
 
@@ -25,7 +29,7 @@ demo: setup
 	$(VENV)/bin/agentd demo
 
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The report test (tests/test_report.py) drives headless Chromium, Debian's `chromium` package. Installed
 # here when it is missing and we may (root with apt-get); quick when present. Otherwise that test skips.
