@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny models and datasets, built once per test session (no model hub)."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
@@ -18,13 +19,37 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """Tiny SD model, tiny LM, shapes and text datasets (cached for the session in AGENTD_CACHE_DIR)."""
-    cache = tmp_path_factory.getbasetemp() / "agentd-cache"
-    os.environ["AGENTD_CACHE_DIR"] = str(cache)
+def built_once(tmp_path_factory):
+    """`built_once(name, build)` -> the folder `build(folder)` filled, built once per test session however
+    many pytest-xdist workers ask: the first builds it under a file lock, the others wait and reuse it.
+    Only for what tests READ (a reference run, tiny models): a test that changed it would change it for all.
+    """
+    base = tmp_path_factory.getbasetemp()
+    # Each xdist worker has its own basetemp (.../pytest-N/popen-gwK); the session's is its parent.
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+    def get(name: str, build) -> Path:
+        folder, done = root / name, root / f"{name}.done"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                build(folder)
+                done.touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory, built_once) -> dict[str, Path]:
+    """Tiny SD/SDXL models, tiny LMs, shapes, text and chat datasets: built once for the session and shared
+    by every worker. Each worker keeps its own AGENTD_CACHE_DIR (latent and text caches, model configs)."""
+    os.environ["AGENTD_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "agentd-cache")
     from trainer.dev.tiny import demo_assets
 
-    return demo_assets(cache)
+    return demo_assets(built_once("tiny-assets", demo_assets))
 
 
 @pytest.fixture

@@ -433,13 +433,17 @@ class FakeJenkins:
         return hmac.new(self._secret_key, name.encode(), hashlib.sha256).hexdigest()
 
     def agent_jar(self, version: Optional[str] = None) -> bytes:
-        """A small real jar: a manifest and one entry whose bytes depend on the version."""
+        """A small real jar: a manifest and one entry whose bytes depend on the version (and only on it: the
+        entries carry a fixed timestamp, so a jar served earlier equals one built later for the same version)."""
+        def entry(name: str) -> zipfile.ZipInfo:
+            return zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as jar:
             version = version or self.version
-            jar.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n"
+            jar.writestr(entry("META-INF/MANIFEST.MF"), "Manifest-Version: 1.0\n"
                          f"Main-Class: hudson.remoting.Launcher\nVersion: {bundled_remoting(version)}\n")
-            jar.writestr("hudson/remoting/Launcher.class", b"\xca\xfe\xba\xbe" + version.encode())
+            jar.writestr(entry("hudson/remoting/Launcher.class"), b"\xca\xfe\xba\xbe" + version.encode())
         return buffer.getvalue()
 
     def count(self, method: str, path_regex: str) -> int:

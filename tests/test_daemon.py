@@ -170,7 +170,7 @@ def test_status_json_schema_idle_and_running_and_no_daemon(daemon, tmp_path, ass
         busy = json.loads(daemon.run("status", "--json").stdout)
         return busy if busy["running"] and (busy["running"][0]["step"] or 0) >= 3 else None
 
-    busy = wait_for(running_at_step_3, timeout=30, interval=0.2, what="status showing step 3")
+    busy = wait_for(running_at_step_3, timeout=120, interval=0.2, what="status showing step 3")
     check_schema(busy, STATUS_SCHEMA)
     (r,) = busy["running"]
     assert r["total_steps"] == 300 and r["config"] == str(cfg)

@@ -22,14 +22,16 @@ STEPS, SAVE = 8, 3
 
 
 @pytest.fixture(scope="module")
-def flux_assets(assets, tmp_path_factory) -> dict[str, Path]:
-    """Tiny FLUX.1 [dev] and [schnell] pipelines (built offline) and the shapes dataset."""
+def flux_assets(assets, built_once) -> dict[str, Path]:
+    """Tiny FLUX.1 [dev] and [schnell] pipelines (built offline, once for the session) and the shapes dataset."""
     from trainer.dev.tiny import build_tiny_flux
 
-    root = tmp_path_factory.mktemp("flux-models")
-    return {"dev": build_tiny_flux(root / "flux-dev"), "schnell": build_tiny_flux(root / "flux-schnell",
-                                                                                  variant="schnell"),
-            "shapes": assets["shapes"]}
+    def build(root: Path) -> None:
+        build_tiny_flux(root / "flux-dev")
+        build_tiny_flux(root / "flux-schnell", variant="schnell")
+
+    root = built_once("flux-models", build)
+    return {"dev": root / "flux-dev", "schnell": root / "flux-schnell", "shapes": assets["shapes"]}
 
 
 def flux_config(folder: Path, fa: dict, variant: str = "dev", **fields) -> Path:
@@ -55,14 +57,16 @@ def read_lora(path: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(flux_assets, tmp_path_factory) -> Path:
+def reference(flux_assets, built_once) -> Path:
     """An uninterrupted `lora-train` run from YAML (the family's defaults: bf16 autocast, fp8 base,
-    cached text embeddings) with a sample prompt."""
-    cfg = flux_config(tmp_path_factory.mktemp("ref") / "ref", flux_assets,
-                      sample_prompts=["a red circle on white background --w 32 --h 32 --s 2 --l 3.5"])
-    proc = train_foreground(cfg)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    return cfg
+    cached text embeddings) with a sample prompt; trained once for the session (the tests only read it)."""
+    def build(folder: Path) -> None:
+        cfg = flux_config(folder / "ref", flux_assets,
+                          sample_prompts=["a red circle on white background --w 32 --h 32 --s 2 --l 3.5"])
+        proc = train_foreground(cfg)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+
+    return built_once("flux-reference", build) / "ref" / "train.yaml"
 
 
 def test_trains_from_yaml_with_the_family_defaults(reference):

@@ -36,6 +36,12 @@ TOKEN = "70ken5ecretc0ffee42beef"
 DAEMON_ONLY_VARIABLE = "AGENTD_TEST_DAEMON_ONLY"
 FAKE_JAVA = Path(__file__).with_name("fake_java.py")
 
+# One xdist worker for the whole module: `users` grants its users search ACLs on the shared Python folders
+# and restores the ACLs it found afterwards; two workers doing that at once would restore over each
+# other (locking the other run's users out, or leaving entries for deleted users). `world` is one daemon
+# the tests share.
+pytestmark = pytest.mark.xdist_group("privileges")
+
 # The build step the agent stand-in runs: who am I, what do I see, may I read the token, signal the daemon?
 BUILD_STEP = r'''
 import errno, json, os, signal, sys

@@ -36,18 +36,20 @@ def chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def two_runs(assets, tmp_path_factory) -> Path:
-    """output_dir with a finished run (learning_rate 1e-3) and the previous one (2e-3) in runs/."""
-    folder = tmp_path_factory.mktemp("report")
-    cfg = write_config(folder, assets, max_train_steps=6, save_steps=6, validation_split=0.25, batch_size=2,
-                       validate_every_n_steps=2, sample_prompts=["a red circle --s 3", "a blue square --s 3"],
-                       sample_every_n_steps=3)
-    for lr in ("2e-3", "1e-3"):
-        cfg.write_text(re.sub(r"learning_rate: \S+", f"learning_rate: {lr}", cfg.read_text()))
-        proc = subprocess.run([str(BIN / "lora-train"), "--config", str(cfg)], capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr
-    return folder / "out"
+def two_runs(assets, built_once) -> Path:
+    """output_dir with a finished run (learning_rate 1e-3) and the previous one (2e-3) in runs/ (built once,
+    shared by the workers: the tests only read it)."""
+    def build(folder: Path) -> None:
+        cfg = write_config(folder, assets, max_train_steps=6, save_steps=6, validation_split=0.25, batch_size=2,
+                           validate_every_n_steps=2, sample_prompts=["a red circle --s 3", "a blue square --s 3"],
+                           sample_every_n_steps=3)
+        for lr in ("2e-3", "1e-3"):
+            cfg.write_text(re.sub(r"learning_rate: \S+", f"learning_rate: {lr}", cfg.read_text()))
+            proc = subprocess.run([str(BIN / "lora-train"), "--config", str(cfg)], capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stderr
+
+    return built_once("report-two-runs", build) / "out"
 
 
 def test_report_is_self_contained_and_compares(two_runs):

@@ -81,21 +81,24 @@ def train_foreground(cfg: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def uninterrupted_run(built_once, name: str, assets, **fields) -> Path:
+    """The config of an uninterrupted `lora-train` run, trained once for the session (the tests only read it)."""
+    def build(folder: Path) -> None:
+        proc = train_foreground(config(folder, assets, "ref", **fields))
+        assert proc.returncode == 0, proc.stderr
+
+    return built_once(name, build) / "ref" / "train.yaml"
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, assets) -> Path:
+def reference(built_once, assets) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
-    cfg = config(tmp_path_factory.mktemp("ref"), assets, "ref")
-    proc = train_foreground(cfg)
-    assert proc.returncode == 0, proc.stderr
-    return cfg
+    return uninterrupted_run(built_once, "resume-reference", assets)
 
 
 @pytest.fixture(scope="module")
-def reference_accum(tmp_path_factory, assets) -> Path:
-    cfg = config(tmp_path_factory.mktemp("refacc"), assets, "ref", batch_size=2, gradient_accumulation_steps=2)
-    proc = train_foreground(cfg)
-    assert proc.returncode == 0, proc.stderr
-    return cfg
+def reference_accum(built_once, assets) -> Path:
+    return uninterrupted_run(built_once, "resume-reference-accum", assets, batch_size=2, gradient_accumulation_steps=2)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])

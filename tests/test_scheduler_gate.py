@@ -52,6 +52,13 @@ def events(s: Scheduler, job_id: str, kind: str) -> list[dict]:
     return [e for e in s.journal.events(job_id) if e["type"] == kind]
 
 
+def gated_events(s: Scheduler, job_id: str) -> list[dict]:
+    """The job's gated events, waited for: the scheduler journals the first one just after the gated state."""
+    from tests.waiting import wait_for
+
+    return wait_for(lambda: events(s, job_id, "gated"), what=f"{job_id}'s gated event")
+
+
 def gpu_slots(n: int) -> list[Slot]:
     return [Slot(i, "cpu", label=f"gpu{i}") for i in range(n)]
 
@@ -78,9 +85,8 @@ def test_busy_gpu_waits_then_starts_when_memory_frees(tmp_path, assets, nvml):
     try:
         job = submit(s, tmp_path, assets, "a")
         wait_state(s, job, ("gated",))
-        time.sleep(0.3)
-        gated = events(s, job, "gated")
-        assert gated and "pid 4242" in gated[0]["reason"] and "MiB free" in gated[0]["reason"]
+        gated = gated_events(s, job)
+        assert "pid 4242" in gated[0]["reason"] and "MiB free" in gated[0]["reason"]
         assert s.snapshot()["queue"][0].state == "gated"
         nvml.remove_process(0, 4242)
         assert wait_state(s, job, ("succeeded", "failed"))["state"] == "succeeded"
@@ -136,8 +142,8 @@ def test_foreign_memory_threshold_blocks_a_gpu_with_room(tmp_path, assets, nvml)
     try:
         job = submit(s, tmp_path, assets, "a")
         wait_state(s, job, ("gated",))
-        time.sleep(0.3)
-        assert "max_foreign_vram_mib 1000" in events(s, job, "gated")[0]["reason"]
+        gated = gated_events(s, job)
+        assert "max_foreign_vram_mib 1000" in gated[0]["reason"]
         nvml.remove_process(0, 777)
         assert wait_state(s, job, ("succeeded", "failed"))["state"] == "succeeded"
     finally:

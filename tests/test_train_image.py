@@ -10,6 +10,10 @@ import torch
 from tests.conftest import BIN, lora_at_step_zero, write_config
 from trainer.checks.preflight import preflight
 
+# The tests share one in-process run (`trained`: its result and events): keep them on one xdist worker so
+# it is trained once.
+pytestmark = pytest.mark.xdist_group("train-image")
+
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory):

@@ -11,6 +11,10 @@ import yaml
 from tests.conftest import ROOT, lora_at_step_zero
 from trainer.checks.preflight import preflight
 
+# The tests share one in-process run (`trained`: its result): keep them on one xdist worker so it is
+# trained once.
+pytestmark = pytest.mark.xdist_group("train-text")
+
 
 def write_text_config(folder: Path, assets: dict, **fields) -> Path:
     base = {
