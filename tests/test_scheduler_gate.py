@@ -13,6 +13,7 @@ from agentd.journal import Journal
 from agentd.scheduler import Scheduler, Slot
 from tests.conftest import write_config
 from tests.fake_nvml import FakeGpu, FakeNvml
+from tests.waiting import wait_for
 from trainer.checks.vram import calibrated, estimate_for_config, recommend_batch_size
 from trainer.gpus import NvmlProbe
 
@@ -54,8 +55,6 @@ def events(s: Scheduler, job_id: str, kind: str) -> list[dict]:
 
 def gated_events(s: Scheduler, job_id: str) -> list[dict]:
     """The job's gated events, waited for: the scheduler journals the first one just after the gated state."""
-    from tests.waiting import wait_for
-
     return wait_for(lambda: events(s, job_id, "gated"), what=f"{job_id}'s gated event")
 
 
