@@ -13,7 +13,7 @@ T5 length (512, dev's default) and targets (the family's default: attention of d
                     sigmas from the scheduler's (shifted) timesteps, pack, transformer with LoRA
                     (`transformer.add_adapter`) and guidance 1.0, unpack, MSE against noise - latents,
                     backward, grad clipping, AdamW, lr scheduler, loss.item()
-    ours            `trainer.training.job.LoraTrainingJob` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
+    ours            `trainer.api.run_job` (what `lora-train` runs) in fp32 with the bf16/fp8 defaults
                     turned off (mixed_precision no, quantization no) and no caches (cache_text_embeddings and
                     cache_latents false): the same work per step as the textbook loop
     ours+cache      cache_text_embeddings and cache_latents true: both text encoders and the VAE run once per
@@ -46,10 +46,11 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
 
 def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool,
              fp8: bool = False) -> tuple[float, float]:
+    import threading
+
     import yaml
 
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     stamps: list[tuple[float, float]] = []
 
@@ -68,7 +69,7 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: boo
                "output_dir": str(Path(tmp) / "out")}
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
         assert result.outcome == "succeeded", result
     return steady_ms(stamps, warmup)
 

@@ -4,7 +4,7 @@
     python bench/bench_latent_cache.py --images 96 --resolution 128 --repeat 1
 
 Each repeat runs, in one process and with the same tiny SD model, data and config (batch 4, rank 4,
-`cache_latents_to_disk: true`, `cache_text_embeddings_to_disk: true`), `LoraTrainingJob` (what
+`cache_latents_to_disk: true`, `cache_text_embeddings_to_disk: true`), `trainer.api.run_job` (what
 `lora-train` and the daemon run) twice on a fresh cache folder:
 
     cold    the first job: the VAE encodes every image and the entries are written
@@ -36,9 +36,10 @@ def make_data(folder: Path, images: int, size: int) -> Path:
 
 
 def job(assets: dict, data: Path, cache: Path, folder: Path, resolution: int) -> dict:
+    import threading
+
     from tests.conftest import write_config
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     stamps = []
 
@@ -52,8 +53,7 @@ def job(assets: dict, data: Path, cache: Path, folder: Path, resolution: int) ->
                         resolution=resolution, max_train_steps=None, epochs=1, save_steps=10_000, log_every=10_000,
                         cache_latents_to_disk=True, cache_text_embeddings_to_disk=True, cache_dir=str(cache))
     t0 = time.perf_counter()
-    j = LoraTrainingJob(preflight(path), Clock(), device="cpu")
-    j.run()
+    api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
     return {"first_step_s": stamps[0] - t0, "epoch_s": stamps[-1] - stamps[0], "steps": len(stamps)}
 
 

@@ -3,7 +3,7 @@
     python bench/bench_sampling.py                         # 40 steps, 32 px, 2 prompts x 20 sampler steps, twice
     python bench/bench_sampling.py --steps 60 --prompts 4 --sample-steps 10 --repeat 1
 
-Runs, with the same model, data and config (batch 4, rank 4, cache_latents), `LoraTrainingJob` in-process
+Runs, with the same model, data and config (batch 4, rank 4, cache_latents), `trainer.api.run_job` in-process
 (what `lora-train` runs), alternating the order across repeats:
 
     plain       no samples
@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(assets: dict, steps: int, prompts: int, sample_steps: int, sampling: bool) -> dict:
+    import threading
+
     from tests.conftest import write_config
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     extra = {}
     if sampling:
@@ -46,7 +47,7 @@ def run(assets: dict, steps: int, prompts: int, sample_steps: int, sampling: boo
 
     with tempfile.TemporaryDirectory() as d:
         path = write_config(Path(d), assets, max_train_steps=steps, save_steps=10_000, log_every=10_000, **extra)
-        LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
     steps_t, steps_cpu = [], []
     last, dirty = None, False
     for kind, t, ev in stamps:

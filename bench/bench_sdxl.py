@@ -11,7 +11,7 @@ Runs, with the same model (`trainer.dev.tiny.build_tiny_sdxl`), data, batch size
                     timesteps, encode_prompt with both text encoders (penultimate hidden states concatenated,
                     pooled from the second), add_time_ids, unet with LoRA (`unet.add_adapter`) and
                     added_cond_kwargs, MSE, backward, grad clipping, AdamW, lr scheduler, loss.item()
-    ours            `trainer.training.job.LoraTrainingJob` (what `lora-train` runs), no caches: cache_latents false,
+    ours            `trainer.api.run_job` (what `lora-train` runs), no caches: cache_latents false,
                     cache_text_embeddings false (the same work per step as the textbook loop)
     ours+cache      cache_latents and cache_text_embeddings true: the VAE and both text encoders run once per
                     image / caption in setup, not in the steps
@@ -36,10 +36,11 @@ from bench_train import BATCH, LR, RANK, SEED, TARGETS, now, steady_ms  # noqa: 
 
 
 def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool) -> tuple[float, float]:
+    import threading
+
     import yaml
 
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     stamps: list[tuple[float, float]] = []
 
@@ -56,7 +57,7 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: boo
                "cache_text_embeddings": cached, "seed": SEED, "resume": "never", "output_dir": str(Path(tmp) / "out")}
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
         assert result.outcome == "succeeded", result
     return steady_ms(stamps, warmup)
 

@@ -5,7 +5,7 @@
 
 Runs, per resolution, with the same model, data, batch size, rank, learning rate and number of steps:
 
-    ours            `trainer.training.job.LoraTrainingJob` in-process (what `lora-train` runs), cache_latents: false
+    ours            `trainer.api.run_job` in-process (what `lora-train` runs), cache_latents: false
     ours+cache      the same with cache_latents: true (each image VAE-encoded once, in setup)
     textbook        the loop of diffusers' examples/text_to_image/train_text_to_image_lora.py, written out
                     below without accelerate: a DataLoader over the images (resize, center crop, normalize),
@@ -62,10 +62,11 @@ def steady_ms(stamps: list[tuple[float, float]], warmup: int) -> tuple[float, fl
 
 def run_ours(assets: dict, resolution: int, steps: int, warmup: int,
              cache_latents: bool) -> tuple[float, float]:
+    import threading
+
     import yaml
 
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     stamps: list[tuple[float, float]] = []
 
@@ -83,7 +84,7 @@ def run_ours(assets: dict, resolution: int, steps: int, warmup: int,
                "resume": "never", "output_dir": str(Path(tmp) / "out")}
         path = Path(tmp) / "bench.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        result = LoraTrainingJob(preflight(path), Clock(), device="cpu").run()
+        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
         assert result.outcome == "succeeded", result
     return steady_ms(stamps, warmup)
 

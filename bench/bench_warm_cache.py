@@ -5,14 +5,14 @@
     python bench/bench_warm_cache.py --config X.yaml  # a real config (on a GPU box: its base model)
 
 In one process (the daemon's situation: the training stack already imported), the same job runs through
-`LoraTrainingJob` with the daemon's `BaseModelCache`:
+`trainer.api.run_job` with the daemon's `BaseModelCache`:
 
     cold             an empty cache: the base model is loaded from disk onto the job's device
     warm-on-device   right after a job, within warm_vram_ttl_s: the base is still on the device
     warm-from-host   after the TTL ran out (`offload_expired`): the base waits in host memory and is
                      moved back to the device at the job's start (the move is timed separately)
 
-Time to first step = from `job.run()` to the first step event (config check excluded, as in the daemon).
+Time to first step = from `api.run_job` to the first step event (config check excluded, as in the daemon).
 With CUDA the bench also prints the VRAM this process holds (torch.cuda.memory_reserved) warm on the
 device and after the TTL. On a CPU-only box the job's device *is* host memory: warm-from-host then takes
 the warm-on-device path (nothing to move), which the table says.
@@ -51,18 +51,19 @@ class FirstStep:
 
 
 def one_job(config: Path, out: Path, cache, device: str, seed: int) -> FirstStep:
+    import threading
+
     import yaml
 
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
+    from trainer import api
 
     cfg = yaml.safe_load(config.read_text())
     cfg.update(output_dir=str(out), seed=seed, resume="never", max_train_steps=2, save_steps=1000, log_every=1)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    checked = preflight(path)
+    checked = api.preflight(path)
     rep = FirstStep()
-    LoraTrainingJob(checked, rep, base_cache=cache, device=device).run()
+    api.run_job(checked, rep, threading.Event(), base_cache=cache, device=device)
     return rep
 
 
@@ -81,7 +82,7 @@ def main() -> int:
 
     import torch
 
-    from trainer.training.model_cache import BaseModelCache
+    from trainer.api import BaseModelCache
 
     work = Path(tempfile.mkdtemp(prefix="bench-warm-"))
     try:

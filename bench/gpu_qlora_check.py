@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU check of text mode's QLoRA: a real job (preflight, `LoraTrainingJob`, packing, merged export) on a
+"""GPU check of text mode's QLoRA: a real job (`api.preflight`, `api.run_job`, packing, merged export) on a
 TinyLlama-1.1B-shaped model, bf16 base vs `quantization: 4bit` vs `8bit`, measured peak against the estimate.
 
 Run on a GPU box (or a lent GPU):
@@ -48,13 +48,13 @@ def build_model(folder: Path, layers: int) -> Path:
 
 
 def run_case(model: Path, data: Path, work: Path, quantization: str | None, steps: int) -> dict:
+    import threading
+
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
 
-    from trainer.training.job import LoraTrainingJob
-    from trainer.checks.preflight import preflight
-    from trainer.checks.vram import estimate_for_config
+    from trainer import api
 
     out = work / f"out-{quantization or 'bf16'}"
     cfg = {"train_data_dir": str(data), "base_model": str(model), "output_dir": str(out), "name": "chk",
@@ -63,8 +63,8 @@ def run_case(model: Path, data: Path, work: Path, quantization: str | None, step
            "max_train_steps": steps, "save_steps": 10_000, "export_merged": True, "resume": "never"}
     path = work / f"{quantization or 'bf16'}.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
-    checked = preflight(path)
-    estimate = estimate_for_config(checked.config)
+    checked = api.preflight(path)
+    estimate = api.estimate_for_config(checked.config)
     torch.cuda.reset_peak_memory_stats()
     stamps = []
 
@@ -73,8 +73,7 @@ def run_case(model: Path, data: Path, work: Path, quantization: str | None, step
             if ev["type"] == "step":
                 stamps.append(time.perf_counter())
 
-    job = LoraTrainingJob(checked, Clock())
-    result = job.run()
+    result = api.run_job(checked, Clock(), threading.Event())
     peak = torch.cuda.max_memory_allocated() / 2**20
     rows = checked.scan.samples
     tokens = sum(len(r.ids) for r in rows) / len(rows) * 2  # batch 2
