@@ -27,19 +27,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.config import TrainConfig
-from trainer.errors import ConfigError, OutOfMemory
-from trainer.events import Reporter
-from trainer.training.preload import preload_all
-from trainer.data.kohya_import import import_kohya
-from trainer.training.model_cache import BaseModelCache
-from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
 from trainer.checks.preflight import Checked, check_config, preflight
-from trainer.runs.report import compare_runs, write_report
-from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
-from trainer.data.text import is_inline_template
 from trainer.checks.validate_report import main as validate_main
 from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
+from trainer.config import TrainConfig
+from trainer.data.kohya_import import import_kohya
+from trainer.data.text import is_inline_template
+from trainer.errors import ConfigError, OutOfMemory
+from trainer.events import Reporter
+from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
+from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
+from trainer.runs.report import compare_runs, write_report
+from trainer.training.model_cache import BaseModelCache
+from trainer.training.preload import preload_all
 
 if TYPE_CHECKING:
     import threading
