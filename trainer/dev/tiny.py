@@ -58,21 +58,40 @@ def _write_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+class _PipelineBuild:
+    """One tiny pipeline being built: seeded, with the CLIP tokenizer over the small vocabulary, in a sibling
+    `.tmp` folder that `save` moves into place whole (a half-written model never stands at `folder`)."""
+
+    def __init__(self, folder: Path, seed: int):
+        import torch
+        from transformers import CLIPTokenizer
+
+        from trainer.quiet import quiet_libraries
+
+        quiet_libraries()
+        self.folder = Path(folder)
+        self.tmp = self.folder.with_name(self.folder.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        torch.manual_seed(seed)
+        self.tok_dir = self.tmp / "_tok"
+        self.vocab_size = _write_clip_tokenizer(self.tok_dir)
+        self.tokenizer = CLIPTokenizer(str(self.tok_dir / "vocab.json"), str(self.tok_dir / "merges.txt"),
+                                       model_max_length=16)
+
+    def save(self, pipe) -> Path:
+        pipe.save_pretrained(self.tmp / "model", safe_serialization=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        (self.tmp / "model").rename(self.folder)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.folder
+
+
 def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.quiet import quiet_libraries
-
-    quiet_libraries()
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    tok_dir = tmp / "_tok"
-    vocab_size = _write_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    build = _PipelineBuild(folder, seed)
+    vocab_size, tokenizer = build.vocab_size, build.tokenizer
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -95,31 +114,18 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "model", safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    (tmp / "model").rename(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build.save(pipe)
 
 
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """A tiny random StableDiffusionXLPipeline saved with save_pretrained: text encoders of hidden 32 and 48
     (different, as CLIP-L's 768 and OpenCLIP-G's 1280 are: single-file loaders tell them apart by width),
     concatenated to the UNet's cross-attention width 80; pooled projection 48; time ids embedded in 8."""
-    import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from trainer.quiet import quiet_libraries
-
-    quiet_libraries()
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    tok_dir = tmp / "_tok"
-    vocab_size = _write_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    build = _PipelineBuild(folder, seed)
+    tok_dir, vocab_size, tokenizer = build.tok_dir, build.vocab_size, build.tokenizer
     # SDXL's second tokenizer pads with "!" (OpenCLIP's convention), the first with <|endoftext|>.
     tokenizer_2 = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16,
                                 pad_token="!")
@@ -147,11 +153,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
                                        timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
-    pipe.save_pretrained(tmp / "model", safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    (tmp / "model").rename(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build.save(pipe)
 
 
 def _t5_tokenizer(words: list[str]):
@@ -182,20 +184,11 @@ def build_tiny_flux(folder: Path, seed: int = 0, variant: str = "dev") -> Path:
     the Flux VAE layout (16 latent channels, its scaling and shift factors, no quant convs), CLIP-L
     and T5 encoders with tokenizers made offline, the flow-matching scheduler of `variant` (dev: guidance
     embedding and resolution-dependent shift; schnell: neither). ~0.2 M parameters."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from trainer.quiet import quiet_libraries
-
-    quiet_libraries()
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    tok_dir = tmp / "_tok"
-    vocab_size = _write_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    build = _PipelineBuild(folder, seed)
+    vocab_size, tokenizer = build.vocab_size, build.tokenizer
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
@@ -221,11 +214,7 @@ def build_tiny_flux(folder: Path, seed: int = 0, variant: str = "dev") -> Path:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
-    pipe.save_pretrained(tmp / "model", safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    (tmp / "model").rename(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build.save(pipe)
 
 
 def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
