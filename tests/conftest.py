@@ -16,6 +16,38 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+WARM = Path(__file__).parent / "warm"
+
+
+def pytest_configure(config):
+    """Each process that runs tests starts a warm interpreter (tests/warm/zygote.py: why and how) for the
+    programs its tests start; the xdist controller, which runs none, does not."""
+    controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if controller or os.environ.get("AGENTD_TEST_COLD"):
+        return
+    import subprocess
+    import tempfile
+
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="agz-"), "z")
+    os.environ["AGENTD_TEST_WARM_SOCKET"] = socket_path
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(WARM), *filter(None, [os.environ.get("PYTHONPATH")])])
+    config._warm_interpreter = subprocess.Popen(  # noqa: SLF001 - kept for pytest_unconfigure
+        [sys.executable, str(WARM / "zygote.py"), socket_path], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_unconfigure(config):
+    import subprocess
+
+    zygote = getattr(config, "_warm_interpreter", None)
+    if zygote is not None:
+        zygote.terminate()
+        try:
+            zygote.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            zygote.kill()
+            zygote.wait()
+        shutil.rmtree(Path(os.environ["AGENTD_TEST_WARM_SOCKET"]).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

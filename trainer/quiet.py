@@ -10,11 +10,14 @@ import os
 import warnings
 
 
+# Read by the libraries when they are imported, so set before they are (unless the user set them).
+LIBRARY_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "DIFFUSERS_VERBOSITY": "error"}
+
+
 def quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name, value in LIBRARY_ENV.items():
+        os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
     warnings.filterwarnings("ignore", message=r".*requires torchvision.*")
     # bitsandbytes (imported by peft when installed) warns on CPU-only machines about optional kernels.

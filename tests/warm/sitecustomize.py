@@ -1,0 +1,120 @@
+"""The stand-in half of the suite's warm interpreter (see zygote.py beside it).
+
+tests/conftest.py puts this folder on PYTHONPATH for the programs the tests start. At start-up of such a
+program, if it is one worth warming (`lora-train` training, `agentd serve`/`demo`, the fake-GPU daemon) and
+nothing about this process could make a forked one behave differently, this process hands its argv,
+environment, working folder, umask, sys.path and fds 0-2 to the zygote, forwards every signal it receives to
+the forked program, and exits with the program's status (or dies of its signal). Otherwise it returns and the
+program runs here, cold, as it always did.
+"""
+from __future__ import annotations
+
+
+def _warm_worth(argv: list[str]) -> bool:
+    import os
+
+    name = os.path.basename(argv[0]) if argv else ""
+    if name == "lora-train":
+        return argv[1:2] not in (["validate"], ["-h"], ["--help"])
+    if name == "agentd":
+        return argv[1:2] in (["serve"], ["demo"])
+    return name == "fake_gpu_daemon.py"
+
+
+# Environment variables that libraries read when they are imported (the zygote imported them under its own
+# environment): a difference in any of them means a cold start.
+_IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "OMP_", "MKL",
+                         "OPENBLAS", "KMP_", "GOMP", "CUDA", "NVIDIA", "TOKENIZERS", "BNB", "MPL", "LANG", "LC_",
+                         "LD_", "XDG_", "HOME", "PYTHON", "TMPDIR", "NUMEXPR", "AGENTD_TEST_COLD")
+_NOT_IMPORT_TIME = {"PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+
+
+def _same_start(os, sys, zygote_env: dict) -> bool:
+    import resource
+
+    if os.environ.get("AGENTD_TEST_COLD") or os.environ.get("NOTIFY_SOCKET"):
+        return False  # asked for; or systemd's protocol, which names the service by its pid: the real one
+    if sys.orig_argv[1:] != sys.argv or sys.executable != zygote_env.get("_executable"):
+        return False  # interpreter options (-X, -W, -u ...) or another interpreter
+    if str(os.getuid()) != zygote_env.get("_uid") or str(os.getgid()) != zygote_env.get("_gid"):
+        return False
+    if repr(resource.getrlimit(resource.RLIMIT_AS)) != zygote_env.get("_rlimit_as"):
+        return False
+    mine = {**zygote_env["_set_here"], **os.environ}  # what this program's start would add, it adds there too
+    keys = {k for k in (*mine, *zygote_env) if k.startswith(_IMPORT_TIME_PREFIXES)} - _NOT_IMPORT_TIME
+    return all(mine.get(k) == zygote_env.get(k) for k in keys)
+
+
+def _hand_over() -> None:
+    import os
+    import sys
+
+    path = os.environ.get("AGENTD_TEST_WARM_SOCKET")
+    if not path or not _warm_worth(sys.argv):
+        return
+    import json
+
+    try:
+        with open(path + ".env") as f:
+            zygote_env = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not _same_start(os, sys, zygote_env):
+        return
+    import array
+    import signal
+    import socket
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError:
+        return  # the zygote is still importing (or gone): run cold
+    fds, opened = [], []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:  # a closed standard stream: the program gets /dev/null, as CPython gives it
+            opened.append(os.open(os.devnull, os.O_RDWR))
+            fds.append(opened[-1])
+    request = {"argv": sys.argv, "orig_argv": sys.orig_argv, "env": dict(os.environ), "cwd": os.getcwd(),
+               "umask": os.umask(0o022), "path": sys.path}
+    os.umask(request["umask"])
+    conn.sendmsg([(json.dumps(request) + "\n").encode()],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    for fd in opened:
+        os.close(fd)
+    reader = conn.makefile("r")
+    first = reader.readline()
+    if not first:
+        return  # the zygote refused before forking: nothing ran, run cold
+    pid = json.loads(first)["pid"]
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
+        try:
+            signal.signal(sig, forward)
+        except (OSError, ValueError):
+            pass
+    line = ""
+    while not line:
+        try:
+            line = reader.readline()
+            break
+        except InterruptedError:
+            continue
+    end = json.loads(line) if line else {"signal": signal.SIGKILL}
+    if "signal" in end:
+        signal.signal(end["signal"], signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [end["signal"]])
+        os.kill(os.getpid(), end["signal"])
+    os._exit(end["exit"])
+
+
+_hand_over()
