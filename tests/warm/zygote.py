@@ -36,13 +36,12 @@ def preload() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import numpy  # noqa: F401
-        import PIL.Image  # noqa: F401
-        import safetensors.torch  # noqa: F401
-        import torch  # noqa: F401
-        import transformers
+        import importlib
+
+        for module in ("numpy", "PIL.Image", "safetensors.torch", "torch", "peft"):
+            importlib.import_module(module)
         import diffusers
-        import peft  # noqa: F401
+        import transformers
 
         # The lazy modules import their classes on first use: touch the ones the tiny models use.
         for name in ("CLIPTextModel", "CLIPTokenizer", "CLIPTextModelWithProjection", "AutoModelForCausalLM",
