@@ -38,6 +38,10 @@ class Settings(BaseModel):
     """File mode of the socket: the access control (who may submit and cancel jobs)."""
     socket_group: Optional[str] = None
     """Group that owns the socket (its members may use agentd). Default: the daemon's group."""
+    operator_group: Optional[str] = None
+    """Members of this group (with root and the daemon's user) are operators: they may cancel, pause, resume
+    and read the events of every job, and drain/undrain the box. Others act only on their own jobs. Default:
+    none (only root). A group that does not exist stops the daemon at start (exit 78)."""
     state_dir: Path = Field(default_factory=lambda: env_dir("STATE_DIRECTORY", "/var/lib/agentd"))
     """Journal (sqlite) and daemon state."""
     cache_dir: Path = Field(default_factory=lambda: env_dir("CACHE_DIRECTORY", "/var/cache/agentd"))
