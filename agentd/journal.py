@@ -6,7 +6,8 @@ from its last checkpoint) and paused (`agentd pause`: checkpointed, parked until
 stays paused across daemon restarts). A job re-queued after an infrastructure fault goes back to
 queued (`infra_retries` counts them). Each job records its owner: `submitter` (uid, gid, groups, user,
 pid from SO_PEERCRED) and, for a build user's job, `capability_sha256` (agentd.permissions; never the
-token). Refused requests go to `refusals` with the requester (the newest MAX_REFUSALS kept). WAL mode with synchronous=FULL: a committed transition survives a power cut.
+token). Refused requests go to `refusals` with the requester (the newest MAX_REFUSALS kept).
+WAL mode with synchronous=FULL: a committed transition survives a power cut.
 
 One connection, guarded by a lock: the daemon's threads (socket handlers, slot workers) share it.
 """

@@ -51,8 +51,10 @@ BUILDS = ("job-000042 belongs to the build that submitted it (Jenkins job team-a
     # operators: root, the daemon's user, operator_group's members (by the peer's groups)
     *[(op, who, alices_job, None) for op in ("cancel", "logs") for who in (root, daemon_user, operator)],
     *[(op, who, None, None) for op in ("drain", "undrain") for who in (root, daemon_user, operator)],
-    ("drain", alice, None, "only an operator may drain: root or a member of operator group 'gpu-ops'; alice is not one"),
-    ("undrain", bob, None, "only an operator may undrain: root or a member of operator group 'gpu-ops'; bob is not one"),
+    ("drain", alice, None, "only an operator may drain: root or a member of operator group 'gpu-ops'; "
+                           "alice is not one"),
+    ("undrain", bob, None, "only an operator may undrain: root or a member of operator group 'gpu-ops'; "
+                           "bob is not one"),
     # a build's job: only the holder of its capability, whatever the uid; a forged token reads like none
     ("cancel", build_1, builds_job, None),
     ("attach", build_1, builds_job, None),
@@ -118,8 +120,9 @@ def test_a_malformed_request_is_answered_with_what_is_wrong(line, code, message)
 
 def test_well_formed_requests_pass_with_their_optional_fields_absent_or_null():
     assert check_request({"v": 1, "op": "cancel", "job_id": "job-1", "capability": None}) == "cancel"
-    assert check_request(json.loads('{"v": 1, "op": "submit", "config_path": "a", "config_text": "b", '
-                                    '"env": {"BUILD_URL": "u"}, "detach": false, "priority": -3, "future": 1}')) == "submit"
+    submit = ('{"v": 1, "op": "submit", "config_path": "a", "config_text": "b", "env": {"BUILD_URL": "u"}, '
+              '"detach": false, "priority": -3, "future": 1}')
+    assert check_request(json.loads(submit)) == "submit"
 
 
 def test_a_peers_bad_requests_are_logged_a_few_lines_then_summarised():

@@ -15,7 +15,8 @@ Jenkinsfile's `retry`, rather than fix the config).
 - A Jenkins abort (SIGTERM/SIGINT) forwards a cancel at once: the training is the daemon's, not this
   process's child. A build user's job is acted on only with the capability its submit reply carried
   (agentd.permissions): this process keeps it in memory only and presents it with the cancel and
-  every re-attach; it is never printed nor passed on. The job checkpoints at its next step boundary; this command waits for that and
+  every re-attach; it is never printed nor passed on.
+  The job checkpoints at its next step boundary; this command waits for that and
   exits 3.
 - If this process dies (agent link lost), the job goes on; `agentd run` on the same config while that
   job is queued or running attaches to it instead of submitting a second one.
