@@ -10,7 +10,8 @@ Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lin
 
 Error codes: bad_json, too_large, bad_version, unknown_op, bad_request (each of these five: a malformed
 request, answered "bad request: <what>"), invalid_config, not_found, not_permitted (agentd.permissions),
-bad_state (pause of a job that is not running, resume of one that is not paused), draining, internal.
+bad_state (pause of a job that is not running, resume of one that is not paused), draining, busy (too many
+connections at once: agentd.server.MAX_CONNECTIONS), internal.
 """
 from __future__ import annotations
 

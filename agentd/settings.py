@@ -56,7 +56,8 @@ class Settings(BaseModel):
     max_message_bytes: int = Field(1 << 20, ge=4096)
     """Largest control-socket message accepted (a line of JSON)."""
     idle_client_timeout_s: float = Field(30, gt=0)
-    """A client that connects and sends nothing is dropped after this long."""
+    """A client must send its request line within this long of connecting, however slowly it trickles it;
+    otherwise it is dropped (no connection pins a daemon thread)."""
     vram_margin_mib: int = Field(VRAM_MARGIN_MIB, ge=0)
     """Safety margin on top of a job's VRAM estimate before it may start on a GPU."""
     gate_timeout_s: float = Field(3600, gt=0)
