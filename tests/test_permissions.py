@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from agentd.protocol import REQUEST_FIELDS, ProtocolError, check_request, decode
 from agentd.server import ControlServer, PeerLog, SocketGroupError, permission_policy
 from tests.conftest import BIN
 
+REPO = Path(__file__).resolve().parents[1]
 ALICE, BOB, BUILD, OPS_GID, DAEMON = 1001, 1002, 1500, 4242, 990
 TOKEN = "the-capability-token"
 POLICY = Policy(daemon_uid=DAEMON, operator_group="gpu-ops", operator_gid=OPS_GID, build_uid=BUILD)
@@ -177,3 +179,13 @@ def test_an_operator_group_that_does_not_exist_stops_the_daemon_with_78(tmp_path
     assert done.returncode == 78, done.stderr
     assert "operator_group 'no-such-group-x' does not exist" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_the_shipped_settings_example_documents_operator_group(tmp_path):
+    from agentd.settings import load_settings
+
+    example = (REPO / "configs" / "agentd.yaml").read_text()
+    assert "# operator_group: gpu-ops" in example
+    (tmp_path / "agentd.yaml").write_text(example.replace("# operator_group: gpu-ops", "operator_group: gpu-ops"))
+    assert load_settings(tmp_path / "agentd.yaml").operator_group == "gpu-ops"
+    assert load_settings(REPO / "configs" / "agentd.yaml").operator_group is None  # default: root only
