@@ -20,10 +20,12 @@ import signal
 import stat
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from agentd import __version__
 from agentd.settings import Settings
+from agentd.status_model import Submitter
 
 log = logging.getLogger("agentd")
 
@@ -55,10 +57,11 @@ class Daemon:
         from agentd.gpu import probe_from_settings
         from agentd.journal import Journal
         from agentd.scheduler import Scheduler
-        from agentd.server import ControlServer, bind_socket
+        from agentd.server import ControlServer, bind_socket, permission_policy
         from trainer.api import BaseModelCache
 
         s = self.settings
+        policy = permission_policy(s.operator_group, s.jenkins.agent_user)  # a missing group stops us here
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(s.journal_path)
         if self.probe is None:
@@ -76,7 +79,8 @@ class Daemon:
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
         sock = bind_socket(s.socket, int(s.socket_mode, 8), s.socket_group)
-        self.server = ControlServer(self, sock, max_bytes=s.max_message_bytes, idle_timeout=s.idle_client_timeout_s)
+        self.server = ControlServer(self, sock, max_bytes=s.max_message_bytes, idle_timeout=s.idle_client_timeout_s,
+                                    policy=policy)
         self.server.start()
         log.info("agentd %s listening on %s (%s)", self.version, s.socket,
                  ", ".join(sl.name for sl in self.slots))
@@ -223,6 +227,7 @@ class Daemon:
         return 0
 
     def _periodic(self) -> None:
+        self.server.peer_log.flush()  # summarise the bad requests and refusals of windows that ended
         now = time.time()
         if now - self._last_gc > 86400:
             self._last_gc = now
@@ -295,7 +300,7 @@ def _recent_view(r: dict) -> dict:
             "step": r.get("step"), "total_steps": r.get("total_steps"), "loss": r.get("loss"),
             "error": r.get("error"), "output_dir": r.get("output_dir"), "build_url": env.get("BUILD_URL"),
             "estimate_mib": r.get("estimate_mib"), "peak_mib": r.get("peak_mib"),
-            "infra_retries": r.get("infra_retries") or 0}
+            "infra_retries": r.get("infra_retries") or 0, "submitter": asdict(Submitter.of(r))}
 
 
 def _estimator(journal):

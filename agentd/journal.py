@@ -4,7 +4,10 @@ States: queued -> gated -> running -> succeeded | failed | cancelled, plus inter
 running when the daemon stopped or died; it is queued again, first, at the next start, and resumes
 from its last checkpoint) and paused (`agentd pause`: checkpointed, parked until `agentd resume`; it
 stays paused across daemon restarts). A job re-queued after an infrastructure fault goes back to
-queued (`infra_retries` counts them). WAL mode with synchronous=FULL: a committed transition survives a power cut.
+queued (`infra_retries` counts them). Each job records its owner: `submitter` (uid, gid, groups, user,
+pid from SO_PEERCRED) and, for a build user's job, `capability_sha256` (agentd.permissions; never the
+token). Refused requests go to `refusals` with the requester (the newest MAX_REFUSALS kept).
+WAL mode with synchronous=FULL: a committed transition survives a power cut.
 
 One connection, guarded by a lock: the daemon's threads (socket handlers, slot workers) share it.
 """
@@ -46,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     peak_mib REAL,
     shape_key TEXT,
     priority INTEGER NOT NULL DEFAULT 0,
-    infra_retries INTEGER NOT NULL DEFAULT 0
+    infra_retries INTEGER NOT NULL DEFAULT 0,
+    capability_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL, state TEXT NOT NULL, time REAL NOT NULL, detail TEXT
@@ -55,12 +59,17 @@ CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+CREATE TABLE IF NOT EXISTS refusals (
+    time REAL NOT NULL, op TEXT NOT NULL, job_id TEXT, uid INTEGER NOT NULL, user TEXT, reason TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 """
 
 JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts")
-NEWER_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "infra_retries": "INTEGER NOT NULL DEFAULT 0"}
+NEWER_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "infra_retries": "INTEGER NOT NULL DEFAULT 0",
+                 "capability_sha256": "TEXT"}
+MAX_REFUSALS = 10000  # refusals kept (the newest): a member refused in a loop cannot grow the journal
 
 
 class Journal:
@@ -101,16 +110,16 @@ class Journal:
     # --- jobs -------------------------------------------------------------------------------------
     def create(self, *, config_path: str, config_text: str, config_hash: str, resolved: dict, output_dir: str,
                name: str, submitter: dict, env: dict, shape_key: str | None = None,
-               estimate_mib: float | None = None, priority: int = 0) -> str:
+               estimate_mib: float | None = None, priority: int = 0, capability_sha256: str | None = None) -> str:
         now = time.time()
 
         def fn(db):
             cur = db.execute(
                 "INSERT INTO jobs (id, state, config_path, config_text, config_hash, resolved, output_dir, name, "
-                "submitter, env, created, shape_key, estimate_mib, priority) "
-                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "submitter, env, created, shape_key, estimate_mib, priority, capability_sha256) "
+                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (config_path, config_text, config_hash, json.dumps(resolved), output_dir, name,
-                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority))
+                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority, capability_sha256))
             job_id = f"job-{cur.lastrowid:06d}"
             db.execute("UPDATE jobs SET id = ? WHERE seq = ?", (job_id, cur.lastrowid))
             db.execute("INSERT INTO transitions VALUES (?, 'queued', ?, NULL)", (job_id, now))
@@ -183,6 +192,15 @@ class Journal:
             return ids
 
         return self._tx(fn)
+
+    # --- refusals ----------------------------------------------------------------------------------
+    def add_refusal(self, *, op: str, job_id: str | None, uid: int, user: str | None, reason: str) -> None:
+        def fn(db):
+            cur = db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?, ?, ?)",
+                             (time.time(), op, job_id, uid, user, reason))
+            db.execute("DELETE FROM refusals WHERE rowid <= ?", (cur.lastrowid - MAX_REFUSALS,))
+
+        self._tx(fn)
 
     # --- events -----------------------------------------------------------------------------------
     def add_event(self, job_id: str, seq: int, event: dict) -> None:

@@ -199,9 +199,10 @@ class Scheduler:
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict,
-               priority: int | None = None) -> tuple[str, bool]:
+               priority: int | None = None, capability_sha256: str | None = None) -> tuple[str, bool]:
         """Queue a job, or return the active job that already trains into the same output folder.
-        `priority` (agentd run --priority) overrides the config's."""
+        `priority` (agentd run --priority) overrides the config's; `capability_sha256`: a build's job is
+        owned by whoever holds that capability (agentd.permissions)."""
         try:
             cfg = self.runner.parse(config_text, config_path)
             checked = self.runner.check(cfg, config_path, submitter)
@@ -225,7 +226,8 @@ class Scheduler:
                                          config_hash=cfg.full_hash(), resolved=cfg.resolved(),
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
-                                         estimate_mib=estimate.total_mib if estimate else None, priority=priority)
+                                         estimate_mib=estimate.total_mib if estimate else None, priority=priority,
+                                         capability_sha256=capability_sha256)
             job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
                           allowed=allowed)
             self.live[job_id] = job
@@ -623,7 +625,9 @@ class Scheduler:
                                             step=job.progress.get("step", job.record.get("step")),
                                             total_steps=job.progress.get("total_steps", job.record.get("total_steps")),
                                             priority=job.priority,
-                                            paused_at=job.record.get("paused_at")))
+                                            paused_at=job.record.get("paused_at"),
+                                            submitter=Submitter.of(job.record),
+                                            build_url=(job.record.get("env") or {}).get("BUILD_URL")))
             return {"running": running, "queue": queued, "paused": paused, "draining": self.draining,
                     "busy_slots": {k: v for k, v in self.busy.items()},
                     "counters": Counters(jobs_finished=dict(self.counters["jobs_finished"]),
@@ -638,10 +642,8 @@ class Scheduler:
 def _job_view(rec: dict) -> dict:
     """The fields running and queued jobs share (`agentd.status_model`)."""
     env = rec.get("env") or {}
-    sub = rec.get("submitter") or {}
     return {"id": rec["id"], "name": rec.get("name"), "config": rec.get("config_path"),
-            "output_dir": rec.get("output_dir"),
-            "submitter": Submitter(uid=sub.get("uid"), pid=sub.get("pid"), user=sub.get("user")),
+            "output_dir": rec.get("output_dir"), "submitter": Submitter.of(rec),
             "build_url": env.get("BUILD_URL"), "estimate_mib": rec.get("estimate_mib")}
 
 

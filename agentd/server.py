@@ -1,10 +1,15 @@
-"""The control server: a Unix socket whose file mode is the access control.
+"""The control server: a Unix socket whose file mode decides who may connect, and
+`agentd.permissions` what each peer may do.
 
-Each connection gets a thread; a connection carries one request (and, for submit/attach/logs --follow,
-the event stream that follows it). Bad input never takes the daemon down: malformed JSON, an
-oversized or unterminated line, an unknown op or a wrong protocol version gets an error reply and
-the connection is closed; a client that connects and says nothing is dropped after
-`idle_client_timeout_s`. The peer's uid/pid (SO_PEERCRED) is recorded with each submitted job.
+Each connection gets a thread (at most MAX_CONNECTIONS at once); a connection carries one request
+(and, for submit/attach/logs --follow, the event stream that follows it). Bad input never takes the
+daemon down and costs one log line: malformed JSON, JSON nested too deep, an oversized or unterminated
+line, an unknown op, a field of the wrong type or a wrong protocol version is answered "bad request:
+<what>" and the connection closed; a peer's repeated bad requests and refusals are summarised
+(`PeerLog`). A client must send its request line within `idle_client_timeout_s` of connecting (however
+it trickles it), and one that stops reading its reply or stream is dropped after SEND_TIMEOUT_S.
+The peer's uid, groups and user (SO_PEERCRED, SO_PEERGROUPS) decide what it may do and are recorded as
+the owner of each job it submits.
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import queue
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
-from agentd.protocol import LineReader, ProtocolError, check_request, encode, error
+from agentd.permissions import Owner, Policy, Requester, decide, new_capability
+from agentd.protocol import REQUEST_FIELDS, LineReader, ProtocolError, check_request, encode, error
 from agentd.scheduler import SubmitRefused
 
 log = logging.getLogger("agentd.server")
@@ -65,7 +72,8 @@ def _peer_groups(conn: socket.socket, uid: int, gid: int) -> list[int]:
 
 
 class SocketGroupError(Exception):
-    """The socket cannot be given to `socket_group`; the message says why and how to fix it."""
+    """`socket_group` or `operator_group` cannot be used (the socket cannot be given to the group, or the
+    group does not exist); the message says why and how to fix it."""
 
 
 def _give_to_group(path: Path, group: str) -> None:
@@ -83,6 +91,25 @@ def _give_to_group(path: Path, group: str) -> None:
             f"may only give its files to groups it belongs to. Fix: add the daemon's user to the group "
             f"(`usermod -aG {group} {me}`; `agentd install-service` does it for the configured socket_group), "
             f"then restart agentd") from None
+
+
+def permission_policy(operator_group: str | None, build_user: str | None) -> Policy:
+    """The permission policy of this daemon: its own uid, the operator group's gid, the build user's uid.
+    Raises SocketGroupError when operator_group names no group."""
+    gid = None
+    if operator_group:
+        try:
+            gid = grp.getgrnam(operator_group).gr_gid
+        except KeyError:
+            raise SocketGroupError(f"operator_group {operator_group!r} does not exist: create it (groupadd "
+                                   f"{operator_group}) or fix operator_group in agentd.yaml") from None
+    build_uid = None
+    if build_user:
+        try:
+            build_uid = pwd.getpwnam(build_user).pw_uid
+        except KeyError:
+            pass  # the Jenkins link reports a missing agent_user; no job can come from that user meanwhile
+    return Policy(daemon_uid=os.geteuid(), operator_group=operator_group, operator_gid=gid, build_uid=build_uid)
 
 
 def _user_name(uid: int) -> str:
@@ -126,12 +153,59 @@ def bind_socket(path: Path, mode: int, group: str | None) -> socket.socket:
     return sock
 
 
+class PeerLog:
+    """The log lines about one peer's bad requests and refusals, bounded: per uid and kind, the first
+    `burst` lines of a `window_s` window are logged, the rest only counted and summarised in one line
+    ("N more bad requests from uid U") when the window ends, so no socket member can flood the log."""
+
+    MAX_KEYS = 1024  # (uid, kind) windows held at once; past it every window is summarised early
+
+    def __init__(self, emit=None, burst: int = 5, window_s: float = 60.0, clock=time.monotonic):
+        self.emit = emit or log.warning
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        self._windows: dict[tuple[int, str], list] = {}  # (uid, kind) -> [start, logged, counted]
+        self._lock = threading.Lock()
+
+    def note(self, uid: int, kind: str, line: str) -> None:
+        """One `kind` event ("bad requests", "refusals") from `uid`, described by `line`."""
+        now = self.clock()
+        with self._lock:
+            self._summarise(now, everything=len(self._windows) >= self.MAX_KEYS)
+            window = self._windows.setdefault((uid, kind), [now, 0, 0])
+            if window[1] < self.burst:
+                window[1] += 1
+                self.emit(line)
+            else:
+                window[2] += 1
+
+    def flush(self) -> None:
+        """Summarise the windows that ended (the daemon's main loop calls this every tick)."""
+        with self._lock:
+            self._summarise(self.clock())
+
+    def _summarise(self, now: float, everything: bool = False) -> None:
+        for key, (start, _, counted) in list(self._windows.items()):
+            if everything or now - start >= self.window_s:
+                del self._windows[key]
+                if counted:
+                    uid, kind = key
+                    self.emit(f"{counted} more {kind} from uid {uid} ({_user_name(uid)}) in {now - start:.0f} s "
+                              "(not logged one by one)")
+
+
+MAX_CONNECTIONS = 512  # connections served at once; more are answered "busy" (a thread each)
+SEND_TIMEOUT_S = 60.0  # a client that stops reading its reply or stream for this long is dropped
+
+
 class ControlServer:
-    def __init__(self, daemon, sock: socket.socket, *, max_bytes: int, idle_timeout: float):
+    def __init__(self, daemon, sock: socket.socket, *, max_bytes: int, idle_timeout: float, policy: Policy):
         self.daemon = daemon
         self.sock = sock
         self.max_bytes = max_bytes
         self.idle_timeout = idle_timeout
+        self.policy = policy
+        self.peer_log = PeerLog()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
 
@@ -154,34 +228,63 @@ class ControlServer:
                 if self._closing.is_set():
                     return
                 continue
+            if not self._slots.acquire(blocking=False):
+                self._send(conn, error("busy", f"agentd is serving {MAX_CONNECTIONS} connections; try again"))
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
 
     # --- one connection ---------------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(self.idle_timeout)
+        try:
+            with conn:
+                self._serve_one(conn)
+        finally:
+            self._slots.release()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        peer = {}
+        try:
+            peer = peer_credentials(conn)
             reader = LineReader(conn, self.max_bytes)
-            try:
-                msg = reader.read_message()
-                if msg is None:
-                    return
-                op = check_request(msg)
-                handler = getattr(self, f"op_{op}", None)
-                if handler is None:
-                    raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {', '.join(self.ops())}")
-                conn.settimeout(None)
-                handler(conn, msg)
-            except ProtocolError as e:
-                self._send(conn, error(e.code, e.message))
-            except SubmitRefused as e:
-                self._send(conn, error(e.code, e.message, **e.details))
-            except socket.timeout:
-                log.debug("dropping a client that sent nothing for %.0f s", self.idle_timeout)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as e:  # a bug in one handler must not take the daemon down
-                log.exception("control request failed")
-                self._send(conn, error("internal", f"{type(e).__name__}: {e}"))
+            msg = reader.read_message(deadline=time.monotonic() + self.idle_timeout)
+            if msg is None:
+                return
+            op = check_request(msg)
+            who = Requester(peer["uid"], peer["user"], frozenset(peer["groups"]), msg.get("capability"))
+            job_id = msg.get("job_id") if "job_id" in REQUEST_FIELDS[op] else None
+            if job_id is not None:
+                record = self.daemon.scheduler.journal.get(job_id)
+                if record is None:
+                    raise SubmitRefused("not_found", f"no job {job_id}")
+                refusal = decide(op, who, self.policy, job_id, Owner.of(record))
+            else:
+                refusal = decide(op, who, self.policy)
+            if refusal:
+                self._refuse(conn, op, who, job_id, refusal)
+                return
+            conn.settimeout(SEND_TIMEOUT_S)
+            getattr(self, f"op_{op}")(conn, msg, who)
+        except ProtocolError as e:
+            self.peer_log.note(peer.get("uid", -1), "bad requests",
+                               f"{e.message} (from {peer.get('user')}, uid {peer.get('uid')}, pid {peer.get('pid')})")
+            self._send(conn, error(e.code, e.message))
+        except SubmitRefused as e:
+            self._send(conn, error(e.code, e.message, **e.details))
+        except socket.timeout:
+            log.debug("dropping a client that sent no request line for %.0f s", self.idle_timeout)
+        except OSError:
+            pass  # the client went away (reset, broken pipe)
+        except Exception as e:  # a bug in one handler must not take the daemon down
+            log.exception("control request failed")
+            self._send(conn, error("internal", f"{type(e).__name__}: {e}"))
+
+    def _refuse(self, conn: socket.socket, op: str, who: Requester, job_id: str | None, reason: str) -> None:
+        """Refused: journaled with the requester, logged (bounded), answered; nothing else changes."""
+        self.daemon.scheduler.journal.add_refusal(op=op, job_id=job_id, uid=who.uid, user=who.user, reason=reason)
+        self.peer_log.note(who.uid, "refusals", f"refused {op}{' ' + job_id if job_id else ''} for {who.name} "
+                                                f"(uid {who.uid}): {reason}")
+        self._send(conn, error("not_permitted", reason))
 
     @classmethod
     def ops(cls) -> list[str]:
@@ -218,72 +321,79 @@ class ControlServer:
             if q is not None:
                 sched.unsubscribe(job_id, q)
 
-    # --- ops --------------------------------------------------------------------------------------
-    def op_ping(self, conn, msg) -> None:
+    # --- ops (who may call each: agentd.permissions.PERMISSIONS, checked before they run) -----------
+    def op_ping(self, conn, msg, who) -> None:
         self._send(conn, {"ok": True, "pid": os.getpid(), "version": self.daemon.version})
 
-    def op_submit(self, conn, msg) -> None:
-        path, text = msg.get("config_path"), msg.get("config_text")
-        if not isinstance(path, str) or not isinstance(text, str):
-            raise ProtocolError("bad_request", "submit needs config_path and config_text (strings)")
-        env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
-        job_id, attached = self.daemon.scheduler.submit(config_path=path, config_text=text, env=env,
-                                                        submitter=peer_credentials(conn),
-                                                        priority=msg.get("priority"))
-        self._send(conn, {"ok": True, "job_id": job_id, "attached": attached})
+    def op_submit(self, conn, msg, who: Requester) -> None:
+        # A build's job gets a capability: only the client holding it (and operators) may act on the job.
+        capability, digest = new_capability() if self.policy.is_build(who) else (None, None)
+        job_id, attached = self.daemon.scheduler.submit(
+            config_path=msg["config_path"], config_text=msg["config_text"], env=msg.get("env") or {},
+            submitter=peer_credentials(conn), priority=msg.get("priority"), capability_sha256=digest)
+        if attached:  # someone's job already trains into that folder: following it is an owner's act
+            refusal = decide("attach", who, self.policy, job_id, Owner.of(self.daemon.scheduler.journal.get(job_id)))
+            if refusal:
+                self._refuse(conn, "attach", who, job_id, f"{job_id} already trains into the same output_dir. "
+                                                          + refusal)
+                return
+            capability = None
+        reply = {"ok": True, "job_id": job_id, "attached": attached}
+        if capability:
+            reply["capability"] = capability
+        self._send(conn, reply)
         if not msg.get("detach"):
             self._stream(conn, job_id, 0)
 
-    def op_attach(self, conn, msg) -> None:
-        job_id = str(msg.get("job_id", ""))
+    def op_attach(self, conn, msg, who) -> None:
+        job_id = msg["job_id"]
         rec = self.daemon.scheduler.journal.get(job_id)
-        if rec is None:
-            raise SubmitRefused("not_found", f"no job {job_id}")
         self._send(conn, {"ok": True, "job_id": job_id, "state": rec["state"]})
-        self._stream(conn, job_id, int(msg.get("after_seq") or 0))
+        self._stream(conn, job_id, msg.get("after_seq") or 0)
 
-    def op_logs(self, conn, msg) -> None:
-        job_id = str(msg.get("job_id", ""))
-        if self.daemon.scheduler.journal.get(job_id) is None:
-            raise SubmitRefused("not_found", f"no job {job_id}")
+    def op_logs(self, conn, msg, who) -> None:
+        job_id = msg["job_id"]
         self._send(conn, {"ok": True, "job_id": job_id})
-        self._stream(conn, job_id, int(msg.get("after_seq") or 0), follow=bool(msg.get("follow")))
+        self._stream(conn, job_id, msg.get("after_seq") or 0, follow=bool(msg.get("follow")))
 
-    def op_cancel(self, conn, msg) -> None:
-        job_id = str(msg.get("job_id", ""))
+    def op_cancel(self, conn, msg, who) -> None:
+        job_id = msg["job_id"]
         state = self.daemon.scheduler.cancel(job_id)
+        log.info("cancel of %s requested by %s", job_id, who.name)
         self._send(conn, {"ok": True, "job_id": job_id, "state": state})
 
-    def op_pause(self, conn, msg) -> None:
-        job_id = str(msg.get("job_id", ""))
+    def op_pause(self, conn, msg, who) -> None:
+        job_id = msg["job_id"]
         state = self.daemon.scheduler.pause(job_id)
-        log.info("pause of %s requested by %s", job_id, peer_credentials(conn).get("user"))
+        log.info("pause of %s requested by %s", job_id, who.name)
         self._send(conn, {"ok": True, "job_id": job_id, "state": state})
 
-    def op_resume(self, conn, msg) -> None:
-        job_id = str(msg.get("job_id", ""))
+    def op_resume(self, conn, msg, who) -> None:
+        job_id = msg["job_id"]
         state = self.daemon.scheduler.resume(job_id)
-        log.info("resume of %s requested by %s", job_id, peer_credentials(conn).get("user"))
+        log.info("resume of %s requested by %s", job_id, who.name)
         self._send(conn, {"ok": True, "job_id": job_id, "state": state})
 
-    def op_status(self, conn, msg) -> None:
+    def op_status(self, conn, msg, who) -> None:
         self._send(conn, {"ok": True, "status": self.daemon.status()})
 
-    def op_jobs(self, conn, msg) -> None:
-        limit = int(msg.get("limit") or 50)
-        self._send(conn, {"ok": True, "jobs": self.daemon.jobs(limit)})
+    def op_jobs(self, conn, msg, who) -> None:
+        self._send(conn, {"ok": True, "jobs": self.daemon.jobs(msg.get("limit") or 50)})
 
-    def op_drain(self, conn, msg) -> None:
+    def op_drain(self, conn, msg, who) -> None:
         self.daemon.scheduler.set_draining(True)
+        log.info("drain requested by %s", who.name)
         self._send(conn, {"ok": True, "draining": True})
 
-    def op_undrain(self, conn, msg) -> None:
+    def op_undrain(self, conn, msg, who) -> None:
         self.daemon.scheduler.set_draining(False)
+        log.info("undrain requested by %s", who.name)
         self._send(conn, {"ok": True, "draining": False})
 
 
 def _peer_gone(conn: socket.socket) -> bool:
     try:
+        timeout = conn.gettimeout()
         conn.setblocking(False)
         try:
             data = conn.recv(1, socket.MSG_PEEK)
@@ -291,6 +401,6 @@ def _peer_gone(conn: socket.socket) -> bool:
         except BlockingIOError:
             return False
         finally:
-            conn.setblocking(True)
+            conn.settimeout(timeout)  # keep the send timeout: a client that stops reading is dropped
     except OSError:
         return True

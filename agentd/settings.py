@@ -38,6 +38,10 @@ class Settings(BaseModel):
     """File mode of the socket: the access control (who may submit and cancel jobs)."""
     socket_group: Optional[str] = None
     """Group that owns the socket (its members may use agentd). Default: the daemon's group."""
+    operator_group: Optional[str] = None
+    """Members of this group (with root and the daemon's user) are operators: they may cancel, pause, resume
+    and read the events of every job, and drain/undrain the box. Others act only on their own jobs. Default:
+    none (only root). A group that does not exist stops the daemon at start (exit 78)."""
     state_dir: Path = Field(default_factory=lambda: env_dir("STATE_DIRECTORY", "/var/lib/agentd"))
     """Journal (sqlite) and daemon state."""
     cache_dir: Path = Field(default_factory=lambda: env_dir("CACHE_DIRECTORY", "/var/cache/agentd"))
@@ -52,7 +56,8 @@ class Settings(BaseModel):
     max_message_bytes: int = Field(1 << 20, ge=4096)
     """Largest control-socket message accepted (a line of JSON)."""
     idle_client_timeout_s: float = Field(30, gt=0)
-    """A client that connects and sends nothing is dropped after this long."""
+    """A client must send its request line within this long of connecting, however slowly it trickles it;
+    otherwise it is dropped (no connection pins a daemon thread)."""
     vram_margin_mib: int = Field(VRAM_MARGIN_MIB, ge=0)
     """Safety margin on top of a job's VRAM estimate before it may start on a GPU."""
     gate_timeout_s: float = Field(3600, gt=0)

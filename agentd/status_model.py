@@ -123,9 +123,16 @@ class SlotInfo:
 
 @dataclass
 class Submitter:
+    """A job's owner (agentd.permissions): who submitted it, as the kernel reported the client."""
+
     uid: Optional[int] = None
     pid: Optional[int] = None
     user: Optional[str] = None
+
+    @classmethod
+    def of(cls, record: dict) -> "Submitter":
+        sub = record.get("submitter") or {}
+        return cls(uid=sub.get("uid"), pid=sub.get("pid"), user=sub.get("user"))
 
 
 @dataclass
@@ -179,6 +186,8 @@ class PausedJob:
     total_steps: Optional[int] = None
     priority: int = 0
     paused_at: Optional[float] = None
+    submitter: Submitter = field(default_factory=Submitter)
+    build_url: Optional[str] = None
 
 
 @dataclass
@@ -199,6 +208,7 @@ class RecentJob:
     estimate_mib: Optional[float] = None
     peak_mib: Optional[float] = None
     infra_retries: int = 0
+    submitter: Submitter = field(default_factory=Submitter)
 
 
 @dataclass

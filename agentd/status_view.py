@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from agentd.status_model import JenkinsInfo, RunningJob, SlotInfo, Status
+from agentd.status_model import JenkinsInfo, RunningJob, SlotInfo, Status, Submitter
 from trainer.events import format_duration
 
 NA = "N/A"
@@ -71,10 +71,16 @@ def gpu_line(slot: SlotInfo) -> str:
             f"\n           {slot.uuid or 'UUID ' + NA}")
 
 
+def owner(submitter: Submitter, build_url: str | None = None) -> str:
+    """Who owns a job (agentd.permissions): the submitting user, and the build it came from."""
+    who = submitter.user or (f"uid {submitter.uid}" if submitter.uid is not None else NA)
+    return f"{who} ({build_url})" if build_url else who
+
+
 def running_line(r: RunningJob) -> str:
     loss = _num(r.loss, "{:.4f}")
     speed = _num(r.it_s, "{:.2f} it/s")
-    who = r.build_url or r.submitter.user or NA
+    who = owner(r.submitter, r.build_url)
     stop = f" ({r.stopping}...)" if r.stopping else ""
     prio = f" priority {r.priority}" if r.priority else ""
     attempt = f" attempt {r.attempt}" if r.attempt > 1 else ""
@@ -110,18 +116,19 @@ def render_plain(snapshot) -> str:
     lines.append(f"queue: {len(s.queue)}")
     for q in s.queue:
         prio = f" priority {q.priority}" if q.priority else ""
-        lines.append(f"  {q.position}. {q.id} {q.state}{prio} waited {format_duration(q.waited_s, NA)} {q.config}")
+        lines.append(f"  {q.position}. {q.id} {q.state}{prio} waited {format_duration(q.waited_s, NA)} {q.config}"
+                     f" by {owner(q.submitter, q.build_url)}")
     if s.paused:
         lines.append(f"paused: {len(s.paused)}")
-        lines += [f"  {p.id} at step {_num(p.step)}/{_num(p.total_steps)} {p.config} (agentd resume {p.id})"
-                  for p in s.paused]
+        lines += [f"  {p.id} at step {_num(p.step)}/{_num(p.total_steps)} {p.config} by "
+                  f"{owner(p.submitter, p.build_url)} (agentd resume {p.id})" for p in s.paused]
     lines.append("recent:" if s.recent else "recent: none")
     for r in s.recent:
         est = f" est {_num(r.estimate_mib, '{:.0f}')} / peak {_num(r.peak_mib, '{:.0f}')} MiB"
         retries = f" infra retries {r.infra_retries}" if r.infra_retries else ""
         err = f" - {r.error.splitlines()[0][:100]}" if r.error and r.outcome != "succeeded" else ""
         lines.append(f"  {r.id} {r.outcome:<9} {_ago(r.ended)} loss {_num(r.loss, '{:.4f}')}"
-                     f"{est}{retries} {r.name or ''}{err}")
+                     f"{est}{retries} {r.name or ''} by {owner(r.submitter)}{err}")
     return "\n".join(lines)
 
 
@@ -152,34 +159,36 @@ def rich_renderable(snapshot):
                       f"{_num(sl.agentd_vram_mib)} MiB", _num(g.get("utilization_pct"), "{}%"),
                       _num(g.get("temperature_c"), "{}C"), holder)
     running = Table(title="running", expand=True)
-    for col in ("job", "step", "loss", "speed", "ETA", "prio", "config / build"):
+    for col in ("job", "step", "loss", "speed", "ETA", "prio", "owner", "config / build"):
         running.add_column(col)
     for r in s.running:
         running.add_row(r.id + (f" ({r.stopping}...)" if r.stopping else ""),
                         f"{_num(r.step, na='0')}/{_num(r.total_steps, na='?')}",
                         _num(r.loss, "{:.4f}"), _num(r.it_s, "{:.2f} it/s"), format_duration(r.eta_s, NA),
-                        str(r.priority),
+                        str(r.priority), escape(owner(r.submitter)),
                         f"{r.config}\n{r.build_url or ''}")
     queue = Table(title=f"queue ({len(s.queue)})", expand=True)
-    for col in ("#", "job", "state", "prio", "waited", "config"):
+    for col in ("#", "job", "state", "prio", "waited", "owner", "config"):
         queue.add_column(col)
     for q in s.queue:
-        queue.add_row(str(q.position), q.id, q.state, str(q.priority), format_duration(q.waited_s, NA), q.config or "")
+        queue.add_row(str(q.position), q.id, q.state, str(q.priority), format_duration(q.waited_s, NA),
+                      escape(owner(q.submitter)), q.config or "")
     parts = [Panel(head), slots, running, queue]
     if s.paused:
         paused = Table(title=f"paused ({len(s.paused)})", expand=True)
-        for col in ("job", "step", "config"):
+        for col in ("job", "step", "owner", "config"):
             paused.add_column(col)
         for p in s.paused:
-            paused.add_row(p.id, f"{_num(p.step)}/{_num(p.total_steps)}", p.config or "")
+            paused.add_row(p.id, f"{_num(p.step)}/{_num(p.total_steps)}", escape(owner(p.submitter)), p.config or "")
         parts.append(paused)
     recent = Table(title="recent", expand=True)
-    for col in ("job", "outcome", "ended", "loss", "est/peak MiB", "name"):
+    for col in ("job", "outcome", "ended", "loss", "est/peak MiB", "owner", "name"):
         recent.add_column(col)
     for r in s.recent:
         colour = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(r.outcome, "white")
         recent.add_row(r.id, f"[{colour}]{r.outcome}[/]", _ago(r.ended), _num(r.loss, "{:.4f}"),
-                       f"{_num(r.estimate_mib, '{:.0f}')}/{_num(r.peak_mib, '{:.0f}')}", r.name or "")
+                       f"{_num(r.estimate_mib, '{:.0f}')}/{_num(r.peak_mib, '{:.0f}')}", escape(owner(r.submitter)),
+                       r.name or "")
     parts.append(recent)
     return Group(*parts)
 

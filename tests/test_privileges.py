@@ -9,6 +9,7 @@ ACLs, metadata errors without file bytes, the install snippet) are tested everyw
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -16,6 +17,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -166,17 +168,24 @@ def restore(undo) -> None:
 def users():
     tag = secrets.token_hex(3)
     a, b, c, group = f"agdA{tag}", f"agdB{tag}", f"agdC{tag}", f"agdS{tag}"
+    # Socket members who submit by hand (alice, bob) and an operator (in operator_group too).
+    alice, bob, oper, ops = f"agdL{tag}", f"agdM{tag}", f"agdO{tag}", f"agdP{tag}"
+    names = (a, b, c, alice, bob, oper)
     sh("groupadd", group)
+    sh("groupadd", ops)
     undo = []
     try:
         sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, a)
         sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, b)
         sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", c)
-        undo = grant_search(python_folders(), [pwd.getpwnam(n).pw_uid for n in (a, b, c)])
-        yield {"a": a, "b": b, "c": c, "group": group}
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, alice)
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", group, bob)
+        sh("useradd", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", f"{group},{ops}", oper)
+        undo = grant_search(python_folders(), [pwd.getpwnam(n).pw_uid for n in names])
+        yield {"a": a, "b": b, "c": c, "group": group, "alice": alice, "bob": bob, "oper": oper, "ops": ops}
     finally:
         restore(undo)
-        for name in (a, b, c):
+        for name in names:
             try:
                 for pid in processes_of(pwd.getpwnam(name).pw_uid):  # only what this test started as them
                     os.kill(pid, 9)
@@ -185,6 +194,7 @@ def users():
             subprocess.run(["userdel", name], capture_output=True)
             subprocess.run(["groupdel", name], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
+        subprocess.run(["groupdel", ops], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +243,8 @@ def world(users, assets):
         fake.users["agentd"] = User("agentd", TOKEN)
         settings = daemon_dir / "agentd.yaml"
         settings.write_text(yaml.safe_dump({
-            "socket": str(run_dir / "s"), "socket_group": group, "state_dir": str(daemon_dir / "state"),
+            "socket": str(run_dir / "s"), "socket_group": group, "operator_group": users["ops"],
+            "state_dir": str(daemon_dir / "state"),
             "cache_dir": str(daemon_dir / "cache"), "idle_client_timeout_s": 5, "stop_timeout_s": 30,
             "jenkins": {"url": fake.url, "user": "agentd", "token_credential": "jenkins-token", "node_name": "gpubox",
                         "launcher": "inbound", "remote_fs": str(work), "agent_jar_dir": str(agent_dir),
@@ -241,8 +252,8 @@ def world(users, assets):
                         "retry_min_s": 0.1, "retry_max_s": 0.5, "agent_restart_min_s": 0.5,
                         "agent_restart_max_s": 2}}))
         own(settings, a, a, 0o600)
-        env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HOME": str(daemon_dir),
-               "CREDENTIALS_DIRECTORY": str(creds), DAEMON_ONLY_VARIABLE: "daemon-only"}
+        env = {**same_code(), "PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               "HOME": str(daemon_dir), "CREDENTIALS_DIRECTORY": str(creds), DAEMON_ONLY_VARIABLE: "daemon-only"}
         log = open(root / "daemon.log", "a")
         proc = subprocess.Popen(as_user(a, BIN / "agentd", "serve", "--config", settings, daemon_caps=True),
                                 env=env, stdout=subprocess.DEVNULL, stderr=log, umask=0o007)  # the unit's UMask=
@@ -290,8 +301,8 @@ def test_stopping_the_daemon_stops_the_agent_it_started_as_another_user(world):
     assert agent
 
 
-def b_config(world, name: str, **fields) -> Path:
-    """A tiny job (2 steps at 32 px) in a folder of B's workspace, written as B would."""
+def b_config(world, name: str, user: str = "b", **fields) -> Path:
+    """A tiny job (2 steps at 32 px) in a folder of B's workspace, written as B (or `user`) would."""
     folder = world["work"] / name
     folder.mkdir()
     shared = world["shared"]
@@ -304,14 +315,24 @@ def b_config(world, name: str, **fields) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     users = world["users"]
     for p in (folder, path):
-        shutil.chown(p, users["b"], users["group"])
+        shutil.chown(p, users[user], users["group"])
     folder.chmod(0o2770)
     return path
 
 
+def same_code() -> dict:
+    """PYTHONPATH when the tests run with one (a checkout other than the installed one): the daemon and the
+    clients then run the code under test too."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+
+
+def client_env(world, **extra) -> dict:
+    return {**same_code(), "PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "AGENTD_SOCKET": str(world["socket"]),
+            **extra}
+
+
 def run_as(world, who: str, *cmd, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", "AGENTD_SOCKET": str(world["socket"])}
-    return subprocess.run(as_user(world["users"][who], *cmd), capture_output=True, text=True, env=env,
+    return subprocess.run(as_user(world["users"][who], *cmd), capture_output=True, text=True, env=client_env(world),
                           timeout=timeout)
 
 
@@ -582,6 +603,183 @@ def test_agent_runs_as_the_build_user_with_none_of_the_daemons_keys(world):
     assert report["cwd"] == str(world["work"])
     secret = world["root"] / "agent" / "agent.secret"
     assert secret.stat().st_mode & 0o777 == 0o640 and secret.stat().st_gid == b.pw_gid
+
+
+# --- who may act on a job (agentd.permissions) -------------------------------------------------------------
+
+# A client written straight to the socket: `ask(msg)` sends one request on its own connection and returns
+# the first reply line.
+RAW_ASK = r'''
+import json, socket, sys
+def ask(msg):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(120); s.connect(SOCKET)
+    s.sendall((json.dumps({"v": 1, **msg}) + "\n").encode())
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    s.close()
+    return json.loads(buf.splitlines()[0])
+'''
+# Each request of the JSON list in argv[1], one reply per line.
+RAW_REQUESTS = RAW_ASK + r'''
+for msg in json.loads(sys.argv[1]):
+    print(json.dumps(ask(msg)), flush=True)
+'''
+# A build that submits (argv[1]) and keeps its capability, tries it on another build's job (argv[2]), then acts
+# on its own job with a made-up capability and with its own.
+RAW_BUILD = RAW_ASK + r'''
+path, other = sys.argv[1], sys.argv[2]
+sub = ask({"op": "submit", "config_path": path, "config_text": open(path).read(), "detach": True})
+token = sub.pop("capability")
+replies = [sub, ask({"op": "cancel", "job_id": other}), ask({"op": "pause", "job_id": other, "capability": token}),
+           ask({"op": "cancel", "job_id": sub["job_id"], "capability": "A" * len(token)}),
+           ask({"op": "cancel", "job_id": sub["job_id"], "capability": token})]
+print(json.dumps({"replies": replies, "token": token}))
+'''
+
+
+def raw_requests(world, who: str, msgs: list[dict]) -> list[dict]:
+    done = run_as(world, who, sys.executable, "-c", f"SOCKET = {str(world['socket'])!r}\n" + RAW_REQUESTS,
+                  json.dumps(msgs))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def journal_rows(world, sql: str, args=()) -> list[dict]:
+    import sqlite3
+
+    db = sqlite3.connect(str(world["daemon_dir"] / "state" / "journal.sqlite3"))
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute(sql, args).fetchall()]
+    finally:
+        db.close()
+
+
+def job_state(world, job: str) -> str:
+    """The job's state as the journal has it."""
+    return journal_rows(world, "SELECT state FROM jobs WHERE id = ?", (job,))[0]["state"]
+
+
+def wait_training(world, job: str) -> None:
+    def training():
+        status = request_as_root(world, {"op": "status"})[0]["status"]
+        return any(r["id"] == job and (r["step"] or 0) >= 1 for r in status["running"])
+
+    try:
+        wait_for(training, timeout=240, interval=0.2, what=f"{job} training")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{world['log'].read_text()[-3000:]}") from None
+
+
+@needs_root
+def test_who_may_act_on_a_job_owners_builds_and_operators(world):
+    """One training job for the whole scenario: a build's long job runs; alice's waits behind it."""
+    from tests.daemon_harness import Tail
+
+    users = world["users"]
+    alice, bob, b, ops = users["alice"], users["bob"], users["b"], users["ops"]
+    build_cfg = b_config(world, "build-long", max_train_steps=100000, save_steps=100000, log_every=1)
+    env = client_env(world, JOB_NAME="team-a/train", BUILD_NUMBER="12", BUILD_URL="http://ci/job/team-a/train/12/")
+    first = subprocess.Popen(as_user(b, BIN / "agentd", "run", build_cfg), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env)
+    tail = Tail(first)
+    try:
+        build_job = re.search(r"submitted (job-\d+)", tail.until("submitted job-", timeout=120)[-1]).group(1)
+        alice_cfg = b_config(world, "alice-long", user="alice", max_train_steps=100000, save_steps=100000)
+        submitted = run_as(world, "alice", BIN / "agentd", "run", "--detach", alice_cfg)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        job = re.search(r"submitted (job-\d+)", submitted.stdout).group(1)
+
+        # bob, in the socket group, sees alice's job and its owner ...
+        seen = run_as(world, "bob", BIN / "agentd", "status", "--json")
+        assert [q["submitter"]["user"] for q in json.loads(seen.stdout)["queue"]] == [alice], seen.stdout
+        assert re.search(rf"{job} +queued .* {alice} ", run_as(world, "bob", BIN / "agentd", "jobs").stdout)
+        # ... but may not act on it, read its events, nor drain the box: exit 77 with who may
+        who_may = f"{job} belongs to {alice}; only {alice} or a member of operator group '{ops}' may"
+        for op, verb in (("cancel", "cancel"), ("logs", "read the events of")):
+            done = run_as(world, "bob", BIN / "agentd", op, job)
+            assert done.returncode == 77, (op, done.stdout, done.stderr)
+            assert f"{who_may} {verb} it" in done.stderr, done.stderr
+        drain = run_as(world, "bob", BIN / "agentd", "drain")
+        assert drain.returncode == 77, drain.stdout + drain.stderr
+        assert f"only an operator may drain: root or a member of operator group '{ops}'; {bob} is not one" in \
+            drain.stderr
+        # the raw protocol enforces the same (a client need not be ours)
+        raw = raw_requests(world, "bob", [{"op": "pause", "job_id": job}, {"op": "resume", "job_id": job},
+                                          {"op": "attach", "job_id": job},
+                                          {"op": "cancel", "job_id": job, "capability": "x"}, {"op": "undrain"}])
+        assert [r["error"]["code"] for r in raw] == ["not_permitted"] * 5, raw
+        assert raw[0]["error"]["message"] == f"{who_may} pause it" and raw[1]["error"]["message"] == \
+            f"{who_may} resume it", raw
+
+        # another build (same user as the first) may not cancel or pause the first's job, nor attach to it
+        wait_training(world, build_job)
+        build_may = (f"{build_job} belongs to the build that submitted it (Jenkins job team-a/train #12, as {b}); "
+                     f"only that build's `agentd run` (abort the build to cancel it) or a member of operator group "
+                     f"'{ops}' may")
+        for op in ("cancel", "pause"):
+            done = run_as(world, "b", BIN / "agentd", op, build_job)
+            assert done.returncode == 77 and f"{build_may} {op} it" in done.stderr, done.stdout + done.stderr
+        again = run_as(world, "b", BIN / "agentd", "run", build_cfg)
+        assert again.returncode == 77, again.stdout + again.stderr
+        assert f"{build_job} already trains into the same output_dir. {build_may} follow it" in again.stderr
+        # straight to the socket: a build's capability is a key to its own job only; a made-up one is none
+        script = f"SOCKET = {str(world['socket'])!r}\n" + RAW_BUILD
+        done = run_as(world, "b", sys.executable, "-c", script, b_config(world, "build-queued"), build_job)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        token, (sub, cancel_other, pause_other, forged, own) = out["token"], out["replies"]
+        assert sub["ok"] and len(token) >= 40, sub
+        for reply in (cancel_other, pause_other):
+            assert reply["error"]["code"] == "not_permitted" and build_may in reply["error"]["message"], reply
+        assert forged["error"]["code"] == "not_permitted" and "belongs to the build that submitted it" in \
+            forged["error"]["message"] and "capability" not in forged["error"]["message"], forged
+        assert own == {"v": 1, "ok": True, "job_id": sub["job_id"], "state": "cancelled"}, own
+        # the capability is nowhere but in that client's memory: not in status, the journal or the log
+        stored = b"".join(p.read_bytes() for p in (world["daemon_dir"] / "state").iterdir()
+                          if p.name.startswith("journal.sqlite3"))
+        assert token.encode() not in stored and token not in world["log"].read_text()
+        shown = request_as_root(world, {"op": "status"}) + request_as_root(world, {"op": "jobs"})
+        assert token not in json.dumps(shown)
+        assert journal_rows(world, "SELECT capability_sha256 FROM jobs WHERE id = ?", (sub["job_id"],))[0][
+            "capability_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+        # nothing changed by all those refusals
+        status = request_as_root(world, {"op": "status"})[0]["status"]
+        assert [r["id"] for r in status["running"]] == [build_job] and [q["id"] for q in status["queue"]] == [job]
+        assert not status["daemon"]["draining"]
+
+        # alice, from another terminal, reads her job's events and cancels it
+        logs = run_as(world, "alice", BIN / "agentd", "logs", job)
+        assert logs.returncode == 0 and "queued" in logs.stdout, logs.stdout + logs.stderr
+        cancelled = run_as(world, "alice", BIN / "agentd", "cancel", job)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled.stdout + cancelled.stderr
+        # an operator drains and undrains the box and pauses the build's job
+        for op in ("drain", "undrain"):
+            done = run_as(world, "oper", BIN / "agentd", op)
+            assert done.returncode == 0, done.stdout + done.stderr
+        paused = run_as(world, "oper", BIN / "agentd", "pause", build_job)
+        assert paused.returncode == 0 and "pausing" in paused.stdout, paused.stdout + paused.stderr
+        tail.until(f"job {build_job} paused")
+        # a Jenkins abort of the first build (SIGTERM to its `agentd run`) still cancels its own job
+        first.send_signal(signal.SIGTERM)
+        code, lines = tail.finish(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 3, "\n".join(lines)
+    assert any(f"cancel requested for {build_job} (cancelled)" in line for line in lines), lines
+    assert job_state(world, build_job) == "cancelled" and job_state(world, job) == "cancelled"
+    # every refusal is journaled with the requester
+    refused = journal_rows(world, "SELECT op, job_id, user, reason FROM refusals WHERE user IN (?, ?)", (bob, b))
+    assert all(r["reason"] for r in refused)
+    assert sorted((r["user"], r["op"], r["job_id"] or "") for r in refused) == sorted([
+        *[(bob, op, job) for op in ("cancel", "logs", "pause", "resume", "attach", "cancel")],
+        (bob, "drain", ""), (bob, "undrain", ""),
+        *[(b, op, build_job) for op in ("cancel", "pause", "attach", "cancel", "pause")], (b, "cancel", sub["job_id"])])
 
 
 # --- the decisions, without users -------------------------------------------------------------------------

@@ -45,14 +45,22 @@ def test_status_line_and_views_read_one_typed_status():
 
     s = Status.from_dict({**snapshot(), "jenkins": {"state": "online", "url": "https://ci/", "node_name": "gpubox",
                                                     "agent": {"state": "running", "pid": 42, "restarts": 1}},
-                          "queue": [{"id": "job-2", "position": 2, "state": "queued", "priority": 5, "config": "/q"}],
-                          "paused": [{"id": "job-3", "step": 4, "total_steps": 10}],
+                          "queue": [{"id": "job-2", "position": 2, "state": "queued", "priority": 5, "config": "/q",
+                                     "submitter": {"uid": 1001, "user": "alice"}}],
+                          "paused": [{"id": "job-3", "step": 4, "total_steps": 10,
+                                      "submitter": {"uid": 1500, "user": "agentd-build"},
+                                      "build_url": "https://ci/job/t/7/"}],
                           "future_section": {"x": 1}})  # a newer daemon's field: ignored
     s.running[0].step, s.running[0].total_steps = 3, 300
     assert s.line() == "training job-000001 step 3/300 · 1 GPU · 1 queued · 1 paused · jenkins online"
     text = render_plain(s)
     assert "node gpubox" in text and "agent.jar: running pid 42 restarts 1" in text
     assert "priority 5" in text and "job-3 at step 4/10" in text
+    # every job shows its owner (agentd.permissions): the user, and the build a build's job came from
+    assert "job-2 queued priority 5 waited N/A /q by alice" in text
+    assert "job-3 at step 4/10 None by agentd-build (https://ci/job/t/7/)" in text
+    assert "by uid 1001" in render_plain({**snapshot(), "recent": [{"id": "job-0", "outcome": "failed",
+                                                                     "submitter": {"uid": 1001}}]})
     s.running.clear()
     s.slots[0].healthy, s.slots[0].unhealthy_reason = False, "infrastructure failure in job-1: CUDA error"
     assert s.line() == "idle · 1 GPU (1 unhealthy) · 1 queued · 1 paused · jenkins online"

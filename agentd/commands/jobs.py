@@ -31,6 +31,13 @@ def main(name: str, argv: list[str]) -> int:
         return ExitCode.UNREACHABLE
 
 
+def refused(name: str, reply: dict) -> int:
+    """Print the daemon's refusal; exit 77 when it is a permission refusal, else 1."""
+    err = reply.get("error") or {}
+    print(f"agentd {name}: {err.get('message')}", file=sys.stderr)
+    return ExitCode.NOT_PERMITTED if err.get("code") == "not_permitted" else ExitCode.FAILED
+
+
 def _jobs(sock, args) -> int:
     from agentd.client import request
 
@@ -43,19 +50,21 @@ def _jobs(sock, args) -> int:
         step = f"{j.get('step') or 0}/{j.get('total_steps') or '?'}"
         loss = f"{j['loss']:.4f}" if j.get("loss") is not None else "-"
         prio = f"prio {j['priority']}  " if j.get("priority") else ""
-        print(f"{j['id']}  {j['state']:<11} {when}  step {step:<9} loss {loss:<8} {prio}{j.get('config')}")
+        owner = (j.get("submitter") or {}).get("user") or "?"
+        print(f"{j['id']}  {j['state']:<11} {when}  {owner:<12} step {step:<9} loss {loss:<8} {prio}"
+              f"{j.get('config')}")
     return 0
 
 
 def _job_op(op: str):
-    """cancel / pause / resume JOB: one request; a refusal prints the daemon's reason and exits 1."""
+    """cancel / pause / resume JOB: one request; a refusal prints the daemon's reason and exits 77 (not
+    permitted) or 1."""
     def handler(sock, args) -> int:
         from agentd.client import request
 
         reply = request(sock, {"op": op, "job_id": args.job_id})
         if not reply.get("ok"):
-            print(f"agentd {op}: {reply['error']['message']}", file=sys.stderr)
-            return ExitCode.FAILED
+            return refused(op, reply)
         print(f"{args.job_id}: {reply['state']}")
         return 0
 
@@ -68,8 +77,8 @@ def _logs(sock, args) -> int:
 
     conn = open_request(sock, {"op": "logs", "job_id": args.job_id, "follow": args.follow})
     if not conn.reply.get("ok"):
-        print(f"agentd logs: {conn.reply['error']['message']}", file=sys.stderr)
-        return ExitCode.FAILED
+        conn.close()
+        return refused("logs", conn.reply)
     try:
         while True:
             try:
@@ -89,9 +98,12 @@ def _logs(sock, args) -> int:
 def _drain(sock, args, on=True) -> int:
     from agentd.client import request
 
-    reply = request(sock, {"op": "drain" if on else "undrain"})
+    name = "drain" if on else "undrain"
+    reply = request(sock, {"op": name})
+    if not reply.get("ok"):
+        return refused(name, reply)
     print("draining: the running job finishes, no new jobs start" if on else "taking jobs again")
-    return ExitCode.SUCCEEDED if reply.get("ok") else ExitCode.FAILED
+    return ExitCode.SUCCEEDED
 
 
 HANDLERS = {"jobs": _jobs, "cancel": _job_op("cancel"), "pause": _job_op("pause"), "resume": _job_op("resume"),

@@ -13,13 +13,17 @@ Jenkinsfile's `retry`, rather than fix the config).
 - An `agentd pause` of the job prints "paused" and keeps waiting until `agentd resume` continues it.
 
 - A Jenkins abort (SIGTERM/SIGINT) forwards a cancel at once: the training is the daemon's, not this
-  process's child. The job checkpoints at its next step boundary; this command waits for that and
+  process's child. A build user's job is acted on only with the capability its submit reply carried
+  (agentd.permissions): this process keeps it in memory only and presents it with the cancel and
+  every re-attach; it is never printed nor passed on.
+  The job checkpoints at its next step boundary; this command waits for that and
   exits 3.
 - If this process dies (agent link lost), the job goes on; `agentd run` on the same config while that
   job is queued or running attaches to it instead of submitting a second one.
 - If the daemon goes away (restart, crash), this command retries the socket with backoff, printing
   each try, and re-attaches to the same job id when the daemon is back.
-- `--detach` submits and returns at once with the job id.
+- `--detach` submits and returns at once with the job id (a build user's detached job then has no
+  client holding its capability: only operators can act on it).
 """
 from __future__ import annotations
 
@@ -89,6 +93,7 @@ class Follower:
         self.last_seq = 0
         self.cancel_wanted = False
         self.cancel_sent = False
+        self.capability: str | None = None  # the submit reply's token for this job, in memory only
 
     def _on_signal(self, signum, _frame):
         self.cancel_wanted = True  # only a flag: the follow loop sends the cancel
@@ -121,8 +126,10 @@ class Follower:
         if not reply.get("ok"):
             err = reply.get("error", {})
             print(f"agentd run: {err.get('message')}", file=sys.stderr)
-            return ExitCode.INVALID_CONFIG if err.get("code") == "invalid_config" else ExitCode.FAILED
+            codes = {"invalid_config": ExitCode.INVALID_CONFIG, "not_permitted": ExitCode.NOT_PERMITTED}
+            return codes.get(err.get("code"), ExitCode.FAILED)
         self.job_id = reply["job_id"]
+        self.capability = reply.get("capability")
         if reply.get("attached"):
             say(f"attached to {self.job_id}, already queued or running for this output folder")
         else:
@@ -176,11 +183,21 @@ class Follower:
 
         self.cancel_sent = True
         try:
-            reply = request(self.sock, {"op": "cancel", "job_id": self.job_id})
+            reply = request(self.sock, self._job_request("cancel"))
+            if not reply.get("ok"):
+                say(f"cancel of {self.job_id} refused: {reply.get('error', {}).get('message')}")
+                return
             say(f"cancel requested for {self.job_id} ({reply.get('state')}): "
                 "it saves a checkpoint at the next step boundary")
         except DaemonUnreachable as e:
             say(f"could not forward the cancel: {e}")
+
+    def _job_request(self, op: str, **fields) -> dict:
+        """A request about this job, with its capability when the daemon handed one out."""
+        msg = {"op": op, "job_id": self.job_id, **fields}
+        if self.capability:
+            msg["capability"] = self.capability
+        return msg
 
     def _reattach(self):
         """Retry the socket with backoff (each try printed) and re-attach to the same job."""
@@ -200,7 +217,7 @@ class Follower:
                     raise SystemExit(ExitCode.CANCELLED)
             attempt += 1
             try:
-                conn = open_request(self.sock, {"op": "attach", "job_id": self.job_id, "after_seq": self.last_seq})
+                conn = open_request(self.sock, self._job_request("attach", after_seq=self.last_seq))
                 if conn.reply.get("ok"):
                     say(f"re-attached to {self.job_id} ({conn.reply.get('state')})")
                     return conn
