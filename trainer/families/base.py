@@ -35,6 +35,8 @@ class Family(ABC):
                                  any}. A key some family owns and this one does not is refused when the user
                                  set it (`trainer.families.key_problems`); keys no family lists are common
         KEY_FIXES                {key: fix}: what to use instead of another family's key
+        NETWORK_TYPES            the `network.type`s it trains (`trainer.families.network_problems`)
+        DORA                     whether it trains `network.dora`
         VRAM_SHAPE_FIELDS        which settings (besides the model) shape its memory
         ACT_FACTOR               activation bytes under mixed precision, as a fraction of fp32
     """
@@ -51,6 +53,8 @@ class Family(ABC):
     DEFAULT_TE_TARGETS: list[str] = []
     OWN_KEYS: dict[str, tuple | None]
     KEY_FIXES: dict[str, str] = {}
+    NETWORK_TYPES: tuple[str, ...] = ("lora",)
+    DORA: bool = False
     VRAM_SHAPE_FIELDS: tuple[str, ...]
     ACT_FACTOR: float
 

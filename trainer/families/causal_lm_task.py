@@ -240,7 +240,7 @@ class TextTask:
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA with kohya-style names (`lora_lm_<module path>.lora_down/up.weight`, `.alpha`):
         what checkpoints, `<name>.safetensors` and `init_lora_weights` use."""
-        return lora_io.to_kohya(self.models, self.cfg.effective_alpha)
+        return lora_io.to_kohya(self.models)
 
     def load_lora_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         lora_io.load_kohya(self.models, tensors, source)
