@@ -136,6 +136,17 @@ def lora_params_per_rank(model: Any, target_modules: Iterable[str]) -> int:
     return total
 
 
+def unet_target_dims(model_dir: Path, target_modules: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """{name: (in, out)} of the UNet layers the targets adapt, from unet/config.json (a meta model, no weights):
+    what a LoKr factor is checked against (`trainer.families.peft_lora.factor_problems`)."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.families.peft_lora import adaptable
+
+    config = _read_json(Path(model_dir) / "unet" / "config.json")
+    return adaptable(_meta(lambda: UNet2DConditionModel.from_config(config)), list(target_modules))
+
+
 def _count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -83,13 +83,15 @@ def peft_config(model, cfg, targets, **options):
     task = {"task_type": options["task_type"]} if "task_type" in options else {}
     if net.type == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, **task)
-    layers = _adaptable(model, targets)
-    _check_factor(net.factor, layers)
+    layers = adaptable(model, targets)
+    problems = factor_problems(net.factor, layers)
+    if problems:  # preflight found it already (on the model's config); kept for an API caller that skipped it
+        raise ConfigError(problems)
     return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=net.factor,
                       decompose_both=net.decompose_both, alpha_pattern=_lokr_unscaled(layers, rank, net), **task)
 
 
-def _adaptable(model, targets) -> dict[str, tuple[int, int]]:
+def adaptable(model, targets) -> dict[str, tuple[int, int]]:
     """The Linear/Conv2d layers of `model` the targets name: {name: (in, out) dimension}."""
     import torch
 
@@ -103,14 +105,15 @@ def _adaptable(model, targets) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _check_factor(factor: int, layers: dict[str, tuple[int, int]]) -> None:
-    """A LoKr factor must divide some layer's dimensions, else every layer falls back to the square-root split
-    and the factor means nothing (peft's and LyCORIS's `factorization`)."""
+def factor_problems(factor: int, layers: dict[str, tuple[int, int]]) -> list[Problem]:
+    """A LoKr factor must divide some layer's dimensions (`layers`: `adaptable`), else every layer falls back to
+    the square-root split and the factor means nothing (peft's and LyCORIS's `factorization`)."""
     if factor > 0 and layers and not any(d % factor == 0 for dims in layers.values() for d in dims):
         name, (i, o) = next(iter(layers.items()))
-        raise ConfigError([Problem("network.factor", f"{factor} divides no dimension of the adapted layers "
-                                   f"(e.g. {name}: {i} in, {o} out)",
-                                   "use a factor that divides the layer widths (e.g. 4 or 8), or -1", factor)])
+        return [Problem("network.factor", f"{factor} divides no dimension of the adapted layers "
+                        f"(e.g. {name}: {i} in, {o} out)",
+                        "use a factor that divides the layer widths (e.g. 4 or 8), or -1", factor)]
+    return []
 
 
 def _lokr_unscaled(layers: dict[str, tuple[int, int]], rank: int, net) -> dict[str, float]:
