@@ -44,6 +44,8 @@ BAD = [
     ("init file of another type", {"network": {"type": "lora"}, "init_lora_weights": "LOHA"}, False,
      "init_lora_weights", "is a loha network (its tensor names; lycoris.kohya), but network.type is lora",
      "type: loha"),
+    ("ema decay outside (0, 1)", {"ema": {"decay": 1.0}}, False, "ema.decay", "strictly between 0 and 1",
+     "0.999"),
     ("type the family cannot train", {"network": {"type": "locon"}}, True, "network.type",
      "locon cannot be trained on", "use network type lora"),
 ]
@@ -74,32 +76,45 @@ TYPES = {"locon": {"type": "locon", "conv_rank": 2, "conv_alpha": 1}, "dora": {"
          "loha": {"type": "loha"}, "lokr": {"type": "lokr", "factor": 4}}
 
 
+SD_STEPS = 8  # the tiny SD runs: checkpoints at 4 and 8, the SIGKILL test kills between them
+EMA = {"decay": 0.9, "use_for": "samples"}
+
+
+def run_config(folder: Path, assets, model: str, kind: str) -> Path:
+    steps = SD_STEPS if model == "sd_model" else 3
+    return write_config(folder, assets, base_model=str(assets[model]), network=TYPES[kind], max_train_steps=steps,
+                        save_steps=4, learning_rate="1e-2", name="net", seed=5,
+                        ema=EMA if model == "sd_model" else {"decay": 0.9, "use_for": "export"})
+
+
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """{(model, type): output folder} of a 3-step run of each type on the tiny SD and SDXL."""
+    """{(model, type): output folder} of a run of each type on the tiny SD (8 steps, EMA as a second file) and
+    SDXL (3 steps, EMA in place of the raw file)."""
     from trainer.training.job import LoraTrainingJob
 
     out = {}
     for model in ("sd_model", "sdxl_model"):
-        for kind, net in TYPES.items():
+        for kind in TYPES:
             folder = tmp_path_factory.mktemp(f"{model}-{kind}")
-            path = write_config(folder, assets, base_model=str(assets[model]), network=net, max_train_steps=3,
-                                save_steps=3, learning_rate="1e-2", name="net")
-            result = LoraTrainingJob(preflight(path)).run()
-            assert result.outcome == "succeeded" and result.steps == 3
+            result = LoraTrainingJob(preflight(run_config(folder, assets, model, kind))).run()
+            assert result.outcome == "succeeded" and result.steps == (SD_STEPS if model == "sd_model" else 3)
             out[model, kind] = folder / "out"
     return out
 
 
-def _file(out: Path):
+def _file(out: Path, name: str = "net"):
     from safetensors import safe_open
 
-    with safe_open(str(out / "net.safetensors"), framework="pt") as f:
+    with safe_open(str(out / f"{name}.safetensors"), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
 @pytest.mark.parametrize("model", ["sd_model", "sdxl_model"])
 def test_each_type_trains_and_writes_lycoris_keys_and_metadata(model, runs):
+    from trainer.checks.vram import estimate_for_config
+    from trainer.config import load_config
+
     expected = {"locon": ({"lora_down.weight", "lora_up.weight", "alpha"}, {"algo": "lora", "conv_dim": "2",
                                                                             "conv_alpha": "1.0"}),
                 "dora": ({"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"},
@@ -111,7 +126,17 @@ def test_each_type_trains_and_writes_lycoris_keys_and_metadata(model, runs):
         assert suffixes <= {k.split(".", 1)[1] for k in tensors}, kind
         assert all(k.startswith("lora_unet_") for k in tensors)
         assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"]) == args
-    tensors, _ = _file(runs[model, "locon"])
+    for kind in TYPES:  # run.json, the report's header and the VRAM estimate count the parameters the file has
+        out = runs[model, kind]
+        tensors, _ = _file(out)
+        count = sum(v.numel() for k, v in tensors.items() if not k.endswith(".alpha"))
+        net = json.loads((out / "run.json").read_text())["network"]
+        assert net["parameters"] == count and net["type"] == ("LoRA + DoRA" if kind == "dora" else kind[:2].title()
+                                                              + kind[2:].title())
+        assert f"{net['type']}, {count:,} parameters (EMA for " in (out / "report.html").read_text()
+        estimate = estimate_for_config(load_config(out / "config.yaml"))
+        assert estimate.params["lora_unet"] == count and any("ema:" in n for n in estimate.notes)
+    tensors, _ = _file(runs[model, "locon"])  # SDXL's file: the EMA in place (same keys)
     convs = [k for k in tensors if "_resnets_" in k and k.endswith("conv1.lora_down.weight")]
     assert convs and all(tensors[k].shape[0] == 2 and tensors[k].dim() == 4 for k in convs)  # conv_rank 2, 3x3
     assert any("samplers_0_conv.lora_down.weight" in k for k in tensors)  # kohya's up/downsampler convolutions
@@ -210,3 +235,50 @@ def test_diffusers_load_lora_weights_applies_locon_and_dora_files(kind, runs, as
     assert abs(after - before).max() > 1e-3
     pipe.unload_lora_weights()
     assert abs(render() - before).max() == 0
+
+
+def test_ema_is_exported_beside_or_in_place_of_the_raw_network(runs):
+    raw, _ = _file(runs["sd_model", "loha"])
+    ema, meta = _file(runs["sd_model", "loha"], "net-ema")
+    assert raw.keys() == ema.keys() and meta["ss_network_module"] == "lycoris.kohya"
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # an average lags the trained weights
+    assert not (runs["sdxl_model", "loha"] / "net-ema.safetensors").exists()  # use_for: export, in place
+
+
+def _run_job(path: str) -> None:
+    from trainer.training.job import LoraTrainingJob
+
+    LoraTrainingJob(preflight(path)).run()
+
+
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_sigkill_mid_run_then_rerun_is_bit_identical_with_ema(kind, runs, assets, tmp_path):
+    """A job process SIGKILLed after its step-4 checkpoint, then run again: the network, its EMA (the -ema file)
+    and every loss equal the uninterrupted run's. The job runs in a forked process (already imported: no
+    interpreter start-up to pay for) and is killed with a real signal."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from trainer.runs.outputs import read_loss_csv
+
+    path = run_config(tmp_path, assets, "sd_model", kind)
+    loss = tmp_path / "out/logs/loss.csv"
+    child = multiprocessing.get_context("fork").Process(target=_run_job, args=(str(path),))
+    child.start()
+    deadline = time.monotonic() + 120
+    while not (loss.exists() and len(loss.read_text().splitlines()) > 5):  # header + 5 steps: past step 4's save
+        assert child.is_alive() and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL and not (tmp_path / "out/net.safetensors").exists()
+    _run_job(str(path))
+    ref = runs["sd_model", kind]
+    for name in ("net", "net-ema"):
+        a, b = _file(ref, name)[0], _file(tmp_path / "out", name)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = read_loss_csv(loss)
+    assert [int(r["step"]) for r in rows] == list(range(1, SD_STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_loss_csv(ref / "logs/loss.csv")]

@@ -132,6 +132,21 @@ class NetworkConfig(_Strict):
             + (" + DoRA" if self.dora else "")
 
 
+class EmaConfig(_Strict):
+    """An exponential moving average of the trained network (trainer.training.ema), kept in fp32 in the checkpoint."""
+
+    decay: float = 0.999
+    """Each update keeps this much of the average: shadow = decay x shadow + (1 - decay) x weights. 0.999 averages
+    over about the last 1000 updates; use a smaller decay (0.99) for short runs. Strictly between 0 and 1."""
+    update_every: int = Field(1, gt=0)
+    """Update the average every N optimizer steps."""
+    use_for: Literal["samples", "export", "both"] = "samples"
+    """samples: samples and validation loss use the EMA weights, and it is exported as a second file
+    <name>-ema.safetensors beside the raw <name>.safetensors. export: <name>.safetensors holds the EMA weights in
+    place of the raw ones (those stay in the last checkpoint); samples and validation use the raw weights.
+    both: the two."""
+
+
 class SubsetConfig(_Strict):
     """One folder of a `datasets:` list (kohya's [[datasets.subsets]]). Caption options left out here
     take the top-level value."""
@@ -263,6 +278,9 @@ class TrainConfig(_Strict):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     """The network type and its options, e.g. {type: locon, conv_rank: 8, conv_alpha: 4} or {type: lokr,
     factor: 8}. Default: plain LoRA."""
+    ema: Optional[EmaConfig] = None
+    """Keep an EMA of the network's weights, e.g. {decay: 0.999, update_every: 1, use_for: samples}. Costs 4 bytes
+    per network parameter of GPU memory (8 while samples or the export swap it in). Default: none."""
 
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = Field(1, gt=0)
@@ -481,7 +499,7 @@ class TrainConfig(_Strict):
         return problems
 
     def _network_checks(self) -> list[tuple[str, str, str, Any]]:
-        """network options that do not belong to its type (which types a model family trains:
+        """network options that do not belong to its type, and an EMA decay that averages nothing (which types a model family trains:
         trainer.families.network_problems; a LoKr factor against the layers: trainer.families.peft_lora)."""
         net, problems = self.network, []
         for key, types in (("conv_rank", ("locon",)), ("conv_alpha", ("locon",)), ("dora", ("lora", "locon")),
@@ -494,6 +512,10 @@ class TrainConfig(_Strict):
                     key, f"set network.type: lokr, or remove {key}")
                 problems.append((f"network.{key}", f"does not apply to network type {net.type} (only to "
                                  f"{' and '.join(types)})", fix, getattr(net, key)))
+        if self.ema is not None and not 0 < self.ema.decay < 1:
+            problems.append(("ema.decay", "must be strictly between 0 and 1 (0: no averaging, 1: the average never "
+                             "moves)", "use e.g. 0.999 (about the last 1000 updates) or 0.99 for short runs",
+                             self.ema.decay))
         if net.type in ("loha", "lokr") and self.lora_dropout:
             problems.append(("lora_dropout", f"applies to the LoRA path (network types lora and locon), not to "
                              f"{net.type}", "remove lora_dropout, or train type lora/locon", self.lora_dropout))

@@ -105,6 +105,12 @@ class Family(ABC):
     def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
         """Parameter counts and activation terms (`trainer.families.memory.ModelSummary`, meta device)."""
 
+    def vram_network_counts(self, model_dir: Path, targets, te_targets, network, rank: int,
+                            alpha: float) -> dict[str, int]:
+        """{component: parameters} of a network other than plain LoRA; only families whose NETWORK_TYPES or DORA
+        allow one are asked (`trainer.families.network_problems` refuses the rest)."""
+        raise NotImplementedError(f"{self.TITLE} trains plain LoRA only")
+
     @abstractmethod
     def vram_per_sample_bytes(self, summary, shape: dict) -> float:
         """Activation bytes of one sample (shape: resolution, max_seq_length, gradient_checkpointing,

@@ -203,11 +203,23 @@ def load_kohya(models: dict[str, "torch.nn.Module"], state: dict[str, "torch.Ten
             for suffix, p in params.items():
                 given_t = state.get(f"{key}.{suffix}")
                 if given_t is None or tuple(given_t.shape) != _file_shape(suffix, p):
-                    have = "missing" if given_t is None else f"shape {tuple(given_t.shape)}"
-                    raise LoraFormatError(
-                        f"{source}: {key}.{suffix} is {have}, this config makes it {_file_shape(suffix, p)}: set "
-                        "lora_rank (and network's conv_rank, factor) to what the file was trained with")
+                    raise LoraFormatError(_mismatch(source, key, suffix, given_t, p))
                 p.copy_(given_t.reshape(p.shape).to(p.dtype))
+
+
+# The tensors whose first dimension is the layer's rank.
+RANK_FIRST = ("lora_down.weight", "hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b")
+
+
+def _mismatch(source: str, key: str, suffix: str, given: "torch.Tensor | None", param: "torch.Tensor") -> str:
+    """Why a file's tensor does not fit this config's layer, and which key to set."""
+    if given is not None and suffix in RANK_FIRST and given.shape[1:] == param.shape[1:]:
+        which = "network.conv_rank" if param.dim() == 4 and param.shape[2:] != (1, 1) else "lora_rank"
+        return (f"{source}: {key} has rank {given.shape[0]}, the config asks for rank {param.shape[0]}: "
+                f"set {which}: {given.shape[0]}")
+    have = "missing" if given is None else f"shape {tuple(given.shape)}"
+    return (f"{source}: {key}.{suffix} is {have}, this config makes it {_file_shape(suffix, param)}: set lora_rank "
+            "and network (conv_rank, factor, decompose_both) to what the file was trained with")
 
 
 def _rename(key: str, aliases: dict[str, str]) -> str:

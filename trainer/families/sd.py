@@ -59,6 +59,10 @@ class SdFamily(DiffusionFamily):
     def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
         return memory.unet_model_summary(model_dir, targets, te_targets)
 
+    def vram_network_counts(self, model_dir: Path, targets, te_targets, network, rank: int,
+                            alpha: float) -> dict[str, int]:
+        return memory.image_network_counts(model_dir, targets, te_targets, network, rank, alpha)
+
     def vram_per_sample_bytes(self, summary, shape: dict) -> float:
         return memory.unet_per_sample_bytes(summary, shape)
 
