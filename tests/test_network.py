@@ -282,3 +282,31 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical_with_ema(kind, runs, assets
     rows = read_loss_csv(loss)
     assert [int(r["step"]) for r in rows] == list(range(1, SD_STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_loss_csv(ref / "logs/loss.csv")]
+
+
+@pytest.mark.parametrize("net", [{"type": "loha"}, {"type": "lokr", "factor": 4}, {"type": "lora", "dora": True}],
+                         ids=["loha", "lokr", "dora"])
+def test_text_mode_peft_folder_and_merged_export_per_type(net, assets, tmp_path):
+    """Text mode: each type's PEFT adapter folder loads with peft (PeftModel.from_pretrained) and the merged export
+    with transformers, to the same logits; the estimate counts the trained parameters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_train_text import load_base, logits_of
+    from trainer.checks.vram import estimate_for_config
+    from trainer.config import load_config
+    from trainer.training.job import LoraTrainingJob
+
+    path = write_text_config(tmp_path, assets, network=net, max_train_steps=3, learning_rate="3e-2",
+                             export_merged=True, name="lm")
+    result = LoraTrainingJob(preflight(path)).run()
+    out = tmp_path / "out"
+    assert result.outcome == "succeeded" and str(out / "lm-merged") in result.artifacts
+    base = load_base(assets)
+    before = logits_of(base)
+    adapted = logits_of(PeftModel.from_pretrained(base, str(out / "lm-peft")).eval())
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(out / "lm-merged", local_files_only=True).eval())
+    assert (adapted - before).abs().max() > 1e-3
+    assert (adapted - merged).abs().max() < 1e-4  # measured: ~1e-6 (fp32 rounding)
+    params = json.loads((out / "run.json").read_text())["network"]["parameters"]
+    assert estimate_for_config(load_config(out / "config.yaml")).params["lora_model"] == params

@@ -105,10 +105,10 @@ class NetworkConfig(_Strict):
     shortcuts and time-embedding projections at lora_rank); the usual choice for styles. loha: LyCORIS LoHa
     (Hadamard product of two low-rank pairs: more expressive per parameter). lokr: LyCORIS LoKr (Kronecker
     product of two small factors: the smallest files). Image families with a UNet (sd, sdxl) train every type;
-    Flux and causal LMs train lora (they have no UNet convolutions, and their file formats carry LoRA only)."""
+    causal LMs lora, loha and lokr (no convolutions); Flux lora (its diffusers-format file carries LoRA only)."""
     dora: bool = False
     """DoRA (weight-decomposed LoRA: a trained magnitude per output channel; LyCORIS's dora_wd). lora and
-    locon only."""
+    locon only; not on Flux."""
     conv_rank: Optional[int] = Field(None, gt=0)
     """locon: rank of the 3x3 convolutions (kohya's conv_dim). Default: lora_rank."""
     conv_alpha: Optional[float] = Field(None, gt=0)

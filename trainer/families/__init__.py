@@ -163,7 +163,7 @@ def network_problems(cfg: "TrainConfig", fam: Family) -> list[Problem]:
     """A `network` the family cannot train (its NETWORK_TYPES, DORA)."""
     net, problems = cfg.network, []
     why = {"flux": "Flux has no UNet convolutions, and its LoRA file (diffusers' lora_A/lora_B keys) carries "
-                   "LoRA layers only", "causal_lm": "a causal LM has no convolutions, and its files carry LoRA only"}
+                   "LoRA layers only", "causal_lm": "a causal LM has no convolutions for locon's conv set"}
     if net.type not in fam.NETWORK_TYPES:
         problems.append(Problem("network.type", f"{net.type} cannot be trained on {fam.TITLE} (it trains "
                                 f"{', '.join(fam.NETWORK_TYPES)}; {why.get(fam.NAME, '')})".replace("; )", ")"),

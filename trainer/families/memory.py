@@ -302,23 +302,12 @@ def _image_summary(model_dir: str, unet_targets: tuple[str, ...], te_targets: tu
 def _image_network_counts(model_dir: str, unet_targets: tuple[str, ...], te_targets: tuple[str, ...],
                           network_json: str, rank: int, alpha: float, fingerprint: str) -> tuple[tuple[str, int], ...]:
     """((component, network parameters), ...)."""
-    import torch
-    from peft import inject_adapter_in_model
-
-    from trainer.config import NetworkConfig
-    from trainer.families.peft_lora import ADAPTER_PARAM_MARKS, peft_config
-
     root = Path(model_dir)
-    job = SimpleNamespace(network=NetworkConfig.model_validate_json(network_json), lora_rank=rank,
-                          effective_alpha=alpha, lora_dropout=0.0)
     counts = {}
     for comp, model, te_config in _image_components(root, _read_json(root / "model_index.json")):
         targets = unet_targets if comp == "unet" else te_targets if te_config is not None else ()
-        if not targets:
-            continue
-        with torch.device("meta"):
-            inject_adapter_in_model(peft_config(model, job, list(targets)), model)
-        counts[comp] = sum(p.numel() for n, p in model.named_parameters() if any(m in n for m in ADAPTER_PARAM_MARKS))
+        if targets:
+            counts[comp] = _network_count(model, network_json, rank, alpha, list(targets))
     return tuple(counts.items())
 
 
@@ -333,18 +322,50 @@ def image_network_counts(model_dir: Path, target_modules: Iterable[str], text_en
                                       _folder_fingerprint(model_dir, files)))
 
 
-@functools.lru_cache(maxsize=32)
-def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> ModelSummary:
+def _meta_causal_lm(root: Path) -> tuple[Any, Any]:
+    """(transformers config, meta-device model) of a causal-LM folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    root = Path(model_dir)
     _read_json(root / "config.json")
     try:
         config = AutoConfig.from_pretrained(root, local_files_only=True)
-        model = _meta(lambda: AutoModelForCausalLM.from_config(config))
+        return config, _meta(lambda: AutoModelForCausalLM.from_config(config))
     except Exception as e:
         raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
                                 f"{content_free(e)}") from None
+
+
+def _network_count(model: Any, network_json: str, rank: int, alpha: float, targets: list[str]) -> int:
+    """Parameters of the network peft builds on `model` (meta device) for a `trainer.config.NetworkConfig`."""
+    import torch
+    from peft import inject_adapter_in_model
+
+    from trainer.config import NetworkConfig
+    from trainer.families.peft_lora import ADAPTER_PARAM_MARKS, peft_config
+
+    job = SimpleNamespace(network=NetworkConfig.model_validate_json(network_json), lora_rank=rank,
+                          effective_alpha=alpha, lora_dropout=0.0)
+    with torch.device("meta"):
+        inject_adapter_in_model(peft_config(model, job, targets), model)
+    return sum(p.numel() for n, p in model.named_parameters() if any(m in n for m in ADAPTER_PARAM_MARKS))
+
+
+@functools.lru_cache(maxsize=32)
+def _text_network_count(model_dir: str, targets: tuple[str, ...], network_json: str, rank: int, alpha: float,
+                        fingerprint: str) -> int:
+    return _network_count(_meta_causal_lm(Path(model_dir))[1], network_json, rank, alpha, list(targets))
+
+
+def text_network_counts(model_dir: Path, target_modules: Iterable[str], network, rank: int,
+                        alpha: float) -> dict[str, int]:
+    """`image_network_counts` for a causal LM: {"model": parameters}."""
+    return {"model": _text_network_count(str(model_dir.resolve()), tuple(target_modules), network.model_dump_json(),
+                                         rank, alpha, _folder_fingerprint(model_dir, ["config.json"]))}
+
+
+@functools.lru_cache(maxsize=32)
+def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> ModelSummary:
+    config, model = _meta_causal_lm(Path(model_dir))
     import torch.nn as nn
 
     head = model.get_output_embeddings()

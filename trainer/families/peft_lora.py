@@ -67,6 +67,8 @@ def peft_config(model, cfg, targets, **options):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     net, rank, alpha = cfg.network, cfg.lora_rank, cfg.effective_alpha
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft's keyword, not a module name
     if net.type == "locon" and targets != "all-linear":
         convs = conv_layers(model)
         if convs:
@@ -80,7 +82,8 @@ def peft_config(model, cfg, targets, **options):
     if net.type in ("lora", "locon"):
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                           use_dora=net.dora, **options)
-    task = {"task_type": options["task_type"]} if "task_type" in options else {}
+    # The options LoHa/LoKr configs share with LoraConfig (init_lora_weights and the patterns are LoRA's).
+    task = {k: v for k, v in options.items() if k in ("task_type", "base_model_name_or_path")}
     if net.type == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, **task)
     layers = adaptable(model, targets)
