@@ -319,7 +319,8 @@ class LoraTrainingJob:
         lora_path = cfg.output_dir / f"{cfg.run_name}.safetensors"
         artifacts = [str(p) for p in self._export_network(lora_path)]
         artifacts += [str(p) for p in self.watch.finish()]  # the last samples round and the grid
-        extra = self.task.export_extra(cfg.output_dir)
+        with self._exported_weights():  # the PEFT folder and the merged export follow <name>.safetensors
+            extra = self.task.export_extra(cfg.output_dir)
         artifacts += [str(p) for p in extra]
         self.run_start.record(*artifacts, "logs/summary.csv")
         summary = self._summary(final_loss)
@@ -333,10 +334,14 @@ class LoraTrainingJob:
         return JobResult("succeeded", cfg.output_dir, lora_path, self.state.global_step, final_loss,
                          self.resumed_from, self.peak_memory_mib(), artifacts)
 
+    def _exported_weights(self):
+        """The weights the exports hold: the EMA's when `ema.use_for` says export (or both), else the trained ones."""
+        return self.ema.applied() if self.ema is not None and self.ema.in_place() else contextlib.nullcontext()
+
     def _export_network(self, lora_path: Path) -> list[Path]:
         """<name>.safetensors; with `ema`, the EMA weights in its place or as <name>-ema.safetensors (ema.use_for)."""
         ema = self.ema
-        with ema.applied() if ema is not None and ema.in_place() else contextlib.nullcontext():
+        with self._exported_weights():
             save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
         if ema is None or ema.in_place():
             return [lora_path]
