@@ -81,7 +81,7 @@ EMA = {"decay": 0.9, "use_for": "samples"}
 
 
 def run_config(folder: Path, assets, model: str, kind: str) -> Path:
-    steps = SD_STEPS if model == "sd_model" else 3
+    steps = SD_STEPS if model == "sd_model" else 2
     return write_config(folder, assets, base_model=str(assets[model]), network=TYPES[kind], max_train_steps=steps,
                         save_steps=4, learning_rate="1e-2", name="net", seed=5,
                         ema=EMA if model == "sd_model" else {"decay": 0.9, "use_for": "export"})
@@ -90,7 +90,7 @@ def run_config(folder: Path, assets, model: str, kind: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """{(model, type): output folder} of a run of each type on the tiny SD (8 steps, EMA as a second file) and
-    SDXL (3 steps, EMA in place of the raw file)."""
+    SDXL (2 steps, EMA in place of the raw file)."""
     from trainer.training.job import LoraTrainingJob
 
     out = {}
@@ -98,7 +98,7 @@ def runs(assets, tmp_path_factory):
         for kind in TYPES:
             folder = tmp_path_factory.mktemp(f"{model}-{kind}")
             result = LoraTrainingJob(preflight(run_config(folder, assets, model, kind))).run()
-            assert result.outcome == "succeeded" and result.steps == (SD_STEPS if model == "sd_model" else 3)
+            assert result.outcome == "succeeded" and result.steps == (SD_STEPS if model == "sd_model" else 2)
             out[model, kind] = folder / "out"
     return out
 
