@@ -310,3 +310,37 @@ def test_text_mode_peft_folder_and_merged_export_per_type(net, assets, tmp_path)
     assert (adapted - merged).abs().max() < 1e-4  # measured: ~1e-6 (fp32 rounding)
     params = json.loads((out / "run.json").read_text())["network"]["parameters"]
     assert estimate_for_config(load_config(out / "config.yaml")).params["lora_model"] == params
+
+
+def test_ema_for_samples_validates_with_the_average_and_export_writes_it_in_place(assets, tmp_path):
+    """Two runs that differ only in ema.use_for train identically; validation loss is the EMA's with `samples`
+    (so it differs), and `export`'s <name>.safetensors is exactly `samples`' <name>-ema.safetensors."""
+    from trainer.runs.outputs import read_loss_csv
+    from trainer.training.job import LoraTrainingJob
+
+    outs = {}
+    for use_for in ("samples", "export"):
+        folder = tmp_path / use_for
+        folder.mkdir()
+        path = write_config(folder, assets, network={"type": "loha"}, max_train_steps=3, save_steps=3,
+                            learning_rate="1e-2", name="net", validation_split=0.25, validate_every_n_steps=3,
+                            ema={"decay": 0.5, "use_for": use_for}, sample_prompts=["a red circle --s 2"])
+        assert LoraTrainingJob(preflight(path)).run().outcome == "succeeded"
+        outs[use_for] = folder / "out"
+    rows = {k: read_loss_csv(v / "logs/loss.csv") for k, v in outs.items()}
+    assert [r["loss"] for r in rows["samples"]] == [r["loss"] for r in rows["export"]]
+    assert rows["samples"][-1]["val_loss"] != rows["export"][-1]["val_loss"]
+    a, b = _file(outs["samples"], "net-ema")[0], _file(outs["export"])[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list((outs["samples"] / "samples").rglob("*.png"))  # the samples round ran with the EMA swapped in
+
+
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_init_lora_weights_continues_a_network_of_the_same_type(kind, runs, assets, tmp_path):
+    from tests.conftest import lora_at_step_zero
+
+    trained = runs["sd_model", kind] / "net.safetensors"
+    path = write_config(tmp_path, assets, network=TYPES[kind], init_lora_weights=str(trained))
+    start = lora_at_step_zero(path)
+    given, _ = _file(runs["sd_model", kind])
+    assert start.keys() == given.keys() and all(torch.equal(start[k], given[k]) for k in given)
