@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 # Component -> key prefix; a family with other names passes its own (SDXL: text_encoder -> lora_te1).
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "model": "lora_lm"}
 _A, _B = ".lora_A.default.weight", ".lora_B.default.weight"
-# (down, up) key suffixes of a layer in a LoRA file: kohya's names, and diffusers' (the Flux LoRA layout).
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight")
+# (down, up) key suffixes of a layer in diffusers' LoRA layout (Flux's file; kohya's names: FILE_NAMES).
 DIFFUSERS_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
