@@ -76,20 +76,20 @@ TYPES = {"locon": {"type": "locon", "conv_rank": 2, "conv_alpha": 1}, "dora": {"
          "loha": {"type": "loha"}, "lokr": {"type": "lokr", "factor": 4}}
 
 
-SD_STEPS = 8  # the tiny SD runs: checkpoints at 4 and 8, the SIGKILL test kills between them
+SD_STEPS = 6  # the tiny SD runs: checkpoints at 3 and 6, the SIGKILL test kills between them
 EMA = {"decay": 0.9, "use_for": "samples"}
 
 
 def run_config(folder: Path, assets, model: str, kind: str) -> Path:
     steps = SD_STEPS if model == "sd_model" else 2
     return write_config(folder, assets, base_model=str(assets[model]), network=TYPES[kind], max_train_steps=steps,
-                        save_steps=4, learning_rate="1e-2", name="net", seed=5,
+                        save_steps=3, learning_rate="1e-2", name="net", seed=5,
                         ema=EMA if model == "sd_model" else {"decay": 0.9, "use_for": "export"})
 
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """{(model, type): output folder} of a run of each type on the tiny SD (8 steps, EMA as a second file) and
+    """{(model, type): output folder} of a run of each type on the tiny SD (6 steps, EMA as a second file) and
     SDXL (2 steps, EMA in place of the raw file)."""
     from trainer.training.job import LoraTrainingJob
 
@@ -253,7 +253,7 @@ def _run_job(path: str) -> None:
 
 @pytest.mark.parametrize("kind", list(TYPES))
 def test_sigkill_mid_run_then_rerun_is_bit_identical_with_ema(kind, runs, assets, tmp_path):
-    """A job process SIGKILLed after its step-4 checkpoint, then run again: the network, its EMA (the -ema file)
+    """A job process SIGKILLed after its step-3 checkpoint, then run again: the network, its EMA (the -ema file)
     and every loss equal the uninterrupted run's. The job runs in a forked process (already imported: no
     interpreter start-up to pay for) and is killed with a real signal."""
     import multiprocessing
@@ -268,7 +268,7 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical_with_ema(kind, runs, assets
     child = multiprocessing.get_context("fork").Process(target=_run_job, args=(str(path),))
     child.start()
     deadline = time.monotonic() + 120
-    while not (loss.exists() and len(loss.read_text().splitlines()) > 5):  # header + 5 steps: past step 4's save
+    while not (loss.exists() and len(loss.read_text().splitlines()) > 4):  # header + 4 steps: past step 3's save
         assert child.is_alive() and time.monotonic() < deadline, "the job ended before it could be killed"
         time.sleep(0.005)
     os.kill(child.pid, signal.SIGKILL)
