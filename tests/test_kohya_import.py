@@ -224,3 +224,27 @@ def test_reg_data_dir_becomes_reg_subsets(lora_scripts_root):
     import json
 
     assert json.loads(checked.stdout)["dataset"]["samples_per_epoch"] == 20  # 2 x 5 training + as many reg
+
+
+@pytest.mark.parametrize("args,network", [
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8"]', {"type": "lokr", "factor": 8}),
+    ('network_module = "networks.lora"\nnetwork_args = ["conv_dim=4", "conv_alpha=2", "dora_wd=True"]',
+     {"type": "locon", "conv_rank": 4, "conv_alpha": 2.0, "dora": True}),
+])
+def test_lycoris_and_conv_network_args_become_network_and_train(args, network, tmp_path, assets):
+    from trainer.data.kohya_import import to_yaml
+    from trainer.training.job import LoraTrainingJob
+
+    from trainer.checks.preflight import preflight
+
+    toml = tmp_path / "kohya.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "{assets["sd_model"]}"\ntrain_data_dir = "{assets["shapes"]}"\n'
+                    f'resolution = "32,32"\nmax_train_steps = 1\nnetwork_dim = 4\n{args}\n'
+                    f'output_dir = "{tmp_path / "out"}"\n')
+    conv = convert(toml)
+    assert not conv.problems
+    text = to_yaml(conv, str(toml))
+    assert yaml.safe_load(text)["network"] == network, text
+    (tmp_path / "train.yaml").write_text(text + f"metadata_path: {assets['shapes'] / 'metadata.csv'}\n")
+    result = LoraTrainingJob(preflight(tmp_path / "train.yaml")).run()
+    assert result.outcome == "succeeded" and result.steps == 1

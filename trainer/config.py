@@ -91,6 +91,62 @@ class OptimizerConfig(_Strict):
     {d_coef: 2, use_bias_correction: true} for Prodigy, {scale_parameter: false} for Adafactor."""
 
 
+# The network types (kohya's network_module + LyCORIS's algo): trainer.families.peft_lora builds each with peft.
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+
+
+class NetworkConfig(_Strict):
+    """What kind of network is trained on the frozen base (kohya's network_module/network_args). lora_rank,
+    lora_alpha and lora_dropout (the flat keys) are its rank, alpha and dropout for every type."""
+
+    type: Literal[NETWORK_TYPES] = "lora"
+    """lora: low-rank A/B on the attention (target_modules) layers. locon: LoRA on those plus the UNet's
+    ResNet-block and up/downsampler layers (kohya's conv_dim set: 3x3 convolutions at conv_rank, their 1x1
+    shortcuts and time-embedding projections at lora_rank); the usual choice for styles. loha: LyCORIS LoHa
+    (Hadamard product of two low-rank pairs: more expressive per parameter). lokr: LyCORIS LoKr (Kronecker
+    product of two small factors: the smallest files). Image families with a UNet (sd, sdxl) train every type;
+    causal LMs lora, loha and lokr (no convolutions); Flux lora (its diffusers-format file carries LoRA only)."""
+    dora: bool = False
+    """DoRA (weight-decomposed LoRA: a trained magnitude per output channel; LyCORIS's dora_wd). lora and
+    locon only; not on Flux."""
+    conv_rank: Optional[int] = Field(None, gt=0)
+    """locon: rank of the 3x3 convolutions (kohya's conv_dim). Default: lora_rank."""
+    conv_alpha: Optional[float] = Field(None, gt=0)
+    """locon: alpha of the 3x3 convolutions (kohya's conv_alpha; scale = conv_alpha / conv_rank). Default:
+    conv_rank."""
+    factor: int = -1
+    """lokr: the Kronecker factor (LyCORIS's factor): each dimension d is split as factor x d/factor when factor
+    divides it; -1 (default) splits it near its square root."""
+    decompose_both: bool = False
+    """lokr: also factor the smaller Kronecker matrix into two rank-lora_rank matrices (LyCORIS's
+    decompose_both)."""
+
+    @property
+    def module(self) -> str:
+        """kohya's ss_network_module for this type (what A1111, ComfyUI and kohya's tools read)."""
+        return "networks.lora" if self.type == "lora" and not self.dora else "lycoris.kohya"
+
+    @property
+    def title(self) -> str:
+        return {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}[self.type] \
+            + (" + DoRA" if self.dora else "")
+
+
+class EmaConfig(_Strict):
+    """An exponential moving average of the trained network (trainer.training.ema), kept in fp32 in the checkpoint."""
+
+    decay: float = 0.999
+    """Each update keeps this much of the average: shadow = decay x shadow + (1 - decay) x weights. 0.999 averages
+    over about the last 1000 updates; use a smaller decay (0.99) for short runs. Strictly between 0 and 1."""
+    update_every: int = Field(1, gt=0)
+    """Update the average every N optimizer steps."""
+    use_for: Literal["samples", "export", "both"] = "samples"
+    """samples: samples and validation loss use the EMA weights, and it is exported as a second file
+    <name>-ema.safetensors beside the raw <name>.safetensors. export: <name>.safetensors holds the EMA weights in
+    place of the raw ones (those stay in the last checkpoint); samples and validation use the raw weights.
+    both: the two."""
+
+
 class SubsetConfig(_Strict):
     """One folder of a `datasets:` list (kohya's [[datasets.subsets]]). Caption options left out here
     take the top-level value."""
@@ -217,7 +273,14 @@ class TrainConfig(_Strict):
     """Text encoder modules to adapt when train_text_encoder is on. Default: the family's (CLIP attention
     q/k/v/out_proj)."""
     init_lora_weights: Optional[Path] = None
-    """Continue from an existing LoRA (.safetensors written by this trainer or kohya-style)."""
+    """Continue from an existing LoRA (.safetensors written by this trainer or kohya-style), of the same
+    network type."""
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    """The network type and its options, e.g. {type: locon, conv_rank: 8, conv_alpha: 4} or {type: lokr,
+    factor: 8}. Default: plain LoRA."""
+    ema: Optional[EmaConfig] = None
+    """Keep an EMA of the network's weights, e.g. {decay: 0.999, update_every: 1, use_for: samples}. Costs 4 bytes
+    per network parameter of GPU memory (8 while samples or the export swap it in). Default: none."""
 
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = Field(1, gt=0)
@@ -414,6 +477,7 @@ class TrainConfig(_Strict):
             problems.append(("validation_split", "cannot be combined with validation_data_dir",
                              "keep one of the two", self.validation_split))
         problems += self._text_checks()
+        problems += self._network_checks()
         if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None \
                 and self.validation_file is None:
             problems.append(("early_stopping_patience", "needs a validation set",
@@ -432,6 +496,32 @@ class TrainConfig(_Strict):
             problems.append(("validation_file", "cannot be combined with validation_split or validation_data_dir",
                              "keep one validation source", str(self.validation_file)))
         # Text keys on an image config (and any family's keys on another's): trainer.families.key_problems.
+        return problems
+
+    def _network_checks(self) -> list[tuple[str, str, str, Any]]:
+        """network options that do not belong to its type, and an EMA decay that averages nothing (which types a model family trains:
+        trainer.families.network_problems; a LoKr factor against the layers: trainer.families.peft_lora)."""
+        net, problems = self.network, []
+        for key, types in (("conv_rank", ("locon",)), ("conv_alpha", ("locon",)), ("dora", ("lora", "locon")),
+                           ("decompose_both", ("lokr",)), ("factor", ("lokr",))):
+            if key in net.model_fields_set and getattr(net, key) != NetworkConfig.model_fields[key].default \
+                    and net.type not in types:
+                fix = {"conv_rank": "set network.type: locon (LoRA on the convolutions too), or remove conv_rank",
+                       "conv_alpha": "set network.type: locon, or remove conv_alpha",
+                       "dora": f"use type lora or locon with dora, or remove dora ({net.type} has no DoRA form)"}.get(
+                    key, f"set network.type: lokr, or remove {key}")
+                problems.append((f"network.{key}", f"does not apply to network type {net.type} (only to "
+                                 f"{' and '.join(types)})", fix, getattr(net, key)))
+        if self.ema is not None and not 0 < self.ema.decay < 1:
+            problems.append(("ema.decay", "must be strictly between 0 and 1 (0: no averaging, 1: the average never "
+                             "moves)", "use e.g. 0.999 (about the last 1000 updates) or 0.99 for short runs",
+                             self.ema.decay))
+        if net.type in ("loha", "lokr") and self.lora_dropout:
+            problems.append(("lora_dropout", f"applies to the LoRA path (network types lora and locon), not to "
+                             f"{net.type}", "remove lora_dropout, or train type lora/locon", self.lora_dropout))
+        if net.type == "lokr" and (net.factor == 0 or net.factor < -1):
+            problems.append(("network.factor", "must be -1 (split near the square root) or a positive number",
+                             "use e.g. factor: 8 (LyCORIS's usual value) or -1", net.factor))
         return problems
 
     def _dataset_checks(self) -> list[tuple[str, str, str, Any]]:

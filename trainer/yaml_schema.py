@@ -109,7 +109,7 @@ def problems_from(err: ValidationError, model: type[BaseModel], lines: dict[tupl
             except (KeyError, ValueError):
                 items = [("<config>", e["msg"], "", None)]
             for field, message, fix, value in items:
-                problems.append(Problem(field, message, fix, value, lines.get((field,))))
+                problems.append(Problem(field, message, fix, value, _line_for(tuple(field.split(".")), lines)))
             continue
         field = ".".join(loc) or "<config>"
         line = _line_for(loc, lines)

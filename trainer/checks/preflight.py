@@ -16,6 +16,7 @@ from trainer.config import OPTIMIZER_LIBRARIES, TrainConfig, load_config
 from trainer.data import holdout, prompts
 from trainer.data.images import Scan, fingerprint
 from trainer.errors import ConfigError, Problem, content_free
+from trainer.families.lora_io import network_of
 from trainer.families.probe import Probe, safetensors_header
 from trainer.runs import history
 
@@ -109,6 +110,7 @@ def _init_lora_problems(cfg: TrainConfig, fam) -> list[Problem]:
     except (OSError, ValueError, struct.error) as e:
         return [Problem("init_lora_weights", f"is not a readable safetensors LoRA ({content_free(e)})",
                         "point it at a .safetensors LoRA", str(path))]
+    problems = _init_network_problems(cfg, set(shapes), metadata)
     other = families.family_of_lora(set(shapes), metadata)
     if other is not None and other != fam.NAME:
         what = metadata.get("ss_base_model_version") or "its key names"
@@ -116,7 +118,20 @@ def _init_lora_problems(cfg: TrainConfig, fam) -> list[Problem]:
                         f"{what}), but base_model is a {fam.NAME} model ({fam.TITLE})",
                         f"start from a LoRA trained on a {fam.TITLE} model, or remove init_lora_weights",
                         str(path))]
-    return []
+    return problems
+
+
+def _init_network_problems(cfg: TrainConfig, keys: set[str], metadata: dict[str, str]) -> list[Problem]:
+    """A starting network must be of the config's network type (and DoRA or not): its tensors are that type's."""
+    kind, dora = network_of(keys)
+    net = cfg.network
+    if (kind, dora) == (net.type, net.dora):
+        return []
+    title = lambda t, d: t + (" + DoRA" if d else "")  # noqa: E731
+    return [Problem("init_lora_weights", f"is a {title(kind, dora)} network (its tensor names; "
+                    f"{metadata.get('ss_network_module', 'no ss_network_module')}), but network.type is "
+                    f"{title(net.type, net.dora)}", f"set network: {{type: {kind}{', dora: true' if dora else ''}}} "
+                    "to continue it, or start from a file of this type", str(cfg.init_lora_weights))]
 
 
 def optimizer_problems(cfg, device_type: str | None = None) -> list[Problem]:

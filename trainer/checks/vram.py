@@ -16,9 +16,13 @@ Formula (all terms in bytes, summed, then rounded up to MiB)::
                    stays in fp32 (fp16 SD1.x VAE encodes overflow) and stays resident, also with
                    cache_latents: the daemon keeps the whole base warm for the next job.
     lora_states  = LoRA parameters x 16: fp32 weights (4) + fp32 gradients (4) + AdamW's two fp32
-                   moments (8). LoRA params stay fp32 under mixed precision (diffusers'
-                   cast_training_params); for a Linear(in, out) LoRA adds rank x (in + out), for a
-                   Conv2d rank x (in x k x k + out).
+                   moments (8); + 4 with `ema` (its fp32 average). LoRA params stay fp32 under mixed
+                   precision (diffusers' cast_training_params); for a Linear(in, out) LoRA adds rank x
+                   (in + out), for a Conv2d rank x (in x k x k + out). Other network types (LoCon's
+                   convolutions, DoRA's magnitudes, LoHa, LoKr) are counted exactly: the peft config the job
+                   builds, injected into meta-device models (`trainer.families.memory.image_network_counts`).
+                   DoRA's weight norm is detached and computed one layer at a time (peft), so it adds no
+                   saved activations.
     per_sample   = activations kept for backward for one sample, x BACKWARD_FACTOR (1.2: gradients of
                    activations and kernel workspaces alive at the start of backward)
     overhead     = OVERHEAD_MIB (700 MiB): the CUDA context (300-500 MiB depending on GPU and driver,
@@ -70,6 +74,7 @@ common_card_sizes_gib = (8, 12, 16, 24, 48, 80)
 OVERHEAD_MIB = 700
 BACKWARD_FACTOR = 1.2
 LORA_BYTES_PER_PARAM = 16          # fp32 weight + fp32 grad + AdamW exp_avg + exp_avg_sq
+EMA_BYTES_PER_PARAM = 4            # ema: the fp32 average (trainer.training.ema)
 
 FP8_BYTES = 1.0
 # Bytes per quantized weight: NF4 is 4 bits + one 8-bit absmax per 64 weights + (double quantization) one
@@ -142,7 +147,8 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
                   gradient_checkpointing: bool, cache_latents: bool,
                   max_seq_length: int = 512, quantization: str | None = None,
                   max_sequence_length: int | None = None,
-                  cache_text_embeddings: bool = False) -> VramEstimate:
+                  cache_text_embeddings: bool = False, network: Any = None, lora_alpha: float | None = None,
+                  ema: bool = False) -> VramEstimate:
     """Estimate the peak GPU memory of a LoRA training job. See the module docstring for the formula.
 
     ``model_dir``: the model's config folder as its ``family`` (trainer.families) reads it: a diffusers
@@ -201,10 +207,18 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
         notes.append("cache_latents: the VAE encodes each image once, but stays resident (fp32) in the warm base")
 
     lora_counts = {k: v * lora_rank for k, v in summary.lora_per_rank.items()}
+    if network is not None and (network.type != "lora" or network.dora):
+        # The family's exact count of the network peft builds (`trainer.families.memory.image_network_counts`).
+        lora_counts = fam.vram_network_counts(model_dir, target_modules, te_targets, network, lora_rank,
+                                              float(lora_alpha or lora_rank))
+        notes.append(f"network {network.title}: {sum(lora_counts.values()):,} parameters")
     lora_total = sum(lora_counts.values())
     if lora_total == 0:
         notes.append(f"no module matches target_modules {target_modules}: nothing would be trained")
-    lora_bytes = lora_total * LORA_BYTES_PER_PARAM
+    lora_bytes = lora_total * (LORA_BYTES_PER_PARAM + (EMA_BYTES_PER_PARAM if ema else 0))
+    if ema:
+        notes.append("ema: an fp32 copy of the network (4 bytes per parameter; 4 more while samples or the export "
+                     "swap it in, outside training's peak)")
 
     shape = {"resolution": resolution, "max_seq_length": max_seq_length,
              "quantization": "fp8" if fp8 else quantization, "max_sequence_length": max_sequence_length,
@@ -225,7 +239,11 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
     key = _shape_key(family, summary, batch_size=batch_size, lora_rank=lora_rank,
                      target_modules=list(target_modules), te_targets=te_targets, mixed_precision=mixed_precision,
                      gradient_checkpointing=gradient_checkpointing,
-                     **{k: shape[k] for k in fam.VRAM_SHAPE_FIELDS})
+                     **{k: shape[k] for k in fam.VRAM_SHAPE_FIELDS},
+                     # Only when set, so the keys of plain-LoRA calibration records stay what they were.
+                     **({"network": network.model_dump()} if network is not None and (network.type != "lora"
+                                                                                       or network.dora) else {}),
+                     **({"ema": True} if ema else {}))
     total = sum(breakdown.values())
     if precompute:
         peak = _mib(precompute) + OVERHEAD_MIB
@@ -257,7 +275,8 @@ def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
                 mixed_precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                 cache_latents=cfg.cache_latents, max_seq_length=cfg.max_seq_length,
                 quantization=cfg.base_quantization,
-                max_sequence_length=cfg.max_sequence_length, cache_text_embeddings=cfg.cache_text_embeddings)
+                max_sequence_length=cfg.max_sequence_length, cache_text_embeddings=cfg.cache_text_embeddings,
+                network=cfg.network, lora_alpha=cfg.lora_alpha, ema=cfg.ema is not None)
     args.update(overrides)
     return estimate_vram(Path(model_dir), **args)
 

@@ -221,8 +221,7 @@ UNSUPPORTED = {
     "log_prefix": "agentd writes its logs under output_dir/logs",
     "log_with": "agentd writes logs/loss.csv and events.jsonl (no tensorboard/wandb)",
     "max_token_length": "captions are cut at the text encoder's limit (75 tokens); `agentd validate` counts them",
-    "network_module": "agentd trains LoRA (networks.lora) only",
-    "network_args": "LoRA options beyond rank/alpha/dropout (LyCORIS, block weights) are not supported",
+    "network_module": "agentd trains networks.lora and lycoris.kohya (lora/locon, loha, lokr) only",
     "network_train_text_encoder_only": "training only the text encoder is not supported",
     "network_dropout": "use lora_dropout",
     "full_fp16": "agentd keeps LoRA weights in fp32 under mixed precision",
@@ -334,6 +333,9 @@ def _convert_key(section: str, key: str, value, conv: Conversion, path: Path) ->
         else:
             _reg_folders(conv, key, value, path, where)
         return
+    if key in ("network_module", "network_args"):
+        _network(key, value, conv, where)
+        return
     if key not in MAPPED:
         conv.skipped.append((where, UNSUPPORTED.get(key, "not supported by agentd")))
         return
@@ -349,6 +351,47 @@ def _convert_key(section: str, key: str, value, conv: Conversion, path: Path) ->
         return
     conv.values[target] = converted
     conv.origin[target] = where
+
+
+# network_module values agentd trains, and LyCORIS's/sd-scripts' network_args -> (network key, converter).
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+NETWORK_ARGS = {"algo": ("type", lambda v: {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}[v]),
+                "conv_dim": ("conv_rank", _int), "conv_alpha": ("conv_alpha", _float), "factor": ("factor", _int),
+                "decompose_both": ("decompose_both", _bool), "dora_wd": ("dora", _bool)}
+
+
+def _network(key: str, value, conv: Conversion, where: str) -> None:
+    """network_module and network_args (["algo=lokr", "factor=8"], ["conv_dim=8", "conv_alpha=4", "dora_wd=True"])
+    -> `network:`; kohya's LoRA with conv_dim (and LyCORIS's algo lora) is LoCon when conv_dim is given."""
+    if key == "network_module":
+        if value not in NETWORK_MODULES:
+            conv.skipped.append((where, UNSUPPORTED["network_module"]))
+        elif value == "networks.lora":
+            conv.skipped.append((where, "agentd's default network (LoRA; network_args conv_dim makes it LoCon)"))
+        elif "network.type" not in conv.values:  # lycoris.kohya: its default algo, unless network_args said one
+            conv.values["network.type"] = "lora"
+            conv.origin["network.type"] = where
+        return
+    if value in ([], ""):
+        conv.skipped.append((where, "empty: no network arguments"))
+    for arg in (value if isinstance(value, list) else [value]) if value not in ([], "") else []:
+        name, _, text = str(arg).partition("=")
+        name, text = name.strip(), text.strip().strip("\"'")
+        if name not in NETWORK_ARGS:
+            conv.skipped.append((f"{where} ({name})", "this network argument is not supported by agentd"))
+            continue
+        target, converter = NETWORK_ARGS[name]
+        try:
+            converted = converter(_literal(text) if name != "algo" else text.lower())
+        except (WrongType, KeyError):
+            conv.skipped.append((f"{where} ({name}={text})", "not a value agentd trains (algo: lora, locon, loha, "
+                                 "lokr)"))
+            continue
+        conv.values[f"network.{target}"] = converted
+        conv.origin[f"network.{target}"] = f"{where} ({name})"
+    if conv.values.get("network.type", "lora") == "lora" and "network.conv_rank" in conv.values:
+        conv.values["network.type"] = "locon"
+        conv.origin["network.type"] = f"{where} (conv_dim: LoCon)"
 
 
 def _reg_folders(conv: Conversion, key: str, value, path: Path, where: str) -> None:

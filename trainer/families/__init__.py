@@ -122,7 +122,7 @@ def resolve(cfg: "TrainConfig") -> tuple["TrainConfig", Family | None, Probe, li
             "mode", f"is {cfg.mode} but base_model is a {fam.TITLE} model ({describe(p)}), which trains "
             f"in {fam.MODE} mode", f"remove mode (it follows the model) or set mode: {fam.MODE}", cfg.mode))
         return cfg, None, p, problems
-    problems += key_problems(cfg, fam, p)
+    problems += key_problems(cfg, fam, p) + network_problems(cfg, fam)
     fill = {"model_family": found, "mode": fam.MODE}
     for key, value in fam.defaults(p, cfg).items():
         # Left out, not set to a value; an empty target list means the family's targets too.
@@ -156,6 +156,21 @@ def key_problems(cfg: "TrainConfig", fam: Family, p: Probe | None = None) -> lis
                 key, f"{value} is not an option for {fam.TITLE}" + (f" (it is for {' and '.join(elsewhere)})"
                                                                     if elsewhere else ""),
                 f"use one of: {', '.join(allowed)} (or remove it: the default)", value))
+    return problems
+
+
+def network_problems(cfg: "TrainConfig", fam: Family) -> list[Problem]:
+    """A `network` the family cannot train (its NETWORK_TYPES, DORA)."""
+    net, problems = cfg.network, []
+    why = {"flux": "Flux has no UNet convolutions, and its LoRA file (diffusers' lora_A/lora_B keys) carries "
+                   "LoRA layers only", "causal_lm": "a causal LM has no convolutions for locon's conv set"}
+    if net.type not in fam.NETWORK_TYPES:
+        problems.append(Problem("network.type", f"{net.type} cannot be trained on {fam.TITLE} (it trains "
+                                f"{', '.join(fam.NETWORK_TYPES)}; {why.get(fam.NAME, '')})".replace("; )", ")"),
+                                f"use network type {' or '.join(fam.NETWORK_TYPES)}", net.type))
+    if net.dora and not fam.DORA:
+        problems.append(Problem("network.dora", f"DoRA cannot be trained on {fam.TITLE}",
+                                "remove network.dora", True))
     return problems
 
 

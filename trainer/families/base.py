@@ -35,6 +35,8 @@ class Family(ABC):
                                  any}. A key some family owns and this one does not is refused when the user
                                  set it (`trainer.families.key_problems`); keys no family lists are common
         KEY_FIXES                {key: fix}: what to use instead of another family's key
+        NETWORK_TYPES            the `network.type`s it trains (`trainer.families.network_problems`)
+        DORA                     whether it trains `network.dora`
         VRAM_SHAPE_FIELDS        which settings (besides the model) shape its memory
         ACT_FACTOR               activation bytes under mixed precision, as a fraction of fp32
     """
@@ -51,6 +53,8 @@ class Family(ABC):
     DEFAULT_TE_TARGETS: list[str] = []
     OWN_KEYS: dict[str, tuple | None]
     KEY_FIXES: dict[str, str] = {}
+    NETWORK_TYPES: tuple[str, ...] = ("lora",)
+    DORA: bool = False
     VRAM_SHAPE_FIELDS: tuple[str, ...]
     ACT_FACTOR: float
 
@@ -100,6 +104,12 @@ class Family(ABC):
     @abstractmethod
     def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
         """Parameter counts and activation terms (`trainer.families.memory.ModelSummary`, meta device)."""
+
+    def vram_network_counts(self, model_dir: Path, targets, te_targets, network, rank: int,
+                            alpha: float) -> dict[str, int]:
+        """{component: parameters} of a network other than plain LoRA; only families whose NETWORK_TYPES or DORA
+        allow one are asked (`trainer.families.network_problems` refuses the rest)."""
+        raise NotImplementedError(f"{self.TITLE} trains plain LoRA only")
 
     @abstractmethod
     def vram_per_sample_bytes(self, summary, shape: dict) -> float:

@@ -30,6 +30,9 @@ class CausalLmFamily(Family):
                                  "packing", "validation_file", "export_merged")),
                 "quantization": ("4bit", "8bit", "no")}
     ACT_FACTOR = 0.67  # activations under mixed precision, as a fraction of fp32 (see trainer.checks.vram)
+    # Linear layers only (no convolutions: no locon); the PEFT folder and the merged export carry each type.
+    NETWORK_TYPES = ("lora", "loha", "lokr")
+    DORA = True
 
     def detect(self, p: Probe) -> bool:
         return p.kind == "folder" and any(a.endswith(self.ARCHITECTURE_SUFFIXES) for a in p.architectures)
@@ -40,6 +43,10 @@ class CausalLmFamily(Family):
             problems.append(Problem("train_text_encoder", f"a {self.TITLE} has no separate text encoder",
                                     "remove train_text_encoder (the LoRA already adapts the whole model's "
                                     "target_modules)", True))
+        if cfg.base_quantization in ("4bit", "8bit") and (cfg.network.type != "lora" or cfg.network.dora):
+            problems.append(Problem("network.type", f"{cfg.network.title} on a {cfg.base_quantization} base is not "
+                                    "supported (QLoRA trains plain LoRA on bitsandbytes layers)",
+                                    "use network type lora, or quantization: no", cfg.network.type))
         if cfg.base_model_config is not None:
             problems.append(Problem("base_model_config", f"does not apply to a {self.TITLE} (its folder holds its "
                                     "config.json)", "remove base_model_config", str(cfg.base_model_config)))
@@ -77,6 +84,10 @@ class CausalLmFamily(Family):
 
     def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
         return memory.causal_lm_model_summary(model_dir, targets)
+
+    def vram_network_counts(self, model_dir: Path, targets, te_targets, network, rank: int,
+                            alpha: float) -> dict[str, int]:
+        return memory.text_network_counts(model_dir, targets, network, rank, alpha)
 
     def vram_per_sample_bytes(self, summary, shape: dict) -> float:
         return memory.causal_lm_per_sample_bytes(summary, shape)

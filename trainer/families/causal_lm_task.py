@@ -240,7 +240,7 @@ class TextTask:
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The LoRA with kohya-style names (`lora_lm_<module path>.lora_down/up.weight`, `.alpha`):
         what checkpoints, `<name>.safetensors` and `init_lora_weights` use."""
-        return lora_io.to_kohya(self.models, self.cfg.effective_alpha)
+        return lora_io.to_kohya(self.models)
 
     def load_lora_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         lora_io.load_kohya(self.models, tensors, source)
@@ -251,15 +251,13 @@ class TextTask:
                 "agentd_max_seq_length": str(self.cfg.max_seq_length)}
 
     def peft_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA with PEFT's saved key names (`base_model.model.<module>.lora_A.weight`)."""
-        out = {}
-        for name, p in self.base.model.named_parameters():
-            for part in ("lora_A", "lora_B"):
-                tag = f".{part}.default.weight"
-                if name.endswith(tag):
-                    key = f"base_model.model.{name[: -len(tag)]}.{part}.weight"
-                    out[key] = p.detach().float().cpu().contiguous()
-        return out
+        """The network with PEFT's saved key names (`base_model.model.<module>.lora_A.weight`, `.hada_w1_a`,
+        `.lokr_w1`, `.lora_magnitude_vector`: peft's own `get_peft_model_state_dict`, what `save_pretrained`
+        writes), fp32."""
+        from peft import get_peft_model_state_dict
+
+        return {f"base_model.model.{k}": v.detach().float().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(self.base.model).items()}
 
     def export_extra(self, output_dir: Path) -> list[Path]:
         """`<name>-peft/` (adapter_config.json, adapter_model.safetensors, the tokenizer and its chat template)
@@ -289,16 +287,17 @@ class TextTask:
     def merged_state(self) -> dict[str, torch.Tensor]:
         """The base's state dict with every LoRA merged in (W + scale x B A), under the base's own names;
         quantized layers dequantized. Computed out of place: the (warm) base is left as it is."""
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.integrations import dequantize_module_weight
 
         model, out, done = self.base.model, {}, set()
         for name, module in model.named_modules():
-            if isinstance(module, LoraLayer):
+            if isinstance(module, BaseTunerLayer):
                 base_layer = module.get_base_layer()
                 weight = dequantize_module_weight(base_layer).detach().float()  # summed in fp32, then cast
                 delta = module.get_delta_weight("default").float()
-                out[f"{name}.weight"] = (weight + delta).to(self._save_dtype()).cpu().contiguous()
+                merged = _dora(module, weight + delta) if self.cfg.network.dora else weight + delta
+                out[f"{name}.weight"] = merged.to(self._save_dtype()).cpu().contiguous()
                 if getattr(base_layer, "bias", None) is not None:
                     out[f"{name}.bias"] = base_layer.bias.detach().to(self._save_dtype()).cpu().contiguous()
                 done.add(f"{name}.base_layer")
@@ -308,7 +307,7 @@ class TextTask:
                     out[f"{name}.bias"] = module.bias.detach().to(self._save_dtype()).cpu()
                 done.add(name)
         for key, tensor in model.state_dict().items():
-            if "lora_" in key or ".base_layer." in key or key in out:
+            if any(m in key for m in peft_lora.ADAPTER_PARAM_MARKS) or ".base_layer." in key or key in out:
                 continue
             owner = key.rsplit(".", 1)[0]
             if owner in done or any(key.startswith(d + ".") for d in done):
@@ -320,7 +319,8 @@ class TextTask:
     def _save_dtype(self) -> torch.dtype:
         if self.cfg.base_quantization is not None:
             return compute_dtype(self.cfg)
-        return next(p.dtype for n, p in self.base.model.named_parameters() if "lora_" not in n)
+        return next(p.dtype for n, p in self.base.model.named_parameters()
+                    if not any(m in n for m in peft_lora.ADAPTER_PARAM_MARKS))
 
     def write_merged(self, tmp: Path) -> None:
         """A transformers folder of the merged model: config, weights, generation config, tokenizer."""
@@ -420,6 +420,13 @@ class TextTask:
 def _is_quantized(module: torch.nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear layer."""
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _dora(module, merged: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight: each output row of W + scale x B A rescaled to the trained magnitude (what peft's
+    LoraLayer.merge computes with use_dora; its weight norm is per output row of a Linear)."""
+    magnitude = module.lora_magnitude_vector["default"].weight.detach().float()
+    return merged * (magnitude / merged.norm(p=2, dim=1)).view(-1, 1)
 
 
 def _swap_in(folder: Path, write) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import trainer.families.memory as memory
+import trainer.families.peft_lora as peft_lora
 from trainer.errors import Problem
 from trainer.families.base import Family
 from trainer.families.probe import Probe, probe
@@ -81,6 +83,9 @@ class DiffusionFamily(Family):
                 f"{factor} and the UNet halves the latent 3 times)", f"use {lower} or {upper}", cfg.resolution))
         if factor and cfg.enable_bucket:
             problems += _bucket_problems(cfg, factor)
+        if factor and cfg.network.type == "lokr" and cfg.network.factor > 0:
+            layers = memory.unet_target_dims(self.config_dir(cfg), cfg.target_modules)
+            problems += peft_lora.factor_problems(cfg.network.factor, layers)
         return problems
 
     def _single_file_config_problems(self, cfg, describe) -> list[Problem]:

@@ -46,6 +46,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 from trainer.errors import content_free
@@ -134,6 +135,17 @@ def lora_params_per_rank(model: Any, target_modules: Iterable[str]) -> int:
             n_in, n_out = module.weight.shape
             total += n_in + n_out
     return total
+
+
+def unet_target_dims(model_dir: Path, target_modules: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """{name: (in, out)} of the UNet layers the targets adapt, from unet/config.json (a meta model, no weights):
+    what a LoKr factor is checked against (`trainer.families.peft_lora.factor_problems`)."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.families.peft_lora import adaptable
+
+    config = _read_json(Path(model_dir) / "unet" / "config.json")
+    return adaptable(_meta(lambda: UNet2DConditionModel.from_config(config)), list(target_modules))
 
 
 def _count(model: Any) -> int:
@@ -238,60 +250,122 @@ def _folder_fingerprint(model_dir: Path, files: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=32)
-def _image_summary(model_dir: str, unet_targets: tuple[str, ...], te_targets: tuple[str, ...],
-                   fingerprint: str) -> ModelSummary:
+def _image_components(root: Path, index: dict):
+    """Yield (component, its meta-device model, its transformers config or None) of a diffusers folder's UNet,
+    VAE and text encoders (absent or [null, null] entries, e.g. SDXL refiner's text_encoder, skipped)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     import transformers
 
-    root = Path(model_dir)
-    index = _read_json(root / "model_index.json")
-    frozen: dict[str, int] = {}
-    lora: dict[str, int] = {}
-    te_layers = []
-    context_tokens = 77
     for comp in _IMAGE_COMPONENTS:
         entry = index.get(comp)
         if comp != "unet" and not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-            continue  # absent, or [null, null] (e.g. SDXL refiner's text_encoder)
+            continue
         cfg_path = root / comp / "config.json"
         config = _read_json(cfg_path)
         try:
             if comp == "unet":
-                model = _meta(lambda: UNet2DConditionModel.from_config(config))
-                lora[comp] = lora_params_per_rank(model, unet_targets)
+                yield comp, _meta(lambda: UNet2DConditionModel.from_config(config)), None
             elif comp == "vae":
-                model = _meta(lambda: AutoencoderKL.from_config(config))
+                yield comp, _meta(lambda: AutoencoderKL.from_config(config)), None
             else:
                 cls = getattr(transformers, entry[1], None) or transformers.CLIPTextModel
                 te_config = cls.config_class.from_pretrained(root / comp)
-                model = _meta(lambda: cls(te_config))
-                lora[comp] = lora_params_per_rank(model, te_targets)
-                te_layers.append(_text_layer(te_config, model))
-                context_tokens = int(getattr(te_config, "max_position_embeddings", 77) or 77)
+                yield comp, _meta(lambda: cls(te_config)), te_config
         except VramEstimateError:
             raise
         except Exception as e:  # a config the installed library cannot build
             raise VramEstimateError(f"cannot build {comp} from {cfg_path}: {content_free(e)}") from None
-        frozen[comp] = _count(model)
+
+
+@functools.lru_cache(maxsize=32)
+def _image_summary(model_dir: str, unet_targets: tuple[str, ...], te_targets: tuple[str, ...],
+                   fingerprint: str) -> ModelSummary:
+    root = Path(model_dir)
+    frozen: dict[str, int] = {}
+    lora: dict[str, int] = {}
+    te_layers = []
+    context_tokens = 77
+    for comp, model, te_config in _image_components(root, _read_json(root / "model_index.json")):
         if comp == "unet":
+            lora[comp] = lora_params_per_rank(model, unet_targets)
             unet = model
+        elif te_config is not None:
+            lora[comp] = lora_params_per_rank(model, te_targets)
+            te_layers.append(_text_layer(te_config, model))
+            context_tokens = int(getattr(te_config, "max_position_embeddings", 77) or 77)
+        frozen[comp] = _count(model)
     return ModelSummary(frozen=frozen, lora_per_rank=lora, unet_terms=_unet_terms(unet, context_tokens),
-                         te_layers=tuple(te_layers), context_tokens=context_tokens)
+                        te_layers=tuple(te_layers), context_tokens=context_tokens)
+
+
+@functools.lru_cache(maxsize=32)
+def _image_network_counts(model_dir: str, unet_targets: tuple[str, ...], te_targets: tuple[str, ...],
+                          network_json: str, rank: int, alpha: float, fingerprint: str) -> tuple[tuple[str, int], ...]:
+    """((component, network parameters), ...)."""
+    root = Path(model_dir)
+    counts = {}
+    for comp, model, te_config in _image_components(root, _read_json(root / "model_index.json")):
+        targets = unet_targets if comp == "unet" else te_targets if te_config is not None else ()
+        if targets:
+            counts[comp] = _network_count(model, network_json, rank, alpha, list(targets))
+    return tuple(counts.items())
+
+
+def image_network_counts(model_dir: Path, target_modules: Iterable[str], text_encoder_target_modules: Iterable[str],
+                         network, rank: int, alpha: float) -> dict[str, int]:
+    """{component: parameters} of the config's network (a `trainer.config.NetworkConfig`) exactly as the job
+    builds it (peft, on meta-device models): for the types whose count is not rank x a per-layer constant
+    (LoCon's convolutions at conv_rank, LoHa, LoKr) and DoRA's magnitudes."""
+    files = ["model_index.json"] + [f"{c}/config.json" for c in _IMAGE_COMPONENTS]
+    return dict(_image_network_counts(str(model_dir.resolve()), tuple(target_modules),
+                                      tuple(text_encoder_target_modules), network.model_dump_json(), rank, alpha,
+                                      _folder_fingerprint(model_dir, files)))
+
+
+def _meta_causal_lm(root: Path) -> tuple[Any, Any]:
+    """(transformers config, meta-device model) of a causal-LM folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _read_json(root / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        return config, _meta(lambda: AutoModelForCausalLM.from_config(config))
+    except Exception as e:
+        raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
+                                f"{content_free(e)}") from None
+
+
+def _network_count(model: Any, network_json: str, rank: int, alpha: float, targets: list[str]) -> int:
+    """Parameters of the network peft builds on `model` (meta device) for a `trainer.config.NetworkConfig`."""
+    import torch
+    from peft import inject_adapter_in_model
+
+    from trainer.config import NetworkConfig
+    from trainer.families.peft_lora import ADAPTER_PARAM_MARKS, peft_config
+
+    job = SimpleNamespace(network=NetworkConfig.model_validate_json(network_json), lora_rank=rank,
+                          effective_alpha=alpha, lora_dropout=0.0)
+    with torch.device("meta"):
+        inject_adapter_in_model(peft_config(model, job, targets), model)
+    return sum(p.numel() for n, p in model.named_parameters() if any(m in n for m in ADAPTER_PARAM_MARKS))
+
+
+@functools.lru_cache(maxsize=32)
+def _text_network_count(model_dir: str, targets: tuple[str, ...], network_json: str, rank: int, alpha: float,
+                        fingerprint: str) -> int:
+    return _network_count(_meta_causal_lm(Path(model_dir))[1], network_json, rank, alpha, list(targets))
+
+
+def text_network_counts(model_dir: Path, target_modules: Iterable[str], network, rank: int,
+                        alpha: float) -> dict[str, int]:
+    """`image_network_counts` for a causal LM: {"model": parameters}."""
+    return {"model": _text_network_count(str(model_dir.resolve()), tuple(target_modules), network.model_dump_json(),
+                                         rank, alpha, _folder_fingerprint(model_dir, ["config.json"]))}
 
 
 @functools.lru_cache(maxsize=32)
 def _text_summary(model_dir: str, targets: tuple[str, ...], fingerprint: str) -> ModelSummary:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = Path(model_dir)
-    _read_json(root / "config.json")
-    try:
-        config = AutoConfig.from_pretrained(root, local_files_only=True)
-        model = _meta(lambda: AutoModelForCausalLM.from_config(config))
-    except Exception as e:
-        raise VramEstimateError(f"cannot build a causal LM from {root / 'config.json'}: "
-                                f"{content_free(e)}") from None
+    config, model = _meta_causal_lm(Path(model_dir))
     import torch.nn as nn
 
     head = model.get_output_embeddings()

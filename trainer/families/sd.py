@@ -26,6 +26,9 @@ class SdFamily(DiffusionFamily):
     # The UNet attention projections: what most SD LoRA trainers (kohya, diffusers' example) adapt by default.
     DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
     DEFAULT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    # Every network type: its UNet has the convolutions LoCon adds, its LoRA file is kohya's (LyCORIS's keys).
+    NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+    DORA = True
     OWN_KEYS = {**IMAGE_KEYS, **UNET_KEYS}  # family-specific keys it reads (families.key_problems)
     VRAM_SHAPE_FIELDS = ("resolution", "cache_latents")  # the settings besides the model that shape its memory
     ACT_FACTOR = 0.58  # activations under mixed precision, as a fraction of fp32 (see trainer.checks.vram)
@@ -55,6 +58,10 @@ class SdFamily(DiffusionFamily):
 
     def vram_summary(self, model_dir: Path, targets: tuple[str, ...], te_targets: tuple[str, ...]):
         return memory.unet_model_summary(model_dir, targets, te_targets)
+
+    def vram_network_counts(self, model_dir: Path, targets, te_targets, network, rank: int,
+                            alpha: float) -> dict[str, int]:
+        return memory.image_network_counts(model_dir, targets, te_targets, network, rank, alpha)
 
     def vram_per_sample_bytes(self, summary, shape: dict) -> float:
         return memory.unet_per_sample_bytes(summary, shape)

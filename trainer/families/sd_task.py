@@ -183,8 +183,8 @@ class SdTask:
             m.train()
 
     def lora_state(self) -> dict[str, torch.Tensor]:
-        """The LoRA in kohya format (what A1111, ComfyUI and diffusers' load_lora_weights read)."""
-        return lora_io.to_kohya(self.models, self.cfg.effective_alpha, self.LORA_PREFIXES)
+        """The network in kohya/LyCORIS format (what A1111, ComfyUI and diffusers' load_lora_weights read)."""
+        return lora_io.to_kohya(self.models, self.LORA_PREFIXES)
 
     def load_lora_state(self, kohya: dict[str, torch.Tensor], source: str) -> None:
         lora_io.load_kohya(self.models, kohya, source, self.LORA_PREFIXES)
@@ -194,7 +194,7 @@ class SdTask:
                 "ss_resolution": f"({self.cfg.resolution}, {self.cfg.resolution})",
                 "ss_network_train_unet_only": str(not self.cfg.train_text_encoder),
                 "ss_text_encoder_lr": str(self.cfg.text_encoder_lr or self.cfg.learning_rate),
-                "ss_unet_lr": str(self.cfg.learning_rate)}
+                "ss_unet_lr": str(self.cfg.learning_rate), **lora_io.network_metadata(self.cfg.network)}
 
     def detach(self) -> None:
         """Remove this job's LoRA layers, leaving the base exactly as loaded (for the warm cache)."""

@@ -215,6 +215,14 @@ def _table(rows: list[tuple], head: tuple | None = None) -> str:
     return "\n".join(out + ["</table>"])
 
 
+def _network(net: dict | None) -> str:
+    """'LoKr, 3,008 parameters (EMA for samples)' from run.json's network (runs before it: a dash)."""
+    if not net:
+        return "—"
+    ema = f" (EMA for {net['ema']})" if net.get("ema") else ""
+    return f"{net['type']}, {net['parameters']:,} parameters{ema}"
+
+
 def _when(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "—"
 
@@ -246,6 +254,7 @@ def render_html(current: Path, previous: Path | None = None, *, title: str | Non
         ("commit", (git.get("commit") or "—") + (" (local changes)" if git.get("dirty") else "")),
         ("build", jenkins.get("BUILD_URL") or "—"), ("data fingerprint", ds.get("fingerprint")),
         ("family", cfg.get("model_family") or cfg.get("mode")), ("base model", cfg.get("base_model")),
+        ("network", _network(run.get("network"))),
         ("device", (run.get("device") or {}).get("name") or (run.get("device") or {}).get("type")),
         ("started", _when(times.get("first_started") or times.get("started"))),
         ("finished", _when(times.get("finished"))), ("duration (s)", fig["duration (s)"]),

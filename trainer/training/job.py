@@ -38,6 +38,7 @@ from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text,
                                   library_versions, save_safetensors_atomic)
 from trainer.runs.report import write_loss_png
 from trainer.training import optim
+from trainer.training.ema import Ema
 from trainer.training.model_cache import BaseModelCache, file_identity
 from trainer.training.watch import RunWatch
 
@@ -83,6 +84,8 @@ class LoraTrainingJob:
         self.state = ckpt.TrainState()
         self.resumed_from: int | None = None
         self.task = None
+        self.ema: Ema | None = None  # the network's EMA when the config asks (trainer.training.ema)
+        self._restored_ema: dict | None = None
         self._base_key = None
         self._started = time.time()
         self._last_saved_step = -1
@@ -137,6 +140,9 @@ class LoraTrainingJob:
 
             tensors, _ = read_lora_file(cfg.init_lora_weights)
             self.task.load_lora_state(tensors, str(cfg.init_lora_weights))
+        self.ema = Ema.of(cfg, [p for g in self.optimizer.param_groups for p in g["params"]])
+        if self.ema is not None and self._restored_ema is not None:
+            self.ema.load_state_dict(self._restored_ema)
         self.task.prepare(self.dataset, self.autocast)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -209,6 +215,7 @@ class LoraTrainingJob:
         if self.scaler is not None and data["optim"].get("scaler"):
             self.scaler.load_state_dict(data["optim"]["scaler"])
         ckpt.restore_rng(data["rng"], self.generator)
+        self._restored_ema = data["optim"].get("ema")
         self.state = ckpt.TrainState.from_dict(data["state"]["train_state"])
         self.resumed_from = self.state.global_step
         self._last_saved_step = self.state.global_step
@@ -234,6 +241,8 @@ class LoraTrainingJob:
                 state.cursor += len(group)
                 state.global_step += 1
                 state.loss_sum += step_loss
+                if self.ema is not None:
+                    self.ema.update(state.global_step)
 
                 now = time.perf_counter()
                 times = (times + [now - t_last])[-20:]
@@ -292,7 +301,8 @@ class LoraTrainingJob:
     def save_checkpoint(self) -> Path:
         cfg = self.cfg
         optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else {}}
+                 "scaler": self.scaler.state_dict() if self.scaler else {},
+                 **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
         meta = {"train_state": self.state.state_dict(), "config_hash": cfg.config_hash(),
                 "training_fields": cfg.training_fields(), "data_fingerprint": self.checked.data_fingerprint,
                 "versions": library_versions(), "time": ckpt.now()}
@@ -307,10 +317,10 @@ class LoraTrainingJob:
     def _finish(self, final_loss: float | None) -> JobResult:
         cfg = self.cfg
         lora_path = cfg.output_dir / f"{cfg.run_name}.safetensors"
-        save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
-        artifacts = [str(lora_path)]
+        artifacts = [str(p) for p in self._export_network(lora_path)]
         artifacts += [str(p) for p in self.watch.finish()]  # the last samples round and the grid
-        extra = self.task.export_extra(cfg.output_dir)
+        with self._exported_weights():  # the PEFT folder and the merged export follow <name>.safetensors
+            extra = self.task.export_extra(cfg.output_dir)
         artifacts += [str(p) for p in extra]
         self.run_start.record(*artifacts, "logs/summary.csv")
         summary = self._summary(final_loss)
@@ -323,6 +333,22 @@ class LoraTrainingJob:
             self.reporter.emit(event("artifact", path=a))
         return JobResult("succeeded", cfg.output_dir, lora_path, self.state.global_step, final_loss,
                          self.resumed_from, self.peak_memory_mib(), artifacts)
+
+    def _exported_weights(self):
+        """The weights the exports hold: the EMA's when `ema.use_for` says export (or both), else the trained ones."""
+        return self.ema.applied() if self.ema is not None and self.ema.in_place() else contextlib.nullcontext()
+
+    def _export_network(self, lora_path: Path) -> list[Path]:
+        """<name>.safetensors; with `ema`, the EMA weights in its place or as <name>-ema.safetensors (ema.use_for)."""
+        ema = self.ema
+        with self._exported_weights():
+            save_safetensors_atomic(self.task.lora_state(), lora_path, self._lora_metadata())
+        if ema is None or ema.in_place():
+            return [lora_path]
+        ema_path = lora_path.with_name(f"{lora_path.stem}-ema.safetensors")
+        with ema.applied():
+            save_safetensors_atomic(self.task.lora_state(), ema_path, self._lora_metadata())
+        return [lora_path, ema_path]
 
     def _summary(self, final_loss) -> dict:
         from trainer.runs.outputs import read_loss_csv
@@ -389,9 +415,16 @@ class LoraTrainingJob:
             "infra_retries": self.infra_retries,
             "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
             "peak_memory_mib": self.peak_memory_mib(),
+            "network": self._network_info(),
             **extra,
         }
         atomic_write_json(path, data)
+
+    def _network_info(self) -> dict:
+        """What run.json and the report say about the trained network: its type and parameter count."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]] if hasattr(self, "optimizer") else []
+        return {"type": self.cfg.network.title, "parameters": sum(p.numel() for p in params),
+                "ema": self.cfg.ema.use_for if self.cfg.ema is not None else None}
 
     def cleanup(self) -> None:
         self.logs.close()

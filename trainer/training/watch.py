@@ -20,6 +20,7 @@ from trainer.events import event
 from trainer.runs import history, report
 from trainer.runs.samples import rounds, write_grid
 from trainer.training import sampling, validation_loss
+from trainer.training.ema import for_samples
 
 
 class RunWatch:
@@ -54,8 +55,9 @@ class RunWatch:
         if not self.val_indices or not validation_loss.due(self.cfg, step, self.job.total_steps):
             return None
         t0 = time.perf_counter()
-        loss = validation_loss.evaluate(self.job.task, self.job.dataset, self.val_indices, self.cfg.batch_size,
-                                   self.job.autocast)
+        with for_samples(self.job.ema):  # the EMA weights when ema.use_for says samples (and validation)
+            loss = validation_loss.evaluate(self.job.task, self.job.dataset, self.val_indices, self.cfg.batch_size,
+                                            self.job.autocast)
         seconds = time.perf_counter() - t0
         self.validation_s += seconds
         self.val_history.append(loss)
@@ -109,7 +111,8 @@ class RunWatch:
         with isolated_rng():
             try:
                 self.job.task.eval()
-                files, seconds = sampling.sample_round(self.job.task, self.prompts, self.samples_dir, step, warn)
+                with for_samples(self.job.ema):
+                    files, seconds = sampling.sample_round(self.job.task, self.prompts, self.samples_dir, step, warn)
             finally:
                 self.job.task.train()
         self.sampled_steps.add(step)
