@@ -273,6 +273,54 @@ class ControlServer:
         limit = int(msg.get("limit") or 50)
         self._send(conn, {"ok": True, "jobs": self.daemon.jobs(limit)})
 
+    # --- sweeps (agentd.sweep) ---------------------------------------------------------------------
+    # Who may: any socket member, like submit (the trials run with the submitter's access checks).
+    def op_sweep_run(self, conn, msg) -> None:
+        """Start a sweep; then stream its trials' events ({"trial": N, "event": ...}) and its own
+        (sweep_trial, sweep_finished) until it ends on this box."""
+        path, text = msg.get("sweep_path"), msg.get("sweep_text")
+        if not isinstance(path, str) or not isinstance(text, str):
+            raise ProtocolError("bad_request", "sweep_run needs sweep_path and sweep_text (strings)")
+        env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
+        run = self.daemon.sweeps.run(path, text, peer_credentials(conn), env)
+        self._send(conn, {"ok": True, "sweep": run.name, "folder": str(run.sweep.folder), "warnings": run.warnings})
+        if not msg.get("detach"):
+            self._stream_sweep(conn, run)
+
+    def op_sweep_follow(self, conn, msg) -> None:
+        run = self.daemon.sweeps.get(str(msg.get("name", "")))
+        if run is None:
+            raise SubmitRefused("not_found", f"no sweep {msg.get('name')!r} running on this daemon")
+        self._send(conn, {"ok": True, "sweep": run.name})
+        self._stream_sweep(conn, run)
+
+    def op_sweep_status(self, conn, msg) -> None:
+        self._send(conn, {"ok": True, "sweep": self.daemon.sweeps.status(str(msg.get("name", "")))})
+
+    def op_sweep_report(self, conn, msg) -> None:
+        self._send(conn, {"ok": True, **self.daemon.sweeps.report(str(msg.get("name", "")), bool(msg.get("html")))})
+
+    def op_sweep_stop(self, conn, msg) -> None:
+        name = str(msg.get("name", ""))
+        state = self.daemon.sweeps.stop(name)
+        log.info("stop of sweep %s requested by %s", name, peer_credentials(conn).get("user"))
+        self._send(conn, {"ok": True, "sweep": name, "state": state})
+
+    def _stream_sweep(self, conn, run) -> None:
+        q = run.subscribe()
+        try:
+            while True:
+                try:
+                    m = q.get(timeout=1.0)
+                except queue.Empty:
+                    if _peer_gone(conn):
+                        return
+                    continue
+                if m is None or not self._send(conn, m):
+                    return
+        finally:
+            run.unsubscribe(q)
+
     def op_drain(self, conn, msg) -> None:
         self.daemon.scheduler.set_draining(True)
         self._send(conn, {"ok": True, "draining": True})
