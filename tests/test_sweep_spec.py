@@ -126,3 +126,12 @@ def test_agentd_sweep_run_exits_2_before_the_daemon(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"{path}:5: parameters.lora_rnak: not a training config key" in proc.stderr
     assert "did you mean 'lora_rank'?" in proc.stderr
+
+
+def test_shipped_sweep_file_loads():
+    """configs/sweeps/: every shipped sweep file is valid against the shipped base config it names."""
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs/sweeps").glob("*.yaml"))
+    assert shipped
+    for p in shipped:
+        sweep = load_sweep(p)
+        assert sweep.spec.objective == "val_loss" and sweep.base_path.is_file()
