@@ -283,7 +283,8 @@ class ControlServer:
             raise ProtocolError("bad_request", "sweep_run needs sweep_path and sweep_text (strings)")
         env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
         run = self.daemon.sweeps.run(path, text, peer_credentials(conn), env)
-        self._send(conn, {"ok": True, "sweep": run.name, "folder": str(run.sweep.folder), "warnings": run.warnings})
+        self._send(conn, {"ok": True, "sweep": run.name, "folder": str(run.sweep.folder), "warnings": run.warnings,
+                          "attached": run.attached})
         if not msg.get("detach"):
             self._stream_sweep(conn, run)
 

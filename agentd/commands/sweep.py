@@ -108,7 +108,8 @@ def run(sock: Path, path: Path, detach: bool) -> int:
         return ExitCode.INVALID_CONFIG if err.get("code") == "invalid_config" else ExitCode.FAILED
     for w in reply.get("warnings") or []:
         say(f"WARNING: {w}")
-    say(f"sweep {sweep.spec.name} started: {sweep.spec.trials} trials, folder {reply['folder']}")
+    verb = "already running here: following it" if reply.get("attached") else "started"
+    say(f"sweep {sweep.spec.name} {verb}: {sweep.spec.trials} trials, folder {reply['folder']}")
     if detach:
         conn.close()
         return ExitCode.SUCCEEDED

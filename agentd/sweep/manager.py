@@ -70,7 +70,7 @@ class SweepManager:
         for rec in self.journal.sweeps("running"):
             try:
                 sweep = load_sweep(Path(rec["source"]), rec["text"])
-                self._launch(sweep, rec["submitter"], rec["env"])
+                self._launch(sweep, rec["submitter"], rec["env"], rec["text"])
                 resumed.append(rec["name"])
             except Exception as e:
                 log.error("sweep %s cannot resume: %s", rec["name"], e)
@@ -78,7 +78,8 @@ class SweepManager:
         return resumed
 
     def run(self, source: str, text: str, submitter: dict, env: dict) -> "SweepRun":
-        """Check a sweep file for its submitter and start it (SubmitRefused: nothing started)."""
+        """Check a sweep file for its submitter and start it (SubmitRefused: nothing started). The same
+        file while its sweep runs is followed, not started twice; another file of the same name is refused."""
         try:
             sweep = load_sweep(Path(source), text)
             # The submitter's access to the base config's data and the trial folders, before anything runs.
@@ -90,20 +91,25 @@ class SweepManager:
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
         with self.lock:
+            running = self.runs.get(sweep.spec.name)
+            if running is not None and running.thread.is_alive() and running.text == text \
+                    and running.sweep.source == sweep.source:
+                running.attached = True
+                return running  # the same file again (a second matrix cell on this box): follow it
             if not self.journal.sweep_start(name=sweep.spec.name, source=sweep.source, text=text,
                                             folder=str(sweep.folder), submitter=submitter, env=env):
                 raise SubmitRefused("invalid_config", f"{sweep.source}: name: a sweep named {sweep.spec.name!r} is "
                                    "running already\n    fix: wait for it, `agentd sweep stop "
                                    f"{sweep.spec.name}`, or give this sweep another name")
-            run = self._launch(sweep, submitter, env, locked=True)
+            run = self._launch(sweep, submitter, env, text, locked=True)
         slots = len(self.scheduler.slots)
         if sweep.spec.parallel > slots:
             run.warnings.append(f"parallel: {sweep.spec.parallel} is more than this box's {slots} slot(s): "
                                 f"{sweep.spec.parallel - slots} trial(s) at a time wait in the queue")
         return run
 
-    def _launch(self, sweep: Sweep, submitter: dict, env: dict, locked: bool = False) -> "SweepRun":
-        run = SweepRun(self, sweep, submitter, env)
+    def _launch(self, sweep: Sweep, submitter: dict, env: dict, text: str, locked: bool = False) -> "SweepRun":
+        run = SweepRun(self, sweep, submitter, env, text)
         if locked:
             self.runs[sweep.spec.name] = run
         else:
@@ -163,8 +169,9 @@ class SweepManager:
 
 
 class SweepRun:
-    def __init__(self, manager: SweepManager, sweep: Sweep, submitter: dict, env: dict):
-        self.m, self.sweep, self.submitter, self.env = manager, sweep, submitter, env
+    def __init__(self, manager: SweepManager, sweep: Sweep, submitter: dict, env: dict, text: str):
+        self.m, self.sweep, self.submitter, self.env, self.text = manager, sweep, submitter, env, text
+        self.attached = False  # a later `agentd sweep run` of the same file follows this one
         self.name = sweep.spec.name
         self.watched: dict[int, Watch] = {}
         self.stopping = False
