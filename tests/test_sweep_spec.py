@@ -58,6 +58,8 @@ BAD = [
     (GOOD.replace("trials: 6", "trials: 0"), BASE, "trials", 6, "greater than 0", "positive"),
     (GOOD + "sampler: grid\n", BASE, "parameters.learning_rate.range", 4, "sampler: grid needs finite values",
      "grid: [..]"),
+    (GOOD.replace("{range: [1.0e-4, 1.0e-2], log: true}", "{grid: [1.0e-3, 1.0e-2]}") + "sampler: grid\n", BASE,
+     "trials", 6, "sampler: grid has 4 points", "set trials: 4"),
 ]
 
 
@@ -135,3 +137,22 @@ def test_shipped_sweep_file_loads():
     for p in shipped:
         sweep = load_sweep(p)
         assert sweep.spec.objective == "val_loss" and sweep.base_path.is_file()
+
+
+def test_grid_sweep_visits_every_point_once_by_ask_and_tell(tmp_path):
+    """Optuna's GridSampler calls study.stop() when its grid is used up, which raises outside optimize();
+    the sweep's ask-and-tell grid must tell the last point without it."""
+    from agentd.sweep import study as st
+    from agentd.sweep.spec import suggest
+
+    text = GOOD.replace("{range: [1.0e-4, 1.0e-2], log: true}", "{grid: [1.0e-3, 1.0e-2]}").replace(
+        "trials: 6", "trials: 4") + "sampler: grid\n"
+    sweep = load_sweep(write(tmp_path, text))
+    study = st.load_study(sweep)
+    seen = set()
+    for _ in range(4):
+        trial = study.ask()
+        values = {n: suggest(trial, n, p) for n, p in sweep.spec.parameters.items()}
+        seen.add((values["learning_rate"], values["lora_rank"]))
+        study.tell(trial, 1.0)
+    assert seen == {(lr, r) for lr in (1e-3, 1e-2) for r in (2, 4)}

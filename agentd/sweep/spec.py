@@ -26,6 +26,7 @@ up front (`corners`), so a value the trainer refuses is found before the first t
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -204,6 +205,11 @@ def spec_problems(spec: SweepFile, lines: dict) -> list[Problem]:
         if spec.sampler == "grid" and kind == "range":
             problems.append(Problem(f"{field}.range", "sampler: grid needs finite values",
                                     "use grid: [..] or choices: [..], or sampler: tpe", p.range, at))
+    if spec.sampler == "grid" and not problems and all(p.values() for p in spec.parameters.values()):
+        points = math.prod(len(p.values()) for p in spec.parameters.values())
+        if spec.trials > points:
+            problems.append(Problem("trials", f"sampler: grid has {points} points, fewer than the trials asked",
+                                    f"set trials: {points}, or add grid values", spec.trials, lines.get(("trials",))))
     if not (spec.storage == "journal" or spec.storage.startswith(("postgresql://", "postgresql+psycopg2://"))):
         problems.append(Problem("storage", "unknown storage", "write journal, or postgresql://USER@HOST/DB",
                                 redact_url(spec.storage), lines.get(("storage",))))

@@ -67,10 +67,23 @@ def sampler(sweep: Sweep):
     spec = sweep.spec
     if spec.sampler == "grid":
         space = {name: p.values() for name, p in spec.parameters.items()}
-        return optuna.samplers.GridSampler(space, seed=spec.seed)
+        return _ask_tell_grid()(space, seed=spec.seed)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(1, spec.trials // 3)))
+
+
+def _ask_tell_grid():
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        """GridSampler for ask-and-tell: its after_trial calls `study.stop()` when the grid is used up, which
+        raises outside `optimize`; the sweep stops asking by itself (`trials` is at most the grid's size)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return AskTellGrid
 
 
 def pruner(sweep: Sweep):
