@@ -106,9 +106,11 @@ def main() -> int:
     print("| pruner | total steps | pruned trials | wall s | best trial (val_loss) |")
     print("|---|---|---|---|---|")
     for k, r in results.items():
-        print(f"| {k} | {r['steps']} | {r['pruned']} | {r['seconds']:.1f} | {r['best']:03d} ({r['best_value']:.4f}) |")
-    print(f"median pruner: {median['steps'] / none['steps']:.2f}x the steps ({none['steps'] - median['steps']} saved); "
-          f"same best trial: {'yes' if (none['best'], none['best_params']) == (median['best'], median['best_params']) else 'no'}")
+        print(f"| {k} | {r['steps']} | {r['pruned']} | {r['seconds']:.1f} | {r['best']:03d} "
+              f"({r['best_value']:.4f}) |")
+    same = (none["best"], none["best_params"]) == (median["best"], median["best_params"])
+    print(f"median pruner: {median['steps'] / none['steps']:.2f}x the steps ({none['steps'] - median['steps']} "
+          f"saved); same best trial: {'yes' if same else 'no'}")
     return 0
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -80,14 +79,14 @@ def postgres():
     root = Path(tempfile.mkdtemp(prefix="agentd-pg-"))
     password = "pg-" + os.urandom(8).hex()
     (root / "pw").write_text(password)
-    demote = None
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        nobody = pwd.getpwnam("nobody")
+    nobody = pwd.getpwnam("nobody") if os.geteuid() == 0 else None  # initdb and postgres refuse to run as root
+    if nobody is not None:
         os.chmod(root, 0o755)
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         os.chown(root / "pw", nobody.pw_uid, nobody.pw_gid)
 
-        def demote():
+    def demote():
+        if nobody is not None:
             os.setgid(nobody.pw_gid)
             os.setgroups([])
             os.setuid(nobody.pw_uid)
@@ -121,7 +120,8 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
     restarted; the report is checked in headless Chromium."""
     port, pw_file = postgres
     base = base_config(tmp_path / "cfg", assets)
-    path = sweep_file(tmp_path, base, trials=6, extra=f"storage: postgresql://postgres@127.0.0.1:{port}/optuna\n")
+    storage = f"storage: postgresql://postgres@127.0.0.1:{port}/optuna\n"
+    path = sweep_file(tmp_path, base, trials=6, extra=storage)
     folder = tmp_path / "lr-rank"
     daemons = []
     for name in ("a", "b"):
@@ -131,6 +131,10 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
         for d in daemons:
             d.start()
         follows = [Tail(d.agentd("sweep", "run", str(path))) for d in daemons]
+        follows[0].until("sweep lr-rank started")
+        other_file = sweep_file(tmp_path / "cfg", base, trials=3, extra=storage)
+        refused = daemons[0].run("sweep", "run", str(other_file))  # another file of a running sweep's name
+        assert refused.returncode == 2 and "a sweep named 'lr-rank' is running already" in refused.stderr, refused
         third = next(iter(daemons[0].wait_for(
             lambda: [d for d in daemons if 2 in jobs_by_trial(d)], what="the third trial's job")))
         third.wait_for(lambda: (folder / "trials/002/checkpoints/step-00000002").is_dir(), what="its checkpoint")
@@ -158,6 +162,15 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
     assert [t["number"] for t in trials] == list(range(6)) and status["state"] == "finished"
     assert {t["state"] for t in trials} <= {"complete", "pruned"}, trials
     assert pw_file.read_text().strip() not in logs + json.dumps(status)
+    from agentd.sweep.spec import load_sweep
+    from agentd.sweep.study import load_study
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:  # a wrong password: named, redacted, nothing started
+        load_study(load_sweep(path), "wrong-pw-1234")
+    text = err.value.render()
+    assert f"cannot open the study at postgresql://postgres@127.0.0.1:{port}/optuna" in text, text
+    assert "password authentication failed" in text and "wrong-pw-1234" not in text
     for t in trials:
         run = json.loads((folder / f"trials/{t['number']:03d}/run.json").read_text())
         assert run["sweep"] == {"name": "lr-rank", "trial": t["number"], "folder": str(folder)}

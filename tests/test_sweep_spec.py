@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.sweep.spec import corners, load_sweep
+from agentd.sweep.spec import corners, load_sweep, parallel_warning
 from tests.conftest import BIN
 from trainer.errors import ConfigError
 
@@ -156,3 +156,9 @@ def test_grid_sweep_visits_every_point_once_by_ask_and_tell(tmp_path):
         seen.add((values["learning_rate"], values["lora_rank"]))
         study.tell(trial, 1.0)
     assert seen == {(lr, r) for lr in (1e-3, 1e-2) for r in (2, 4)}
+
+
+def test_parallel_above_the_slots_is_a_warning_not_an_error():
+    assert parallel_warning(1, 1) is None and parallel_warning(2, 4) is None
+    assert parallel_warning(3, 1) == ("parallel: 3 is more than this box's 1 slot(s): 2 of the trials at a time "
+                                      "wait in the queue")

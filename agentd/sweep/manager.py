@@ -28,7 +28,7 @@ from pathlib import Path
 from agentd.events import SweepFinished, SweepTrial
 from agentd.scheduler import SubmitRefused
 from agentd.sweep import study as st
-from agentd.sweep.spec import Sweep, load_sweep, suggest
+from agentd.sweep.spec import Sweep, load_sweep, parallel_warning, suggest
 from trainer.api import atomic_write_json
 from trainer.errors import ConfigError
 
@@ -102,10 +102,9 @@ class SweepManager:
                                    "running already\n    fix: wait for it, `agentd sweep stop "
                                    f"{sweep.spec.name}`, or give this sweep another name")
             run = self._launch(sweep, submitter, env, text, locked=True)
-        slots = len(self.scheduler.slots)
-        if sweep.spec.parallel > slots:
-            run.warnings.append(f"parallel: {sweep.spec.parallel} is more than this box's {slots} slot(s): "
-                                f"{sweep.spec.parallel - slots} trial(s) at a time wait in the queue")
+        warning = parallel_warning(sweep.spec.parallel, len(self.scheduler.slots))
+        if warning:
+            run.warnings.append(warning)
         return run
 
     def _launch(self, sweep: Sweep, submitter: dict, env: dict, text: str, locked: bool = False) -> "SweepRun":

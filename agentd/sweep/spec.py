@@ -113,7 +113,8 @@ class Sweep:
     """A checked sweep file: its spec, the base config's text and the folder it works in."""
 
     def __init__(self, spec: SweepFile, source: str, base_text: str, base_path: Path, folder: Path):
-        self.spec, self.source, self.base_text, self.base_path, self.folder = spec, source, base_text, base_path, folder
+        self.spec, self.source, self.base_text = spec, source, base_text
+        self.base_path, self.folder = base_path, folder
 
     def trial_folder(self, number: int) -> Path:
         return self.folder / "trials" / f"{number:03d}"
@@ -237,6 +238,14 @@ def objective_problems(spec: SweepFile, base: TrainConfig, lines: dict) -> list[
                         "use val_loss or eval.<metric> with one of: " + ", ".join(known)
                         + (", lm_eval.<task>" if mode == "text" else ""), spec.objective, line)]
     return []
+
+
+def parallel_warning(parallel: int, slots: int) -> str | None:
+    """`parallel` above the box's slots is allowed (the extra trials queue), but said."""
+    if parallel <= slots:
+        return None
+    return (f"parallel: {parallel} is more than this box's {slots} slot(s): {parallel - slots} of the trials "
+            "at a time wait in the queue")
 
 
 def corners(spec: SweepFile) -> list[dict]:
