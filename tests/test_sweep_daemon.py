@@ -49,7 +49,7 @@ pruner_startup_trials: 2
 def base_config(folder: Path, assets: dict, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return write_config(folder, assets, max_train_steps=6, save_steps=2, validate_every_n_steps=2,
-                        validation_split=0.125, keep_checkpoints=3, **fields)
+                        validation_split=0.125, keep_checkpoints=3, batch_size=2, **fields)
 
 
 def jobs_by_trial(d: DaemonProc) -> dict[int, list[dict]]:

@@ -288,10 +288,12 @@ class SweepRun:
                 kind = ev.get("type")
                 if kind == "validation":
                     w.val_losses.append(ev["val_loss"])
-                    if ev["step"] not in w.reported and not w.pruning:
-                        w.reported.add(ev["step"])
+                    if not w.pruning:
                         trial = optuna.trial.Trial(self.study, w.trial_id)
-                        trial.report(ev["val_loss"], ev["step"])
+                        if ev["step"] not in w.reported:  # replayed after a restart: reported already
+                            w.reported.add(ev["step"])
+                            trial.report(ev["val_loss"], ev["step"])
+                        # asked again on a replay too: a prune decided just before a crash still stops it
                         if trial.should_prune():
                             w.pruning = True
                             why = (f"pruned by sweep {self.name}: validation loss {ev['val_loss']:.4f} at step "

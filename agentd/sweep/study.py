@@ -50,8 +50,7 @@ def open_storage(sweep: Sweep, password: str | None = None):
         return optuna.storages.JournalStorage(JournalFileBackend(str(sweep.folder / "study.journal")))
     url = storage_url(sweep, password).replace("postgresql://", "postgresql+psycopg2://", 1)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True,
-                                                              "connect_args": {"connect_timeout": 10}})
+        return _rdb_storage(url)
     except Exception as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if password:
@@ -59,6 +58,28 @@ def open_storage(sweep: Sweep, password: str | None = None):
         raise ConfigError([Problem("storage", f"cannot open the study at {redact_url(sweep.spec.storage)}: "
                                    f"{text}", "check the host, database and user, and the daemon's "
                                    "sweep_db_password_file", redact_url(sweep.spec.storage))], sweep.source) from None
+
+
+SCHEMA_LOCK = 0x5357454550  # pg_advisory_lock key: one daemon at a time creates Optuna's tables
+
+
+def _rdb_storage(url: str):
+    """Optuna's RDBStorage, its tables created under a PostgreSQL advisory lock: two boxes opening a fresh
+    database at once would otherwise both CREATE TABLE, and one fails on a duplicate key of pg_type."""
+    import optuna
+    import sqlalchemy
+
+    engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK})
+    finally:
+        engine.dispose()
 
 
 def sampler(sweep: Sweep):
