@@ -148,6 +148,14 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
         report = third.run("sweep", "report", "lr-rank", "--html")
         assert report.returncode == 0, report.stderr
         rows = [jobs_by_trial(d) for d in daemons]
+        # `agentd sweep stop`: no new trials; the running one stops at its next step; `sweep run` exits 3
+        stop_file = sweep_file(tmp_path / "cfg", base, trials=3, extra=storage).rename(tmp_path / "stop.yaml")
+        stop_file.write_text(stop_file.read_text().replace("name: lr-rank", "name: stop-me"))
+        stopped = Tail(other.agentd("sweep", "run", str(stop_file)))
+        stopped.until("[000] step 1/6")
+        assert other.run("sweep", "stop", "stop-me").stdout.strip() == "sweep stop-me: stopping"
+        stop_code, stop_lines = stopped.finish(timeout=300)
+        stop_status = json.loads(other.run("sweep", "status", "stop-me", "--json").stdout)
         logs = "".join(d.log.read_text() for d in daemons)
     finally:
         for d in daemons:
@@ -201,6 +209,11 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
     lines = other_lines + follows[daemons.index(third)].lines + third_lines
     assert any(re.match(r"^\[00[0-5]\] .*validation loss", line) for line in lines), lines
     assert any(line.startswith("sweep lr-rank finished") for line in other_lines + third_lines), lines
+
+    assert stop_code == 3 and stop_status["state"] == "stopped", stop_lines
+    [stopped_trial] = stop_status["trials"]
+    assert stopped_trial["state"] == "fail" and "sweep stop-me stopped at step" in stopped_trial["detail"]
+    assert stopped_trial["steps"] < 6, stopped_trial
 
     _same_lora_as_uninterrupted(path, base, folder, trials[2], tmp_path / "reference")
     _check_in_chromium(Path(report.stdout.split("report: ")[1].strip()), tmp_path)
