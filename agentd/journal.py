@@ -50,8 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     sweep TEXT
 );
 CREATE TABLE IF NOT EXISTS sweeps (
-    name TEXT PRIMARY KEY, state TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL, folder TEXT NOT NULL,
-    submitter TEXT, env TEXT, created REAL NOT NULL, ended REAL, detail TEXT
+    name TEXT PRIMARY KEY, state TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL, base_text TEXT NOT NULL,
+    folder TEXT NOT NULL, submitter TEXT, env TEXT, created REAL NOT NULL, ended REAL, detail TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL, state TEXT NOT NULL, time REAL NOT NULL, detail TEXT
@@ -217,14 +217,16 @@ class Journal:
         return row["m"] or 0
 
     # --- sweeps (agentd.sweep): the daemon resumes the running ones when it starts ---------------------
-    def sweep_start(self, *, name: str, source: str, text: str, folder: str, submitter: dict, env: dict) -> bool:
-        """Record a sweep as running; False when a sweep of that name is running already."""
+    def sweep_start(self, *, name: str, source: str, text: str, base_text: str, folder: str, submitter: dict,
+                    env: dict) -> bool:
+        """Record a sweep (its file and base config as they are now) as running; False when a sweep of that
+        name is running already."""
         def fn(db):
             row = db.execute("SELECT state FROM sweeps WHERE name = ?", (name,)).fetchone()
             if row and row["state"] == "running":
                 return False
-            db.execute("INSERT OR REPLACE INTO sweeps VALUES (?, 'running', ?, ?, ?, ?, ?, ?, NULL, NULL)",
-                       (name, source, text, folder, json.dumps(submitter), json.dumps(env), time.time()))
+            db.execute("INSERT OR REPLACE INTO sweeps VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                       (name, source, text, base_text, folder, json.dumps(submitter), json.dumps(env), time.time()))
             return True
 
         return self._tx(fn)

@@ -1,9 +1,12 @@
 """The control-socket protocol: newline-delimited JSON, versioned, every message bounded.
 
 Request:   {"v": 1, "op": "submit" | "attach" | "cancel" | "pause" | "resume" | "status" | "jobs" | "logs" |
-                        "drain" | "undrain" | "ping", ...op fields}
+                        "drain" | "undrain" | "ping" | "sweep_run" | "sweep_follow" | "sweep_status" |
+                        "sweep_report" | "sweep_stop", ...op fields}
            submit: config_path, config_text, env, detach, priority (int, optional: overrides the config's)
            pause/resume/cancel/attach: job_id
+           sweep_run: sweep_path, sweep_text, base_text, env, detach; sweep_follow/sweep_status/sweep_stop: name;
+           sweep_report: name, html (agentd.sweep; the stream carries {"trial": N, "event": ...} lines)
 Reply:     {"v": 1, "ok": true, ...}   or   {"v": 1, "ok": false, "error": {"code": ..., "message": ...}}
 Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lines until the job ends
            (the last event has type "finished"), then the server closes the connection.

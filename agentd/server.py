@@ -278,11 +278,11 @@ class ControlServer:
     def op_sweep_run(self, conn, msg) -> None:
         """Start a sweep; then stream its trials' events ({"trial": N, "event": ...}) and its own
         (sweep_trial, sweep_finished) until it ends on this box."""
-        path, text = msg.get("sweep_path"), msg.get("sweep_text")
-        if not isinstance(path, str) or not isinstance(text, str):
-            raise ProtocolError("bad_request", "sweep_run needs sweep_path and sweep_text (strings)")
+        path, text, base_text = msg.get("sweep_path"), msg.get("sweep_text"), msg.get("base_text")
+        if not all(isinstance(v, str) for v in (path, text, base_text)):
+            raise ProtocolError("bad_request", "sweep_run needs sweep_path, sweep_text and base_text (strings)")
         env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
-        run = self.daemon.sweeps.run(path, text, peer_credentials(conn), env)
+        run = self.daemon.sweeps.run(path, text, base_text, peer_credentials(conn), env)
         self._send(conn, {"ok": True, "sweep": run.name, "folder": str(run.sweep.folder), "warnings": run.warnings,
                           "attached": run.attached})
         if not msg.get("detach"):

@@ -273,9 +273,11 @@ def _follow_after_restart(d: DaemonProc):
 def _check_in_chromium(page: Path, tmp_path: Path) -> None:
     from tests.test_report import CHROMIUM_FLAGS, IMAGE_CHECK, chromium
 
+    text = page.read_text()
+    assert text.count('src="data:image/png;base64,') == 3 and 'id="best"' in text and "http" not in text
     browser = chromium()
-    if browser is None:
-        return  # test_report.py's browser test says why it skips; the page's content is checked below
+    if browser is None:  # test_report.py's browser test skips then, saying why; the page's content is checked above
+        return
     check = tmp_path / "sweep-check.html"
     check.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
     dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",

@@ -94,7 +94,7 @@ def run(sock: Path, path: Path, detach: bool) -> int:
         print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
     msg = {"op": "sweep_run", "sweep_path": str(path), "sweep_text": path.read_text(encoding="utf-8"),
-           "env": jenkins_vars(os.environ), "detach": detach}
+           "base_text": sweep.base_text, "env": jenkins_vars(os.environ), "detach": detach}
     try:
         conn = open_request(sock, msg, timeout=300)  # a PostgreSQL study is opened before the reply
     except DaemonUnreachable as e:

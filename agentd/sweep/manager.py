@@ -28,7 +28,7 @@ from pathlib import Path
 from agentd.events import SweepFinished, SweepTrial
 from agentd.scheduler import SubmitRefused
 from agentd.sweep import study as st
-from agentd.sweep.spec import Sweep, load_sweep, parallel_warning, suggest
+from agentd.sweep.spec import Sweep, corners, load_sweep, parallel_warning, suggest
 from trainer.api import atomic_write_json
 from trainer.errors import ConfigError
 
@@ -69,7 +69,7 @@ class SweepManager:
         resumed = []
         for rec in self.journal.sweeps("running"):
             try:
-                sweep = load_sweep(Path(rec["source"]), rec["text"])
+                sweep = load_sweep(Path(rec["source"]), rec["text"], rec["base_text"])
                 self._launch(sweep, rec["submitter"], rec["env"], rec["text"])
                 resumed.append(rec["name"])
             except Exception as e:
@@ -77,14 +77,14 @@ class SweepManager:
                 self.journal.sweep_end(rec["name"], "failed", f"cannot resume: {e}")
         return resumed
 
-    def run(self, source: str, text: str, submitter: dict, env: dict) -> "SweepRun":
-        """Check a sweep file for its submitter and start it (SubmitRefused: nothing started). The same
-        file while its sweep runs is followed, not started twice; another file of the same name is refused."""
+    def run(self, source: str, text: str, base_text: str, submitter: dict, env: dict) -> "SweepRun":
+        """Check a sweep file for its submitter and start it (SubmitRefused: nothing started). `text`,
+        `base_text`: the sweep file and its base config as the submitter read them (the daemon never reads
+        a config on a submitter's behalf). The same file while its sweep runs is followed, not started
+        twice; another file of the same name is refused."""
         try:
-            sweep = load_sweep(Path(source), text)
+            sweep = load_sweep(Path(source), text, base_text)
             # The submitter's access to the base config's data and the trial folders, before anything runs.
-            from agentd.sweep.spec import corners
-
             first = corners(sweep.spec)[0]
             self.scheduler.runner.check(sweep.trial_config(0, first), str(sweep.base_path), submitter)
             st.load_study(sweep, self.password())  # a PostgreSQL study that does not open: refused now
@@ -97,7 +97,8 @@ class SweepManager:
                 running.attached = True
                 return running  # the same file again (a second matrix cell on this box): follow it
             if not self.journal.sweep_start(name=sweep.spec.name, source=sweep.source, text=text,
-                                            folder=str(sweep.folder), submitter=submitter, env=env):
+                                            base_text=sweep.base_text, folder=str(sweep.folder),
+                                            submitter=submitter, env=env):
                 raise SubmitRefused("invalid_config", f"{sweep.source}: name: a sweep named {sweep.spec.name!r} is "
                                    "running already\n    fix: wait for it, `agentd sweep stop "
                                    f"{sweep.spec.name}`, or give this sweep another name")
@@ -130,7 +131,7 @@ class SweepManager:
         if rec is None:
             raise SubmitRefused("not_found", f"no sweep {name!r} on this daemon")
         try:
-            return load_sweep(Path(rec["source"]), rec["text"])
+            return load_sweep(Path(rec["source"]), rec["text"], rec["base_text"])
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render()) from None
 

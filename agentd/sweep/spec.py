@@ -136,8 +136,10 @@ class Sweep:
         return self.spec.storage.startswith(("postgresql://", "postgresql+psycopg2://"))
 
 
-def load_sweep(path: Path, text: str | None = None) -> Sweep:
-    """Read and check a sweep file and its base config; ConfigError with every problem (nothing started)."""
+def load_sweep(path: Path, text: str | None = None, base_text: str | None = None) -> Sweep:
+    """Read and check a sweep file and its base config; ConfigError with every problem (nothing started).
+    `text`, `base_text`: the files' contents as the sweep started (a resumed sweep keeps its search space
+    and base config even if the files changed since)."""
     path = Path(path).resolve()
     source = str(path)
     if text is None:
@@ -151,7 +153,7 @@ def load_sweep(path: Path, text: str | None = None) -> Sweep:
     folder = spec.folder or Path(spec.name)
     folder = folder if folder.is_absolute() else (path.parent / folder).resolve()
     try:
-        base_text = base_path.read_text(encoding="utf-8")
+        base_text = base_path.read_text(encoding="utf-8") if base_text is None else base_text
     except OSError as e:
         raise ConfigError([Problem("base_config", f"cannot read the base config: {e}", "name a training config "
                                    "file (relative to the sweep file)", str(spec.base_config),
