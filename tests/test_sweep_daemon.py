@@ -105,7 +105,7 @@ def postgres():
         db.autocommit = True
         db.cursor().execute("CREATE DATABASE optuna")
         db.close()
-        pw_file = Path(tempfile.mkdtemp(prefix="agentd-pw-")) / "sweep-db-password"
+        pw_file = root / "sweep-db-password"  # the daemons' copy (agentd.yaml sweep_db_password_file)
         pw_file.write_text(password + "\n")
         yield port, pw_file
     finally:
