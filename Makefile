@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # loadgroup: the tests of one xdist_group mark share a worker (see the marks in tests/).
 TEST_WORKERS ?= 4
 
-.PHONY: setup demo test browser bench clean install-service
+.PHONY: setup demo test browser postgres bench clean install-service
 
 # The venv sees system site-packages so that a CUDA torch already installed on a GPU box is kept;
 # torch is installed (CPU build) only when none can be imported.
@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/agentd demo
 
-test: setup browser
+test: setup browser postgres
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The report test (tests/test_report.py) drives headless Chromium, Debian's `chromium` package. Installed
@@ -40,6 +40,15 @@ browser:
 	    echo "installing chromium for the report's browser test (apt-get)" && \
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium not installed (needs root and apt-get): the report's browser test will be skipped"
+
+# The sweep test (tests/test_sweep_daemon.py) starts a throwaway PostgreSQL cluster (initdb as a non-root user in
+# a temp folder): Debian's `postgresql` package, installed here the same way. Otherwise that test skips.
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing postgresql for the sweep test (apt-get)" && \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "postgresql not installed (needs root and apt-get): the sweep's daemon test will be skipped"
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -24,6 +24,7 @@ COMMANDS = {
     "validate": ("validate", "check a training config; VRAM estimate and batch-size advice"),
     "demo": ("demo", "run the tiny demo job through an embedded daemon"),
     "compare": ("compare", "compare two runs (config diff, loss figures, verdict; --html for the page)"),
+    "sweep": ("sweep", "hyperparameter sweep: run FILE | status NAME | report NAME [--html] | stop NAME"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
     "import-kohya": ("import_kohya", "convert a kohya/lora-scripts TOML (training or dataset) into a training config"),
     "install-service": ("install", "install the systemd unit and the agentd user"),

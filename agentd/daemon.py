@@ -78,6 +78,12 @@ class Daemon:
         recovered = self.scheduler.start()
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
+        from agentd.sweep.manager import SweepManager
+
+        self.sweeps = SweepManager(self.scheduler, self.journal, s.state_dir, s.sweep_db_password_file)
+        resumed = self.sweeps.start()
+        if resumed:
+            log.info("resuming sweep(s): %s", ", ".join(resumed))
         sock = bind_socket(s.socket, int(s.socket_mode, 8), s.socket_group)
         self.server = ControlServer(self, sock, max_bytes=s.max_message_bytes, idle_timeout=s.idle_client_timeout_s,
                                     policy=policy)
@@ -254,6 +260,7 @@ class Daemon:
     def shutdown(self) -> None:
         log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)
         self.server.close()
+        self.sweeps.shutdown()  # before the jobs stop: their trials resume with the sweep, not told failed
         self.scheduler.shutdown(self.settings.stop_timeout_s)
         for part in (self.watcher, self.link, self.metrics):
             if part is not None:

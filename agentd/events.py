@@ -1,4 +1,5 @@
-"""The daemon's own job events: queued, gated, state changes and infrastructure retries.
+"""The daemon's own job events: queued, gated, state changes and infrastructure retries; and a sweep's
+(agentd.sweep): a trial's state changes and the sweep's end, which `agentd sweep run` prints.
 
 They are `trainer.events` kinds like the trainer's (one typed class per kind, registered in its table by
 `kind` when this module is imported): the scheduler publishes them, and the journal, `agentd run` and
@@ -12,7 +13,7 @@ from typing import ClassVar
 
 from trainer.events import Event, format_event
 
-__all__ = ["Gated", "InfraRetry", "Queued", "State", "format_event"]
+__all__ = ["Gated", "InfraRetry", "Queued", "State", "SweepFinished", "SweepTrial", "format_event"]
 
 
 @dataclass(kw_only=True)
@@ -65,3 +66,42 @@ class InfraRetry(Event):
         at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
         return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
                 f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")
+
+
+@dataclass(kw_only=True)
+class SweepTrial(Event):
+    """A sweep's trial changed state: started (as a job), pruning, complete, pruned, failed."""
+
+    kind: ClassVar[str] = "sweep_trial"
+    sweep: str
+    trial: int
+    state: str
+    params: dict = field(default_factory=dict)
+    value: float | None = None
+    detail: str | None = None
+
+    def line(self) -> str:
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        value = f" objective {self.value:.6g}" if self.value is not None else ""
+        detail = f": {self.detail}" if self.detail else ""
+        return f"trial {self.trial:03d} {self.state}{value}" + (f" ({params})" if params else "") + detail
+
+
+@dataclass(kw_only=True)
+class SweepFinished(Event):
+    """The sweep ended on this box: finished (nothing left to ask) or stopped (`agentd sweep stop`)."""
+
+    kind: ClassVar[str] = "sweep_finished"
+    sweep: str
+    outcome: str
+    counts: dict = field(default_factory=dict)
+    best_trial: int | None = None
+    best_value: float | None = None
+    report: str | None = None
+
+    def line(self) -> str:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(self.counts.items()))
+        best = (f"; best trial {self.best_trial:03d} (objective {self.best_value:.6g})"
+                if self.best_trial is not None else "; no complete trial")
+        report = f"; report {self.report}" if self.report else ""
+        return f"sweep {self.sweep} {self.outcome}: {counts}{best}{report}"

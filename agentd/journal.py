@@ -50,7 +50,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     shape_key TEXT,
     priority INTEGER NOT NULL DEFAULT 0,
     infra_retries INTEGER NOT NULL DEFAULT 0,
-    capability_sha256 TEXT
+    capability_sha256 TEXT,
+    sweep TEXT
+);
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY, state TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL, base_text TEXT NOT NULL,
+    folder TEXT NOT NULL, submitter TEXT, env TEXT, created REAL NOT NULL, ended REAL, detail TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     job_id TEXT NOT NULL, state TEXT NOT NULL, time REAL NOT NULL, detail TEXT
@@ -66,9 +71,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 """
 
-JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts")
+JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts", "sweep")
 NEWER_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "infra_retries": "INTEGER NOT NULL DEFAULT 0",
-                 "capability_sha256": "TEXT"}
+                 "capability_sha256": "TEXT", "sweep": "TEXT"}
 MAX_REFUSALS = 10000  # refusals kept (the newest): a member refused in a loop cannot grow the journal
 
 
@@ -110,16 +115,19 @@ class Journal:
     # --- jobs -------------------------------------------------------------------------------------
     def create(self, *, config_path: str, config_text: str, config_hash: str, resolved: dict, output_dir: str,
                name: str, submitter: dict, env: dict, shape_key: str | None = None,
-               estimate_mib: float | None = None, priority: int = 0, capability_sha256: str | None = None) -> str:
+               estimate_mib: float | None = None, priority: int = 0, capability_sha256: str | None = None,
+               sweep: dict | None = None) -> str:
+        """`sweep`: {name, trial, folder} when the job is a sweep's trial (agentd.sweep)."""
         now = time.time()
 
         def fn(db):
             cur = db.execute(
                 "INSERT INTO jobs (id, state, config_path, config_text, config_hash, resolved, output_dir, name, "
-                "submitter, env, created, shape_key, estimate_mib, priority, capability_sha256) "
-                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "submitter, env, created, shape_key, estimate_mib, priority, capability_sha256, sweep) "
+                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (config_path, config_text, config_hash, json.dumps(resolved), output_dir, name,
-                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority, capability_sha256))
+                 json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority, capability_sha256,
+                 json.dumps(sweep) if sweep else None))
             job_id = f"job-{cur.lastrowid:06d}"
             db.execute("UPDATE jobs SET id = ? WHERE seq = ?", (job_id, cur.lastrowid))
             db.execute("INSERT INTO transitions VALUES (?, 'queued', ?, NULL)", (job_id, now))
@@ -173,6 +181,13 @@ class Journal:
         with self._lock:
             return [_row(r) for r in self._db.execute(q, args).fetchall()]
 
+    def job_for_output(self, output_dir: str) -> dict | None:
+        """The newest job that trains into `output_dir` (a sweep trial's folder names its job)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE output_dir = ? ORDER BY seq DESC LIMIT 1",
+                                   (output_dir,)).fetchone()
+        return _row(row) if row else None
+
     def transitions(self, job_id: str) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT state, time, detail FROM transitions WHERE job_id = ? ORDER BY rowid",
@@ -218,6 +233,35 @@ class Journal:
         with self._lock:
             row = self._db.execute("SELECT MAX(seq) AS m FROM events WHERE job_id = ?", (job_id,)).fetchone()
         return row["m"] or 0
+
+    # --- sweeps (agentd.sweep): the daemon resumes the running ones when it starts ---------------------
+    def sweep_start(self, *, name: str, source: str, text: str, base_text: str, folder: str, submitter: dict,
+                    env: dict) -> bool:
+        """Record a sweep (its file and base config as they are now) as running; False when a sweep of that
+        name is running already."""
+        def fn(db):
+            row = db.execute("SELECT state FROM sweeps WHERE name = ?", (name,)).fetchone()
+            if row and row["state"] == "running":
+                return False
+            db.execute("INSERT OR REPLACE INTO sweeps VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                       (name, source, text, base_text, folder, json.dumps(submitter), json.dumps(env), time.time()))
+            return True
+
+        return self._tx(fn)
+
+    def sweep_end(self, name: str, state: str, detail: str | None = None) -> None:
+        with self._lock:
+            self._db.execute("UPDATE sweeps SET state = ?, ended = ?, detail = ? WHERE name = ?",
+                             (state, time.time(), detail, name))
+
+    def sweeps(self, state: str | None = None) -> list[dict]:
+        q, args = "SELECT * FROM sweeps", ()
+        if state:
+            q, args = q + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY created", args).fetchall()
+        return [{**dict(r), "submitter": json.loads(r["submitter"] or "{}"), "env": json.loads(r["env"] or "{}")}
+                for r in rows]
 
     # --- calibration and retention ----------------------------------------------------------------
     def recorded_peak(self, shape_key: str) -> float | None:

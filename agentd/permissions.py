@@ -46,10 +46,15 @@ PERMISSIONS = {
     "resume": OWNER,
     "drain": OPERATOR,
     "undrain": OPERATOR,
+    "sweep_run": ANY,  # its trials are jobs checked against the submitter's access, like submit
+    "sweep_follow": ANY,  # the trials' events, as `agentd status` shows trials: names and losses
+    "sweep_status": ANY,
+    "sweep_report": ANY,
+    "sweep_stop": OWNER,  # the sweep's submitter (a build's sweep: operators only) or an operator
 }
 
 # How refusals name an op ("may not <verb> it").
-VERBS = {"attach": "follow", "logs": "read the events of"}
+VERBS = {"attach": "follow", "logs": "read the events of", "sweep_stop": "stop"}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The control-socket protocol: newline-delimited JSON, versioned, every message bounded.
 
 Request:   {"v": 1, "op": "submit" | "attach" | "cancel" | "pause" | "resume" | "status" | "jobs" | "logs" |
-                        "drain" | "undrain" | "ping", ...op fields}
+                        "drain" | "undrain" | "ping" | "sweep_run" | "sweep_follow" | "sweep_status" |
+                        "sweep_report" | "sweep_stop", ...op fields}
            each op's fields and their types: REQUEST_FIELDS (a job op may carry `capability`, the token a
-           build's submit reply handed back: agentd.permissions)
+           build's submit reply handed back: agentd.permissions); sweep_run streams {"trial": N, "event": ...}
+           lines (agentd.sweep)
 Reply:     {"v": 1, "ok": true, ...}   or   {"v": 1, "ok": false, "error": {"code": ..., "message": ...}}
 Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lines until the job ends
            (the last event has type "finished"), then the server closes the connection.
@@ -39,6 +41,12 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "jobs": {"limit": (int, False)},
     "drain": {},
     "undrain": {},
+    "sweep_run": {"sweep_path": (str, True), "sweep_text": (str, True), "base_text": (str, True),
+                  "env": (dict, False), "detach": (bool, False)},
+    "sweep_follow": {"name": (str, True)},
+    "sweep_status": {"name": (str, True)},
+    "sweep_report": {"name": (str, True), "html": (bool, False)},
+    "sweep_stop": {"name": (str, True)},
 }
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object"}
 

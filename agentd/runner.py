@@ -110,7 +110,7 @@ class Runner:
                 checked, channel, job.stop, device=slot.device, pause=job.pause, base_cache=self.base_cache,
                 env=rec.get("env") or {}, infra_retries=job.infra_retries,
                 resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto",
-                where=slot.name, estimate_mib=rec.get("estimate_mib"))
+                where=slot.name, estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"))
         except ConfigError as e:
             return RunEnd("failed", e.render())
         except OutOfMemory as e:
@@ -120,7 +120,7 @@ class Runner:
             return RunEnd("paused", f"paused at step {result.steps}")
         if result.outcome == "cancelled":
             return RunEnd("interrupted" if job.stop_reason == "shutdown" else "cancelled",
-                          f"stopped at step {result.steps}")
+                          f"{job.stop_note or 'stopped'} at step {result.steps}")
         return RunEnd("succeeded", fields={"artifacts": result.artifacts, "peak_mib": result.peak_memory_mib,
                                            "step": result.steps, "loss": result.final_loss})
 

@@ -82,6 +82,7 @@ class LiveJob:
     config_error: Exception | None = None  # why a recovered job's config did not parse: it fails with it
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # "cancel" | "shutdown" | "pause"
+    stop_note: str | None = None  # why a cancel stopped it (a sweep's pruner: "pruned by sweep ...")
     pause: threading.Event = field(default_factory=threading.Event)
     priority: int = 0
     enqueued: float = field(default_factory=time.monotonic)  # when it (re)entered the queue, for max_wait_s
@@ -199,10 +200,12 @@ class Scheduler:
 
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict,
-               priority: int | None = None, capability_sha256: str | None = None) -> tuple[str, bool]:
+               priority: int | None = None, capability_sha256: str | None = None,
+               sweep: dict | None = None) -> tuple[str, bool]:
         """Queue a job, or return the active job that already trains into the same output folder.
         `priority` (agentd run --priority) overrides the config's; `capability_sha256`: a build's job is
-        owned by whoever holds that capability (agentd.permissions)."""
+        owned by whoever holds that capability (agentd.permissions); `sweep`: {name, trial, folder} of a
+        sweep's trial (agentd.sweep), journaled and written into its run.json."""
         try:
             cfg = self.runner.parse(config_text, config_path)
             checked = self.runner.check(cfg, config_path, submitter)
@@ -227,7 +230,7 @@ class Scheduler:
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority,
-                                         capability_sha256=capability_sha256)
+                                         capability_sha256=capability_sha256, sweep=sweep)
             job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
                           allowed=allowed)
             self.live[job_id] = job
@@ -265,7 +268,9 @@ class Scheduler:
         except SubmitRefused:
             return set()  # the GPU it asked for is gone: it waits as unavailable and fails with the reason
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, why: str | None = None) -> str:
+        """Cancel a job; a running one checkpoints at its next step. `why`: the note its end records
+        instead of "stopped" (a sweep's pruner)."""
         with self.cond:
             job = self.live.get(job_id)
             if job is None:
@@ -281,6 +286,7 @@ class Scheduler:
                 self._finish(job, "cancelled", "cancelled while paused")
                 return "cancelled"
             job.stop_reason = "cancel"
+            job.stop_note = why
             job.pause.clear()  # a cancel wins over a pending pause
             job.stop.set()
             return "cancelling"

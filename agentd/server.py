@@ -258,6 +258,11 @@ class ControlServer:
                 if record is None:
                     raise SubmitRefused("not_found", f"no job {job_id}")
                 refusal = decide(op, who, self.policy, job_id, Owner.of(record))
+            elif op == "sweep_stop":
+                owner = self.daemon.sweeps.owner(msg["name"], self.policy.build_uid)
+                if owner is None:
+                    raise SubmitRefused("not_found", f"no sweep {msg['name']!r} running on this daemon")
+                refusal = decide(op, who, self.policy, f"sweep {msg['name']}", owner)
             else:
                 refusal = decide(op, who, self.policy)
             if refusal:
@@ -379,6 +384,52 @@ class ControlServer:
 
     def op_jobs(self, conn, msg, who) -> None:
         self._send(conn, {"ok": True, "jobs": self.daemon.jobs(msg.get("limit") or 50)})
+
+    # --- sweeps (agentd.sweep; who may: agentd.permissions.PERMISSIONS, a sweep's owner is its submitter) ---
+    def op_sweep_run(self, conn, msg, who) -> None:
+        """Start a sweep; then stream its trials' events ({"trial": N, "event": ...}) and its own
+        (sweep_trial, sweep_finished) until it ends on this box."""
+        path, text, base_text = msg["sweep_path"], msg["sweep_text"], msg["base_text"]
+        env = {k: str(v) for k, v in (msg.get("env") or {}).items()}
+        run = self.daemon.sweeps.run(path, text, base_text, peer_credentials(conn), env)
+        self._send(conn, {"ok": True, "sweep": run.name, "folder": str(run.sweep.folder), "warnings": run.warnings,
+                          "attached": run.attached})
+        if not msg.get("detach"):
+            self._stream_sweep(conn, run)
+
+    def op_sweep_follow(self, conn, msg, who) -> None:
+        run = self.daemon.sweeps.get(str(msg.get("name", "")))
+        if run is None:
+            raise SubmitRefused("not_found", f"no sweep {msg.get('name')!r} running on this daemon")
+        self._send(conn, {"ok": True, "sweep": run.name})
+        self._stream_sweep(conn, run)
+
+    def op_sweep_status(self, conn, msg, who) -> None:
+        self._send(conn, {"ok": True, "sweep": self.daemon.sweeps.status(str(msg.get("name", "")))})
+
+    def op_sweep_report(self, conn, msg, who) -> None:
+        self._send(conn, {"ok": True, **self.daemon.sweeps.report(str(msg.get("name", "")), bool(msg.get("html")))})
+
+    def op_sweep_stop(self, conn, msg, who) -> None:
+        name = str(msg.get("name", ""))
+        state = self.daemon.sweeps.stop(name)
+        log.info("stop of sweep %s requested by %s", name, who.name)
+        self._send(conn, {"ok": True, "sweep": name, "state": state})
+
+    def _stream_sweep(self, conn, run) -> None:
+        q = run.subscribe()
+        try:
+            while True:
+                try:
+                    m = q.get(timeout=1.0)
+                except queue.Empty:
+                    if _peer_gone(conn):
+                        return
+                    continue
+                if m is None or not self._send(conn, m):
+                    return
+        finally:
+            run.unsubscribe(q)
 
     def op_drain(self, conn, msg, who) -> None:
         self.daemon.scheduler.set_draining(True)

@@ -80,6 +80,10 @@ class Settings(BaseModel):
     """Let gc prune old checkpoints in job output folders beyond each job's keep_checkpoints."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Daemon log level (stderr; journald picks it up)."""
+    sweep_db_password_file: Optional[Path] = None
+    """The PostgreSQL password of sweeps whose `storage:` is a postgresql:// URL (the sweep file never holds
+    it). Under systemd: `LoadCredential=sweep-db-password:/etc/agentd/sweep-db-password` and
+    `sweep_db_password_file: /run/credentials/agentd.service/sweep-db-password`. Unset: no password."""
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     """Optional Prometheus endpoint."""
     jenkins: JenkinsSettings = Field(default_factory=JenkinsSettings)
@@ -90,7 +94,7 @@ class Settings(BaseModel):
         return self.state_dir / "journal.sqlite3"
 
 
-PATH_FIELDS = ("socket", "state_dir", "cache_dir")
+PATH_FIELDS = ("socket", "state_dir", "cache_dir", "sweep_db_password_file")
 JENKINS_PATH_FIELDS = ("token_file", "ca_bundle", "agent_jar_dir")
 
 

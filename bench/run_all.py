@@ -7,7 +7,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHES = ["bench_train.py", "bench_daemon.py", "bench_checkpoint.py", "bench_warm_cache.py", "bench_sampling.py", "bench_text.py",
-           "bench_flux.py", "bench_latent_cache.py", "bench_network.py"]
+           "bench_flux.py", "bench_latent_cache.py", "bench_network.py", "bench_sweep.py"]
 
 if __name__ == "__main__":
     failed = 0

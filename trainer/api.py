@@ -82,18 +82,19 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             pause: "threading.Event | None" = None, base_cache: BaseModelCache | None = None,
             env: dict | None = None, infra_retries: list[dict] | None = None,
             resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
-            estimate_mib: int | None = None) -> "JobResult":
+            estimate_mib: int | None = None, sweep: dict | None = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
     the same, outcome "paused". Otherwise "succeeded" (or "nothing to do", also "succeeded").
     Raises ConfigError for what is found only as the job starts, `OutOfMemory` when the device ran out
     (its advice names `where` the job ran, the `estimate_mib` it was admitted with and the measured peak;
-    the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is."""
+    the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is.
+    `sweep`: {name, trial, folder} of a sweep's trial, recorded in run.json."""
     from trainer.training.job import LoraTrainingJob  # imports torch
 
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
-                          infra_retries=infra_retries, resume_reason=resume_reason)
+                          infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep)
     try:
         return job.run()
     except ConfigError:

@@ -114,9 +114,7 @@ def problems_from(err: ValidationError, model: type[BaseModel], lines: dict[tupl
         field = ".".join(loc) or "<config>"
         line = _line_for(loc, lines)
         if kind == "extra_forbidden":
-            valid = list(_model_at(model, loc).model_fields)
-            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-            fix = f"did you mean '{close[0]}'?" if close else f"remove it; valid keys here: {', '.join(valid)}"
+            fix = unknown_key_fix(loc[-1], list(_model_at(model, loc).model_fields))
             problems.append(Problem(field, "unknown key", fix, None, line))
             continue
         fix = _FIXES.get(kind, "")
@@ -128,6 +126,12 @@ def problems_from(err: ValidationError, model: type[BaseModel], lines: dict[tupl
         message = "required key is missing" if kind == "missing" else e["msg"].lower()
         problems.append(Problem(field, message, fix, value, line))
     return problems
+
+
+def unknown_key_fix(name: str, valid: list[str]) -> str:
+    """The fix for an unknown key: the closest valid key, else the list of valid ones."""
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else f"remove it; valid keys here: {', '.join(valid)}"
 
 
 def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:

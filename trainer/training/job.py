@@ -67,12 +67,13 @@ class LoraTrainingJob:
     def __init__(self, checked: Checked, reporter: Reporter | None = None, stop: threading.Event | None = None,
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
                  resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
-                 infra_retries: list[dict] | None = None):
+                 infra_retries: list[dict] | None = None, sweep: dict | None = None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
         self.pause = pause or threading.Event()  # agentd pause: checkpoint at the next step, raise TrainingPaused
         self.infra_retries = list(infra_retries or [])  # the daemon's re-queues after GPU faults (run.json)
+        self.sweep = sweep  # {name, trial, folder} when a sweep runs this job as a trial (run.json)
         self.warm: str | None = None  # how the base was had: cold | host | device (see BaseModelCache.get)
         self.warm_move_s: float | None = None
         self.base_cache = base_cache
@@ -416,6 +417,7 @@ class LoraTrainingJob:
             "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
             "peak_memory_mib": self.peak_memory_mib(),
             "network": self._network_info(),
+            **({"sweep": self.sweep} if self.sweep else {}),
             **extra,
         }
         atomic_write_json(path, data)
