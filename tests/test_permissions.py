@@ -67,6 +67,12 @@ BUILDS = ("job-000042 belongs to the build that submitted it (Jenkins job team-a
     ("cancel", operator, builds_job, None),
     # a token is no key to a job that has none
     ("cancel", Requester(BOB, "bob", frozenset({BOB}), capability=TOKEN), alices_job, OWN.format("cancel")),
+    # sweeps: anyone starts, follows and reads them; the submitter or an operator stops one (the sweep's owner
+    # comes from agentd.sweep.manager.SweepManager.owner; its id in the text is "sweep NAME")
+    *[(op, bob, None, None) for op in ("sweep_run", "sweep_follow", "sweep_status", "sweep_report")],
+    ("sweep_stop", alice, alices_job, None),
+    ("sweep_stop", operator, alices_job, None),
+    ("sweep_stop", bob, alices_job, OWN.format("stop")),
     # an op without a row is refused
     ("frobnicate", root, None, "no permission rule for op 'frobnicate': refused"),
 ])
@@ -85,9 +91,10 @@ def test_without_an_operator_group_only_root_and_the_daemons_user_are_operators(
 def test_every_op_the_server_serves_has_one_permission_row_and_one_field_row():
     assert set(ControlServer.ops()) == set(PERMISSIONS) == set(REQUEST_FIELDS)
     assert set(PERMISSIONS.values()) == {ANY, OWNER, OPERATOR}
-    # A job op is exactly an op that names a job: the server looks its owner up by job_id.
+    # An owner's op is exactly an op that names a job (the server looks its owner up by job_id) or stops a
+    # sweep (its owner is the sweep's submitter).
     assert {op for op, rule in PERMISSIONS.items() if rule == OWNER} == {
-        op for op, fields in REQUEST_FIELDS.items() if "job_id" in fields}
+        op for op, fields in REQUEST_FIELDS.items() if "job_id" in fields} | {"sweep_stop"}
 
 
 @pytest.mark.parametrize("line, code, message", [
@@ -101,7 +108,9 @@ def test_every_op_the_server_serves_has_one_permission_row_and_one_field_row():
     (b'{"v": 1, "op": ["cancel"]}', "bad_request", "bad request: missing 'op' (a string)"),
     (b'{"v": 1, "op": "' + b"x" * 500 + b'"}', "unknown_op", "bad request: unknown op 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
                                                              "xxxxxxxxxx...; ops: attach, cancel, drain, jobs, logs, "
-                                                             "pause, ping, resume, status, submit, undrain"),
+                                                             "pause, ping, resume, status, submit, sweep_follow, "
+                                                             "sweep_report, sweep_run, sweep_status, sweep_stop, "
+                                                             "undrain"),
     (b'{"v": 1, "op": "cancel"}', "bad_request", "bad request: cancel needs job_id (a string)"),
     (b'{"v": 1, "op": "cancel", "job_id": 42}', "bad_request", "bad request: cancel: job_id must be a string, not 42"),
     (b'{"v": 1, "op": "cancel", "job_id": {"$gt": ""}}', "bad_request",
