@@ -25,6 +25,8 @@ COMMANDS = {
     "demo": ("demo", "run the tiny demo job through an embedded daemon"),
     "compare": ("compare", "compare two runs (config diff, loss figures, verdict; --html for the page)"),
     "sweep": ("sweep", "hyperparameter sweep: run FILE | status NAME | report NAME [--html] | stop NAME"),
+    "eval": ("eval", "evaluate a finished run through the daemon (its eval: block; --against RUN|previous|production|base)"),
+    "ab": ("ab", "a blind A/B page of two runs' evaluation images (--html), or the votes' win rate (--votes)"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
     "import-kohya": ("import_kohya", "convert a kohya/lora-scripts TOML (training or dataset) into a training config"),
     "install-service": ("install", "install the systemd unit and the agentd user"),

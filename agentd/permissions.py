@@ -37,6 +37,7 @@ ANY, OWNER, OPERATOR = "any socket member", "the job's owner or an operator", "o
 PERMISSIONS = {
     "ping": ANY,
     "submit": ANY,
+    "eval": ANY,  # agentd eval: a job evaluating a finished run, checked against the submitter's access like submit
     "status": ANY,
     "jobs": ANY,
     "attach": OWNER,  # streams the job's events

@@ -2,7 +2,7 @@
 
 Request:   {"v": 1, "op": "submit" | "attach" | "cancel" | "pause" | "resume" | "status" | "jobs" | "logs" |
                         "drain" | "undrain" | "ping" | "sweep_run" | "sweep_follow" | "sweep_status" |
-                        "sweep_report" | "sweep_stop", ...op fields}
+                        "sweep_report" | "sweep_stop" | "eval", ...op fields}
            each op's fields and their types: REQUEST_FIELDS (a job op may carry `capability`, the token a
            build's submit reply handed back: agentd.permissions); sweep_run streams {"trial": N, "event": ...}
            lines (agentd.sweep)
@@ -41,6 +41,7 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "jobs": {"limit": (int, False)},
     "drain": {},
     "undrain": {},
+    "eval": {"run": (str, True), "config_path": (str, True), "config_text": (str, True), "against": (str, False)},
     "sweep_run": {"sweep_path": (str, True), "sweep_text": (str, True), "base_text": (str, True),
                   "env": (dict, False), "detach": (bool, False)},
     "sweep_follow": {"name": (str, True)},

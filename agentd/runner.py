@@ -106,6 +106,12 @@ class Runner:
             if was_interrupted and cfg.resume == "never":
                 cfg = cfg.model_copy(update={"resume": "auto"})
             checked = self.check(cfg, rec["config_path"], rec.get("submitter"))
+            if rec.get("evaluate"):  # agentd eval: the finished run's evaluation, in this slot
+                request = rec["evaluate"]
+                decision = api.evaluate_run(request["run"], channel, against=request.get("against"),
+                                            device=slot.device, base_cache=self.base_cache)
+                log.info("job %s: evaluation of %s: %s", job.id, request["run"], decision["reason"])
+                return RunEnd("succeeded", fields={"artifacts": [str(Path(request["run"]) / "eval" / "decision.json")]})
             result = api.run_job(
                 checked, channel, job.stop, device=slot.device, pause=job.pause, base_cache=self.base_cache,
                 env=rec.get("env") or {}, infra_retries=job.infra_retries,

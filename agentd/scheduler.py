@@ -201,11 +201,13 @@ class Scheduler:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict,
                priority: int | None = None, capability_sha256: str | None = None,
-               sweep: dict | None = None) -> tuple[str, bool]:
+               sweep: dict | None = None, evaluate: dict | None = None) -> tuple[str, bool]:
         """Queue a job, or return the active job that already trains into the same output folder.
         `priority` (agentd run --priority) overrides the config's; `capability_sha256`: a build's job is
         owned by whoever holds that capability (agentd.permissions); `sweep`: {name, trial, folder} of a
-        sweep's trial (agentd.sweep), journaled and written into its run.json."""
+        sweep's trial (agentd.sweep), journaled and written into its run.json. `evaluate` ({"run": folder,
+        "against": ...}, `agentd eval`): the job evaluates that finished run instead of training (same checks,
+        slot and gate)."""
         try:
             cfg = self.runner.parse(config_text, config_path)
             checked = self.runner.check(cfg, config_path, submitter)
@@ -220,7 +222,8 @@ class Scheduler:
         estimate, decision, previous = plan.estimate, plan.decision, plan.previous
         with self.cond:
             for job in self.live.values():
-                if job.record["output_dir"] == str(cfg.output_dir) and job.record["state"] not in FINAL:
+                if evaluate is None and job.record["output_dir"] == str(cfg.output_dir) \
+                        and job.record["state"] not in FINAL and not job.record.get("evaluate"):
                     return job.id, True
             if self.draining or self.stopping:
                 raise SubmitRefused("draining", "agentd is draining: it takes no new jobs "
@@ -230,12 +233,12 @@ class Scheduler:
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority,
-                                         capability_sha256=capability_sha256, sweep=sweep)
+                                         capability_sha256=capability_sha256, sweep=sweep, evaluate=evaluate)
             job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
                           allowed=allowed)
             self.live[job_id] = job
             # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
-            if decision is not None and decision.action == "nothing":
+            if evaluate is None and decision is not None and decision.action == "nothing":
                 self.publish(job, event("run", action="nothing", reason=decision.reason, run_id=previous.run_id))
                 self._finish(job, "succeeded", None, detail=decision.reason, step=previous.steps,
                              loss=previous.final_loss)

@@ -350,6 +350,21 @@ class ControlServer:
         if not msg.get("detach"):
             self._stream(conn, job_id, 0)
 
+    def op_eval(self, conn, msg, who: Requester) -> None:
+        """`agentd eval RUN`: a job that evaluates a finished run, queued, gated, journaled and cancellable like
+        a training job, with the same access checks on the run's config (permission: submit's, see
+        agentd.permissions)."""
+        capability, digest = new_capability() if self.policy.is_build(who) else (None, None)
+        job_id, _ = self.daemon.scheduler.submit(
+            config_path=msg["config_path"], config_text=msg["config_text"], env={},
+            submitter=peer_credentials(conn), capability_sha256=digest,
+            evaluate={"run": msg["run"], "against": msg.get("against")})
+        reply = {"ok": True, "job_id": job_id, "attached": False}
+        if capability:
+            reply["capability"] = capability
+        self._send(conn, reply)
+        self._stream(conn, job_id, 0)
+
     def op_attach(self, conn, msg, who) -> None:
         job_id = msg["job_id"]
         rec = self.daemon.scheduler.journal.get(job_id)

@@ -26,6 +26,13 @@ checkpointing, cached latents and text embeddings (random tensors of their shape
 not resident while training): once with the bf16 base and once with the 8-bit (fp8) base, each against the
 estimate and against a 24 GiB card, with it/s.
 
+The evaluation case (`sd15-eval`, `run_eval_case`): the SD1.5-shaped UNet / VAE / CLIP-L with random weights and
+a rank-8 LoRA, through the real evaluation stage (`trainer.training.evaluation.evaluate` on an `SdTask`): 8
+prompts x 4 seeds x 3 arms (candidate, a comparison LoRA, the base with the adapters disabled) at 512 px, 20
+DDIM steps, scored by the tiny CLIP and DINOv2 (the metric models' cost is small next to 96 generations);
+reports the evaluation's seconds, seconds per image and peak memory. `--only tiny-eval` runs the same at 64 px
+with the tiny SD (the CPU check of the code path).
+
 Without CUDA it prints the estimates, runs the tiny cases' training steps on the CPU (to check the code
 path), and says that measurement needs a GPU.
 """
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models only")
     ap.add_argument("--only", action="append", help="run only this case (repeatable): " +
-                    ", ".join(c.name for c in CASES) + ", flux-dev")
+                    ", ".join(c.name for c in CASES) + ", flux-dev, tiny-eval, sd15-eval")
     ap.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                     help="default: bf16 where supported, else fp16; fp32 ('no') on the CPU")
     ap.add_argument("--steps", type=int, default=3, help="training steps per case (default 3)")
@@ -520,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(_line(row), flush=True)
     if not args.quick and (not args.only or "flux-dev" in args.only):
         rows += run_flux_case(args.steps, 16, cuda, ctx)
+    for name in ("tiny-eval", "sd15-eval"):
+        if (args.only and name in args.only) or (not args.only and (cuda or name == "tiny-eval")
+                                                  and (name == "tiny-eval" or not args.quick)):
+            rows.append(run_eval_case(name, device, precision))
+            print(_eval_line(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"cuda": cuda, "context_mib": ctx, "rows": rows}, indent=2))
     if not cuda:
@@ -533,6 +545,85 @@ def main(argv: list[str] | None = None) -> int:
             print(f"worst estimate/measured (full-size cases): {worst:.2f} "
                   f"({'within' if abs(worst - 1) <= 0.2 else 'OUTSIDE'} 20%)")
     return 0
+
+
+def run_eval_case(name: str, device: str, precision: str) -> dict:
+    """The evaluation stage on an SD1.5-shaped model at 512 px (sd15-eval) or the tiny SD at 64 px (tiny-eval):
+    8 prompts x 4 seeds x 3 arms through `trainer.training.evaluation.evaluate`."""
+    import contextlib
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from trainer.config import parse_config
+    from trainer.dev.tiny import demo_assets
+    from trainer.families.sd_task import SdBase, SdTask
+    from trainer.training.evaluation import Against, evaluate
+
+    assets = demo_assets()
+    sd15 = name == "sd15-eval"
+    size, steps = (512, 20) if sd15 else (64, 4)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    tok_dir = assets["sd_model"] / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77 if sd15 else 16)
+    clip = dict(SD15_CLIP if sd15 else TINY_CLIP, vocab_size=max(tokenizer.vocab_size + 2, 1000))
+    clip.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=tokenizer.model_max_length)
+    clip.pop("projection_dim", None)
+    torch.manual_seed(0)
+    base = SdBase(unet=UNet2DConditionModel(**(SD15_UNET if sd15 else TINY_UNET)).to(device, dtype),
+                  vae=AutoencoderKL(**(SD15_VAE if sd15 else TINY_VAE)).to(device),
+                  text_encoder=CLIPTextModel(CLIPTextConfig(**clip)).to(device, dtype), tokenizer=tokenizer,
+                  noise_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                  source=name)
+    for m in (base.unet, base.vae, base.text_encoder):
+        m.requires_grad_(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = Path(tmp) / "refs"
+        refs.mkdir()
+        Image.new("RGB", (size, size), (200, 40, 40)).save(refs / "0.png")
+        prompts = [f"a {c} shape --s {steps}" for c in ("red", "green", "blue", "yellow", "red on white", "blue on "
+                                                         "black", "green photo", "yellow painting")]
+        yaml_text = json.dumps({
+            "train_data_dir": str(assets["shapes"]), "base_model": str(assets["sd_model"]), "output_dir": tmp,
+            "resolution": size, "lora_rank": 8, "mixed_precision": precision, "model_family": "sd", "mode": "image",
+            "target_modules": UNET_TARGETS,
+            "eval": {"prompts": prompts, "seeds": [0, 1, 2, 3], "clip_model": str(assets["clip_model"]),
+                     "dino_model": str(assets["dino_model"]), "reference_dir": str(refs), "bootstrap": 200}})
+        cfg = parse_config(yaml_text, base_dir=Path(tmp))
+        task = SdTask(cfg, base, torch.device(device))
+        comparison = {k: v + 0.01 * torch.randn_like(v) for k, v in task.lora_state().items()}
+        lora = Path(tmp) / "comparison.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in comparison.items()}, str(lora))
+
+        class Quiet:
+            def emit(self, ev):
+                pass
+
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+        t0 = time.perf_counter()
+        with autocast():
+            evaluate(task, cfg, Path(tmp), Against("run", lora), Quiet())
+        seconds = time.perf_counter() - t0
+        images = len(prompts) * 4 * 3
+        row = {"case": name, "size": size, "images": images, "sampler_steps": steps, "eval_s": round(seconds, 2),
+               "s_per_image": round(seconds / images, 3), "precision": precision}
+        if device == "cuda":
+            row["peak_alloc_mib"] = round(torch.cuda.max_memory_allocated() / MIB)
+        task.detach()
+    return row
+
+
+def _eval_line(r: dict) -> str:
+    peak = f", peak {r['peak_alloc_mib']} MiB" if "peak_alloc_mib" in r else ""
+    return (f"{r['case']:11s} {r['size']:4d} px: {r['images']} images ({r['sampler_steps']} steps) evaluated in "
+            f"{r['eval_s']:.1f} s, {r['s_per_image']:.2f} s/image{peak}")
 
 
 def _quiet_libraries() -> None:

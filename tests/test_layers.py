@@ -27,6 +27,7 @@ LAYERS = [
     ("dev", ("trainer.dev",)),
     ("training", ("trainer.training",)),
     ("checks", ("trainer.checks",)),
+    ("eval", ("trainer.eval",)),
     ("families", ("trainer.families",)),
     ("runs", ("trainer.runs",)),
     ("data", ("trainer.data",)),

@@ -6,6 +6,7 @@ Layers, top to bottom; each imports only the ones below it (tests/test_layers.py
     dev/             tiny models and the demo (tests, bench, `agentd demo`); production never imports it
     training/        the loop, validation loss, sampling rounds, optimizers, the warm model cache, preload
     checks/          preflight, the validate report, the VRAM estimate
+    eval/            evaluation metrics (CLIP, DINO, aesthetic, text) and the A/B statistics, family-independent
     families/        everything that depends on which model
     runs/            the output folder: run history, checkpoints, logs, the report
     data/            image folders, text/chat records, prompt files, lint, kohya import

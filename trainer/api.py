@@ -33,6 +33,7 @@ from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, r
 from trainer.config import TrainConfig
 from trainer.data.kohya_import import import_kohya
 from trainer.data.text import is_inline_template
+from trainer.eval.ab_page import votes_summary, write_ab_page
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.events import Reporter
 from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
@@ -51,7 +52,7 @@ __all__ = [
     "VramEstimate", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "recommend_batch_size",
-    "run_decision", "run_job", "validate_main", "write_report",
+    "evaluate_run", "run_decision", "run_job", "validate_main", "votes_summary", "write_ab_page", "write_report",
 ]
 
 # The daemon's access check (agentd.access): raises ConfigError naming what the submitter may not use.
@@ -82,7 +83,8 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             pause: "threading.Event | None" = None, base_cache: BaseModelCache | None = None,
             env: dict | None = None, infra_retries: list[dict] | None = None,
             resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
-            estimate_mib: int | None = None, sweep: dict | None = None) -> "JobResult":
+            estimate_mib: int | None = None, sweep: dict | None = None,
+            resolve_release: "Callable[[str], Path | None] | None" = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
@@ -90,11 +92,16 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     Raises ConfigError for what is found only as the job starts, `OutOfMemory` when the device ran out
     (its advice names `where` the job ran, the `estimate_mib` it was admitted with and the measured peak;
     the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is.
-    `sweep`: {name, trial, folder} of a sweep's trial, recorded in run.json."""
+    `sweep`: {name, trial, folder} of a sweep's trial, recorded in run.json.
+    `resolve_release(name)`: the local path of the release NAME's production LoRA (None: none yet), for
+    `eval.compare_with: production`; without it (or without a release) the job is refused before it starts."""
+    from trainer.training.evaluation import release_lora_for
     from trainer.training.job import LoraTrainingJob  # imports torch
 
+    release_lora = release_lora_for(checked.config, resolve_release, source=checked.source)
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
-                          infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep)
+                          infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
+                          release_lora=release_lora)
     try:
         return job.run()
     except ConfigError:
@@ -107,6 +114,19 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             base_cache.clear()
         _free_cuda()
         raise OutOfMemory(advice) from e
+
+
+def evaluate_run(run: str | Path, reporter: Reporter | None, *, against: str | None = None,
+                 device: str | None = None, base_cache: BaseModelCache | None = None,
+                 resolve_release: "Callable[[str], Path | None] | None" = None) -> dict:
+    """Evaluate a finished run folder on demand (`lora-train eval`, `agentd eval`): its config.yaml's `eval:`
+    block, its LoRA as the candidate, compared with `against` (previous | production | base | a run folder;
+    default the block's compare_with). Writes the run's eval/ files and returns eval/decision.json's content.
+    Raises ConfigError (the folder is no finished run, its config has no eval:, no production release ...)."""
+    from trainer.training.on_demand import evaluate_run as evaluate  # imports torch
+
+    return evaluate(Path(run), reporter, against=against, device=device, base_cache=base_cache,
+                    resolve_release=resolve_release)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -5,9 +5,11 @@
     lora-train X.yaml                 same
     lora-train validate X.yaml        check the config, paths and dataset; print the VRAM estimate
     lora-train make-demo [FOLDER]     write the tiny demo model, dataset and config
+    lora-train eval RUN [--against previous|production|base|RUN]   evaluate a finished run (its eval: block)
 
 Exit codes (`trainer.errors.ExitCode`): succeeded, failed, invalid config, cancelled (SIGINT/SIGTERM: the
-job writes a checkpoint at the next step boundary; run the same command again to resume).
+job writes a checkpoint at the next step boundary; run the same command again to resume), worse (6: trained,
+but the `eval:` stage decided "worse").
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return api.validate_main(argv[1:])
     if argv[:1] == ["make-demo"]:
         return _make_demo(argv[1:])
+    if argv[:1] == ["eval"]:
+        return _eval(argv[1:])
     p = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config (foreground).")
     p.add_argument("config_pos", nargs="?", metavar="CONFIG")
     p.add_argument("--config", help="training config YAML")
@@ -68,7 +72,27 @@ def train(path: str, device: str | None = None) -> int:
         reason = e.__cause__ if isinstance(e, OutOfMemory) else e
         print(f"FAILED: {type(reason).__name__}: {reason}", file=sys.stderr)
         return ExitCode.FAILED
-    return ExitCode.CANCELLED if result.outcome == "cancelled" else ExitCode.SUCCEEDED
+    if result.outcome == "cancelled":
+        return ExitCode.CANCELLED
+    return ExitCode.WORSE if result.evaluation == "worse" else ExitCode.SUCCEEDED
+
+
+def _eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lora-train eval", description="Evaluate a finished run with its config's "
+                                "eval: block (the results replace its eval/ files).")
+    p.add_argument("run", help="a run folder: an output_dir or runs/<run-id>")
+    p.add_argument("--against", help="previous, base, production, or a run folder (default: the block's compare_with)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    args = p.parse_args(argv)
+    try:
+        decision = api.evaluate_run(args.run, ConsoleReporter(), against=args.against, device=args.device)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return ExitCode.INVALID_CONFIG
+    except Exception as e:  # on demand, a failed evaluation is the command's failure
+        print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.WORSE if decision["overall"] == "worse" else ExitCode.SUCCEEDED
 
 
 def _make_demo(argv: list[str]) -> int:

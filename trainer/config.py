@@ -36,7 +36,7 @@ NON_TRAINING_FIELDS = frozenset({
     "skip_bad_images", "recommended_batch_size", "sample_prompts", "sample_every_n_steps",
     "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
     "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device",
-    "validation_file", "export_merged",
+    "validation_file", "export_merged", "eval",
     # Where the disk caches live, and whether they are used: entries are exact (tested bit-identical).
     "cache_dir", "cache_latents_to_disk", "cache_text_embeddings_to_disk",
 })
@@ -181,6 +181,78 @@ class SubsetConfig(_Strict):
     """See the top-level key of the same name."""
     caption_suffix: Optional[str] = None
     """See the top-level key of the same name."""
+
+
+# What the evaluation computes (trainer.eval), higher is better for all but perplexity. The names are the keys
+# of eval/metrics.json and eval/decision.json, of `gate:` and of summary.csv's eval_<metric> columns.
+IMAGE_METRICS = ("clip_t", "clip_i", "dino", "aesthetic")
+TEXT_METRICS = ("perplexity", "exact_match", "rouge_l")
+LOWER_IS_BETTER = frozenset({"perplexity"})
+COMPARE_KINDS = ("previous", "production", "base")
+EVAL_PATH_FIELDS = ("reference_dir", "clip_model", "dino_model", "aesthetic_head", "eval_file", "lm_eval_task_dir",
+                    "prompts")  # prompts: only when it is a file name
+
+
+class GateRule(_Strict):
+    """How one metric decides: the candidate is `no worse` while the lower end of the 95% interval of its
+    paired difference to the comparison stays above -margin, `better` when it is above 0."""
+
+    margin: float = Field(0.0, ge=0)
+    """The drop (in the metric's own scale: CLIP-T 0..100, cosines -1..1, perplexity, fractions) still
+    counted as no worse. 0: any drop the interval is sure of is worse."""
+
+
+class EvalConfig(_Strict):
+    """The evaluation run after training (and by `lora-train eval` / `agentd eval`): metrics per arm
+    (candidate, comparison, base without the adapter) on the same prompts x seeds, and an A/B decision.
+    Metric models are local folders only: nothing is downloaded."""
+
+    prompts: Union[list[str], Path] = Field(default_factory=list)
+    """Image mode: prompts in kohya's prompt syntax (like sample_prompts), a list or a text file, one per line;
+    `{trigger}` becomes `trigger`. E.g. ["a {trigger} in the snow --s 20", "a {trigger} on a beach"]."""
+    trigger: Optional[str] = None
+    """What `{trigger}` in the prompts becomes. Default: the class tokens of the first training subset."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    """One image per prompt and seed and arm, from a CPU torch.Generator seeded with it: every arm sees the
+    same noise. More seeds: narrower intervals, longer evaluation."""
+    reference_dir: Optional[Path] = None
+    """Held-out images of the concept for CLIP-I and DINO (never training images: checked by content hash)."""
+    clip_model: Optional[Path] = None
+    """A local transformers CLIP folder (CLIPModel, e.g. clip-vit-large-patch14): CLIP-T (100 x cosine of
+    image and prompt embeddings, torchmetrics' CLIPScore scale without its floor at 0), and CLIP-I with
+    reference_dir (cosine, -1..1)."""
+    dino_model: Optional[Path] = None
+    """A local transformers ViT or DINOv2 folder: DINO similarity (cosine of CLS embeddings) to reference_dir."""
+    aesthetic_head: Optional[Path] = None
+    """A LAION-style aesthetic MLP head (.safetensors or .pth state dict) on clip_model's image embeddings."""
+    compare_with: str = "previous"
+    """The comparison arm: previous (the newest earlier run's LoRA; none: the base), production (the released
+    LoRA, from agentd's release registry), base (the model without the adapter), or a run folder."""
+    gate: dict[str, GateRule] = Field(default_factory=dict)
+    """Per metric, the margin of its decision, e.g. {clip_t: {margin: 1.0}, dino: {margin: 0.02}}. The metrics
+    named here decide the overall verdict (none named: every metric, margin 0); the others are reported.
+    A metric named here must be one the config computes."""
+    every_n_checkpoints: Optional[int] = Field(None, gt=0)
+    """Also score every N-th checkpoint still kept (candidate arm only, the same prompts and seeds) and name the
+    best by the first gate metric (else the first metric): metrics.json's "checkpoints", and a console line."""
+    bootstrap: int = Field(1000, ge=100)
+    """Bootstrap resamples of the paired per-prompt differences (seeded: the same scores give the same interval)."""
+    eval_file: Optional[Path] = None
+    """Text mode: a JSONL of {"prompt": ..., "answer": ...} records: greedy answers (as samples are made: in the
+    chat template when the model trains on chat data), scored by exact match (normalised) and ROUGE-L F1."""
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    """Text mode: EleutherAI lm-evaluation-harness task names found in lm_eval_task_dir (offline)."""
+    lm_eval_task_dir: Optional[Path] = None
+    """The folder of lm-evaluation-harness task YAMLs (and their local data) for lm_eval_tasks."""
+
+    def metrics(self, mode: str | None) -> list[str]:
+        """The metrics this block computes (for `mode`; None: either mode's)."""
+        image = [m for m, needs in (("clip_t", self.clip_model), ("clip_i", self.clip_model and self.reference_dir),
+                                    ("dino", self.dino_model and self.reference_dir),
+                                    ("aesthetic", self.aesthetic_head and self.clip_model)) if needs]
+        text = ["perplexity"] + (["exact_match", "rouge_l"] if self.eval_file else []) \
+            + [f"lm_eval.{t}" for t in self.lm_eval_tasks]
+        return {"image": image, "text": text}.get(mode, image + text)
 
 
 class TrainConfig(_Strict):
@@ -456,6 +528,11 @@ class TrainConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     """Stop (successfully) when the validation loss has not improved for this many validations."""
 
+    # --- evaluation (trainer.eval, trainer.training.evaluation) -------------------------------------
+    eval: Optional[EvalConfig] = None
+    """Quality metrics and an A/B decision after training (eval/metrics.json, eval/decision.json, the report,
+    summary.csv's eval_<metric>; `agentd run` exits 6 on "worse"). See the README's Evaluation section."""
+
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "TrainConfig":
         problems: list[tuple[str, str, str, Any]] = []
@@ -476,7 +553,7 @@ class TrainConfig(_Strict):
         if self.validation_split is not None and self.validation_data_dir is not None:
             problems.append(("validation_split", "cannot be combined with validation_data_dir",
                              "keep one of the two", self.validation_split))
-        problems += self._text_checks()
+        problems += self._text_checks() + self._eval_checks()
         problems += self._network_checks()
         if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None \
                 and self.validation_file is None:
@@ -487,6 +564,17 @@ class TrainConfig(_Strict):
             # Raised as ValueError so pydantic reports it with the other errors; the field rides along.
             raise ValueError(json.dumps(problems))
         return self
+
+    def _eval_checks(self) -> list[tuple[str, str, str, Any]]:
+        """An eval gate on a metric nothing computes (the model folders themselves: trainer.eval.checks)."""
+        if self.eval is None:
+            return []
+        computed = self.eval.metrics(self.mode)
+        return [(f"eval.gate.{name}", f"no model computes this metric (computed: {', '.join(computed) or 'none'})",
+                 "give the model it needs (clip_t: clip_model; clip_i: clip_model + reference_dir; dino: dino_model "
+                 "+ reference_dir; aesthetic: aesthetic_head + clip_model; exact_match/rouge_l: eval_file; "
+                 "lm_eval.<task>: lm_eval_tasks), or remove it from gate", name)
+                for name in self.eval.gate if name not in computed]
 
     def _text_checks(self) -> list[tuple[str, str, str, Any]]:
         """Text-mode keys that cannot work together."""
@@ -654,6 +742,10 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     template = raw.get("chat_template")
     if isinstance(template, str) and template.strip() and "{%" not in template and "{{" not in template:
         raw = resolve_relative(raw, ("chat_template",), base_dir)  # a file name; inline Jinja stays as written
+    if isinstance(raw.get("eval"), dict):
+        ev = resolve_relative(raw["eval"], EVAL_PATH_FIELDS, base_dir)
+        raw["eval"] = resolve_relative(ev, ("compare_with",), base_dir) \
+            if ev.get("compare_with") not in COMPARE_KINDS else ev
     resume = raw.get("resume")
     if isinstance(resume, str) and resume not in RESUME_POLICIES and resume.strip():
         raw = resolve_relative(raw, ("resume",), base_dir)

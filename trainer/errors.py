@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     CANCELLED = 3  # cancelled (a checkpoint is saved: the same command resumes it)
     UNREACHABLE = 4  # `agentd run` and the job commands: the daemon did not answer (not running, or gone)
     INFRA_FAILURE = 5  # the GPU or driver failed and the daemon's retries are used up: retry the build
+    WORSE = 6  # trained and saved, but the evaluation decided "worse" than what it was compared with (UNSTABLE)
     NOT_PERMITTED = 77  # EX_NOPERM: the daemon refused: not your job, or an operator's act (agentd.permissions)
     BAD_SETTINGS = 78  # EX_CONFIG: agentd's own settings are invalid; systemd does not restart on it
 

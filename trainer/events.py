@@ -251,6 +251,31 @@ class Validation(Event):
 
 
 @dataclass(kw_only=True)
+class Evaluation(Event):
+    """The evaluation's result (trainer.training.evaluation): per metric the arms' means, the paired difference
+    with its 95% interval and the decision; overall better | no worse | worse | unknown (`agentd run` exits 6
+    on worse)."""
+
+    kind: ClassVar[str] = "evaluation"
+    overall: str
+    against: str
+    reason: str = ""
+    rows: list[dict] = field(default_factory=list)  # metric, candidate, comparison, base, delta, lo, hi, decision
+    seconds: float | None = None
+
+    def line(self) -> str:
+        head = f"evaluation against {self.against}: {self.overall.upper()} ({self.reason}; {self.seconds or 0:.1f} s)"
+        if not self.rows:
+            return head
+        table = [("metric", "candidate", "comparison", "base", "delta [95% CI]", "decision")] + [
+            (r["metric"], f"{r['candidate']:.4g}", f"{r['comparison']:.4g}", f"{r['base']:.4g}",
+             f"{r['delta']:+.4g} [{r['lo']:+.4g}, {r['hi']:+.4g}]", r["decision"]) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        return "\n".join([head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                                   for row in table])
+
+
+@dataclass(kw_only=True)
 class UnknownEvent(Event):
     """A kind this version does not know (e.g. from a newer daemon): kept, not shown."""
 

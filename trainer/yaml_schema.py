@@ -25,6 +25,7 @@ _FIXES = {
     "float_parsing": "write a number, e.g. 2e-4",
     "bool_parsing": "write true or false",
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-'",
+    "too_short": "give at least one value",
 }
 
 

@@ -5,7 +5,8 @@ the run records (`trainer.api.jenkins_vars`), prints every event as one plain li
 Jenkins console), and exits with the job's outcome (`trainer.errors.ExitCode`: succeeded, failed,
 invalid config, cancelled, daemon unreachable, or an infrastructure failure: the GPU or driver failed
 and the daemon's `max_infra_retries` re-queues are used up, so retry the build, e.g. with the
-Jenkinsfile's `retry`, rather than fix the config).
+Jenkinsfile's `retry`, rather than fix the config), or 6: trained and saved, but the `eval:` stage decided
+"worse" than what it compared with (its `evaluation` event), which the Jenkinsfile marks UNSTABLE.
 
 - A daemon that is not up yet (`systemctl restart agentd`, a boot) is waited for, up to
   `--connect-timeout` (default 60 s), printing each try.
@@ -91,6 +92,7 @@ class Follower:
         self.connect_timeout = connect_timeout
         self.job_id: str | None = None
         self.last_seq = 0
+        self.evaluation: str | None = None  # the overall decision of the job's evaluation event, if any
         self.cancel_wanted = False
         self.cancel_sent = False
         self.capability: str | None = None  # the submit reply's token for this job, in memory only
@@ -103,7 +105,7 @@ class Follower:
 
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        request = {"op": "submit", **{k: v for k, v in msg.items() if k != "op"}}
+        request = {"op": msg.get("op", "submit"), **{k: v for k, v in msg.items() if k != "op"}}
         deadline = time.monotonic() + self.connect_timeout
         delay, attempt = 1.0, 0
         while True:
@@ -163,6 +165,8 @@ class Follower:
                     line = format_event(ev)
                     if line:
                         say(line)
+                    if ev.get("type") == "evaluation":
+                        self.evaluation = ev.get("overall")
                     if ev.get("type") == "finished":
                         outcome = "infra" if ev.get("outcome") == "failed" and ev.get("infra") else ev.get("outcome")
                         break
@@ -170,6 +174,8 @@ class Follower:
                 pass
             finally:
                 conn.close()
+            if outcome == "succeeded" and self.evaluation == "worse":
+                return ExitCode.WORSE
             if outcome is not None:
                 return OUTCOME_EXIT.get(outcome, ExitCode.FAILED)
             conn = self._reattach()

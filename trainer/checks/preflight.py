@@ -17,6 +17,7 @@ from trainer.data import holdout, prompts
 from trainer.data.images import Scan, fingerprint
 from trainer.errors import ConfigError, Problem, content_free
 from trainer.families.lora_io import network_of
+from trainer.eval import checks as eval_checks
 from trainer.families.probe import Probe, safetensors_header
 from trainer.runs import history
 
@@ -70,6 +71,8 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     scan_dir = lambda d: data_family.scan_dataset(holdout.as_train_dir(cfg, d))  # noqa: E731
     train_samples, held_out, val_problems = holdout.validation_set(cfg, scan.samples, scan_dir)
     problems += val_problems + prompts.problems(cfg) + history.problems(cfg)
+    images = [s.path for s in scan.samples if isinstance(getattr(s, "path", None), Path)]
+    problems += eval_checks.problems(cfg, images, [s.class_tokens for s in getattr(scan, "subsets", None) or [] if not s.is_reg])
     if problems:
         raise ConfigError(problems, source)
     warnings = list(scan.warnings)

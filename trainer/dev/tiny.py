@@ -14,6 +14,9 @@
 - `build_tiny_chat_llm(folder)`: the same tiny Llama with a ChatML chat template and special tokens
   (<|im_start|>, <|im_end|> = EOS), and `build_chat_datasets(folder)`: one question/answer set written
   in every text format (alpaca.json, sharegpt.jsonl, messages.jsonl, text.jsonl).
+- `build_tiny_clip(folder)`, `build_tiny_vit(folder)`, `build_tiny_dinov2(folder)`: random CLIP / ViT / DINOv2
+  models with their image processors (and CLIP's tokenizer), the metric models of an evaluation;
+  `build_tiny_aesthetic_head(folder)`: a LAION-style head (Linear layers) on the tiny CLIP's embeddings.
 - `build_shapes_dataset(folder)`: coloured shapes on plain backgrounds with captions in metadata.csv:
   a pattern a LoRA learns in a few dozen steps.
 - `demo_assets()`: all of the above, built once into a cache folder and reused.
@@ -243,6 +246,68 @@ def build_tiny_llm(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+TINY_CLIP_PROJECTION = 16
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random CLIPModel (32 px images, 8 px patches) with a CLIP tokenizer and image processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    vocab_size = _write_clip_tokenizer(folder)
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_CLIP_PROJECTION)) \
+        .save_pretrained(folder, safe_serialization=True)
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _tiny_vision(folder: Path, seed: int, config_cls: str, model_cls: str) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=8)
+    getattr(transformers, model_cls)(config).save_pretrained(folder, safe_serialization=True)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return Path(folder)
+
+
+def build_tiny_vit(folder: Path, seed: int = 0) -> Path:
+    """A random ViTModel (a DINO v1 checkpoint is this class) with its image processor."""
+    return _tiny_vision(folder, seed, "ViTConfig", "ViTModel")
+
+
+def build_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
+    """A random Dinov2Model with an image processor."""
+    return _tiny_vision(folder, seed, "Dinov2Config", "Dinov2Model")
+
+
+def build_tiny_aesthetic_head(folder: Path, seed: int = 0) -> Path:
+    """`head.safetensors`: LAION's improved-aesthetic-predictor layout (layers.N Linear layers, no
+    activations) shrunk to the tiny CLIP's embedding size."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    sizes = [TINY_CLIP_PROJECTION, 8, 4, 1]
+    state = {}
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layer = torch.nn.Linear(a, b)
+        state[f"layers.{2 * i}.weight"], state[f"layers.{2 * i}.bias"] = layer.weight.data, layer.bias.data
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(folder) / "head.safetensors"))
+    return Path(folder)
+
+
 def build_shapes_dataset(folder: Path, count: int = 24, size: int = 64, seed: int = 0) -> Path:
     """Shapes of four colours on white, with captions 'a red circle on white background' in metadata.csv."""
     import random
@@ -357,6 +422,10 @@ def demo_assets(root: Path | None = None) -> dict[str, Path]:
         "text_data": (root / "text", build_text_dataset),
         "chat_model": (root / "tiny-chat-llm", build_tiny_chat_llm),
         "chat_data": (root / "chat", build_chat_datasets),
+        "clip_model": (root / "tiny-clip", build_tiny_clip),
+        "vit_model": (root / "tiny-vit", build_tiny_vit),
+        "dino_model": (root / "tiny-dinov2", build_tiny_dinov2),
+        "aesthetic_head": (root / "tiny-aesthetic", build_tiny_aesthetic_head),
     }
     out = {}
     for key, (path, build) in parts.items():

@@ -160,6 +160,10 @@ class Task(Protocol):
         text, negative, size, steps, guidance, seed, sampler), written to `path` plus the family's suffix
         (.png, .txt); returns the file. May raise: the caller turns a failure into a warning."""
 
+    def adapters_disabled(self) -> ContextManager:
+        """Inside the block the model computes as the base without the LoRA (`peft_lora.disabled`), with no
+        second load: the evaluation's base arm."""
+
     def export_extra(self, output_dir: Path) -> list[Path]:
         """Other formats written at the end (a PEFT folder, ...); [] when none."""
 

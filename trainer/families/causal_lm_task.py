@@ -259,6 +259,10 @@ class TextTask:
         return {f"base_model.model.{k}": v.detach().float().cpu().contiguous()
                 for k, v in get_peft_model_state_dict(self.base.model).items()}
 
+    def adapters_disabled(self):
+        """The base without this LoRA inside the block (the evaluation's base arm), nothing reloaded."""
+        return peft_lora.disabled(*self.models.values())
+
     def export_extra(self, output_dir: Path) -> list[Path]:
         """`<name>-peft/` (adapter_config.json, adapter_model.safetensors, the tokenizer and its chat template)
         and, with export_merged, `<name>-merged/`; each built in a temporary folder beside it, then swapped in."""

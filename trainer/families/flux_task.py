@@ -209,6 +209,10 @@ class FluxTask:
                 "ss_timestep_density": str(self.cfg.timestep_density),
                 "agentd_quantization": str(self.cfg.quantization)}
 
+    def adapters_disabled(self):
+        """The base without this LoRA inside the block (the evaluation's base arm), nothing reloaded."""
+        return peft_lora.disabled(self.base.transformer, *([self.base.text.clip] if self.train_clip else []))
+
     def export_extra(self, output_dir: Path) -> list[Path]:
         return []  # <name>.safetensors is read by diffusers and ComfyUI as it is
 

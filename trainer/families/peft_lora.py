@@ -9,13 +9,16 @@ Every family's task does the same four things with peft, so they live here once:
   and a warm daemon start from the same network). LoCon adds kohya's convolution set (`conv_layers`);
 - `trainable(model)`: the LoRA parameters, trainable and fp32 (so is the optimizer state) over a
   half-precision or fp8 base;
-- `remove(model)`: take the LoRA out again, leaving the base exactly as loaded (the warm cache reuses it).
+- `remove(model)`: take the LoRA out again, leaving the base exactly as loaded (the warm cache reuses it);
+- `disabled(*models)`: the base's outputs for a while (peft's `disable_adapter`: every LoRA layer bypassed,
+  nothing reloaded), e.g. the evaluation's base arm.
 
 Light: torch and peft are imported inside the functions.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Iterable
 
 from trainer.errors import ConfigError, Problem
@@ -157,3 +160,19 @@ def remove(model) -> None:
         del model.peft_config  # else the next job's inject_adapter_in_model sees a stale adapter config
     model.requires_grad_(False)
     model.eval()
+
+
+@contextmanager
+def disabled(*models):
+    """Bypass every LoRA layer of `models` inside the block (peft's BaseTunerLayer.enable_adapters, what
+    PeftModel.disable_adapter does), then enable them again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

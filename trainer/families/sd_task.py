@@ -292,6 +292,10 @@ class SdTask:
             masks=losses.latent_masks(self._masks, latents.shape[-2:]) if self._masks else None,
             weights=torch.tensor(weights) if any(w != 1.0 for w in weights) else None)
 
+    def adapters_disabled(self):
+        """The base without this LoRA inside the block (the evaluation's base arm), nothing reloaded."""
+        return peft_lora.disabled(*self.models.values())
+
     def export_extra(self, output_dir: Path) -> list[Path]:
         return []  # the kohya-format <name>.safetensors is the one format A1111, ComfyUI and diffusers read
 

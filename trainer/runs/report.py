@@ -239,6 +239,49 @@ def _samples_html(view: RunView) -> str:
     return "<p>No samples (set sample_prompts).</p>"
 
 
+ARMS = ("candidate", "comparison", "base")
+
+
+def _evaluation_html(folder: Path) -> list[str]:
+    """The evaluation section (eval/decision.json, eval/metrics.json): the metric table with intervals and
+    decisions, and per prompt the same-seed images of candidate | comparison | base."""
+    try:
+        decision = json.loads((folder / "decision.json").read_text())
+    except (OSError, ValueError):
+        return []
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {"metrics": {}, "prompts": [], "seeds": []}
+    against = decision.get("against") or {}
+    rows = [(m, d["candidate_mean"], d["comparison_mean"], metrics["metrics"].get(m, {}).get("base", {}).get("mean"),
+             f"{d['delta']:+.4g} [{d['ci95'][0]:+.4g}, {d['ci95'][1]:+.4g}]", d["margin"], d["decision"])
+            for m, d in (decision.get("metrics") or {}).items()]
+    parts = ['<h2 id="evaluation">Evaluation</h2>',
+             f'<p class="verdict">{html.escape(decision.get("overall", "unknown"))}: '
+             f'{html.escape(decision.get("reason", ""))}</p>',
+             _table([("compared with", against.get("kind")), ("comparison LoRA", against.get("lora")),
+                      ("release", against.get("release")), ("seconds", metrics.get("seconds"))])]
+    if rows:
+        parts.append(_table(rows, ("metric", "candidate", "comparison", "base", "paired delta [95% CI]", "margin",
+                                   "decision")))
+    seeds = metrics.get("seeds") or []  # none: a text evaluation (no images)
+    grid = []
+    for i, prompt in enumerate(metrics.get("prompts") or [] if seeds else []):
+        cells = []
+        for arm in ARMS:
+            image = folder / "images" / arm / f"p{i:02d}-s{seeds[0]}.png"
+            if arm == "comparison" and not image.is_file():  # compared with the base: its images
+                image = folder / "images" / "base" / f"p{i:02d}-s{seeds[0]}.png"
+            cells.append(_img(image.read_bytes(), f"{arm}: {prompt}") if image.is_file() else "—")
+        grid.append("<tr><td>" + html.escape(prompt) + "</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    if grid:
+        parts.append(f"<h3>Seed {seeds[0]}: candidate | comparison | base</h3>"
+                     "<table class=\"evalgrid\"><tr><th>prompt</th>" + "".join(f"<th>{a}</th>" for a in ARMS) + "</tr>"
+                     + "\n".join(grid) + "</table>")
+    return parts
+
+
 def render_html(current: Path, previous: Path | None = None, *, title: str | None = None) -> str:
     cur = read_run(current, "this run")
     run = cur.run
@@ -267,6 +310,7 @@ def render_html(current: Path, previous: Path | None = None, *, title: str | Non
              "<h2>Loss</h2>", _img(loss_chart(cur), "loss chart"),
              _table([(k, v) for k, v in fig.items()]),
              "<h2>Samples</h2>", _samples_html(cur), "<h2>Dataset</h2>", _table(dataset)]
+    parts += _evaluation_html(Path(current) / "eval")
     if previous is not None:
         c = compare_runs(current, previous)
         parts += [f'<h2 id="comparison">Comparison with {html.escape(c.previous.label)}</h2>',
@@ -283,7 +327,7 @@ def render_html(current: Path, previous: Path | None = None, *, title: str | Non
     style = ("body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
              "text-align:left;font-size:13px}img{max-width:100%}.verdict{font-weight:bold;font-size:1.1em}"
-             ".side{display:flex;gap:1em}.side>div{flex:1}")
+             ".side{display:flex;gap:1em}.side>div{flex:1}.evalgrid img{width:128px;image-rendering:pixelated}")
     return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>"
             f"{html.escape(run.get('name', 'run'))} — agentd report</title><style>{style}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")

@@ -61,19 +61,23 @@ class JobResult:
     resumed_from: int | None = None
     peak_memory_mib: float | None = None
     artifacts: list[str] = field(default_factory=list)
+    evaluation: str | None = None  # the evaluation's overall decision (better | no worse | worse | unknown)
 
 
 class LoraTrainingJob:
     def __init__(self, checked: Checked, reporter: Reporter | None = None, stop: threading.Event | None = None,
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
                  resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
-                 infra_retries: list[dict] | None = None, sweep: dict | None = None):
+                 infra_retries: list[dict] | None = None, sweep: dict | None = None,
+                 release_lora: Path | None = None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
         self.pause = pause or threading.Event()  # agentd pause: checkpoint at the next step, raise TrainingPaused
         self.infra_retries = list(infra_retries or [])  # the daemon's re-queues after GPU faults (run.json)
         self.sweep = sweep  # {name, trial, folder} when a sweep runs this job as a trial (run.json)
+        self.release_lora = release_lora  # eval.compare_with production: the released LoRA, resolved by the caller
+        self.evaluation: dict | None = None  # eval/decision.json once evaluated
         self.warm: str | None = None  # how the base was had: cold | host | device (see BaseModelCache.get)
         self.warm_move_s: float | None = None
         self.base_cache = base_cache
@@ -323,6 +327,10 @@ class LoraTrainingJob:
         with self._exported_weights():  # the PEFT folder and the merged export follow <name>.safetensors
             extra = self.task.export_extra(cfg.output_dir)
         artifacts += [str(p) for p in extra]
+        if cfg.eval is not None:
+            self.evaluation = self._evaluate()
+            artifacts += [str(cfg.output_dir / "eval" / f) for f in ("metrics.json", "decision.json")
+                          if (cfg.output_dir / "eval" / f).is_file()]
         self.run_start.record(*artifacts, "logs/summary.csv")
         summary = self._summary(final_loss)
         atomic_write_text(self.logs.dir / "summary.csv",
@@ -333,7 +341,21 @@ class LoraTrainingJob:
         for a in artifacts:
             self.reporter.emit(event("artifact", path=a))
         return JobResult("succeeded", cfg.output_dir, lora_path, self.state.global_step, final_loss,
-                         self.resumed_from, self.peak_memory_mib(), artifacts)
+                         self.resumed_from, self.peak_memory_mib(), artifacts,
+                         self.evaluation["overall"] if self.evaluation else None)
+
+    def _evaluate(self) -> dict:
+        """The evaluation stage on the model as trained (trainer.training.evaluation); never raises."""
+        from trainer.training.evaluation import against_for, evaluate_or_unknown
+
+        cfg = self.cfg
+        subsets = getattr(self.checked.scan, "subsets", None) or []
+        against = against_for(cfg, release_lora=self.release_lora)
+        return evaluate_or_unknown(self.task, cfg, cfg.output_dir, against, self.reporter,
+                                   class_tokens=[s.class_tokens for s in subsets if not s.is_reg],
+                                   dataset=self.dataset, val_indices=self.watch.val_indices, autocast=self.autocast,
+                                   record=self.run_start.record,
+                                   checkpoints=ckpt.list_checkpoints(self.checkpoints_dir))
 
     def _exported_weights(self):
         """The weights the exports hold: the EMA's when `ema.use_for` says export (or both), else the trained ones."""
@@ -360,7 +382,8 @@ class LoraTrainingJob:
         return {"final_loss": final_loss, "mean_loss_last10": round(sum(last) / len(last), 6) if last else None,
                 "samples_per_s": round(sum(rates) / len(rates), 3) if rates else None,
                 "peak_memory_mib": self.peak_memory_mib(), "steps": self.state.global_step,
-                **self.watch.summary()}  # validation loss, sampling and validation seconds
+                **self.watch.summary(),  # validation loss, sampling and validation seconds
+                **eval_columns(self.evaluation, self.cfg.output_dir)}
 
     def _lora_metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -471,6 +494,21 @@ class LoraTrainingJob:
             raise
         finally:
             self.cleanup()
+
+
+def eval_columns(decision: dict | None, output_dir: Path) -> dict:
+    """summary.csv's evaluation columns: eval_<metric> (the candidate's mean), eval_seconds and eval_decision
+    (the Plot plugin draws the numbers across builds)."""
+    if decision is None:
+        return {}
+    import json
+
+    try:
+        doc = json.loads((Path(output_dir) / "eval" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        doc = {"metrics": {}}
+    return {**{f"eval_{m}": round(v["candidate"]["mean"], 6) for m, v in doc["metrics"].items()},
+            "eval_seconds": doc.get("seconds"), "eval_decision": decision["overall"]}
 
 
 def _device_info(device: torch.device) -> dict:
