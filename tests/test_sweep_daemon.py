@@ -184,8 +184,9 @@ def test_two_daemons_share_a_postgres_sweep_one_killed_during_the_third_trial(as
         assert run["sweep"] == {"name": "lr-rank", "trial": t["number"], "folder": str(folder)}
         job = by_trial[t["number"]][0]
         assert t["job_id"] == job["id"]
-        if t["state"] == "pruned":  # stopped early, at a checkpoint, not failed
-            assert t["steps"] < 6 and job["state"] == "cancelled", t
+        if t["state"] == "pruned":  # stopped at a checkpoint, not failed; early unless the prune decided at the
+            # step-4 validation reached the trainer only after its last step (the daemon decides while it trains)
+            assert t["steps"] <= 6 and job["state"] == "cancelled", t
         else:
             assert t["steps"] == 6 and job["state"] == "succeeded", t
     assert any(t["state"] == "pruned" for t in trials), trials
