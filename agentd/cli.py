@@ -24,6 +24,8 @@ COMMANDS = {
     "validate": ("validate", "check a training config; VRAM estimate and batch-size advice"),
     "demo": ("demo", "run the tiny demo job through an embedded daemon"),
     "compare": ("compare", "compare two runs (config diff, loss figures, verdict; --html for the page)"),
+    "release": ("release", "promote a run's LoRA to the release targets; list, rollback, verify releases"),
+    "backup": ("release", "copy released LoRAs to the backup target; --restore NAME vK DIR brings one back"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
     "import-kohya": ("import_kohya", "convert a kohya/lora-scripts TOML (training or dataset) into a training config"),
     "install-service": ("install", "install the systemd unit and the agentd user"),

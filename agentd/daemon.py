@@ -41,6 +41,8 @@ class Daemon:
         self._gpu_cache: tuple[float, list] = (0.0, [])
         self._last_gc = 0.0
         self.link = None
+        self.releases = None
+        self._last_backup = 0.0
         self.watcher = None
         self.metrics = None
         self._status = None
@@ -60,6 +62,10 @@ class Daemon:
 
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        if s.release.enabled:
+            from agentd.release.service import Releases
+
+            self.releases = Releases(s.release, s.state_dir, s.cache_dir)  # CredentialError: exit 78
         self.journal = Journal(s.journal_path)
         if self.probe is None:
             self.probe = probe_from_settings(s)
@@ -232,6 +238,9 @@ class Daemon:
                 collect(self.settings, self.journal, dry_run=False)
             except Exception:
                 log.exception("retention pass failed")
+        if self.releases is not None and self.settings.release.backup and now - self._last_backup > 86400:
+            self._last_backup = now
+            threading.Thread(target=self._backup, name="release-backup", daemon=True).start()
         if self.metrics is not None:
             self.metrics.update(self.current_status())
         if self.link is not None:
@@ -245,6 +254,18 @@ class Daemon:
                 self.link.request_offline(reason)
             else:
                 self.link.request_online()
+
+    def _backup(self) -> None:
+        """The daily backup of released LoRAs (`agentd backup` runs the same on request)."""
+        from agentd.release import ReleaseError
+
+        try:
+            result = self.releases.backup()
+        except ReleaseError as e:
+            log.error("daily backup failed: %s", e)
+            return
+        for problem in result["problems"]:
+            log.error("daily backup: %s", problem)
 
     def shutdown(self) -> None:
         log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)

@@ -1,15 +1,19 @@
 """The control-socket protocol: newline-delimited JSON, versioned, every message bounded.
 
 Request:   {"v": 1, "op": "submit" | "attach" | "cancel" | "pause" | "resume" | "status" | "jobs" | "logs" |
-                        "drain" | "undrain" | "ping", ...op fields}
+                        "drain" | "undrain" | "release" | "backup" | "ping", ...op fields}
            submit: config_path, config_text, env, detach, priority (int, optional: overrides the config's)
            pause/resume/cancel/attach: job_id
+           release: action promote {run, name, to, force, reason, alias} | list | rollback {to} | verify, name
+           backup: (nothing) | restore {name, version, dir}
 Reply:     {"v": 1, "ok": true, ...}   or   {"v": 1, "ok": false, "error": {"code": ..., "message": ...}}
 Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lines until the job ends
            (the last event has type "finished"), then the server closes the connection.
 
 Error codes: bad_json, too_large, bad_version, unknown_op, bad_request, invalid_config, not_found,
-bad_state (pause of a job that is not running, resume of one that is not paused), draining, internal.
+bad_state (pause of a job that is not running, resume of one that is not paused), draining, internal;
+releases: refused (the promotion gate; `metrics` holds the deltas), release_failed (`target` names it),
+not_permitted, not_configured, target_auth, target_refused.
 """
 from __future__ import annotations
 
