@@ -92,7 +92,7 @@ def render(msg: dict, r: dict) -> str:
     if action == "rollback":
         return f"rolled {r['name']} back from v{r['from']} to v{r['to']}; aliases: {_aliases(r['aliases'])}"
     if action == "verify":
-        head = f"{r['name']}: {'OK' if r['ok'] else 'PROBLEMS'} ({len(r['checked'])} copies checked)"
+        head = f"{r['name']}: {'PROBLEMS' if r['problems'] else 'OK'} ({len(r['checked'])} copies checked)"
         return "\n".join([head] + [f"  {p}" for p in r["problems"]])
     lines = [f"{r['name']}: {_aliases(r['aliases'])}"]
     for v in r["versions"]:

@@ -238,7 +238,7 @@ class Releases:
         if aliases["production"] is not None and \
                 versions(records).get(aliases["production"], {}).get("state") != "released":
             problems.append(f"production names v{aliases['production']}, which is not a released version")
-        return {"name": name, "ok": not problems, "problems": problems, "checked": checked, "aliases": aliases}
+        return {"name": name, "problems": problems, "checked": checked, "aliases": aliases}
 
     # --- backup, restore, resolve ----------------------------------------------------------------
     def _backup_target(self) -> Storage:
