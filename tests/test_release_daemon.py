@@ -55,6 +55,11 @@ def test_release_lifecycle_through_the_daemon(tmp_path):
             assert r.returncode == code, r.stdout + r.stderr
             return r.stdout + r.stderr
 
+        def ask(op="release", **msg):  # the socket directly, where the CLI's own output is not the point
+            reply = d.request({"op": op, **msg}, timeout=60)
+            outputs.append(json.dumps(reply))
+            return reply
+
         r1 = make_run(tmp_path / "r1", seed=1)  # a first release: nothing to compare with yet
         assert "released style v1 as style-v1-" in agentd("release", "promote", str(r1))
         assert "style: OK (3 copies checked)" in agentd("release", "verify", "style")
@@ -62,18 +67,18 @@ def test_release_lifecycle_through_the_daemon(tmp_path):
         out = agentd("release", "promote", str(r2), code=1)
         assert "refused" in out and "clip_t worse (delta -0.03, 95% CI [-0.04, -0.02], margin 0.005)" in out
         assert "--force --reason" in out
-        agentd("release", "promote", str(r2), "--force", code=1)  # forcing needs a reason
+        assert "needs --reason" in ask(action="promote", run=str(r2), force=True)["error"]["message"]
         assert "released style v2" in agentd("release", "promote", str(r2), "--force", "--reason", "hotfix for demo")
         listing = agentd("release", "list", "style")
         assert "production v2, previous v1" in listing and "forced: hotfix for demo" in listing
         assert "rolled style back from v2 to v1" in agentd("release", "rollback", "style")
-        assert "style: OK" in agentd("release", "verify", "style")
-        agentd("release", "rollback", "style", code=1)  # v1 was the first: nothing before it
-        assert "2 copied" in agentd("backup")
+        assert ask(action="verify", name="style")["problems"] == []
+        assert "no previous version" in ask(action="rollback", name="style")["error"]["message"]  # v1 was first
+        assert len(ask("backup")["copied"]) == 2
         restore = tmp_path / "restored"
         assert "sha256 checked" in agentd("backup", "--restore", "style", "v2", str(restore))
         assert sha256_file(next(restore.glob("style-v2-*.safetensors"))) == sha256_file(r2 / "style.safetensors")
-        out = agentd("release", "promote", str(r1), "--to", "nas,nowhere", code=1)
+        out = ask(action="promote", run=str(r1), to=["nas", "nowhere"])["error"]["message"]
         assert "unknown target nowhere" in out
 
         # SIGKILL during a promote: the webui hangs in its refresh while nas and the bucket have their copies
@@ -88,15 +93,14 @@ def test_release_lifecycle_through_the_daemon(tmp_path):
         assert json.loads(registry.read_text().splitlines()[-1])["event"] == "pending"
         assert (tmp_path / "nas" / "style").glob("style-v3-*")
         d = DaemonProc(root, settings, env=env).start()
-        out = agentd("release", "verify", "style", code=1)
-        assert "v3: a promote was interrupted" in out
+        assert "v3: a promote was interrupted" in ask(action="verify", name="style")["problems"][0]
         out = agentd("release", "promote", str(r3))
         assert "released style v4" in out and "repaired: v3: interrupted" in out
         for folder in ("nas/style", "webui"):
             assert not list((tmp_path / folder).glob("style-v3-*")), folder
         assert not [o for o in s3.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])
                     if "style-v3-" in o["Key"]]
-        assert "style: OK" in agentd("release", "verify", "style")
+        assert ask(action="verify", name="style")["problems"] == []
         status = json.dumps(d.status())
     finally:
         d.stop()
