@@ -77,7 +77,7 @@ class Daemon:
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
             authorize=authorizer(self.own_folders()), vram_margin_mib=s.vram_margin_mib,
             gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s, max_foreign_vram_mib=s.max_foreign_vram_mib,
-            on_change=self._scheduler_changed)
+            on_change=self._scheduler_changed, releaser=self._release_after_job)
         recovered = self.scheduler.start()
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
@@ -96,6 +96,29 @@ class Daemon:
             self.metrics = Metrics()
             port = self.metrics.start(s.metrics.host, s.metrics.port)
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, port)
+
+    def _release_after_job(self, cfg, submitter: dict | None):
+        """The release a succeeded job's config asks for (`release: {name, to, when}`), as the event its client
+        sees. The job stays succeeded whatever comes of it: a refusal or a target failure is reported."""
+        from agentd.events import Released
+        from agentd.release import ReleaseError
+        from agentd.release.service import check_permission
+
+        req, out = cfg.release, Path(cfg.output_dir)
+        name = req.name or cfg.run_name
+        if self.releases is None:
+            return Released(name=name, outcome="not_configured",
+                            message="this daemon has no release targets (release: in agentd.yaml)")
+        by = (submitter or {}).get("user") or str((submitter or {}).get("uid", "a job"))
+        try:
+            check_permission("promote", out, submitter)
+            r = self.releases.promote(out, name=req.name, to=req.to, force=req.when == "always", by=by,
+                                      reason="release.when: always in the training config" if req.when == "always"
+                                      else None)
+        except ReleaseError as e:
+            return Released(name=name, outcome="refused" if e.code == "refused" else "failed", message=str(e))
+        return Released(name=r["name"], outcome="released", version=r["version"], artifact=r["artifact"],
+                        message=f"to {', '.join(r['targets'])}" + (" (forced: when: always)" if r["forced"] else ""))
 
     def own_folders(self) -> dict[str, Path]:
         """The daemon's folders no job may write into or around (agentd.access.daemon_folder_problem)."""

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from trainer.events import Event, format_event
 
-__all__ = ["Gated", "InfraRetry", "Queued", "State", "format_event"]
+__all__ = ["Gated", "InfraRetry", "Queued", "Released", "State", "format_event"]
 
 
 @dataclass(kw_only=True)
@@ -65,3 +65,20 @@ class InfraRetry(Event):
         at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
         return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
                 f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")
+
+
+@dataclass(kw_only=True)
+class Released(Event):
+    """The release a training config asked for (`release:`), after the job succeeded."""
+
+    kind: ClassVar[str] = "release"
+    name: str
+    outcome: str  # released | refused (the gate) | failed (a target) | not_configured
+    version: int | None = None
+    artifact: str | None = None
+    message: str = ""
+
+    def line(self) -> str:
+        if self.outcome == "released":
+            return f"released {self.name} v{self.version} ({self.artifact})" + (f": {self.message}" if self.message else "")
+        return f"release of {self.name} {self.outcome}: {self.message}"
