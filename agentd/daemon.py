@@ -258,7 +258,7 @@ class Daemon:
             try:
                 from agentd.gc import collect
 
-                collect(self.settings, self.journal, dry_run=False)
+                collect(self.settings, self.journal, dry_run=False, releases=self.releases)
             except Exception:
                 log.exception("retention pass failed")
         if self.releases is not None and self.settings.release.backup and now - self._last_backup > 86400:

@@ -224,3 +224,26 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
+
+
+def test_gc_prunes_checkpoints_only_of_runs_with_a_verified_backup(tmp_path):
+    import os
+
+    from agentd.gc import released_checkpoints
+
+    for d in ("nas", "offsite"):
+        (tmp_path / d).mkdir()
+    r = _releases(tmp_path, {"nas": {"type": "folder", "path": str(tmp_path / "nas")},
+                             "offsite": {"type": "folder", "path": str(tmp_path / "offsite")}}, backup="offsite")
+    released = make_run(tmp_path / "out")
+    kept = make_run(tmp_path / "out" / "runs" / "20261201-000000-aaaaaa", seed=9)  # in the history, never released
+    for run in (released, kept):
+        (run / "checkpoints" / "step-000004").mkdir(parents=True)
+        os.utime(run / "checkpoints" / "step-000004", (1, 1))
+    r.promote(released)
+    assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == []  # released, but not backed up yet
+    assert r.backup()["copied"] == ["style v1"]
+    assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == [
+        ("released-checkpoint", str(released / "checkpoints" / "step-000004"))]
+    (tmp_path / "offsite" / "style" / r.list("style")["versions"][0]["artifact"]).write_bytes(b"rot")
+    assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == []  # the copy no longer verifies

@@ -278,6 +278,18 @@ class Releases:
                  len(verified), len(problems))
         return {"target": self.settings.backup, "copied": copied, "verified": verified, "problems": problems}
 
+    def backed_up(self) -> set[str]:
+        """sha256 of every released version whose copy on the backup target verifies (gc prunes only these)."""
+        if self.settings.backup is None:
+            return set()
+        backup = self.targets[self.settings.backup]
+        out = set()
+        for name in self.registry.names():
+            for rel in versions(self.records(name)).values():
+                if rel["state"] == "released" and not backup.verify(rel):
+                    out.add(rel["sha256"])
+        return out
+
     def restore(self, name: str, version: int, dest: Path) -> Path:
         check_name(name)
         rel = versions(self.records(name)).get(version)
