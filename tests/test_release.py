@@ -247,3 +247,36 @@ def test_gc_prunes_checkpoints_only_of_runs_with_a_verified_backup(tmp_path):
         ("released-checkpoint", str(released / "checkpoints" / "step-000004"))]
     (tmp_path / "offsite" / "style" / r.list("style")["versions"][0]["artifact"]).write_bytes(b"rot")
     assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == []  # the copy no longer verifies
+
+
+def test_bad_input_is_named_with_its_fix_and_nothing_is_released(tmp_path):
+    (tmp_path / "nas").mkdir()
+    (tmp_path / "webui").mkdir()
+    key = tmp_path / "webui.key"
+    key.write_text("admin:wrong-password\n")
+    webui = FakeA1111(tmp_path / "webui", api_auth="admin:right-password").start()
+    try:
+        r = _releases(tmp_path, {"nas": {"type": "folder", "path": str(tmp_path / "nas")},
+                                 "webui": {"type": "a1111", "url": webui.url, "lora_dir": str(tmp_path / "webui"),
+                                           "credential_file": str(key)},
+                                 "down": {"type": "comfyui", "url": "http://127.0.0.1:9", "lora_dir": str(tmp_path),
+                                          "timeout_s": 2}},
+                      default_to=["nas", "webui"])
+        cases = [
+            (make_run(tmp_path / "failed", status="failed"), {}, "is failed, not succeeded"),
+            (tmp_path / "nas", {}, r"is not a run folder \(no run.json\)"),
+            (make_run(tmp_path / "r1"), {"name": "My Style"}, "not a simple slug"),
+            (make_run(tmp_path / "r2"), {}, "failed at target webui: .*answered 401.*release.targets.webui.credential"),
+            (make_run(tmp_path / "r3"), {"to": ["nas", "down"]}, "failed at target down: .*unreachable"),
+        ]
+        (tmp_path / "r4").mkdir()
+        (tmp_path / "r4" / "run.json").write_text(json.dumps({"name": "style", "status": "succeeded"}))
+        cases.append((tmp_path / "r4", {}, "has no LoRA"))
+        for run, kw, message in cases:
+            with pytest.raises(ReleaseError, match=message) as e:
+                r.promote(run, **kw)
+            assert "wrong-password" not in str(e.value)
+        assert r.aliases("style")["production"] is None and not list((tmp_path / "webui").iterdir())
+        assert not list((tmp_path / "nas" / "style").glob("*.safetensors*"))
+    finally:
+        webui.stop()
