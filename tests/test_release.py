@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agentd.release import ReleaseError
+from agentd.release.artifact import sha256_file
 from agentd.release.registry import after_promote, check_name, gate, next_version, rollback_plan, versions
 from tests.fake_inference import FakeA1111, FakeComfyUI, FakeVllm
 from tests.release_fixtures import LocalS3, decision, make_run
@@ -110,7 +111,7 @@ def test_s3_multipart_round_trip_and_corruption(tmp_path, s3):
     r = _releases(tmp_path, {"nas": {"type": "folder", "path": str(tmp_path / "nas")},
                              "bucket": {"type": "s3", "bucket": s3.bucket, "prefix": "rel/", "endpoint_url": s3.url,
                                         "region": "us-east-1", "credential_file": str(cred)}},
-                  default_to=["nas", "bucket"])
+                  registry="bucket", default_to=["nas", "bucket"])  # the registry in S3 too
     (tmp_path / "nas").mkdir()
     assert r.targets["bucket"].client.meta.config.request_checksum_calculation == "when_required"
     run = make_run(tmp_path / "run", size=(9 << 20) // 16)  # > 8 MiB: a multipart upload
@@ -124,6 +125,13 @@ def test_s3_multipart_round_trip_and_corruption(tmp_path, s3):
     assert not r.verify("style")["problems"]
     restored = r.targets["bucket"].fetch(versions(r.records("style"))[1], tmp_path / "restored")
     assert restored.read_bytes() == lora.read_bytes()  # downloaded and hashed against the manifest
+    # resolve (compare_with: production, for trainer.api.run_job): a local, hash-checked copy of production
+    only_s3 = _releases(tmp_path / "b", {"bucket": {"type": "s3", "bucket": s3.bucket, "prefix": "rel/",
+                                                    "endpoint_url": s3.url, "region": "us-east-1",
+                                                    "credential_file": str(cred)}}, registry="bucket")
+    resolved = only_s3.resolve("style")
+    assert resolved.parent == tmp_path / "b" / "cache" / "releases" and sha256_file(resolved) == out["sha256"]
+    assert only_s3.resolve("nothing-here") is None
     s3.client().put_object(Bucket=s3.bucket, Key=key, Body=b"corrupted", Metadata={"sha256": out["sha256"]})
     report = r.verify("style")
     assert any("bucket" in p and "does not match its manifest" in p for p in report["problems"])

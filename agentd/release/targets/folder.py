@@ -83,6 +83,8 @@ class FolderStorage(Storage):
     def delete(self, key):
         path = self._path(key)
         path.unlink(missing_ok=True)
+        for partial in path.parent.glob(f".{path.name}.tmp-*"):  # a copy cut short by a killed daemon
+            partial.unlink(missing_ok=True)
         parent = path.parent
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()) and parent.parent != self.root:
             parent.rmdir()  # a PEFT folder's emptied sub-folders (never NAME/ itself)

@@ -91,6 +91,8 @@ class Server:
 
     def remove_copy(self, rel: dict) -> None:
         _remove(self.lora_dir / rel["artifact"])
+        for partial in self.lora_dir.glob(f".{rel['artifact']}.tmp-*"):  # a copy cut short by a killed daemon
+            _remove(partial)
 
     def family_problem(self, rel: dict, families: list[str]) -> None:
         if rel.get("family") not in families:
