@@ -42,13 +42,15 @@ def main(name: str, argv: list[str]) -> int:
         pr.add_argument("--force", action="store_true", help="release even if the gate refuses (needs --reason)")
         pr.add_argument("--reason", help="why (recorded in the registry)")
         pr.add_argument("--candidate", action="store_true", help="move the candidate alias, not production")
-        for action in ("list", "rollback", "verify"):
-            sp = sub.add_parser(action)
+        for action, help_text in (("list", "versions, their evaluation, who and why; the aliases"),
+                                  ("rollback", "production back to the previous version (servers reload it)"),
+                                  ("verify", "every copy against its manifest; servers list production")):
+            sp = sub.add_parser(action, help=help_text)
             sp.add_argument("name")
             if action == "rollback":
                 sp.add_argument("--to", help="version vK (default: the previous alias)")
         for sp in sub.choices.values():
-            sp.add_argument("--json", action="store_true")
+            sp.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
             add_socket_arg(sp)
         args = p.parse_args(argv)
         msg = {"op": "release", "action": args.action}
