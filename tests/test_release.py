@@ -288,3 +288,38 @@ def test_bad_input_is_named_with_its_fix_and_nothing_is_released(tmp_path):
         assert not list((tmp_path / "nas" / "style").glob("*.safetensors*"))
     finally:
         webui.stop()
+
+
+def test_only_a_submitter_who_can_read_the_run_may_promote_it():
+    import os
+    import shutil
+    import tempfile
+
+    from agentd.release.service import check_permission
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="agentd-release-"))  # pytest's base folder is 0700: use /tmp itself
+    os.chmod(tmp_path, 0o755)
+    try:
+        _check_permissions(tmp_path, check_permission)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _check_permissions(tmp_path, check_permission):
+    import os
+
+    run = make_run(tmp_path / "private")
+    os.chmod(run, 0o700)
+    stranger = {"uid": 54321, "gid": 54321, "groups": [54321], "user": None}
+    with pytest.raises(ReleaseError, match=r"uid 54321 may not promote .*private: uid 54321 may not read\+search") as e:
+        check_permission("promote", run, stranger)
+    assert e.value.code == "not_permitted"
+    os.chmod(run, 0o755)
+    os.chmod(run / "style.safetensors", 0o600)
+    with pytest.raises(ReleaseError, match="style.safetensors"):
+        check_permission("promote", run, stranger)
+    os.chmod(run / "style.safetensors", 0o644)
+    check_permission("promote", run, stranger)
+    with pytest.raises(ReleaseError, match="may not restore"):
+        check_permission("restore", run, stranger)  # 0755 root's: a stranger may not write into it
+    check_permission("list", None, stranger)
