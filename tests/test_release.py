@@ -255,6 +255,9 @@ def test_gc_prunes_checkpoints_only_of_runs_with_a_verified_backup(tmp_path):
         ("released-checkpoint", str(released / "checkpoints" / "step-000004"))]
     (tmp_path / "offsite" / "style" / r.list("style")["versions"][0]["artifact"]).write_bytes(b"rot")
     assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == []  # the copy no longer verifies
+    with pytest.raises(ReleaseError, match=r"offsite: style/style-v1-\w+\.safetensors downloaded with sha256 "
+                                           r"\w+, but its manifest says \w+"):
+        r.restore("style", 1, tmp_path / "restored")
 
 
 def test_bad_input_is_named_with_its_fix_and_nothing_is_released(tmp_path):
