@@ -1,5 +1,7 @@
 """Releases: a registry per LoRA name, publishing to storage and inference servers, the gate, rollback, backup.
 
+    settings.py   the `release:` section of agentd.yaml (targets by type, registry, default_to, backup)
+    credentials.py  a target's secret from a systemd credential or a daemon-only file
     registry.py   the registry's records and aliases: pure decisions (versions, gate, alias moves)
     artifact.py   a run's LoRA as files with their sha256 (a .safetensors file or a PEFT folder)
     targets/      one module per target type: folder, s3 (storage), a1111, comfyui, vllm (servers)
