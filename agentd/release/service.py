@@ -26,7 +26,7 @@ from agentd.release import ReleaseError
 from agentd.release.artifact import LocalArtifact, read_artifact, release_name
 from agentd.release.credentials import read_credential
 from agentd.release.registry import (after_promote, check_name, empty_aliases, evaluation_summary, gate,
-                                     rollback_plan, unfinished, versions)
+                                     next_version, rollback_plan, unfinished, versions)
 from agentd.release.targets import Storage, make_target
 
 log = logging.getLogger("agentd.release")
@@ -150,7 +150,7 @@ class Releases:
                 raise ReleaseError(f"promote of {run_dir} as {name} refused: {refusal}. To release it anyway: "
                                    "--force --reason TEXT", "refused",
                                    metrics=(decision or {}).get("metrics") or {})
-            version = max(states, default=0) + 1
+            version = next_version(records)
             rel = release_record(name, version, run_dir, run, local, decision, to, by, alias,
                                  forced=bool(refusal) and force, reason=reason, refusal=refusal)
             for t in to:
