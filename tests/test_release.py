@@ -114,7 +114,7 @@ def test_s3_multipart_round_trip_and_corruption(tmp_path, s3):
                   registry="bucket", default_to=["nas", "bucket"])  # the registry in S3 too
     (tmp_path / "nas").mkdir()
     assert r.targets["bucket"].client.meta.config.request_checksum_calculation == "when_required"
-    run = make_run(tmp_path / "run", size=(9 << 20) // 16)  # > 8 MiB: a multipart upload
+    run = make_run(tmp_path / "run", size=(8 << 20) // 32 + 8192)  # just over 8 MiB: a multipart upload
     lora = run / "style.safetensors"
     assert lora.stat().st_size > 8 << 20
     out = r.promote(run, by="alice")
