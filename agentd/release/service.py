@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Releases:
         self.targets = {n: make_target(n, t, read_credential(n, t, environ)) for n, t in settings.targets.items()}
         self.registry: Storage = self.targets[settings.registry]
         self.lock_dir = Path(state_dir) / "release-locks"
+        self._backup_lock = threading.Lock()  # the daily pass and `agentd backup` one at a time
         self.cache_dir = Path(cache_dir) / "releases"
 
     # --- the registry ----------------------------------------------------------------------------
@@ -251,6 +253,10 @@ class Releases:
         """Copy every released version missing or damaged on the backup target there (from a copy that
         hashes right), verify it, and copy each name's registry and aliases alongside."""
         backup = self._backup_target()
+        with self._backup_lock:
+            return self._backup_all(backup)
+
+    def _backup_all(self, backup: Storage) -> dict:
         copied, verified, problems = [], [], []
         for name in self.registry.names():
             for version, rel in sorted(versions(self.records(name)).items()):

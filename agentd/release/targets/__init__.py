@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import threading
 from pathlib import Path
 
 from agentd.release import ReleaseError
@@ -102,6 +104,16 @@ class Storage:
                                    "from another target")
             tmp.replace(target)
         return out
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a copy of `path` is written before its rename: a hidden name no other writer shares (processes and
+    the daemon's threads), found again by `partial_copies` when a killed daemon left it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def partial_copies(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.tmp-*"))
 
 
 def manifest(rel: dict) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agentd.release import ReleaseError
 from agentd.release.artifact import sha256_file
-from agentd.release.targets import Storage
+from agentd.release.targets import Storage, partial_copies, temporary_path
 
 
 class FolderStorage(Storage):
@@ -35,7 +35,7 @@ class FolderStorage(Storage):
         self._ready()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -58,7 +58,7 @@ class FolderStorage(Storage):
         self._ready()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_path(path)
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
@@ -83,7 +83,7 @@ class FolderStorage(Storage):
     def delete(self, key):
         path = self._path(key)
         path.unlink(missing_ok=True)
-        for partial in path.parent.glob(f".{path.name}.tmp-*"):  # a copy cut short by a killed daemon
+        for partial in partial_copies(path):  # a copy cut short by a killed daemon
             partial.unlink(missing_ok=True)
         parent = path.parent
         while parent != self.root and parent.is_dir() and not any(parent.iterdir()) and parent.parent != self.root:
@@ -105,3 +105,4 @@ def _fsync_dir(path: Path) -> None:
 
 def make(name, settings, secret):
     return FolderStorage(name, settings.path)
+

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from agentd.release import ReleaseError
+from agentd.release.targets import partial_copies, temporary_path
 
 
 class Server:
@@ -73,7 +74,7 @@ class Server:
         if not self.lora_dir.is_dir():
             raise ReleaseError(f"target {self.name}: LoRA folder {self.lora_dir} does not exist: fix "
                                f"release.targets.{self.name}.lora_dir")
-        tmp = self.lora_dir / f".{rel['artifact']}.tmp-{os.getpid()}"
+        tmp = temporary_path(dest)
         try:
             if local.is_folder:
                 shutil.copytree(local.root, tmp)
@@ -91,7 +92,7 @@ class Server:
 
     def remove_copy(self, rel: dict) -> None:
         _remove(self.lora_dir / rel["artifact"])
-        for partial in self.lora_dir.glob(f".{rel['artifact']}.tmp-*"):  # a copy cut short by a killed daemon
+        for partial in partial_copies(self.lora_dir / rel["artifact"]):  # a copy cut short by a killed daemon
             _remove(partial)
 
     def family_problem(self, rel: dict, families: list[str]) -> None:
@@ -117,3 +118,4 @@ def _detail(payload) -> str:
             if value:
                 return str(value)[:300]
     return str(payload)[:300]
+
