@@ -80,5 +80,6 @@ class Released(Event):
 
     def line(self) -> str:
         if self.outcome == "released":
-            return f"released {self.name} v{self.version} ({self.artifact})" + (f": {self.message}" if self.message else "")
+            said = f"released {self.name} v{self.version} ({self.artifact})"
+            return f"{said}: {self.message}" if self.message else said
         return f"release of {self.name} {self.outcome}: {self.message}"

@@ -381,7 +381,8 @@ def read_decision(run_dir: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise ReleaseError(f"{path} cannot be read ({type(e).__name__}): evaluate the run again", "bad_request") from None
+        raise ReleaseError(f"{path} cannot be read ({type(e).__name__}): evaluate the run again",
+                           "bad_request") from None
 
 
 def _against_sha(decision: dict | None) -> str | None:

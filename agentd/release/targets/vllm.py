@@ -57,8 +57,8 @@ class Vllm(Server):
         if problem:
             raise ReleaseError(problem)
         if self.settings.canary_prompt:
-            _, out = self.call("POST", "/v1/completions", {"model": rel["artifact"], "prompt": self.settings.canary_prompt,
-                                                           "max_tokens": 8, "temperature": 0})
+            _, out = self.call("POST", "/v1/completions", {"model": rel["artifact"], "max_tokens": 8, "temperature": 0,
+                                                           "prompt": self.settings.canary_prompt})
             if not (isinstance(out, dict) and out.get("choices")):
                 raise ReleaseError(f"target {self.name}: the canary completion with {rel['artifact']} returned no "
                                    "choices: check the server's log")
