@@ -97,9 +97,10 @@ class Daemon:
             port = self.metrics.start(s.metrics.host, s.metrics.port)
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, port)
 
-    def _release_after_job(self, cfg, submitter: dict | None):
-        """The release a succeeded job's config asks for (`release: {name, to, when}`), as the event its client
-        sees. The job stays succeeded whatever comes of it: a refusal or a target failure is reported."""
+    def _release_after_job(self, cfg, submitter: dict | None) -> list:
+        """The release (and backup, `keep: true`) a succeeded job's config asks for (`release: {name, to, when,
+        keep}`), as the events its client sees. The job stays succeeded whatever comes of them: a refusal or
+        a target failure is reported."""
         from agentd.events import Released
         from agentd.release import ReleaseError
         from agentd.release.service import check_permission
@@ -107,18 +108,33 @@ class Daemon:
         req, out = cfg.release, Path(cfg.output_dir)
         name = req.name or cfg.run_name
         if self.releases is None:
-            return Released(name=name, outcome="not_configured",
-                            message="this daemon has no release targets (release: in agentd.yaml)")
+            return [Released(name=name, outcome="not_configured",
+                             message="this daemon has no release targets (release: in agentd.yaml)")]
         by = (submitter or {}).get("user") or str((submitter or {}).get("uid", "a job"))
+        events = []
         try:
             check_permission("promote", out, submitter)
-            r = self.releases.promote(out, name=req.name, to=req.to, force=req.when == "always", by=by,
-                                      reason="release.when: always in the training config" if req.when == "always"
-                                      else None)
         except ReleaseError as e:
-            return Released(name=name, outcome="refused" if e.code == "refused" else "failed", message=str(e))
-        return Released(name=r["name"], outcome="released", version=r["version"], artifact=r["artifact"],
-                        message=f"to {', '.join(r['targets'])}" + (" (forced: when: always)" if r["forced"] else ""))
+            return [Released(name=name, outcome="failed", message=str(e))]
+        if req.when != "never":
+            try:
+                r = self.releases.promote(out, name=req.name, to=req.to, force=req.when == "always", by=by,
+                                          reason="release.when: always in the training config"
+                                          if req.when == "always" else None)
+                forced = " (forced: when: always)" if r["forced"] else ""
+                events.append(Released(name=r["name"], outcome="released", version=r["version"],
+                                       artifact=r["artifact"], message=f"to {', '.join(r['targets'])}{forced}"))
+            except ReleaseError as e:
+                events.append(Released(name=name, outcome="refused" if e.code == "refused" else "failed",
+                                       message=str(e)))
+        if req.keep:
+            try:
+                k = self.releases.keep(out)
+                events.append(Released(name=name, outcome="kept", artifact=k["artifact"],
+                                       message=f"backed up to {k['target']}"))
+            except ReleaseError as e:
+                events.append(Released(name=name, outcome="failed", message=f"keep: {e}"))
+        return events
 
     def own_folders(self) -> dict[str, Path]:
         """The daemon's folders no job may write into or around (agentd.access.daemon_folder_problem)."""

@@ -73,7 +73,7 @@ class Released(Event):
 
     kind: ClassVar[str] = "release"
     name: str
-    outcome: str  # released | refused (the gate) | failed (a target) | not_configured
+    outcome: str  # released | kept (backed up, `keep: true`) | refused (the gate) | failed (a target) | not_configured
     version: int | None = None
     artifact: str | None = None
     message: str = ""
@@ -82,4 +82,6 @@ class Released(Event):
         if self.outcome == "released":
             said = f"released {self.name} v{self.version} ({self.artifact})"
             return f"{said}: {self.message}" if self.message else said
+        if self.outcome == "kept":
+            return f"kept {self.name} ({self.artifact}): {self.message}"
         return f"release of {self.name} {self.outcome}: {self.message}"

@@ -6,8 +6,8 @@
   cache hit touches its file, so entries in use stay);
 - with `gc_user_outputs: true` only: checkpoints beyond each journaled job's `keep_checkpoints` in its
   output folder; and, with a release backup target (`release.backup`), every checkpoint older than
-  `retention_days` of a run (the current one or one in its history, `runs/<id>/`) whose LoRA is a released
-  version with a verified copy on the backup target: never one whose LoRA has no verified copy elsewhere.
+  `retention_days` of a run (the current one or one in its history, `runs/<id>/`) whose LoRA (released, or
+  kept: `release: {keep: true}`) has a verified copy on the backup target: never one whose LoRA has none.
   The run's LoRA, run.json and logs stay. User outputs are never touched otherwise.
 
 `collect(..., dry_run=True)` returns exactly the list a real run acts on.
@@ -50,7 +50,7 @@ def plan(settings, journal, now: float | None = None, releases=None) -> list[tup
 
 def released_checkpoints(output_dirs: list[str], releases, cutoff: float) -> list[tuple[str, str]]:
     """Checkpoints older than `cutoff` of the runs in `output_dirs` (and their runs/<id>/ history) whose LoRA
-    hashes to a released version verified on the backup target."""
+    hashes to a released or kept LoRA verified on the backup target."""
     from agentd.release import ReleaseError
     from agentd.release.artifact import read_artifact
     from agentd.release.service import read_run, run_lora

@@ -48,7 +48,7 @@ class Runner:
     def __init__(self, *, base_cache: api.BaseModelCache | None = None, estimator=None, authorize=None,
                  releaser=None):
         self.base_cache = base_cache
-        # the daemon's release after success (`release:` of a config): releaser(cfg, submitter) -> Released event
+        # the daemon's release after success (`release:` of a config): releaser(cfg, submitter) -> Released events
         self.releaser = releaser
         self.estimator = estimator  # callable(checked) -> VramEstimate, or None on a CPU-only daemon
         # agentd.access.authorizer's check; the default (tests, no daemon) lets everything through
@@ -124,8 +124,9 @@ class Runner:
         if result.outcome == "cancelled":
             return RunEnd("interrupted" if job.stop_reason == "shutdown" else "cancelled",
                           f"stopped at step {result.steps}")
-        if cfg.release is not None and cfg.release.when != "never" and self.releaser is not None:
-            channel.emit(self.releaser(cfg, rec.get("submitter")))
+        if cfg.release is not None and self.releaser is not None:
+            for ev in self.releaser(cfg, rec.get("submitter")):
+                channel.emit(ev)
         return RunEnd("succeeded", fields={"artifacts": result.artifacts, "peak_mib": result.peak_memory_mib,
                                            "step": result.steps, "loss": result.final_loss})
 

@@ -246,7 +246,7 @@ def test_gc_prunes_checkpoints_only_of_runs_with_a_verified_backup(tmp_path):
     r = _releases(tmp_path, {"nas": {"type": "folder", "path": str(tmp_path / "nas")},
                              "offsite": {"type": "folder", "path": str(tmp_path / "offsite")}}, backup="offsite")
     released = make_run(tmp_path / "out")
-    kept = make_run(tmp_path / "out" / "runs" / "20261201-000000-aaaaaa", seed=9)  # in the history, never released
+    kept = make_run(tmp_path / "out" / "runs" / "20261201-000000-aaaaaa", seed=9)  # in the history, not released
     for run in (released, kept):
         (run / "checkpoints" / "step-000004").mkdir(parents=True)
         os.utime(run / "checkpoints" / "step-000004", (1, 1))
@@ -255,8 +255,12 @@ def test_gc_prunes_checkpoints_only_of_runs_with_a_verified_backup(tmp_path):
     assert r.backup()["copied"] == ["style v1"]
     assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == [
         ("released-checkpoint", str(released / "checkpoints" / "step-000004"))]
+    assert r.keep(kept) == {"artifact": f"20261205-000009-abcdef-{sha256_file(kept / 'style.safetensors')[:12]}"
+                                        ".safetensors", "target": "offsite"}  # backed up, not released
+    assert len(released_checkpoints([str(tmp_path / "out")], r, cutoff=100)) == 2
     (tmp_path / "offsite" / "style" / r.list("style")["versions"][0]["artifact"]).write_bytes(b"rot")
-    assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == []  # the copy no longer verifies
+    assert released_checkpoints([str(tmp_path / "out")], r, cutoff=100) == [  # v1's copy no longer verifies
+        ("released-checkpoint", str(kept / "checkpoints" / "step-000004"))]
     with pytest.raises(ReleaseError, match=r"offsite: style/style-v1-\w+\.safetensors downloaded with sha256 "
                                            r"\w+, but its manifest says \w+"):
         r.restore("style", 1, tmp_path / "restored")

@@ -138,6 +138,9 @@ class ReleaseRequest(_Strict):
     when: Literal["better", "always", "never"] = "better"
     """better: when the promotion gate passes (the evaluation against production is better or no worse, or
     there is no production yet); always: past the gate (recorded as forced by this config); never: not at all."""
+    keep: bool = False
+    """Also copy the LoRA to the box's backup target (release.backup) whether or not it is released, so that
+    retention may prune this run's checkpoints once that copy verifies."""
 
 
 class TrainConfig(_Strict):

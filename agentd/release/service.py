@@ -1,4 +1,4 @@
-"""The daemon's side of releases: promote, list, rollback, verify, backup, restore and resolve.
+"""The daemon's side of releases: promote, list, rollback, verify, backup, restore, keep and resolve.
 
 The daemon holds the targets' credentials; clients ask over the control socket (`release` and `backup`
 ops, agentd.server). One lock per name (a file lock under the state folder): two promotes of one name run
@@ -68,6 +68,7 @@ class Releases:
         self.targets = {n: make_target(n, t, read_credential(n, t, environ)) for n, t in settings.targets.items()}
         self.registry: Storage = self.targets[settings.registry]
         self.lock_dir = Path(state_dir) / "release-locks"
+        self.kept_path = Path(state_dir) / "kept.jsonl"  # runs backed up without a release (`keep: true`)
         self._backup_lock = threading.Lock()  # the daily pass and `agentd backup` one at a time
         self.cache_dir = Path(cache_dir) / "releases"
 
@@ -284,17 +285,34 @@ class Releases:
                  len(verified), len(problems))
         return {"target": self.settings.backup, "copied": copied, "verified": verified, "problems": problems}
 
+    def keep(self, run_dir: Path) -> dict:
+        """Copy a run's LoRA to the backup target whether or not it is released (`keep: true`), as
+        kept/<run id>-<sha256[:12]>(.safetensors) with its manifest, and remember it (state_dir/kept.jsonl)."""
+        backup = self._backup_target()
+        run = read_run(Path(run_dir))
+        local = read_artifact(run_lora(Path(run_dir), run))
+        stem = f"{run.get('run_id') or 'run'}-{local.sha256[:12]}"
+        rel = {"name": "kept", "version": 0, "artifact": stem if local.is_folder else f"{stem}.safetensors",
+               "sha256": local.sha256, "files": local.files, "run_dir": str(run_dir), "run_id": run.get("run_id")}
+        backup.publish(rel, local)
+        problems = backup.verify(rel)
+        if problems:
+            raise ReleaseError("; ".join(problems))
+        with open(self.kept_path, "a") as f:
+            f.write(json.dumps(rel, sort_keys=True) + "\n")
+        return {"artifact": rel["artifact"], "target": self.settings.backup}
+
     def backed_up(self) -> set[str]:
-        """sha256 of every released version whose copy on the backup target verifies (gc prunes only these)."""
+        """sha256 of every released or kept LoRA whose copy on the backup target verifies (gc prunes only
+        checkpoints of these)."""
         if self.settings.backup is None:
             return set()
         backup = self.targets[self.settings.backup]
-        out = set()
-        for name in self.registry.names():
-            for rel in versions(self.records(name)).values():
-                if rel["state"] == "released" and not backup.verify(rel):
-                    out.add(rel["sha256"])
-        return out
+        candidates = [rel for name in self.registry.names() for rel in versions(self.records(name)).values()
+                      if rel["state"] == "released"]
+        if self.kept_path.is_file():
+            candidates += [json.loads(line) for line in self.kept_path.read_text().splitlines() if line.strip()]
+        return {rel["sha256"] for rel in candidates if not backup.verify(rel)}
 
     def restore(self, name: str, version: int, dest: Path) -> Path:
         check_name(name)
