@@ -27,6 +27,8 @@ COMMANDS = {
     "sweep": ("sweep", "hyperparameter sweep: run FILE | status NAME | report NAME [--html] | stop NAME"),
     "eval": ("eval", "evaluate a finished run through the daemon (its eval: block; --against RUN|previous|production|base)"),
     "ab": ("ab", "a blind A/B page of two runs' evaluation images (--html), or the votes' win rate (--votes)"),
+    "release": ("release", "promote a run's LoRA to the release targets; list, rollback, verify releases"),
+    "backup": ("release", "copy released LoRAs to the backup target; --restore NAME vK DIR brings one back"),
     "gc": ("gc", "remove old journal entries, caches and surplus checkpoints"),
     "import-kohya": ("import_kohya", "convert a kohya/lora-scripts TOML (training or dataset) into a training config"),
     "install-service": ("install", "install the systemd unit and the agentd user"),

@@ -43,6 +43,8 @@ class Daemon:
         self._gpu_cache: tuple[float, list] = (0.0, [])
         self._last_gc = 0.0
         self.link = None
+        self.releases = None
+        self._last_backup = 0.0
         self.watcher = None
         self.metrics = None
         self._status = None
@@ -63,6 +65,10 @@ class Daemon:
         s = self.settings
         policy = permission_policy(s.operator_group, s.jenkins.agent_user)  # a missing group stops us here
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        if s.release.enabled:
+            from agentd.release.service import Releases
+
+            self.releases = Releases(s.release, s.state_dir, s.cache_dir)  # CredentialError: exit 78
         self.journal = Journal(s.journal_path)
         if self.probe is None:
             self.probe = probe_from_settings(s)
@@ -74,7 +80,8 @@ class Daemon:
             estimator=_estimator(self.journal) if any(sl.index >= 0 for sl in self.slots) else None,
             authorize=authorizer(self.own_folders()), vram_margin_mib=s.vram_margin_mib,
             gate_timeout_s=s.gate_timeout_s, gate_poll_s=s.gate_poll_s, max_foreign_vram_mib=s.max_foreign_vram_mib,
-            on_change=self._scheduler_changed)
+            on_change=self._scheduler_changed, releaser=self._release_after_job,
+            resolve_release=self.releases.resolve if self.releases is not None else None)
         recovered = self.scheduler.start()
         if recovered:
             log.info("resuming %d interrupted job(s) first: %s", len(recovered), ", ".join(recovered))
@@ -100,6 +107,45 @@ class Daemon:
             self.metrics = Metrics()
             port = self.metrics.start(s.metrics.host, s.metrics.port)
             log.info("metrics on http://%s:%d/metrics", s.metrics.host, port)
+
+    def _release_after_job(self, cfg, submitter: dict | None) -> list:
+        """The release (and backup, `keep: true`) a succeeded job's config asks for (`release: {name, to, when,
+        keep}`), as the events its client sees. The job stays succeeded whatever comes of them: a refusal or
+        a target failure is reported."""
+        from agentd.events import Released
+        from agentd.release import ReleaseError
+        from agentd.release.service import check_permission
+
+        req, out = cfg.release, Path(cfg.output_dir)
+        name = req.name or cfg.run_name
+        if self.releases is None:
+            return [Released(name=name, outcome="not_configured",
+                             message="this daemon has no release targets (release: in agentd.yaml)")]
+        by = (submitter or {}).get("user") or str((submitter or {}).get("uid", "a job"))
+        events = []
+        try:
+            check_permission("promote", out, submitter)
+        except ReleaseError as e:
+            return [Released(name=name, outcome="failed", message=str(e))]
+        if req.when != "never":
+            try:
+                r = self.releases.promote(out, name=req.name, to=req.to, force=req.when == "always", by=by,
+                                          reason="release.when: always in the training config"
+                                          if req.when == "always" else None)
+                forced = " (forced: when: always)" if r["forced"] else ""
+                events.append(Released(name=r["name"], outcome="released", version=r["version"],
+                                       artifact=r["artifact"], message=f"to {', '.join(r['targets'])}{forced}"))
+            except ReleaseError as e:
+                events.append(Released(name=name, outcome="refused" if e.code == "refused" else "failed",
+                                       message=str(e)))
+        if req.keep:
+            try:
+                k = self.releases.keep(out)
+                events.append(Released(name=name, outcome="kept", artifact=k["artifact"],
+                                       message=f"backed up to {k['target']}"))
+            except ReleaseError as e:
+                events.append(Released(name=name, outcome="failed", message=f"keep: {e}"))
+        return events
 
     def own_folders(self) -> dict[str, Path]:
         """The daemon's folders no job may write into or around (agentd.access.daemon_folder_problem)."""
@@ -240,9 +286,12 @@ class Daemon:
             try:
                 from agentd.gc import collect
 
-                collect(self.settings, self.journal, dry_run=False)
+                collect(self.settings, self.journal, dry_run=False, releases=self.releases)
             except Exception:
                 log.exception("retention pass failed")
+        if self.releases is not None and self.settings.release.backup and now - self._last_backup > 86400:
+            self._last_backup = now
+            threading.Thread(target=self._backup, name="release-backup", daemon=True).start()
         if self.metrics is not None:
             self.metrics.update(self.current_status())
         if self.link is not None:
@@ -256,6 +305,18 @@ class Daemon:
                 self.link.request_offline(reason)
             else:
                 self.link.request_online()
+
+    def _backup(self) -> None:
+        """The daily backup of released LoRAs (`agentd backup` runs the same on request)."""
+        from agentd.release import ReleaseError
+
+        try:
+            result = self.releases.backup()
+        except ReleaseError as e:
+            log.error("daily backup failed: %s", e)
+            return
+        for problem in result["problems"]:
+            log.error("daily backup: %s", problem)
 
     def shutdown(self) -> None:
         log.info("stopping: running jobs checkpoint at their next step (up to %.0f s)", self.settings.stop_timeout_s)

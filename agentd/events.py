@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from trainer.events import Event, format_event
 
-__all__ = ["Gated", "InfraRetry", "Queued", "State", "SweepFinished", "SweepTrial", "format_event"]
+__all__ = ["Gated", "InfraRetry", "Queued", "Released", "State", "SweepFinished", "SweepTrial", "format_event"]
 
 
 @dataclass(kw_only=True)
@@ -105,3 +105,23 @@ class SweepFinished(Event):
                 if self.best_trial is not None else "; no complete trial")
         report = f"; report {self.report}" if self.report else ""
         return f"sweep {self.sweep} {self.outcome}: {counts}{best}{report}"
+
+
+@dataclass(kw_only=True)
+class Released(Event):
+    """The release a training config asked for (`release:`), after the job succeeded."""
+
+    kind: ClassVar[str] = "release"
+    name: str
+    outcome: str  # released | kept (backed up, `keep: true`) | refused (the gate) | failed (a target) | not_configured
+    version: int | None = None
+    artifact: str | None = None
+    message: str = ""
+
+    def line(self) -> str:
+        if self.outcome == "released":
+            said = f"released {self.name} v{self.version} ({self.artifact})"
+            return f"{said}: {self.message}" if self.message else said
+        if self.outcome == "kept":
+            return f"kept {self.name} ({self.artifact}): {self.message}"
+        return f"release of {self.name} {self.outcome}: {self.message}"

@@ -51,7 +51,11 @@ PERMISSIONS = {
     "sweep_follow": ANY,  # the trials' events, as `agentd status` shows trials: names and losses
     "sweep_status": ANY,
     "sweep_report": ANY,
-    "sweep_stop": OWNER,  # the sweep's submitter (a build's sweep: operators only) or an operator
+    "sweep_stop": OWNER,
+    # releases: any member asks; what they may release or restore is the run's or folder's access
+    # (agentd.release.service.check_permission: a run whose output folder they can read)
+    "release": ANY,
+    "backup": ANY,  # the sweep's submitter (a build's sweep: operators only) or an operator
 }
 
 # How refusals name an op ("may not <verb> it").

@@ -2,10 +2,11 @@
 
 Request:   {"v": 1, "op": "submit" | "attach" | "cancel" | "pause" | "resume" | "status" | "jobs" | "logs" |
                         "drain" | "undrain" | "ping" | "sweep_run" | "sweep_follow" | "sweep_status" |
-                        "sweep_report" | "sweep_stop" | "eval", ...op fields}
+                        "sweep_report" | "sweep_stop" | "eval" | "release" | "backup", ...op fields}
            each op's fields and their types: REQUEST_FIELDS (a job op may carry `capability`, the token a
            build's submit reply handed back: agentd.permissions); sweep_run streams {"trial": N, "event": ...}
-           lines (agentd.sweep)
+           lines (agentd.sweep); release: action promote {run, name, to, force, reason, alias} | list |
+           rollback {to} | verify, name; backup: (nothing) | restore {name, version, dir} (agentd.release)
 Reply:     {"v": 1, "ok": true, ...}   or   {"v": 1, "ok": false, "error": {"code": ..., "message": ...}}
 Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lines until the job ends
            (the last event has type "finished"), then the server closes the connection.
@@ -13,7 +14,8 @@ Stream:    after a submit/attach/logs-follow reply, {"v": 1, "event": {...}} lin
 Error codes: bad_json, too_large, bad_version, unknown_op, bad_request (each of these five: a malformed
 request, answered "bad request: <what>"), invalid_config, not_found, not_permitted (agentd.permissions),
 bad_state (pause of a job that is not running, resume of one that is not paused), draining, busy (too many
-connections at once: agentd.server.MAX_CONNECTIONS), internal.
+connections at once: agentd.server.MAX_CONNECTIONS), internal; releases: refused (the promotion gate;
+`metrics` holds the deltas), release_failed (`target` names it), not_configured, target_auth, target_refused.
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "sweep_status": {"name": (str, True)},
     "sweep_report": {"name": (str, True), "html": (bool, False)},
     "sweep_stop": {"name": (str, True)},
+    # agentd.release: `to` is a list of target names for promote, a version (vK) for rollback
+    "release": {"action": (str, True), "name": (str, False), "run": (str, False), "to": (object, False),
+                "force": (bool, False), "reason": (str, False), "alias": (str, False)},
+    "backup": {"restore": (bool, False), "name": (str, False), "version": (str, False), "dir": (str, False)},
 }
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", dict: "an object"}
 

@@ -45,8 +45,14 @@ class RunEnd:
 
 
 class Runner:
-    def __init__(self, *, base_cache: api.BaseModelCache | None = None, estimator=None, authorize=None):
+    def __init__(self, *, base_cache: api.BaseModelCache | None = None, estimator=None, authorize=None,
+                 releaser=None, resolve_release=None):
         self.base_cache = base_cache
+        # `compare_with: production` of an evaluation: resolve_release(name) -> the released LoRA's local path
+        # or None (agentd.release.service.Releases.resolve; None on a daemon without releases)
+        self.resolve_release = resolve_release
+        # the daemon's release after success (`release:` of a config): releaser(cfg, submitter) -> Released events
+        self.releaser = releaser
         self.estimator = estimator  # callable(checked) -> VramEstimate, or None on a CPU-only daemon
         # agentd.access.authorizer's check; the default (tests, no daemon) lets everything through
         self.authorize = authorize or (lambda cfg, checked, submitter, source=None: None)
@@ -109,14 +115,16 @@ class Runner:
             if rec.get("evaluate"):  # agentd eval: the finished run's evaluation, in this slot
                 request = rec["evaluate"]
                 decision = api.evaluate_run(request["run"], channel, against=request.get("against"),
-                                            device=slot.device, base_cache=self.base_cache)
+                                            device=slot.device, base_cache=self.base_cache,
+                                            resolve_release=self.resolve_release)
                 log.info("job %s: evaluation of %s: %s", job.id, request["run"], decision["reason"])
                 return RunEnd("succeeded", fields={"artifacts": [str(Path(request["run"]) / "eval" / "decision.json")]})
             result = api.run_job(
                 checked, channel, job.stop, device=slot.device, pause=job.pause, base_cache=self.base_cache,
                 env=rec.get("env") or {}, infra_retries=job.infra_retries,
                 resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto",
-                where=slot.name, estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"))
+                where=slot.name, estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"),
+                resolve_release=self.resolve_release)
         except ConfigError as e:
             return RunEnd("failed", e.render())
         except OutOfMemory as e:
@@ -127,6 +135,9 @@ class Runner:
         if result.outcome == "cancelled":
             return RunEnd("interrupted" if job.stop_reason == "shutdown" else "cancelled",
                           f"{job.stop_note or 'stopped'} at step {result.steps}")
+        if cfg.release is not None and self.releaser is not None:
+            for ev in self.releaser(cfg, rec.get("submitter")):
+                channel.emit(ev)
         return RunEnd("succeeded", fields={"artifacts": result.artifacts, "peak_mib": result.peak_memory_mib,
                                            "step": result.steps, "loss": result.final_loss})
 

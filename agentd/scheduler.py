@@ -127,14 +127,18 @@ class Scheduler:
     def __init__(self, journal: Journal, slots: list[Slot], *, base_cache=None, probe=None, estimator=None,
                  authorize=None, vram_margin_mib: int = VRAM_MARGIN_MIB, gate_timeout_s: float = 3600,
                  gate_poll_s: float = 2.0, max_foreign_vram_mib: int | None = None, on_change=None,
-                 max_wait_s: float = 3600, max_infra_retries: int = 2):
+                 max_wait_s: float = 3600, max_infra_retries: int = 2, releaser=None,
+                 resolve_release=None):
         """`estimator(checked)`: a job's VRAM estimate (None: a CPU-only daemon); `authorize`: the
-        submitter's access check (`agentd.access.authorizer`)."""
+        submitter's access check (`agentd.access.authorizer`); `releaser`: the release a config's `release:`
+        asks for after success (agentd.daemon); `resolve_release`: the production LoRA of a name, for an
+        evaluation's `compare_with: production` (agentd.release)."""
         self.journal = journal
         self.slots = slots
         self.base_cache = base_cache
         self.probe = probe
-        self.runner = Runner(base_cache=base_cache, estimator=estimator, authorize=authorize)
+        self.runner = Runner(base_cache=base_cache, estimator=estimator, authorize=authorize, releaser=releaser,
+                             resolve_release=resolve_release)
         self.margin = vram_margin_mib
         self.gate_timeout_s = gate_timeout_s
         self.gate_poll_s = gate_poll_s

@@ -446,6 +446,53 @@ class ControlServer:
         finally:
             run.unsubscribe(q)
 
+    def op_release(self, conn, msg, who) -> None:
+        """action promote {run, name, to, force, reason, alias} | list {name} | rollback {name, to} | verify {name};
+        any socket member may ask (agentd.permissions); what each may do with which run:
+        agentd.release.service.PERMISSIONS."""
+        self._send(conn, self._release_call(conn, msg, str(msg.get("action", ""))))
+
+    def op_backup(self, conn, msg, who) -> None:
+        """No fields: back up every released version; restore {name, version, dir}: bring one back."""
+        self._send(conn, self._release_call(conn, msg, "restore" if msg.get("restore") else "backup"))
+
+    def _release_call(self, conn, msg: dict, action: str) -> dict:
+        from agentd.release import ReleaseError
+        from agentd.release.service import check_permission
+
+        releases = self.daemon.releases
+        if releases is None:
+            return error("not_configured", "releases are not set up on this daemon: add a release: section "
+                                           "(registry and targets) to agentd.yaml and restart agentd")
+        submitter = peer_credentials(conn)
+        by = submitter.get("user") or f"uid {submitter['uid']}"
+        path = msg.get("run") if action == "promote" else msg.get("dir") if action == "restore" else None
+        try:
+            if path is not None and (not isinstance(path, str) or not os.path.isabs(path)):
+                raise ReleaseError(f"{action} needs an absolute path, got {path!r}", "bad_request")
+            check_permission(action, Path(path) if path else None, submitter)
+            if action == "promote":
+                result = releases.promote(Path(path), name=msg.get("name"), to=msg.get("to"),
+                                          force=bool(msg.get("force")), reason=msg.get("reason"), by=by,
+                                          alias=msg.get("alias") or "production")
+            elif action == "list":
+                result = releases.list(str(msg.get("name", "")))
+            elif action == "rollback":
+                result = releases.rollback(str(msg.get("name", "")), _version(msg.get("to")), by=by)
+            elif action == "verify":
+                result = releases.verify(str(msg.get("name", "")))
+            elif action == "backup":
+                result = releases.backup()
+            else:
+                version = _version(msg.get("version"))
+                if version is None:
+                    raise ReleaseError("restore needs a version (vK)", "bad_request")
+                result = {"path": str(releases.restore(str(msg.get("name", "")), version, Path(path)))}
+        except ReleaseError as e:
+            log.info("release %s by %s refused: %s", action, by, e)
+            return error(e.code, str(e), **e.details)
+        return {"ok": True, **result}
+
     def op_drain(self, conn, msg, who) -> None:
         self.daemon.scheduler.set_draining(True)
         log.info("drain requested by %s", who.name)
@@ -455,6 +502,18 @@ class ControlServer:
         self.daemon.scheduler.set_draining(False)
         log.info("undrain requested by %s", who.name)
         self._send(conn, {"ok": True, "draining": False})
+
+
+def _version(value) -> int | None:
+    """`vK`, `K` or None."""
+    if value is None or value == "":
+        return None
+    from agentd.release import ReleaseError
+
+    text = str(value).lower().removeprefix("v")
+    if not text.isdigit():
+        raise ReleaseError(f"version {value!r}: write it as vK (e.g. v3)", "bad_request")
+    return int(text)
 
 
 def _peer_gone(conn: socket.socket) -> bool:

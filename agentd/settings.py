@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentd.jenkins.settings import JenkinsSettings
+from agentd.release.settings import ReleaseSettings
 from agentd.paths import default_socket, env_dir
 from trainer.gpus import VRAM_MARGIN_MIB
 
@@ -88,6 +89,8 @@ class Settings(BaseModel):
     """Optional Prometheus endpoint."""
     jenkins: JenkinsSettings = Field(default_factory=JenkinsSettings)
     """The Jenkins link (controller, node, labels, launcher). Disabled while url is unset."""
+    release: ReleaseSettings = Field(default_factory=ReleaseSettings)
+    """Release targets (folders, S3, inference servers) and the registry (agentd.release). Off while unset."""
 
     @property
     def journal_path(self) -> Path:
@@ -96,6 +99,7 @@ class Settings(BaseModel):
 
 PATH_FIELDS = ("socket", "state_dir", "cache_dir", "sweep_db_password_file")
 JENKINS_PATH_FIELDS = ("token_file", "ca_bundle", "agent_jar_dir")
+RELEASE_TARGET_PATH_FIELDS = ("path", "lora_dir", "credential_file")
 
 
 def load_settings(path: str | Path | None) -> Settings:
@@ -113,7 +117,7 @@ def load_settings(path: str | Path | None) -> Settings:
                                    "check the --config path", str(path))], str(path))
     raw, lines = read_yaml_mapping(text, str(path), empty_fix="see configs/agentd.yaml for an example")
     # A section left with only comments (`jenkins:`) reads as null: it means "the defaults".
-    raw = {k: v for k, v in raw.items() if not (v is None and k in ("metrics", "jenkins"))}
+    raw = {k: v for k, v in raw.items() if not (v is None and k in ("metrics", "jenkins", "release"))}
     base = path.resolve().parent
     raw = resolve_relative(raw, PATH_FIELDS, base)
     if isinstance(raw.get("jenkins"), dict):
@@ -121,4 +125,8 @@ def load_settings(path: str | Path | None) -> Settings:
         if isinstance(jenkins.get("watch"), dict):
             jenkins["watch"] = resolve_relative(jenkins["watch"], ("dir",), base)
         raw["jenkins"] = jenkins
+    if isinstance(raw.get("release"), dict) and isinstance(raw["release"].get("targets"), dict):
+        raw["release"] = {**raw["release"], "targets": {
+            name: resolve_relative(t, RELEASE_TARGET_PATH_FIELDS, base) if isinstance(t, dict) else t
+            for name, t in raw["release"]["targets"].items()}}
     return validate_model(Settings, raw, lines, str(path))

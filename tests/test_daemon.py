@@ -18,7 +18,12 @@ from tests.waiting import wait_for
 
 @pytest.fixture
 def daemon(tmp_path, assets):
-    d = DaemonProc(tmp_path / "daemon").start() if (tmp_path / "daemon").mkdir() is None else None
+    (tmp_path / "daemon").mkdir()
+    for folder in ("releases", "backup"):  # release and backup folders for jobs whose config says `release:`
+        (tmp_path / folder).mkdir()
+    d = DaemonProc(tmp_path / "daemon", f"release:\n  registry: nas\n  backup: offsite\n  targets:\n"
+                                        f"    nas: {{type: folder, path: {tmp_path / 'releases'}}}\n"
+                                        f"    offsite: {{type: folder, path: {tmp_path / 'backup'}}}\n").start()
     yield d
     d.stop()
 
@@ -30,7 +35,12 @@ def job_config(tmp_path, assets, name: str, **fields):
 
 
 def test_three_concurrent_runs_share_one_slot_in_order(daemon, tmp_path, assets):
-    configs = [job_config(tmp_path, assets, f"job{i}", max_train_steps=4, save_steps=4) for i in range(3)]
+    # job0 and job1 ask for a release when they succeed: the first of a name passes the gate (nothing in
+    # production yet); the second has no evaluation against that production, so the gate refuses it; job2 is
+    # only backed up (kept).
+    releases = [{"name": "shapes", "when": "better"}, {"name": "shapes"}, {"when": "never", "keep": True}]
+    configs = [job_config(tmp_path, assets, f"job{i}", max_train_steps=4, save_steps=4, release=releases[i])
+               for i in range(3)]
     tails = []
     for cfg in configs:  # submit one after another so the order is known
         t = Tail(daemon.agentd("run", str(cfg)))
@@ -41,6 +51,13 @@ def test_three_concurrent_runs_share_one_slot_in_order(daemon, tmp_path, assets)
     outputs = ["\n".join(lines) for _, lines in results]
     assert "position 1" in outputs[0] and "position 2" in outputs[1] and "position 3" in outputs[2]
     assert all("succeeded" in o for o in outputs)
+    assert "released shapes v1 (shapes-v1-" in outputs[0]
+    assert "release of shapes refused: " in outputs[1] and "no evaluation" in outputs[1]
+    assert "release" not in outputs[2] and "kept out (" in outputs[2] and "backed up to offsite" in outputs[2]
+    assert len(list((tmp_path / "backup" / "kept").glob("*.safetensors"))) == 1
+    registry = [json.loads(x) for x in (tmp_path / "releases" / "shapes" / "registry.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["version"]) for r in registry] == [("pending", 1), ("released", 1)]
+    assert registry[1]["run_dir"] == str(tmp_path / "job0" / "out") and registry[1]["family"] == "sd"
     rows = daemon.journal_rows("SELECT id, started, ended, state FROM jobs ORDER BY seq")
     assert [r["state"] for r in rows] == ["succeeded"] * 3
     for a, b in zip(rows, rows[1:]):

@@ -35,7 +35,7 @@ NON_TRAINING_FIELDS = frozenset({
     "name", "output_dir", "save_steps", "log_every", "keep_checkpoints", "resume",
     "skip_bad_images", "recommended_batch_size", "sample_prompts", "sample_every_n_steps",
     "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
-    "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device",
+    "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device", "release",
     "validation_file", "export_merged", "eval",
     # Where the disk caches live, and whether they are used: entries are exact (tested bit-identical).
     "cache_dir", "cache_latents_to_disk", "cache_text_embeddings_to_disk",
@@ -253,6 +253,22 @@ class EvalConfig(_Strict):
         text = ["perplexity"] + (["exact_match", "rouge_l"] if self.eval_file else []) \
             + [f"lm_eval.{t}" for t in self.lm_eval_tasks]
         return {"image": image, "text": text}.get(mode, image + text)
+
+
+class ReleaseRequest(_Strict):
+    """`release:` of a training config: agentd releases the LoRA when the job succeeds (agentd.release; the
+    targets and their credentials are the daemon's, in agentd.yaml). `lora-train` ignores it."""
+
+    name: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    """Release name (a slug: a-z, 0-9, -, _). Default: the run's name."""
+    to: Optional[list[str]] = None
+    """Release targets by their names in agentd.yaml. Default: the daemon's release.default_to."""
+    when: Literal["better", "always", "never"] = "better"
+    """better: when the promotion gate passes (the evaluation against production is better or no worse, or
+    there is no production yet); always: past the gate (recorded as forced by this config); never: not at all."""
+    keep: bool = False
+    """Also copy the LoRA to the box's backup target (release.backup) whether or not it is released, so that
+    retention may prune this run's checkpoints once that copy verifies."""
 
 
 class TrainConfig(_Strict):
@@ -496,6 +512,8 @@ class TrainConfig(_Strict):
     """Previous runs kept in history_dir; the oldest beyond this are deleted."""
     compare_with: Optional[Path] = None
     """A run folder (an output_dir or runs/<run-id>) the report compares with. Default: the newest previous run."""
+    release: Optional[ReleaseRequest] = None
+    """agentd only: release the LoRA to the box's release targets when the job succeeds ({name, to, when})."""
     recommended_batch_size: Optional[int] = Field(None, gt=0)
     """Advisory (the seed's field): warn when batch_size is larger."""
     priority: int = 0

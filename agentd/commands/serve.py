@@ -11,6 +11,7 @@ def main(name: str, argv: list[str]) -> int:
     p.add_argument("--socket", help="override the settings' control socket path")
     args = p.parse_args(argv)
     from agentd.commands import load_settings_or_exit
+    from agentd.release.credentials import CredentialError
     from agentd.server import SocketGroupError, SocketInUse
 
     settings = load_settings_or_exit(args.config)
@@ -30,7 +31,7 @@ def main(name: str, argv: list[str]) -> int:
     except SocketInUse as e:
         print(f"agentd: {e}", file=sys.stderr)
         return 1
-    except SocketGroupError as e:
+    except (SocketGroupError, CredentialError) as e:
         from trainer.errors import ExitCode
 
         print(f"agentd: {e}", file=sys.stderr)

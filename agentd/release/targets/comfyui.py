@@ -1,0 +1,54 @@
+"""`comfyui` target.
+
+ComfyUI lists a model folder at `GET /models/{folder}` (app/model_manager.py, ModelFileManager.add_routes:
+`folder_paths.get_filename_list(folder)`, 404 for an unknown folder), so after the copy into its
+models/loras folder `GET /models/loras` must list the file. Its LoraLoader node keeps the loaded state
+dict per file path, so a changed file under an old name would keep serving the old weights: each version
+has its own immutable name. ComfyUI has no authentication of its own; a credential is sent as a bearer
+token for the reverse proxy in front of it.
+"""
+from __future__ import annotations
+
+from agentd.release import ReleaseError
+from agentd.release.targets.http import Server
+
+
+class ComfyUI(Server):
+    def check(self, rel):
+        self.family_problem(rel, self.settings.families)
+        if rel.get("is_folder"):
+            raise ReleaseError(f"target {self.name} takes .safetensors LoRAs; {rel['name']} is a PEFT folder",
+                               "bad_request")
+
+    def publish(self, rel, local):
+        self.copy_in(rel, local)
+        self.activate(rel)
+
+    def activate(self, rel):
+        problem = self._listed(rel)
+        if problem:
+            raise ReleaseError(problem)
+
+    def verify(self, rel, live=False):
+        problems = []
+        if not (self.lora_dir / rel["artifact"]).is_file():
+            problems.append(f"{self.name}: {self.lora_dir / rel['artifact']} is missing")
+        if live:
+            problem = self._listed(rel)
+            if problem:
+                problems.append(problem)
+        return problems
+
+    def remove(self, rel):
+        self.remove_copy(rel)
+
+    def _listed(self, rel) -> str | None:
+        _, files = self.call("GET", "/models/loras")
+        if rel["artifact"] not in (files or []):
+            return (f"{self.name}: GET /models/loras does not list {rel['artifact']}: check that ComfyUI's loras "
+                    f"folder is {self.lora_dir} (extra_model_paths.yaml; release.targets.{self.name}.lora_dir)")
+        return None
+
+
+def make(name, settings, secret):
+    return ComfyUI(name, settings, secret, auth="bearer")
