@@ -340,7 +340,7 @@ def test_bad_records_name_file_line_and_fix(assets, tmp_path):
     assert "no sample keeps a trained token within 40 tokens" in text
 
 
-def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):
+def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path, capsys):
     # A chat format on a tokenizer without a chat template (the plain tiny Llama has none).
     path = chat_config(tmp_path, assets, base_model=str(assets["llm_model"]), max_seq_length=300,
                        quantization="4bit")
@@ -357,9 +357,17 @@ def test_bad_settings_exit_2_and_write_nothing(assets, tmp_path):
     (tmp_path / "chatml.jinja").write_text((assets["chat_model"] / "chat_template.jinja").read_text()
                                            if (assets["chat_model"] / "chat_template.jinja").exists()
                                            else tokenizer(assets).chat_template)
-    path = chat_config(tmp_path, assets, base_model=str(assets["llm_model"]), chat_template="chatml.jinja")
+    # max_seq_length left out follows the model (256 positions, below the usual 512) and validate says so.
+    path = chat_config(tmp_path, assets, base_model=str(assets["llm_model"]), chat_template="chatml.jinja",
+                       max_seq_length=None)
     checked = preflight(path)
     assert checked.scan.samples[0].labels().count(-100) > 0
+    assert checked.config.max_seq_length == 256 and checked.derived["max_seq_length"] == 256
+    from trainer.checks.validate_report import validate_command
+
+    capsys.readouterr()
+    assert validate_command(str(path)) == 0
+    assert "from the model: " in (out := capsys.readouterr().out) and "max_seq_length 256" in out
     # That template closes turns with <|im_end|>, which this tokenizer does not have: generation would never
     # stop after an answer (the "repeats itself forever" failure), so preflight says so.
     assert any("the tuned model will not stop after its answer" in w for w in checked.warnings)

@@ -440,7 +440,8 @@ class TrainConfig(_Strict):
     """torch deterministic algorithms: bitwise-reproducible on CUDA too, somewhat slower."""
     max_seq_length: int = Field(512, gt=0)
     """Text mode: tokens per sample (longer samples are cut or dropped, see truncation); at most the
-    model's max_position_embeddings."""
+    model's max_position_embeddings. Left out: 512, or the model's max_position_embeddings when smaller
+    (`validate` says which)."""
     dataset_format: Literal["auto", "text", "alpaca", "sharegpt", "messages"] = "auto"
     """Text mode: the records of train_data_dir (a .json/.jsonl file or a folder of them):
     text ({"text"}; also .txt files), alpaca (instruction/input/output), sharegpt (conversations of

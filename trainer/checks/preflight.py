@@ -30,6 +30,7 @@ class Checked:
     source: str | None = None
     train_samples: list | None = None  # None: all of scan.samples (no validation split)
     validation_samples: list = field(default_factory=list)
+    derived: dict = field(default_factory=dict)  # values the model decided (the config left them out)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -45,7 +46,9 @@ def preflight(config_path: str | Path, overrides: dict | None = None) -> Checked
 def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     """Every problem of `cfg` at once (ConfigError), or the checked config completed with its model
     family and the family's defaults (`trainer.families.resolve`)."""
+    written = set(cfg.model_fields_set)
     cfg, fam, model_probe, problems = families.resolve(cfg)
+    derived = {k: getattr(cfg, k) for k in sorted(cfg.model_fields_set - written)}
     problems = _base_model_problems(cfg, model_probe) + problems
     out = cfg.output_dir
     if out.exists() and not out.is_dir():
@@ -79,7 +82,7 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     if cfg.recommended_batch_size is not None and cfg.batch_size > cfg.recommended_batch_size:
         warnings.append(f"batch_size {cfg.batch_size} is larger than recommended_batch_size "
                         f"{cfg.recommended_batch_size}: it may not fit in GPU memory")
-    return Checked(cfg, scan, warnings, source, train_samples, held_out)
+    return Checked(cfg, scan, warnings, source, train_samples, held_out, derived)
 
 
 def _nearest_existing(path: Path) -> Path | None:

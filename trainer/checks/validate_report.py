@@ -81,7 +81,7 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
     report = {"valid": True, "config": checked.source, "mode": cfg.mode, "model_family": cfg.model_family,
               "samples": len(checked.scan.samples),
               "output_dir": str(cfg.output_dir), "warnings": list(checked.warnings), "margin_mib": margin_mib,
-              "notes": list(checked.scan.notes)}
+              "notes": list(checked.scan.notes), "from_model": dict(checked.derived)}
     try:
         est = estimate_for_config(cfg)
     except (VramEstimateError, OSError, ValueError) as e:
@@ -150,6 +150,8 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
         print(f"WARNING: {w}")
     for line in render(dataset) if dataset else []:
         print(line)
+    if checked.derived:  # the defaults that follow the model (e.g. max_seq_length within its positions)
+        print("from the model: " + ", ".join(f"{k} {_shown(v)}" for k, v in checked.derived.items()))
     for note in report["notes"]:  # what the data scan decided (text mode: format, lengths, the first example)
         print(note)
     est = report.get("estimate")
@@ -171,3 +173,7 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
                    f"{t['gradient_accumulation_steps']}" if t.get("recommended_batch_size") else "")
             print(f"  {t['name']:<28} free {free:<10} {verdict}{'; ' + rec if rec else ''}")
     return 0
+
+
+def _shown(value) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -37,6 +37,14 @@ class CausalLmFamily(Family):
     def detect(self, p: Probe) -> bool:
         return p.kind == "folder" and any(a.endswith(self.ARCHITECTURE_SUFFIXES) for a in p.architectures)
 
+    def defaults(self, p: Probe, cfg) -> dict:
+        """The family's targets, and a max_seq_length that fits the model (512, or its positions when fewer)."""
+        out = super().defaults(p, cfg)
+        limit = _position_limit(cfg)
+        if limit is not None:
+            out["max_seq_length"] = min(type(cfg).model_fields["max_seq_length"].default, limit)
+        return out
+
     def check(self, cfg, p: Probe, describe) -> list[Problem]:
         problems = []
         if cfg.train_text_encoder:
@@ -103,16 +111,22 @@ class CausalLmFamily(Family):
 FAMILY = CausalLmFamily()
 
 
-def _length_problems(cfg) -> list[Problem]:
-    """max_seq_length must fit the model's positions (config.json's max_position_embeddings / n_positions)."""
+def _position_limit(cfg) -> int | None:
+    """The model's positions (config.json's max_position_embeddings / n_positions), None when unreadable."""
     import json
 
     try:
         config = json.loads((Path(cfg.base_model) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
+        return None
     limit = config.get("max_position_embeddings") or config.get("n_positions")
-    if isinstance(limit, int) and cfg.max_seq_length > limit:
+    return limit if isinstance(limit, int) else None
+
+
+def _length_problems(cfg) -> list[Problem]:
+    """A max_seq_length the config wrote must fit the model's positions (left out, it is made to fit: `defaults`)."""
+    limit = _position_limit(cfg)
+    if limit is not None and cfg.max_seq_length > limit:
         return [Problem("max_seq_length", f"is larger than the model's maximum position embeddings ({limit}, "
                         "config.json): positions beyond it were never trained (or do not exist)",
                         f"set max_seq_length to at most {limit}", cfg.max_seq_length)]
