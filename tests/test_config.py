@@ -1,6 +1,7 @@
 """The training config: the seed's YAML as written, defaults, and every bad input with a clear error."""
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -247,3 +248,59 @@ def test_every_shipped_config_loads():
         if cfg.base_model.suffix in (".safetensors", ".ckpt") and cfg.mode != "text":
             assert cfg.base_model_config is None, f"{p.name}: base_model_config is not needed for {cfg.base_model.name}"
         assert "also needs base_model_config" not in p.read_text(), p.name
+
+
+def test_schema_and_path_problems_in_one_pass_each_with_its_line(tmp_path, assets):
+    # A bad type on line 4 and a train_data_dir (line 1) that does not exist: both, in line order; the path
+    # checks run on the rest of the config (lora_rank's default standing in) and a problem of the model
+    # found there (its path is fine) is not invented.
+    from trainer.checks.preflight import preflight
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"train_data_dir: ./missing\nbase_model: {assets['sd_model']}\noutput_dir: ./out\n"
+                    "lora_rank: eight\n")
+    with pytest.raises(ConfigError) as e:
+        preflight(path)
+    assert [(p.field, p.line) for p in e.value.problems] == [("train_data_dir", 1), ("lora_rank", 4)]
+    assert f"{path}:1: train_data_dir: folder does not exist" in e.value.render()
+    # A required key missing leaves nothing to check the paths with: the schema problems alone.
+    path.write_text("train_data_dir: ./missing\noutput_dir: ./out\n")
+    with pytest.raises(ConfigError) as e:
+        preflight(path)
+    assert [p.field for p in e.value.problems] == ["base_model"]
+
+
+def test_foreground_device_follows_the_config_and_the_flag_overrides_it(tmp_path, assets, capsys):
+    from trainer.cli import main
+    from trainer.gpus import GpuFacts, NoSuchDevice, foreground_device
+
+    def gpu(index, name, free):
+        return GpuFacts(index=index, uuid=f"GPU-{index}aa", name=name, memory_total_mib=24576, memory_used_mib=0,
+                        memory_free_mib=free, utilization_pct=0, temperature_c=40, cuda_version="12.4", processes=[])
+
+    gpus = [gpu(0, "NVIDIA GeForce RTX 3090", 20000), gpu(1, "NVIDIA GeForce RTX 4090", 9000),
+            gpu(2, "NVIDIA GeForce RTX 4090", 22000)]
+    assert foreground_device(None, None, gpus) == (None, None)
+    assert foreground_device(None, 1, gpus) == ("cuda:1", "device: 1 -> cuda:1 (NVIDIA GeForce RTX 4090)")
+    assert foreground_device(None, "GPU-0", gpus)[0] == "cuda:0"
+    assert foreground_device(None, "*4090*", gpus)[0] == "cuda:2"  # the freer of the two, as the gate would
+    assert foreground_device("cpu", "*4090*", gpus) == ("cpu", "--device cpu overrides the config's device: *4090*")
+    with pytest.raises(NoSuchDevice, match="matches no GPU"):
+        foreground_device(None, "*a100*", gpus)
+    # lora-train on this GPU-less box: the config's device: is refused as the daemon refuses it (exit 2,
+    # with the line), and --device overrides it (a bad config elsewhere then stops it: nothing trains here).
+    path = write_config(tmp_path, assets, device="*a100*", lora_rank=0)
+    assert main(["--config", str(path)]) == 2
+    assert "lora_rank" in capsys.readouterr().err
+    path = write_config(tmp_path, assets, device="*a100*")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["--config", str(path), "--device", "nosuch"]) == 1  # torch refuses the device name
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    out, err = capsys.readouterr()
+    assert "--device nosuch overrides the config's device: *a100*" in out and "FAILED" in err
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "device: device '*a100*' matches no GPU on this box" in err and ":" in err.split("device:")[0]

@@ -14,12 +14,13 @@ but the `eval:` stage decided "worse").
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
 from trainer import api
-from trainer.errors import ConfigError, ExitCode, OutOfMemory
+from trainer.errors import ConfigError, ExitCode, OutOfMemory, Problem
 from trainer.events import ConsoleReporter
 
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config (foreground).")
     p.add_argument("config_pos", nargs="?", metavar="CONFIG")
     p.add_argument("--config", help="training config YAML")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu; overrides the config's device: "
+                   "(default: the config's device:, else cuda if available, else cpu)")
     args = p.parse_args(argv)
     path = args.config or args.config_pos
     if not path:
@@ -48,6 +50,13 @@ def train(path: str, device: str | None = None) -> int:
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
+    try:
+        device, why = _device(device, checked)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return ExitCode.INVALID_CONFIG
+    if why:
+        print(why, flush=True)
 
     stop = threading.Event()
 
@@ -93,6 +102,21 @@ def _eval(argv: list[str]) -> int:
         print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return ExitCode.FAILED
     return ExitCode.WORSE if decision["overall"] == "worse" else ExitCode.SUCCEEDED
+
+
+def _device(override: str | None, checked) -> tuple[str | None, str | None]:
+    """--device, else the config's device: as the daemon reads it (trainer.gpus.foreground_device)."""
+    from trainer.gpus import NoSuchDevice, default_probe, foreground_device
+
+    spec = checked.config.device
+    if override is None and spec is None:
+        return None, None
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # "cuda:N" is NVML's N, as in the daemon
+    try:
+        return foreground_device(override, spec, default_probe().list_gpus() if override is None else [])
+    except NoSuchDevice as e:
+        raise ConfigError([Problem("device", str(e), "set device: to one of the GPUs listed, remove it, or "
+                                   "give lora-train --device", spec)], checked.source) from None
 
 
 def _make_demo(argv: list[str]) -> int:

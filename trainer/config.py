@@ -18,17 +18,19 @@ Cross-field checks live in one place: `TrainConfig._cross_field_checks`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from trainer.errors import ConfigError, Problem
-from trainer.yaml_schema import read_yaml_mapping, resolve_relative, validate_model
+from trainer.yaml_schema import line_of, read_yaml_mapping, resolve_relative, validate_model
 
 # Fields that do not change the trained model: editing them must not block a resume.
 NON_TRAINING_FIELDS = frozenset({
@@ -273,6 +275,8 @@ class ReleaseRequest(_Strict):
 
 class TrainConfig(_Strict):
     """A LoRA training job. Paths are absolute after loading (resolved against the config's folder)."""
+
+    _lines: dict = PrivateAttr(default_factory=dict)  # (key, subkey, ...) -> YAML line, when read from a file
 
     # --- what to train on -------------------------------------------------------------------------
     mode: Optional[Literal["image", "text"]] = None
@@ -688,6 +692,12 @@ class TrainConfig(_Strict):
         """The top-level caption options (a subset's own values override them: trainer.data.images)."""
         return {k: getattr(self, k) for k in CAPTION_OPTIONS}
 
+    def located(self, problems: list[Problem]) -> list[Problem]:
+        """`problems` with the YAML line of their field where they have none (path and data problems are
+        found after parsing, by field name)."""
+        return [p if p.line is not None else dataclasses.replace(p, line=line_of(p.field, self._lines))
+                for p in problems]
+
     # --- derived values ---------------------------------------------------------------------------
     @property
     def run_name(self) -> str:
@@ -749,8 +759,29 @@ def parse_config(text: str, *, base_dir: Path, source: str = "config",
                                                            "base_model, output_dir")
     if overrides:
         raw.update(overrides)
-    raw = _resolve_paths(raw, base_dir)
-    return validate_model(TrainConfig, raw, lines, source)
+    return _validated(raw, lines, base_dir, source)
+
+
+def readable_part(path: str | Path, error: ConfigError, overrides: dict | None = None) -> TrainConfig | None:
+    """The config at `path` without the top-level keys `error` (its schema problems) names, their defaults in
+    their place, when that is valid: what the path and data checks can still look at, so one pass reports
+    every problem. None when the problems are not in removable keys (a key missing, the YAML unreadable)."""
+    path = Path(path)
+    bad = {re.split(r"[.\[]", p.field)[0] for p in error.problems}
+    try:
+        raw, lines = read_yaml_mapping(path.read_text(encoding="utf-8"), str(path), empty_fix="")
+        raw.update(overrides or {})
+        if not bad <= raw.keys():
+            return None
+        return _validated({k: v for k, v in raw.items() if k not in bad}, lines, path.resolve().parent, str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return None
+
+
+def _validated(raw: dict, lines: dict[tuple, int], base_dir: Path, source: str) -> TrainConfig:
+    cfg = validate_model(TrainConfig, _resolve_paths(raw, base_dir), lines, source)
+    cfg._lines = lines
+    return cfg
 
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:

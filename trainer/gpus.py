@@ -432,3 +432,19 @@ def match_device(spec, gpus: list[GpuFacts]) -> set[int]:
         raise NoSuchDevice(f"device {text!r} matches no GPU on this box; GPUs here: {gpu_list(gpus)}. "
                            "Use an index, a GPU UUID or a name pattern such as \"*4090*\"")
     return found
+
+
+def foreground_device(override: str | None, spec, gpus: list[GpuFacts]) -> tuple[str | None, str | None]:
+    """The torch device of a job run in the foreground (`lora-train`) and the line that says why. Pure.
+
+    `override` (``--device``) wins over the config's ``device:`` (`spec`), and says so. Otherwise ``device:``
+    means what it means to the daemon (`match_device`: an index, UUID or name pattern), the matching GPU
+    with the most free memory standing in for the daemon's VRAM gate; None: the trainer's default.
+    Raises NoSuchDevice as the daemon refuses it. "cuda:N" assumes CUDA_DEVICE_ORDER=PCI_BUS_ID (NVML's order)."""
+    if override is not None:
+        return override, (f"--device {override} overrides the config's device: {spec}" if spec is not None else None)
+    if spec is None:
+        return None, None
+    found = match_device(spec, gpus)
+    best = max((g for g in gpus if g.index in found), key=lambda g: (g.memory_free_mib or 0, -g.index))
+    return f"cuda:{best.index}", f"device: {spec} -> cuda:{best.index} ({best.name or 'GPU'})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def key_lines(node) -> dict[tuple, int]:
                 key = prefix + (k.value,)
                 out[key] = k.start_mark.line + 1
                 walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):  # list items as pydantic locates them: ("datasets", "0", ...)
+            for i, item in enumerate(n.value):
+                out[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
 
     walk(node, ())
     return out
@@ -133,6 +138,11 @@ def unknown_key_fix(name: str, valid: list[str]) -> str:
     """The fix for an unknown key: the closest valid key, else the list of valid ones."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else f"remove it; valid keys here: {', '.join(valid)}"
+
+
+def line_of(field: str, lines: dict[tuple, int]) -> int | None:
+    """The line of a problem's field as the checks name it ("lora_rank", "optimizer.name", "datasets[1].image_dir")."""
+    return _line_for(tuple(re.findall(r"[^.\[\]]+", field)), lines)
 
 
 def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:

@@ -6,13 +6,14 @@ It raises one `ConfigError` holding every problem, so nothing is written when th
 from __future__ import annotations
 
 import importlib.util
+import re
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from trainer import families
-from trainer.config import OPTIMIZER_LIBRARIES, TrainConfig, load_config
+from trainer.config import OPTIMIZER_LIBRARIES, TrainConfig, load_config, readable_part
 from trainer.data import holdout, prompts
 from trainer.data.images import Scan, fingerprint
 from trainer.errors import ConfigError, Problem, content_free
@@ -39,8 +40,28 @@ class Checked:
 
 
 def preflight(config_path: str | Path, overrides: dict | None = None) -> Checked:
-    cfg = load_config(config_path, overrides)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as e:
+        raise _with_path_problems(e, config_path, overrides) from None
     return check_config(cfg, source=str(config_path))
+
+
+def _with_path_problems(schema: ConfigError, config_path, overrides) -> ConfigError:
+    """Schema problems, and the path and data problems of the rest of the config (`readable_part`), in one
+    error sorted by line: a user fixes the file in one edit."""
+    rest = readable_part(config_path, schema, overrides)
+    if rest is None:
+        return schema
+    try:
+        check_config(rest, source=str(config_path))
+        return schema
+    except ConfigError as e:
+        top = lambda p: re.split(r"[.\[]", p.field)[0]  # noqa: E731
+        bad = {top(p) for p in schema.problems}
+        more = [p for p in e.problems if top(p) not in bad]
+    problems = sorted(schema.problems + more, key=lambda p: (p.line is None, p.line or 0))
+    return ConfigError(problems, schema.source)
 
 
 def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
@@ -77,7 +98,7 @@ def check_config(cfg: TrainConfig, source: str | None = None) -> Checked:
     images = [s.path for s in scan.samples if isinstance(getattr(s, "path", None), Path)]
     problems += eval_checks.problems(cfg, images, [s.class_tokens for s in getattr(scan, "subsets", None) or [] if not s.is_reg])
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(cfg.located(problems), source)
     warnings = list(scan.warnings)
     if cfg.recommended_batch_size is not None and cfg.batch_size > cfg.recommended_batch_size:
         warnings.append(f"batch_size {cfg.batch_size} is larger than recommended_batch_size "
