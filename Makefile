@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # loadgroup: the tests of one xdist_group mark share a worker (see the marks in tests/).
 TEST_WORKERS ?= 4
 
-.PHONY: setup demo test browser postgres bench clean install-service
+.PHONY: setup demo test browser postgres tmux bench clean install-service
 
 # The venv sees system site-packages so that a CUDA torch already installed on a GPU box is kept;
 # torch is installed (CPU build) only when none can be imported.
@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/agentd demo
 
-test: setup browser postgres
+test: setup browser postgres tmux
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The report test (tests/test_report.py) drives headless Chromium, Debian's `chromium` package. Installed
@@ -49,6 +49,15 @@ postgres:
 	    echo "installing postgresql for the sweep test (apt-get)" && \
 	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "postgresql not installed (needs root and apt-get): the sweep's daemon test will be skipped"
+
+# The live progress display's acceptance test (tests/test_console.py) runs `agentd run` in a tmux pseudo-terminal,
+# Debian's `tmux` package: installed here like chromium, otherwise that test skips.
+tmux:
+	@command -v tmux >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "installing tmux for the live progress display's terminal test (apt-get)" && \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; } || \
+	  echo "tmux not installed (needs root and apt-get): the live progress display's terminal test will be skipped"
 
 bench: setup
 	$(PY) bench/run_all.py

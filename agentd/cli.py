@@ -34,6 +34,9 @@ COMMANDS = {
     "install-service": ("install", "install the systemd unit and the agentd user"),
 }
 
+# The commands that load the trainer's libraries (the others, e.g. status, stay light).
+LOAD_THE_TRAINER = ("serve", "run", "validate", "demo", "compare", "import-kohya")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -53,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}")
+    if name in LOAD_THE_TRAINER:
+        # Third-party import noise filtered before any library loads (trainer.quiet, the one place).
+        from trainer.api import quiet_third_party
+
+        quiet_third_party()
     module = importlib.import_module(f"agentd.commands.{COMMANDS[name][0]}")
     return int(module.main(name, argv[1:]) or 0)
 

@@ -32,11 +32,11 @@ LAYERS = [
     ("runs", ("trainer.runs",)),
     ("data", ("trainer.data",)),
     ("vocabulary", ("trainer", "trainer.config", "trainer.errors", "trainer.events", "trainer.yaml_schema",
-                    "trainer.quiet", "trainer.gpus")),
+                    "trainer.quiet", "trainer.gpus", "trainer.console")),
 ]
 # What agentd may import of the trainer: the one door and the shared vocabulary.
 AGENTD_MAY_IMPORT = ("trainer.api", "trainer.config", "trainer.errors", "trainer.events", "trainer.yaml_schema",
-                     "trainer.gpus")
+                     "trainer.gpus", "trainer.console")
 # The dev entry points, which build the tiny demo: `agentd demo` and `lora-train make-demo` ARE trainer.dev's
 # front doors, so they may import it (and agentd demo may, beside the door).
 DEV_ENTRY_POINTS = ("agentd.commands.demo", "trainer.cli")

@@ -60,6 +60,20 @@ def test_report_is_self_contained_and_compares(two_runs):
     assert (two_runs / "logs/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (two_runs / "logs/summary.csv").read_text().splitlines()
     assert "val_loss" in summary[0].split(",")
+    # The header names the device as `agentd status` does (not the CPU's architecture).
+    assert "<tr><td>device</td><td>cpu</td></tr>" in page
+
+
+def test_loss_legend_shows_every_series_line_and_gpu_device_label(two_runs):
+    from trainer.runs.report import device_label, loss_figure, read_run
+
+    legend = loss_figure(read_run(two_runs)).axes[0].get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["loss", "loss (smoothed)", "validation loss", "learning rate"]
+    for line in legend.get_lines():  # the raw loss is drawn at alpha 0.3, 0.8 px: its sample must still show
+        assert (line.get_alpha() or 1.0) >= 0.6 and line.get_linewidth() >= 2.0, line.get_label()
+    assert device_label({"type": "cuda", "name": "NVIDIA GeForce RTX 4090", "index": 1}) == \
+        "NVIDIA GeForce RTX 4090 (cuda:1)"
 
 
 def test_report_in_headless_chromium(two_runs, tmp_path):

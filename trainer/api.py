@@ -2,7 +2,8 @@
 
 Besides this module they import only the shared vocabulary: `trainer.config` (the training config),
 `trainer.errors` (problems, typed errors, exit codes), `trainer.events` (typed job events),
-`trainer.yaml_schema` (reading YAML into a schema) and `trainer.gpus` (GPU facts and the NVML probe).
+`trainer.yaml_schema` (reading YAML into a schema), `trainer.gpus` (GPU facts and the NVML probe) and
+`trainer.console` (the job console: plain lines or a live display).
 
 - Checking a config: `preflight` (a config file), `check_for_submitter` (a parsed config, with the
   submitter's access check before and after the dataset scan), `run_decision` (which run it would be).
@@ -14,6 +15,8 @@ Besides this module they import only the shared vocabulary: `trainer.config` (th
 - Run folders: `list_checkpoints`, `compare_runs`, `write_report`, `is_run_folder`, `newest_previous`,
   `jenkins_vars` (the CI variables a run records); `atomic_write_text`/`atomic_write_json`, the trainer's
   crash-safe file writes, which the daemon uses for its own files too (one implementation).
+- The console: `quiet_third_party` (the libraries' import noise filtered, `trainer.quiet`; the CLIs call
+  it before anything loads).
 - Commands: `validate_main` (`agentd validate` and `lora-train validate`), `import_kohya`,
   `is_inline_template` (whether a config's chat_template is a file the daemon must check access to).
 
@@ -36,6 +39,7 @@ from trainer.data.text import is_inline_template
 from trainer.eval.ab_page import votes_summary, write_ab_page
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.events import Reporter
+from trainer.quiet import quiet_third_party
 from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
 from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
 from trainer.runs.report import compare_runs, write_report
@@ -51,8 +55,9 @@ __all__ = [
     "Authorize", "BaseModelCache", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
     "VramEstimate", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
-    "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "recommend_batch_size",
-    "evaluate_run", "run_decision", "run_job", "validate_main", "votes_summary", "write_ab_page", "write_report",
+    "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "quiet_third_party",
+    "recommend_batch_size", "evaluate_run", "run_decision", "run_job", "validate_main", "votes_summary",
+    "write_ab_page", "write_report",
 ]
 
 # The daemon's access check (agentd.access): raises ConfigError naming what the submitter may not use.

@@ -1,7 +1,8 @@
 """`lora-train`: the trainer in the foreground, no daemon. It goes through the same door as the daemon
 (`trainer.api`).
 
-    lora-train --config X.yaml        train (the seed's `python train.py --config X.yaml`)
+    lora-train --config X.yaml        train (the seed's `python train.py --config X.yaml`); on a terminal a
+                                      live progress display (`--plain`: one line per event, as in CI)
     lora-train X.yaml                 same
     lora-train validate X.yaml        check the config, paths and dataset; print the VRAM estimate
     lora-train make-demo [FOLDER]     write the tiny demo model, dataset and config
@@ -21,11 +22,12 @@ import threading
 
 from trainer import api
 from trainer.errors import ConfigError, ExitCode, OutOfMemory, Problem
-from trainer.events import ConsoleReporter
+from trainer.console import Console
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    api.quiet_third_party()  # before any library loads (trainer.quiet)
     if argv[:1] == ["validate"]:
         return api.validate_main(argv[1:])
     if argv[:1] == ["make-demo"]:
@@ -35,16 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config (foreground).")
     p.add_argument("config_pos", nargs="?", metavar="CONFIG")
     p.add_argument("--config", help="training config YAML")
+    p.add_argument("--plain", action="store_true",
+                   help="one line per event even on a terminal (the live progress display is off)")
     p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu; overrides the config's device: "
                    "(default: the config's device:, else cuda if available, else cpu)")
     args = p.parse_args(argv)
     path = args.config or args.config_pos
     if not path:
         p.error("give a config: lora-train --config X.yaml (or: lora-train validate X.yaml)")
-    return train(path, args.device)
+    return train(path, args.device, plain=args.plain)
 
 
-def train(path: str, device: str | None = None) -> int:
+def train(path: str, device: str | None = None, *, plain: bool = False) -> int:
     try:
         checked = api.preflight(path)
     except ConfigError as e:
@@ -71,16 +75,21 @@ def train(path: str, device: str | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
+    console = Console(plain=plain)
     try:
-        result = api.run_job(checked, ConsoleReporter(), stop, device=device)
+        result = api.run_job(checked, console, stop, device=device)
     except ConfigError as e:
+        console.close()
         print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
     except Exception as e:  # the job already wrote run.json; the console gets the reason
+        console.close()
         # Out of memory: the error as the device reported it (the advice quotes the daemon's admission estimate).
         reason = e.__cause__ if isinstance(e, OutOfMemory) else e
         print(f"FAILED: {type(reason).__name__}: {reason}", file=sys.stderr)
         return ExitCode.FAILED
+    finally:
+        console.close()
     if result.outcome == "cancelled":
         return ExitCode.CANCELLED
     return ExitCode.WORSE if result.evaluation == "worse" else ExitCode.SUCCEEDED
@@ -93,14 +102,19 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--against", help="previous, base, production, or a run folder (default: the block's compare_with)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
+    console = Console()
     try:
-        decision = api.evaluate_run(args.run, ConsoleReporter(), against=args.against, device=args.device)
+        decision = api.evaluate_run(args.run, console, against=args.against, device=args.device)
     except ConfigError as e:
+        console.close()
         print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
     except Exception as e:  # on demand, a failed evaluation is the command's failure
+        console.close()
         print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return ExitCode.FAILED
+    finally:
+        console.close()
     return ExitCode.WORSE if decision["overall"] == "worse" else ExitCode.SUCCEEDED
 
 

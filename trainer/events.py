@@ -16,12 +16,12 @@ own kinds (queued, gated, state, infra_retry) live in `agentd.events`, which its
 Unknown kinds (from a newer daemon, or a module not imported) become `UnknownEvent` (kept, not shown).
 
 `format_event` turns an event (typed or dict) into the one plain line a Jenkins console shows; this
-module imports nothing heavy, so the `agentd` client uses it too.
+module imports nothing heavy, so the `agentd` client uses it too. `trainer.console` renders events for a
+person (those lines, or a live display on a terminal).
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -332,40 +332,3 @@ class FanOut:
     def emit(self, ev: Event) -> None:
         for r in self.reporters:
             r.emit(ev)
-
-
-class ConsoleReporter:
-    """Plain lines when stdout is not a TTY (the Jenkins console); a rich progress bar on a TTY."""
-
-    def __init__(self, stream=None, tty: bool | None = None):
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty() if tty is None else tty
-        self._progress = None
-        self._task = None
-
-    def emit(self, ev: Event) -> None:
-        ev = from_dict(ev)
-        if self.tty and isinstance(ev, Step):
-            self._rich_step(ev)
-            return
-        line = ev.line()
-        if line is None:
-            return
-        if self._progress is not None:
-            self._progress.console.print(line)
-        else:
-            print(line, file=self.stream, flush=True)
-        if isinstance(ev, Finished) and self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def _rich_step(self, ev: Step) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self._progress is None:
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task("train", total=ev.total_steps, info="")
-        info = f"epoch {ev.epoch} loss {ev.loss:.4f} (mean {ev.loss_mean:.4f}) {ev.it_s or 0:.2f} it/s"
-        self._progress.update(self._task, completed=ev.step, info=info)

@@ -2,7 +2,8 @@
 
 It validates the config locally (exit 2 with every problem), submits it with the Jenkins variables
 the run records (`trainer.api.jenkins_vars`), prints every event as one plain line (stdout is the
-Jenkins console), and exits with the job's outcome (`trainer.errors.ExitCode`: succeeded, failed,
+Jenkins console; on a terminal outside CI a live progress display instead of the step lines, `--plain`
+to keep lines: `trainer.console`), and exits with the job's outcome (`trainer.errors.ExitCode`: succeeded, failed,
 invalid config, cancelled, daemon unreachable, or an infrastructure failure: the GPU or driver failed
 and the daemon's `max_infra_retries` re-queues are used up, so retry the build, e.g. with the
 Jenkinsfile's `retry`, rather than fix the config), or 6: trained and saved, but the `eval:` stage decided
@@ -58,6 +59,8 @@ def main(name: str, argv: list[str]) -> int:
                    help="how long to keep retrying when the daemon goes away (seconds)")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="how long to wait for a daemon that is starting (restart, boot) before exit 4 (seconds)")
+    p.add_argument("--plain", action="store_true",
+                   help="one line per event even on a terminal (the live progress display is off)")
     p.add_argument("--priority", type=int, default=None,
                    help="queue priority (integer, higher first); overrides the config's priority:")
     add_socket_arg(p)
@@ -80,13 +83,16 @@ def main(name: str, argv: list[str]) -> int:
            "env": env, "detach": args.detach}
     if args.priority is not None:
         msg["priority"] = args.priority
-    return Follower(sock, args.reconnect_timeout, args.connect_timeout).submit(msg)
+    return Follower(sock, args.reconnect_timeout, args.connect_timeout, plain=args.plain).submit(msg)
 
 
 class Follower:
     """Streams one job's events, forwards a cancel on SIGTERM/SIGINT, and survives daemon restarts."""
 
-    def __init__(self, sock: Path, reconnect_timeout: float, connect_timeout: float = 60.0):
+    def __init__(self, sock: Path, reconnect_timeout: float, connect_timeout: float = 60.0, *, plain: bool = False):
+        from trainer.console import Console
+
+        self.console = Console(plain=plain)  # the events, and this command's own lines while it follows
         self.sock = sock
         self.reconnect_timeout = reconnect_timeout
         self.connect_timeout = connect_timeout
@@ -142,7 +148,13 @@ class Follower:
         return self.follow(conn)
 
     def follow(self, conn) -> int:
-        from agentd.events import format_event
+        try:
+            return self._follow(conn)
+        finally:
+            self.console.close()
+
+    def _follow(self, conn) -> int:
+        import agentd.events  # noqa: F401  (the daemon's event kinds, so the console knows them)
 
         while True:
             outcome = None
@@ -162,9 +174,7 @@ class Follower:
                     if ev.get("seq", 0) <= self.last_seq:
                         continue  # replayed after a re-attach: already printed
                     self.last_seq = ev.get("seq", self.last_seq)
-                    line = format_event(ev)
-                    if line:
-                        say(line)
+                    self.console.emit(ev)
                     if ev.get("type") == "evaluation":
                         self.evaluation = ev.get("overall")
                     if ev.get("type") == "finished":
@@ -180,7 +190,7 @@ class Follower:
                 return OUTCOME_EXIT.get(outcome, ExitCode.FAILED)
             conn = self._reattach()
             if conn is None:
-                say(f"gave up: agentd did not come back within {self.reconnect_timeout:.0f} s; the job "
+                self.console.say(f"gave up: agentd did not come back within {self.reconnect_timeout:.0f} s; the job "
                     f"{self.job_id} resumes when the daemon starts (`agentd logs {self.job_id} --follow`)")
                 return ExitCode.UNREACHABLE
 
@@ -191,12 +201,12 @@ class Follower:
         try:
             reply = request(self.sock, self._job_request("cancel"))
             if not reply.get("ok"):
-                say(f"cancel of {self.job_id} refused: {reply.get('error', {}).get('message')}")
+                self.console.say(f"cancel of {self.job_id} refused: {reply.get('error', {}).get('message')}")
                 return
-            say(f"cancel requested for {self.job_id} ({reply.get('state')}): "
+            self.console.say(f"cancel requested for {self.job_id} ({reply.get('state')}): "
                 "it saves a checkpoint at the next step boundary")
         except DaemonUnreachable as e:
-            say(f"could not forward the cancel: {e}")
+            self.console.say(f"could not forward the cancel: {e}")
 
     def _job_request(self, op: str, **fields) -> dict:
         """A request about this job, with its capability when the daemon handed one out."""
@@ -209,7 +219,7 @@ class Follower:
         """Retry the socket with backoff (each try printed) and re-attach to the same job."""
         from agentd.client import DaemonUnreachable, open_request
 
-        say(f"lost the connection to agentd while following {self.job_id}; reconnecting")
+        self.console.say(f"lost the connection to agentd while following {self.job_id}; reconnecting")
         deadline = time.monotonic() + self.reconnect_timeout
         delay, attempt = 1.0, 0
         cancel_deadline = None
@@ -218,23 +228,23 @@ class Follower:
                 # Jenkins kills an aborted build soon after SIGTERM: do not wait the full reconnect window.
                 cancel_deadline = cancel_deadline or time.monotonic() + CANCEL_GRACE_S
                 if time.monotonic() > cancel_deadline:
-                    say(f"abort: agentd is unreachable, so the cancel was not delivered; {self.job_id} will "
+                    self.console.say(f"abort: agentd is unreachable, so the cancel was not delivered; {self.job_id} will "
                         f"resume when agentd is back (`agentd cancel {self.job_id}` to stop it)")
                     raise SystemExit(ExitCode.CANCELLED)
             attempt += 1
             try:
                 conn = open_request(self.sock, self._job_request("attach", after_seq=self.last_seq))
                 if conn.reply.get("ok"):
-                    say(f"re-attached to {self.job_id} ({conn.reply.get('state')})")
+                    self.console.say(f"re-attached to {self.job_id} ({conn.reply.get('state')})")
                     return conn
                 conn.close()
-                say(f"re-attach failed: {conn.reply.get('error', {}).get('message')}")
+                self.console.say(f"re-attach failed: {conn.reply.get('error', {}).get('message')}")
                 return None
             except DaemonUnreachable as e:
                 wait = min(delay, max(0.0, deadline - time.monotonic()), 2.0 if self.cancel_wanted else delay)
-                say(f"retry {attempt}: {e}; next try in {wait:.0f} s")
+                self.console.say(f"retry {attempt}: {e}; next try in {wait:.0f} s")
                 if self.cancel_wanted and not self.cancel_sent:
-                    say("cancel pending: it will be sent when agentd is back")
+                    self.console.say("cancel pending: it will be sent when agentd is back")
                 time.sleep(wait)
                 delay = min(delay * 2, 15.0)
         return None

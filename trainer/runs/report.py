@@ -133,7 +133,12 @@ def use_headless_matplotlib() -> None:
 
 
 def loss_chart(view: RunView) -> bytes:
-    """PNG bytes of the loss chart: raw, smoothed, validation; learning rate on a second axis."""
+    """PNG bytes of the loss chart (`loss_figure`)."""
+    return _png(loss_figure(view))
+
+
+def loss_figure(view: RunView):
+    """The loss chart: raw, smoothed, validation; learning rate on a second axis."""
     use_headless_matplotlib()
     import matplotlib.pyplot as plt
 
@@ -156,10 +161,15 @@ def loss_chart(view: RunView) -> bytes:
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:
-        ax.legend(handles, labels, loc="upper right", fontsize=8)
+        legend = ax.legend(handles, labels, loc="upper right", fontsize=8)
+        # The raw loss is drawn faint and thin (the smoothed line is the one to read); its legend entry
+        # must still show a visible sample of its colour.
+        for line in legend.get_lines():
+            line.set_alpha(max(line.get_alpha() or 1.0, 0.6))
+            line.set_linewidth(max(line.get_linewidth(), 2.0))
     ax.set_title(view.run.get("name", ""))
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return fig
 
 
 def overlay_chart(c: Comparison) -> bytes:
@@ -180,6 +190,14 @@ def overlay_chart(c: Comparison) -> bytes:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _png(fig)
+
+
+def device_label(device: dict) -> str | None:
+    """run.json's device as `agentd status` names it: cpu, or the GPU's name and its cuda:N."""
+    if device.get("type") == "cuda":
+        index = device.get("index")
+        return f"{device.get('name') or 'GPU'}" + (f" (cuda:{index})" if index is not None else "")
+    return device.get("type")
 
 
 def write_loss_png(folder: Path) -> Path:
@@ -298,7 +316,7 @@ def render_html(current: Path, previous: Path | None = None, *, title: str | Non
         ("build", jenkins.get("BUILD_URL") or "—"), ("data fingerprint", ds.get("fingerprint")),
         ("family", cfg.get("model_family") or cfg.get("mode")), ("base model", cfg.get("base_model")),
         ("network", _network(run.get("network"))),
-        ("device", (run.get("device") or {}).get("name") or (run.get("device") or {}).get("type")),
+        ("device", device_label(run.get("device") or {})),
         ("started", _when(times.get("first_started") or times.get("started"))),
         ("finished", _when(times.get("finished"))), ("duration (s)", fig["duration (s)"]),
         ("resumes", ", ".join(f"from step {r.get('from_step')} ({r.get('why')})" for r in run.get("resumes") or [])

@@ -515,7 +515,8 @@ def _device_info(device: torch.device) -> dict:
     info = {"type": device.type, "torch_cuda": torch.version.cuda}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, total_memory_mib=props.total_memory // 2**20)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info.update(name=props.name, index=index, total_memory_mib=props.total_memory // 2**20)
     else:
         import platform
 
