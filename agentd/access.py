@@ -180,7 +180,12 @@ def _group(gid: int) -> str:
 
 
 class Denied(Exception):
-    """A component on the way does not let the submitter through. The message says which and why."""
+    """A component on the way does not let the submitter through. The message says which and why;
+    `folder` is the folder that may not be entered, when that is the reason."""
+
+    def __init__(self, message: str, folder: Optional[Path] = None):
+        super().__init__(message)
+        self.folder = folder
 
 
 def resolve_as(path: Path, who: Identity) -> tuple[Path, bool]:
@@ -238,7 +243,7 @@ def _enter(folder: Path, who: Identity, st: Optional[os.stat_result] = None) -> 
     acl = read_acl(folder)
     if not permitted(st.st_mode, st.st_uid, st.st_gid, acl, who, SEARCH):
         raise Denied(f"{who.describe()} may not enter {folder} (no search permission): "
-                     f"{_describe_inode(folder, st, acl)}")
+                     f"{_describe_inode(folder, st, acl)}", folder)
 
 
 def access_problem(path: Path, who: Identity, want: int) -> Optional[str]:

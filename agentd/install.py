@@ -16,6 +16,10 @@ What it does, in order (every step is listed in the returned lines; `dry_run` li
 7. runs `systemctl daemon-reload` when systemd is running
 
 It does not enable or start the service: the Jenkins token and the settings come first (next steps).
+Before any of it (and with `--dry-run` too), it checks that user agentd can run the unit's ExecStart=:
+every folder on the resolved paths of bin/agentd and of the Python interpreter it names searchable, the
+interpreter executable (a venv whose python resolves into root's 0700 home, as a pyenv Python does, is
+the usual trap); if not, it names the folder that blocks and the two fixes, writes nothing, and fails.
 
 `root` makes it testable: everything is written under it, and the commands (which act on the real
 system) are skipped when it is not "/".
@@ -23,12 +27,15 @@ system) are skipped when it is not "/".
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import stat
 import subprocess
 from pathlib import Path
 from typing import Optional
+
+from agentd.access import READ, SEARCH, Denied, Identity, groups_from_database, permitted, read_acl, resolve_as
 
 # The source checkout: `make install-service` runs from an editable install, so systemd/ and configs/
 # sit next to the package.
@@ -67,15 +74,64 @@ def _write(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _unreadable_parent(path: Path) -> Optional[Path]:
-    """The first folder above `path` that other users (hence user agentd) cannot traverse."""
-    for parent in reversed(path.parents):
+NOT_CREATED_UID = -1  # owns no file: the "other" permissions decide
+
+
+def service_identity(user: str = DAEMON_USER) -> Identity:
+    """The service user as the kernel will judge it: its uid and groups, or, before `systemd-sysusers` has
+    created it, a user who owns nothing and is in no group (only the "other" permissions apply)."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return Identity(NOT_CREATED_UID, frozenset(), user)
+    return Identity(pw.pw_uid, frozenset(groups_from_database(pw.pw_uid, pw.pw_gid)), user)
+
+
+def interpreter_of(script: Path) -> Optional[Path]:
+    """The interpreter a script's `#!` line names (a venv's bin/python for bin/agentd), None without one."""
+    try:
+        with open(script, "rb") as f:
+            first, second = f.readline(4096), f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    if words == ["/bin/sh"]:  # pip's launcher when the interpreter's path has a space: '''exec' "PATH" "$0" "$@"
+        m = re.match(r"""'''exec' "([^"]+)" """, second.decode(errors="replace"))
+        return Path(m[1]) if m else Path("/bin/sh")
+    return Path(words[0]) if words else None
+
+
+def execute_problem(executable: Path, who: Identity) -> Optional[str]:
+    """None when `who` can run `executable` (a script: also its interpreter, the one systemd starts), else
+    what blocks and the two fixes. Every folder on each resolved path must be searchable (symlinks followed,
+    as a venv's bin/python into a pyenv or a home folder), the interpreter executable and the script readable."""
+    for path, want, what in ((executable, READ, "the agentd script"),
+                             (interpreter_of(executable), SEARCH, "its Python interpreter")):
+        if path is None:
+            continue
         try:
-            if not parent.stat().st_mode & stat.S_IXOTH:
-                return parent
-        except OSError:
-            return None  # does not exist: reported separately
+            real, exists = resolve_as(path, who)
+        except Denied as e:
+            return _execute_advice(who, f"{what} {path}", str(e), e.folder)
+        if not exists:
+            return f"{what} {path} does not exist; the service will not start without it"
+        st = os.stat(real)
+        if not permitted(st.st_mode, st.st_uid, st.st_gid, read_acl(real), who, want):  # SEARCH: x, execute on a file
+            return _execute_advice(who, f"{what} {path}", f"{real} is mode {stat.S_IMODE(st.st_mode):04o}", None)
     return None
+
+
+def _execute_advice(who: Identity, what: str, why: str, folder: Optional[Path]) -> str:
+    grant = (f"grant user {DAEMON_USER} search on that folder: setfacl -m u:{DAEMON_USER}:x {folder} (or chmod o+x "
+             f"{folder})" if folder is not None else f"give user {DAEMON_USER} access to it")
+    who_text = f"user {who.user}" + (" (not created yet: judged by the permissions for other users)"
+                                     if who.uid == NOT_CREATED_UID else "")
+    return (f"{who_text} cannot run {what}: {why}. The unit would fail at its first start "
+            f"with a permission error. Fix: install agentd under /opt with a system Python (e.g. python3 -m venv "
+            f"/opt/agentd/.venv && /opt/agentd/.venv/bin/pip install <this checkout>, then run that venv's "
+            f"`agentd install-service`), or {grant}")
 
 
 def _run(cmd: list[str]) -> None:
@@ -150,10 +206,10 @@ def install_service(prefix_venv: Path, dry_run: bool = False, root: Path = Path(
     if not executable.exists():
         lines.append(f"warning: {executable} does not exist (yet); the service will not start without it")
     else:
-        blocked = _unreadable_parent(executable)
-        if blocked is not None:
-            lines.append(f"warning: user agentd cannot reach {executable}: {blocked} is closed to other "
-                         f"users. Install agentd outside private home folders, e.g. under /opt/agentd.")
+        # Before anything is written: a unit that cannot start is worse than none.
+        problem = execute_problem(executable, service_identity())
+        if problem is not None:
+            raise InstallError(problem + ("; nothing was written" if not dry_run else ""))
 
     unit = rewrite_exec_start((source / "systemd/agentd.service").read_text(encoding="utf-8"), executable)
     files = [

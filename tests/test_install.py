@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_existing_settings_are_never_overwritten(tmp_path, source, venv):
     assert any(line.startswith("keep existing") for line in lines)
 
     # Re-installing from another venv updates the unit, still keeps the settings.
-    other = tmp_path / "venv2"
+    other = venv.parent / "venv2"  # where user agentd can reach it (a venv it cannot reach is refused)
     (other / "bin").mkdir(parents=True)
     (other / "bin" / "agentd").write_text("")
     install_service(other, dry_run=False, root=root, source=source)
@@ -125,14 +126,54 @@ def test_missing_venv_is_reported(tmp_path, source):
     assert any("does not exist" in line and "nope/bin/agentd" in line for line in lines)
 
 
-def test_venv_in_a_private_folder_is_reported(tmp_path, source, venv):
+def test_venv_in_a_private_folder_is_refused(tmp_path, source, venv):
+    # Was a warning before the unit was written anyway; now nothing is written (issue 25).
     private = venv.parent
     private.chmod(0o700)
+    root = tmp_path / "root"
     try:
-        lines = install_service(venv, dry_run=True, root=tmp_path / "root", source=source)
+        with pytest.raises(install.InstallError, match=f"may not enter {private} ") as e:
+            install_service(venv, dry_run=False, root=root, source=source)
     finally:
         private.chmod(0o755)
-    assert any(f"cannot reach {venv}/bin/agentd: {private} is closed" in line for line in lines)
+    assert f"cannot run the agentd script {venv}/bin/agentd" in str(e.value) and "nothing was written" in str(e.value)
+    assert not root.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the interpreter sits under a folder root owns "
+                    "(0700), and user agentd is judged as the kernel would (as nobody, before sysusers creates it)")
+def test_interpreter_under_a_private_folder_is_refused_naming_it(tmp_path, source, venv, capsys, monkeypatch):
+    # The usual box set up as root: the venv's python is a symlink into root's home (a pyenv Python).
+    home = Path(tempfile.mkdtemp(prefix="agentd-root-home-"))
+    home.chmod(0o700)
+    try:
+        (home / ".pyenv/bin").mkdir(parents=True)
+        python = home / ".pyenv/bin/python3.11"
+        shutil.copy(sys.executable, python)
+        (venv / "bin/python").symlink_to(python)
+        # pip's launcher when the interpreter's path has a space (distlib's sh wrapper)
+        (venv / "bin/agentd").write_text(f"#!/bin/sh\n'''exec' \"{venv}/bin/python\" \"$0\" \"$@\"\n' '''\n")
+        assert install.interpreter_of(venv / "bin/agentd") == venv / "bin/python"
+        who = install.service_identity()
+        problem = install.execute_problem(venv / "bin/agentd", who)
+        assert f"user agentd{'' if who.uid >= 0 else ' (not created yet'}" in problem
+        assert f" cannot run its Python interpreter {venv}/bin/python: " in problem
+        assert f"may not enter {home} (no search permission): folder {home} is mode 0700, owner root" in problem
+        assert "install agentd under /opt with a system Python" in problem
+        assert f"setfacl -m u:agentd:x {home} (or chmod o+x {home})" in problem
+        # The command: --dry-run says so and exits non-zero; nothing written (the real / untouched).
+        monkeypatch.setattr(sys, "prefix", str(venv))
+        monkeypatch.setattr(install, "_write", lambda *a: pytest.fail(f"wrote {a[0]}"))
+        from agentd.commands.install import main
+
+        assert main("install-service", ["--dry-run"]) == 1
+        err = capsys.readouterr().err
+        assert f"may not enter {home} " in err and "setfacl" in err
+        # Search granted on that folder (the second fix): it passes.
+        home.chmod(0o711)
+        assert install.execute_problem(venv / "bin/agentd", who) is None
+    finally:
+        shutil.rmtree(home)
 
 
 def test_missing_example_settings(tmp_path, source, venv):
