@@ -6,7 +6,8 @@ does what needs the trainer:
 - admission: `parse` a config once per job (at submit, or when a restarted daemon recovers the job:
   `recover`), `check` it for its submitter (every problem, the dataset scan, and the submitter's access
   check, `agentd.access`, on the paths before the scan and on the scanned files after it), and `plan` it:
-  the VRAM estimate the gate needs, and the run decision (a finished, unchanged config needs no GPU);
+  the VRAM estimate the gate needs, and the run decision (a finished, unchanged config needs no GPU; a
+  `resume: strict` refusal is refused at submit);
 - the run: `run` checks the job again as it starts (files may have changed since the submit) and trains
   it in its slot with its stop and pause flags and its event channel. The answer is a `RunEnd` for the
   state machine; a config problem or out-of-memory (with its advice) ends as "failed" here, and any other
@@ -68,9 +69,13 @@ class Runner:
             cfg, config_path, lambda c, checked: self.authorize(c, checked, submitter, config_path))
 
     def plan(self, checked: api.Checked) -> Plan:
+        """The estimate and the run decision; raises ConfigError for a `resume: strict` refusal (known now:
+        refused at submit, like "nothing to do" is answered, instead of after the wait in the queue)."""
         estimate = self.estimate(checked)
         try:
             decision, previous = api.run_decision(checked)
+        except ConfigError:
+            raise
         except Exception as e:  # the job decides again as it starts, and reports what is wrong there
             log.warning("submit: run decision for %s deferred to the job: %s", checked.config.output_dir, e)
             decision = previous = None

@@ -222,7 +222,10 @@ class Scheduler:
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
-        plan = self.runner.plan(checked)
+        try:
+            plan = self.runner.plan(checked)
+        except ConfigError as e:  # resume: strict refusing a changed config: known now, not after the queue
+            raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
         estimate, decision, previous = plan.estimate, plan.decision, plan.previous
         with self.cond:
             for job in self.live.values():

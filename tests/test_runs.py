@@ -250,7 +250,8 @@ def test_changed_config_through_the_daemon_starts_a_new_run(tmp_path, assets):
 
 def test_nothing_to_do_is_answered_at_submit_while_the_only_slot_is_busy(tmp_path, assets):
     """A finished, unchanged config needs no GPU: the daemon answers it at submit time, while another job
-    holds its only slot, instead of queueing it behind that job (journaled as succeeded with the note)."""
+    holds its only slot, instead of queueing it behind that job (journaled as succeeded with the note).
+    A `resume: strict` refusal is decided there too."""
     (tmp_path / "daemon").mkdir()
     d = DaemonProc(tmp_path / "daemon").start()
     busy = None
@@ -278,6 +279,16 @@ def test_nothing_to_do_is_answered_at_submit_while_the_only_slot_is_busy(tmp_pat
         assert [r["state"] for r in rows] == ["queued", "succeeded"]
         assert "nothing to do" in rows[-1]["detail"]
         assert (done.parent / "out/run.json").stat().st_mtime_ns == stamp, "nothing to do writes nothing"
+        # resume: strict with a changed config: refused at submit too (exit 2, the line of resume:), not
+        # after waiting behind the busy slot; no job is journaled for it.
+        done.write_text(done.read_text().replace("learning_rate: 2e-3", "learning_rate: 1e-3") + "resume: strict\n")
+        line = done.read_text().splitlines().index("resume: strict") + 1
+        refused = d.run("run", str(done), timeout=120)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"{done}:{line}: resume: the last run ({run_id}) finished with another training config" in refused.stderr
+        assert "learning_rate 0.002 -> 0.001" in refused.stderr and "resume: strict refuses" in refused.stderr
+        assert [j["id"] for j in d.status()["running"]] == ["job-000002"] and busy.proc.poll() is None
+        assert [r["id"] for r in d.journal_rows("SELECT id FROM jobs ORDER BY seq")][-1] == "job-000003"
         assert d.run("cancel", "job-000002").returncode == 0
         code, _ = busy.finish(timeout=120)
         assert code != 0  # cancelled

@@ -40,7 +40,7 @@ from trainer.eval.ab_page import votes_summary, write_ab_page
 from trainer.errors import ConfigError, OutOfMemory
 from trainer.events import Reporter
 from trainer.quiet import quiet_third_party
-from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous
+from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous, refusal
 from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
 from trainer.runs.report import compare_runs, write_report
 from trainer.training.model_cache import BaseModelCache
@@ -80,8 +80,12 @@ def check_for_submitter(cfg: TrainConfig, source: str, authorize: Authorize | No
 
 def run_decision(checked: Checked) -> tuple[RunDecision, PreviousRun | None]:
     """Which run of its output folder `checked` would be (new, resume, or nothing to do), read-only:
-    a finished, unchanged config is answered "nothing to do" without a GPU. Raises what it cannot read."""
-    return decide_for(checked.config, checked.data_fingerprint)
+    a finished, unchanged config is answered "nothing to do" without a GPU, and a `resume: strict` refusal
+    is raised as the ConfigError the job would raise. Raises what it cannot read."""
+    decision, previous = decide_for(checked.config, checked.data_fingerprint)
+    if decision.action == "refuse":
+        raise refusal(checked.config, decision, checked.source)
+    return decision, previous
 
 
 def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event", *, device: str | None = None,

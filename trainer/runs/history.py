@@ -499,6 +499,14 @@ def decide_for(cfg, data_fingerprint: str) -> tuple[RunDecision, PreviousRun | N
     return decision, previous
 
 
+def refusal(cfg, decision: RunDecision, source: str | None):
+    """A "refuse" decision (`resume: strict` and a changed config or data) as the config problem it is,
+    at the line of `resume:`: what the daemon answers at submit and a job raises as it starts."""
+    from trainer.errors import ConfigError, Problem
+
+    return ConfigError(cfg.located([Problem("resume", decision.reason, "", cfg.resume)]), source)
+
+
 def begin_run(cfg, data_fingerprint: str, started: float) -> RunStart:
     """Decide the run (see `decide_run`) and, for a new one, move the previous run aside first."""
     out, history = Path(cfg.output_dir), history_dir(cfg)

@@ -30,10 +30,10 @@ from trainer import families
 from trainer.checks.preflight import Checked, optimizer_problems
 from trainer.config import TrainConfig, dump_config
 from trainer.data.images import epoch_batches, epoch_items
-from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
+from trainer.errors import ConfigError, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
 from trainer.runs import checkpoint as ckpt
-from trainer.runs.history import RunManifest, begin_run
+from trainer.runs.history import RunManifest, begin_run, refusal
 from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text, git_info, jenkins_vars,
                                   library_versions, save_safetensors_atomic)
 from trainer.runs.report import write_loss_png
@@ -106,7 +106,7 @@ class LoraTrainingJob:
         self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
         choice = self.run_start.decision
         if choice.action == "refuse":
-            raise ConfigError([Problem("resume", choice.reason, "", cfg.resume)], self.checked.source)
+            raise refusal(cfg, choice, self.checked.source)
         if choice.action == "nothing":
             self.reporter.emit(event("run", action="nothing", reason=choice.reason, run_id=self.run_start.run_id))
             return
