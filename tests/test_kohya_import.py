@@ -121,6 +121,8 @@ EXAMPLES = {  # kohya key: (TOML value, agentd value) - one per MAPPED key
     "save_every_n_steps": (250, 250), "sample_prompts": ("prompts.txt", "prompts.txt"),
     "sample_sampler": ("k_euler_a", "k_euler_a"), "sample_every_n_steps": (100, 100),
     "sample_every_n_epochs": (2, 2), "sample_at_first": (True, True),
+    "timestep_sampling": ("sigmoid", "logit_normal"), "sigmoid_scale": (1.5, 1.5), "guidance_scale": (3.5, 3.5),
+    "t5xxl_max_token_length": (256, 256),
 }
 
 
@@ -248,3 +250,43 @@ def test_lycoris_and_conv_network_args_become_network_and_train(args, network, t
     (tmp_path / "train.yaml").write_text(text + f"metadata_path: {assets['shapes'] / 'metadata.csv'}\n")
     result = LoraTrainingJob(preflight(tmp_path / "train.yaml")).run()
     assert result.outcome == "succeeded" and result.steps == 1
+
+
+def test_lora_scripts_chinese_preset_is_utf8_with_its_header_and_flux_keys(tmp_path):
+    # Written through the command: the file is UTF-8 as the preset wrote it (no \\u8BAD escapes).
+    preset = FIXTURES / "lora-scripts-preset-flux.toml"
+    out = tmp_path / "flux.yaml"
+    proc = agentd("import-kohya", str(preset), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_bytes().decode("utf-8")
+    assert "\\u" not in text
+    header = text.split("\n\n")[0]
+    assert "# Preset: Flux LoRA 训练（低显存） (version 0.1.0, by 秋叶, for flux-lora)" in header
+    assert "#   这是一个样例模板，用于 Flux.1 dev 的 LoRA 训练。\n#   时间步采样使用 sigmoid。" in header
+    assert "train_data_dir: ./train/猫  # kohya: [data] train_data_dir = ./train/猫" in text
+    assert "[metadata]" not in text  # the preset's metadata is the header, not "not supported" keys
+    cfg = yaml.safe_load(text)
+    assert cfg["caption_prefix"] == "一只猫"
+    # sd-scripts' Flux keys where agentd has the feature; the reason where not.
+    assert (cfg["timestep_density"], cfg["logit_std"]) == ("logit_normal", 1.2)
+    assert (cfg["guidance_scale"], cfg["max_sequence_length"]) == (1.0, 256)
+    assert "#   [data] model_prediction_type = raw: needs no key: agentd's Flux loss is on the transformer's raw" in text
+    assert "#   [data] apply_t5_attn_mask = true: agentd encodes captions as diffusers' FluxPipeline does" in text
+    assert "#   [data] discrete_flow_shift = 3.1582: agentd shifts t as the model's scheduler does" in text
+    from trainer.config import parse_config
+
+    assert parse_config(text, base_dir=tmp_path).model_family == "flux"
+
+    # lora-scripts' own Chroma preset (config/presets/chroma.toml, as shipped): another architecture.
+    chroma = tmp_path / "chroma.toml"
+    chroma.write_text('[metadata]\nname = "Chroma LoRA 训练"\nversion = "1.0"\nauthor = "秋叶"\ntrain_type = '
+                      '"flux-lora"\ndescription = "这是一个样例模板，用于使用 Chroma LoRA 训练。"\n\n[data]\n'
+                      'model_type = "chroma"\napply_t5_attn_mask = true\ntimestep_sampling = "sigmoid"\n'
+                      'model_prediction_type = "raw"\nguidance_scale = 0.0\n', encoding="utf-8")
+    from trainer.data.kohya_import import import_kohya
+
+    text = import_kohya(chroma)
+    assert "# Preset: Chroma LoRA 训练 (version 1.0, by 秋叶, for flux-lora)" in text
+    assert '#   [data] model_type = chroma: another architecture (Chroma' in text
+    assert "#   [data] guidance_scale = 0.0: 0 means a model without a guidance embedding" in text
+    assert "timestep_density: logit_normal  # kohya: [data] timestep_sampling = sigmoid" in text

@@ -11,7 +11,10 @@ Writes YAML where every line that came from a kohya key says so in a comment (`#
 value`), then lists every key it did not convert with the reason: nothing is dropped silently. kohya's
 `sample_prompts` file (`--n --w --h --s --l --d`) is read by agentd as it is (`trainer.training.sampling`).
 
-`MAPPED` is the table of converted keys (the test covers each); `UNSUPPORTED` says why the others are not.
+`MAPPED` is the table of converted keys (the test covers each), including sd-scripts' Flux keys where agentd
+has the feature (`timestep_sampling = sigmoid` is the logit-normal density); `SAME_AS_AGENTD` lists keys whose
+value may already be agentd's behaviour; `UNSUPPORTED` says why the others are not. A lora-scripts preset's
+`[metadata]` (name, description, usually Chinese) becomes the header comment; the YAML is UTF-8 as written.
 Bad input raises `ConfigError`: a file that is not TOML (its line and column), a value of the wrong type
 (the key, the value, what it should be). Nothing is written then.
 """
@@ -35,6 +38,10 @@ FAMILIES = {"sd-lora": "sd", "sdxl-lora": "sdxl", "flux-lora": "flux"}  # lora-s
 
 class WrongType(Exception):
     """A kohya value of the wrong type: what it should be."""
+
+
+class NotConverted(Exception):
+    """A kohya value agentd has no equivalent for (the key converts for other values): why."""
 
 
 def _int(v):
@@ -120,6 +127,29 @@ def _not(v):
     return not _bool(v)
 
 
+def _timestep_sampling(v):
+    """sd-scripts' flux branch draws t by `timestep_sampling`; agentd's `timestep_density` is the density of t
+    before the model's scheduler shift (trainer.families.flux_task)."""
+    value = _str(v)
+    if value in ("sigmoid", "flux_shift"):
+        # sigmoid(sigmoid_scale x N(0, 1)) is the logit-normal density (mean 0, std sigmoid_scale).
+        return "logit_normal"
+    if value == "uniform":
+        return "uniform"
+    if value == "shift":
+        raise NotConverted("a fixed discrete_flow_shift is not supported: agentd shifts the logit-normal draw "
+                           "as the model's scheduler does (dev: by resolution, as timestep_sampling = flux_shift)")
+    raise NotConverted(f"{value!r}: agentd draws t as timestep_density says (uniform, logit_normal, mode)")
+
+
+def _guidance(v):
+    value = _float(v)
+    if value <= 0:
+        raise NotConverted("0 means a model without a guidance embedding (Chroma, FLUX.1 schnell): agentd reads "
+                           "that from the model; leave guidance_scale out")
+    return value
+
+
 # kohya key -> (agentd key, converter). A dotted agentd key is nested (optimizer.name).
 MAPPED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pretrained_model_name_or_path": ("base_model", _str),
@@ -185,6 +215,24 @@ MAPPED: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "sample_every_n_steps": ("sample_every_n_steps", _int),
     "sample_every_n_epochs": ("sample_every_n_epochs", _int),
     "sample_at_first": ("sample_at_start", _bool),
+    # sd-scripts' flux branch (flux_train_network.py)
+    "timestep_sampling": ("timestep_density", _timestep_sampling),
+    "sigmoid_scale": ("logit_std", _float),
+    "guidance_scale": ("guidance_scale", _guidance),
+    "t5xxl_max_token_length": ("max_sequence_length", _int),
+}
+
+# Keys whose value may already be what agentd does (no key needed then): key -> (those values, why they need
+# no key, why the other values are not supported).
+SAME_AS_AGENTD: dict[str, tuple[tuple, str, str]] = {
+    "model_type": (("flux",), "the model family is detected from the model files",
+                   "another architecture (Chroma: Flux-based, without the guidance embedding and with its own "
+                   "modulation layers); agentd trains FLUX.1 dev and schnell"),
+    "model_prediction_type": (("raw",), "agentd's Flux loss is on the transformer's raw output (noise - latents)",
+                              "agentd trains on the raw prediction (model_prediction_type = raw) only"),
+    "apply_t5_attn_mask": ((False,), "agentd encodes captions as diffusers' FluxPipeline does, without the T5 "
+                           "attention mask", "agentd encodes captions as diffusers' FluxPipeline does, without the "
+                           "T5 attention mask (as FLUX.1 was trained)"),
 }
 
 # Keys of a [[datasets.subsets]] entry -> agentd's `datasets:` entry keys.
@@ -239,6 +287,8 @@ UNSUPPORTED = {
     "weighted_captions": "caption weighting is not supported",
     "debug_dataset": "use `agentd validate` (the dataset lint)",
     "lr_warmup_ratio": "set lr_warmup_steps",
+    "discrete_flow_shift": "agentd shifts t as the model's scheduler does (dev: by resolution, as sd-scripts' "
+                           "timestep_sampling = flux_shift)",
 }
 
 
@@ -251,6 +301,7 @@ class Conversion:
     subsets: list[list[tuple[str, Any, str]]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # ("[section] key = value", why)
     problems: list[Problem] = field(default_factory=list)
+    preset: dict[str, Any] = field(default_factory=dict)  # lora-scripts' [metadata] (name, description...)
 
 
 def read_toml(path: Path) -> dict:
@@ -291,17 +342,20 @@ def flatten(data: dict) -> list[tuple[str, str, Any]]:
 
 def _show(value) -> str:
     return _scalar(value) if not isinstance(value, (list, dict)) else yaml.safe_dump(
-        value, default_flow_style=True, width=1000).strip()
+        value, default_flow_style=True, width=1000, allow_unicode=True).strip()
 
 
 def _scalar(value) -> str:
-    return yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
+    # allow_unicode: a caption, a path or a preset's Chinese name stays as written, not \u8BAD escapes.
+    return yaml.safe_dump([value], default_flow_style=True, width=1000, allow_unicode=True).strip()[1:-1]
 
 
 def convert(path: Path, dataset_path: Path | None = None) -> Conversion:
     """Read kohya TOML(s) and map them (see the module docstring); problems are collected, not raised."""
     conv = Conversion()
     data = read_toml(path)
+    if isinstance(data.get("metadata"), dict):  # a lora-scripts preset (config/presets/*.toml): its header
+        conv.preset = data.pop("metadata")
     if is_dataset_toml(data):
         _convert_dataset(data, conv, path.name)
     else:
@@ -336,12 +390,19 @@ def _convert_key(section: str, key: str, value, conv: Conversion, path: Path) ->
     if key in ("network_module", "network_args"):
         _network(key, value, conv, where)
         return
+    if key in SAME_AS_AGENTD:
+        same, why_same, why_not = SAME_AS_AGENTD[key]
+        conv.skipped.append((where, f"needs no key: {why_same}" if value in same else why_not))
+        return
     if key not in MAPPED:
         conv.skipped.append((where, UNSUPPORTED.get(key, "not supported by agentd")))
         return
     target, converter = MAPPED[key]
     try:
         converted = converter(value)
+    except NotConverted as e:
+        conv.skipped.append((where, str(e)))
+        return
     except WrongType as e:
         conv.problems.append(Problem(key, f"is {value!r} ({type(value).__name__}); agentd's {target} needs {e}",
                                      f"write {key} as {e} in {path.name}", value))
@@ -509,7 +570,7 @@ def _settle(conv: Conversion, source: str) -> None:
 
 def to_yaml(conv: Conversion, source: str) -> str:
     """The YAML text: each converted line with its kohya origin; then what was not converted, and why."""
-    out = [f"# Converted from {source} by `agentd import-kohya`.",
+    out = [f"# Converted from {source} by `agentd import-kohya`.", *_preset_header(conv.preset),
            "# Run: agentd validate THIS.yaml && agentd run THIS.yaml (lora-train --config THIS.yaml in the foreground).",
            "# Relative paths resolve against this file's folder (kohya resolved them against its working folder).", ""]
     nested: dict[str, dict] = {}
@@ -531,6 +592,21 @@ def to_yaml(conv: Conversion, source: str) -> str:
         out += ["", "# Not converted (kohya key = value: why):"]
         out += [f"#   {where}: {why}" for where, why in conv.skipped]
     return "\n".join(out) + "\n"
+
+
+def _preset_header(meta: dict[str, Any]) -> list[str]:
+    """A lora-scripts preset's [metadata] as comment lines, in its own words and script: name (version, author,
+    the train_type it is shown for), then the description."""
+    if not meta:
+        return []
+    about = [f"version {meta['version']}" if meta.get("version") else "", f"by {meta['author']}" if meta.get("author")
+             else "", f"for {meta['train_type']}" if meta.get("train_type") else ""]
+    about = ", ".join(a for a in about if a)
+    lines = [f"# Preset: {meta.get('name') or '(unnamed)'}" + (f" ({about})" if about else "")]
+    lines += [f"#   {line}" for line in str(meta.get("description") or "").splitlines()]
+    lines += [f"#   {k}: {_show(v)}" for k, v in meta.items() if k not in ("name", "version", "author", "train_type",
+                                                                            "description")]
+    return lines
 
 
 def import_kohya(path: Path, dataset_path: Path | None = None) -> str:
