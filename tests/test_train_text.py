@@ -148,6 +148,24 @@ def test_init_lora_weights_continues_from_file(trained, assets, tmp_path):
     assert at_step0.keys() == saved.keys() and all(torch.equal(at_step0[k], saved[k]) for k in saved)
 
 
+def test_model_derived_defaults_fit_the_model(tmp_path):
+    # Left out, target_modules and max_seq_length follow the model: a GPT-2 (no q_proj, 128 positions) gets
+    # peft's targets for it and 128, not the Llama-style targets and 512 it would then refuse.
+    from trainer.config import parse_config
+    from trainer.families import resolve
+
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2/config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                               '"n_positions": 128}')
+    text = f"mode: text\ntrain_data_dir: data.jsonl\nbase_model: gpt2\noutput_dir: out\n"
+    cfg, fam, _, problems = resolve(parse_config(text, base_dir=tmp_path))
+    assert fam.NAME == "causal_lm" and not problems
+    assert (cfg.target_modules, cfg.max_seq_length) == (["c_attn"], 128)
+    # Written by the user, they stay as written (and are checked against the model).
+    cfg, _, _, _ = resolve(parse_config(text + "target_modules: [c_proj]\nmax_seq_length: 64\n", base_dir=tmp_path))
+    assert (cfg.target_modules, cfg.max_seq_length) == (["c_proj"], 64)
+
+
 def test_bad_target_modules_name_the_model_layers(assets, tmp_path):
     from trainer.config import load_config
     from trainer.errors import ConfigError

@@ -22,7 +22,8 @@ class CausalLmFamily(Family):
     LORA_VERSIONS = ("causal_lm",)
     LORA_KEY_PREFIXES = ("lora_lm_",)
     ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-    # Llama-style attention projections (also Mistral, Qwen2, Gemma, Phi-3 ...); GPT-2 needs [c_attn, c_proj].
+    # Llama-style attention projections (also Mistral, Qwen2, Gemma, Phi-3 ...); models without them get peft's
+    # targets for their model_type (`defaults`: GPT-2 [c_attn], Falcon [query_key_value] ...).
     DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
     VRAM_SHAPE_FIELDS = ("max_seq_length", "quantization")  # the settings besides the model that shape its memory
     # Family-specific keys it reads (families.key_problems); quantization: bitsandbytes' 4bit/8bit (QLoRA) or no.
@@ -38,9 +39,19 @@ class CausalLmFamily(Family):
         return p.kind == "folder" and any(a.endswith(self.ARCHITECTURE_SUFFIXES) for a in p.architectures)
 
     def defaults(self, p: Probe, cfg) -> dict:
-        """The family's targets, and a max_seq_length that fits the model (512, or its positions when fewer)."""
+        """Defaults that fit the model: the Llama-style targets, or, for a model without q_proj (GPT-2: c_attn,
+        Falcon and GPT-NeoX: query_key_value ...), peft's targets for its model_type; a max_seq_length of 512,
+        or the model's positions when fewer."""
+        config = _model_config(cfg)
         out = super().defaults(p, cfg)
-        limit = _position_limit(cfg)
+        model_type = config.get("model_type")
+        if model_type:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+            theirs = PEFT_TARGETS.get(model_type)
+            if theirs and not set(self.DEFAULT_TARGETS) & set(theirs):
+                out["target_modules"] = list(theirs)
+        limit = _position_limit(config)
         if limit is not None:
             out["max_seq_length"] = min(type(cfg).model_fields["max_seq_length"].default, limit)
         return out
@@ -111,21 +122,26 @@ class CausalLmFamily(Family):
 FAMILY = CausalLmFamily()
 
 
-def _position_limit(cfg) -> int | None:
-    """The model's positions (config.json's max_position_embeddings / n_positions), None when unreadable."""
+def _model_config(cfg) -> dict:
+    """The model's config.json ({} when unreadable: the checks that need it say so)."""
     import json
 
     try:
         config = json.loads((Path(cfg.base_model) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _position_limit(config: dict) -> int | None:
+    """The model's positions (config.json's max_position_embeddings / n_positions)."""
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     return limit if isinstance(limit, int) else None
 
 
 def _length_problems(cfg) -> list[Problem]:
     """A max_seq_length the config wrote must fit the model's positions (left out, it is made to fit: `defaults`)."""
-    limit = _position_limit(cfg)
+    limit = _position_limit(_model_config(cfg))
     if limit is not None and cfg.max_seq_length > limit:
         return [Problem("max_seq_length", f"is larger than the model's maximum position embeddings ({limit}, "
                         "config.json): positions beyond it were never trained (or do not exist)",
