@@ -118,9 +118,10 @@ def _tmux() -> str | None:
 
 @pytest.mark.skipif(_tmux() is None, reason="tmux is not installed (`make test` installs Debian's tmux as root)")
 def test_agentd_run_live_in_a_terminal_and_plain_through_a_pipe(tmp_path, assets):
-    cfg = write_config(tmp_path / "job", assets, max_train_steps=12, save_steps=6) \
-        if (tmp_path / "job").mkdir() is None else None
-    daemon = DaemonProc(tmp_path / "daemon").start() if (tmp_path / "daemon").mkdir() is None else None
+    (tmp_path / "job").mkdir()
+    (tmp_path / "daemon").mkdir()
+    cfg = write_config(tmp_path / "job", assets, max_train_steps=12, save_steps=6)
+    daemon = DaemonProc(tmp_path / "daemon").start()
     server = f"agentd-test-{tmp_path.name}"
     tmux = [_tmux(), "-L", server, "-f", "/dev/null"]
     raw, done = tmp_path / "pane.raw", tmp_path / "done"
@@ -160,8 +161,8 @@ def test_agentd_run_live_in_a_terminal_and_plain_through_a_pipe(tmp_path, assets
     rows = [line for line in shown if "(smoothed" in line]
     assert len(rows) == 1 and "step 12/12" in rows[0], screen
     # 80 columns: the figures that do not fit fold onto a second line under the text, none cut off.
-    folded = shown[shown.index(rows[0]) + 1]  # rich's own fold: a line of its own
-    assert shown[shown.index(rows[0]) + 1].startswith(" " * 21) and folded.strip(), screen
+    folded = shown[shown.index(rows[0]) + 1]  # rich's own fold: a line of its own, under the text
+    assert folded.startswith(" " * 21) and folded.strip(), screen
     assert re.search(r"step 12/12  epoch \S+  loss [\d.]+ \(smoothed [\d.]+\)\s+[\d.]+\s+it/s\s+ETA\s+0:00:00",
                      rows[0] + " " + folded.strip()), screen
     assert not any(re.match(r"step \d+/12  epoch .* lr ", line) for line in shown), screen
