@@ -328,9 +328,18 @@ def _is_template_file(value: str) -> bool:
     return bool(value.strip()) and not is_inline_template(value)
 
 
+def _is_comparison_run(value: str) -> bool:
+    from trainer.config import COMPARE_KINDS
+
+    return value not in COMPARE_KINDS and bool(value.strip())
+
+
 # str-typed config fields that name a file or folder only for some values (every other path is Path-typed;
-# tests/test_privileges.py walks the schema and fails on a path-like field that is neither).
-STR_OR_PATH_FIELDS = {"resume": _is_resume_path, "chat_template": _is_template_file}
+# tests/test_privileges.py walks the schema and fails on a path-like field that is neither). `compare_with`:
+# the evaluation's (eval.compare_with) is a run folder unless previous/production/base; the report's
+# top-level one is Path-typed and never reaches this table.
+STR_OR_PATH_FIELDS = {"resume": _is_resume_path, "chat_template": _is_template_file,
+                      "compare_with": _is_comparison_run}
 
 
 def _paths_in(value, where: str) -> Iterator[tuple[str, Path]]:

@@ -5,6 +5,7 @@ import fcntl
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,18 @@ def lora_at_step_zero(config_path: Path) -> dict:
         return job.task.lora_state()
     finally:
         job.cleanup()
+
+
+@pytest.fixture
+def venv():
+    """A fake venv that user agentd could reach (`agentd install-service` checks it can run the interpreter):
+    pytest's own tmp folders are private (0700)."""
+    top = Path(tempfile.mkdtemp(prefix="agentd-install-"))
+    top.chmod(0o755)
+    v = top / "opt" / "agentd venv"  # a space, to check the quoting of ExecStart=
+    (v / "bin").mkdir(parents=True)
+    exe = v / "bin" / "agentd"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    yield v
+    shutil.rmtree(top)

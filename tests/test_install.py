@@ -29,20 +29,6 @@ def source(tmp_path):
     return src
 
 
-@pytest.fixture
-def venv():
-    """A fake venv that user agentd could reach: pytest's own tmp folders are private (0700)."""
-    top = Path(tempfile.mkdtemp(prefix="agentd-install-"))
-    top.chmod(0o755)
-    v = top / "opt" / "agentd venv"  # a space, to check the quoting of ExecStart=
-    (v / "bin").mkdir(parents=True)
-    exe = v / "bin" / "agentd"
-    exe.write_text("#!/bin/sh\nexit 0\n")
-    exe.chmod(0o755)
-    yield v
-    shutil.rmtree(top)
-
-
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

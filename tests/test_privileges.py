@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -424,13 +423,19 @@ PATH_CASES = {
     "datasets[].image_dir": {**_NO_DATA, "datasets": [{"image_dir": S}]},
     "datasets[].metadata_path": {**_NO_DATA, "datasets": [{"image_dir": "{shapes}", "metadata_path": S}]},
     "datasets[].mask_dir": {**_NO_DATA, "datasets": [{"image_dir": "{shapes}", "mask_dir": S}]},
+    # the evaluation's files and folders: metric models, references, prompts, records, the comparison run
+    **{f"eval.{name}": {"eval": {name: S}} for name in ("reference_dir", "clip_model", "dino_model",
+                                                         "aesthetic_head", "prompts", "compare_with")},
+    "eval.eval_file": {**_TEXT, "eval": {"eval_file": S}},
+    "eval.lm_eval_task_dir": {**_TEXT, "eval": {"lm_eval_task_dir": S}},
 }
 PATH_LIKE_NAME = re.compile(r"(_dir|_path|_file|_files|_weights|_config|_template|_with|_prompts)$|^resume$")
 
 
 def _case(name: str, secret: Path, shapes: Path, text: Path) -> dict:
     fill = lambda v: (v.format(secret=secret, shapes=shapes, text=text) if isinstance(v, str)  # noqa: E731
-                      else [{k: fill(x) for k, x in d.items()} for d in v] if isinstance(v, list) else v)
+                      else [fill(d) for d in v] if isinstance(v, list)
+                      else {k: fill(x) for k, x in v.items()} if isinstance(v, dict) else v)
     return {k: fill(v) for k, v in PATH_CASES[name].items()}
 
 
@@ -887,16 +892,13 @@ def test_metadata_errors_describe_the_file_without_its_bytes(tmp_path):
     assert secret not in text and f"line 2 of {meta}" in text and f"line 3 of {meta}" in text
 
 
-def test_install_puts_the_users_in_a_configured_socket_group(tmp_path):
+def test_install_puts_the_users_in_a_configured_socket_group(tmp_path, venv):
     from agentd.install import SOCKET_GROUP_PATH, install_service
 
     root = tmp_path / "root"
     settings = root / "etc/agentd/agentd.yaml"
     settings.parent.mkdir(parents=True)
     settings.write_text("socket_group: jenkins\n")
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "agentd").write_text("")
     lines = install_service(venv, root=root)
     snippet = (root / SOCKET_GROUP_PATH).read_text()
     assert "m agentd jenkins" in snippet and "m agentd-build jenkins" in snippet

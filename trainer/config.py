@@ -649,6 +649,10 @@ class TrainConfig(_Strict):
             problems.append(("min_bucket_reso", f"is larger than max_bucket_reso ({self.max_bucket_reso})",
                              "make min_bucket_reso <= max_bucket_reso (kohya's defaults: 256 and 1024)",
                              self.min_bucket_reso))
+        if self.enable_bucket and self.resolution is not None and self.bucket_reso_steps > self.resolution:
+            problems.append(("bucket_reso_steps", f"is larger than resolution ({self.resolution}): no bucket fits",
+                             "set bucket_reso_steps to a step below the resolution (kohya's 64 suits 512 px and up; "
+                             "8 for tiny test images)", self.bucket_reso_steps))
         subsets = self.datasets or []
         # cache_text_embeddings is on by default and then quietly yields to varying captions; asked for
         # explicitly (or on disk) it cannot work with them.
