@@ -135,9 +135,12 @@ def test_production_without_a_release_is_refused_with_the_contract_message(tmp_p
             api.run_job(checked, None, threading.Event(), resolve_release=resolver)
         assert "no production LoRA for out yet: compare_with previous, or release one first" in str(e.value)
     assert not (tmp_path / "out").exists()
-    from trainer.training.evaluation import release_lora_for
+    from trainer.training.evaluation import against_for, production_release
 
-    assert release_lora_for(checked.config, lambda name: tmp_path / f"{name}.safetensors") == tmp_path / "out.safetensors"
+    release = production_release(checked.config, lambda name: (tmp_path / f"{name}.safetensors", f"{name}@v3"))
+    assert release == (tmp_path / "out.safetensors", "out@v3")
+    against = against_for(checked.config, release=release)
+    assert (against.kind, against.lora, against.release) == ("production", tmp_path / "out.safetensors", "out@v3")
 
 
 # --- through the daemon --------------------------------------------------------------------------
@@ -187,6 +190,7 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
         decision = json.loads((out / "eval" / "decision.json").read_text())
         assert decision["overall"] == "worse" and decision["against"]["kind"] == "previous"
         assert decision["against"]["lora"].startswith(str(out / "runs"))
+        first_lora = Path(decision["against"]["lora"])
         assert "evaluation against previous: WORSE" in worse.stdout
         # The same LoRA scored twice gives identical numbers: the first run's LoRA, loaded from its file as
         # the second run's comparison arm, scores exactly what it scored as the first run's candidate.
@@ -201,6 +205,15 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
         assert json.loads((out / "eval" / "decision.json").read_text())["against"]["kind"] == "base"
         rows = daemon.journal_rows("SELECT state, evaluate FROM jobs ORDER BY seq")
         assert [r["state"] for r in rows] == ["succeeded"] * 3 and json.loads(rows[2]["evaluate"])["run"] == str(out)
+        # compare_with: production on a daemon without releases: refused at submit (exit 2, the contract's
+        # message), not when the job starts; no job journaled for it.
+        (tmp_path / "prod").mkdir()
+        production_cfg = write_config(tmp_path / "prod", assets, eval={**block, "compare_with": "production"})
+        production = daemon.run("run", str(production_cfg))
+        assert production.returncode == 2, production.stdout + production.stderr
+        assert "eval.compare_with: no production LoRA for out yet: compare_with previous, or release one first" \
+            in production.stderr
+        assert len(daemon.journal_rows("SELECT id FROM jobs")) == 3
     finally:
         daemon.stop()
     jenkinsfile = (ROOT / "jenkins" / "Jenkinsfile").read_text()
@@ -212,6 +225,12 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
     assert all(rescored[m]["candidate"]["scores"] == second[m]["candidate"]["scores"] for m in second)
     _blind_ab_page_in_chromium(out, decision["against"]["lora"], tmp_path)
 
+    # Against production (the first run's LoRA as the registry's release out@v1): decision.json names it.
+    from trainer import api
+
+    api.evaluate_run(out, None, against="production", resolve_release=lambda name: (first_lora, f"{name}@v1"))
+    against = json.loads((out / "eval" / "decision.json").read_text())["against"]
+    assert against == {"kind": "production", "lora": str(first_lora), "release": "out@v1"}
 
 def _blind_ab_page_in_chromium(a: Path, b_lora: str, tmp_path: Path) -> None:
     """agentd ab A B --html: headless Chromium clicks and keys through every pair, reveals, and the votes the

@@ -57,27 +57,32 @@ def run_lora(folder: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def release_lora_for(cfg, resolve_release, want: str | None = None, source: str | None = None) -> Path | None:
-    """The production LoRA to compare with when `want` (default eval.compare_with) is production, from the
-    caller's `resolve_release(name)` (agentd's release registry); None when production is not asked for.
+def production_release(cfg, resolve_release, want: str | None = None,
+                       source: str | None = None) -> tuple[Path, str] | None:
+    """The production release to compare with when `want` (default eval.compare_with) is production: its LoRA
+    as a local path and its "NAME@vN", from the caller's `resolve_release(name)` (agentd's release registry,
+    which alone knows what its versions are called); None when production is not asked for.
     Raises ConfigError (exit 2, before anything is written) when there is none."""
     if cfg.eval is None or (want or cfg.eval.compare_with) != "production":
         return None
-    path = resolve_release(cfg.run_name) if resolve_release is not None else None
-    if path is None:
+    release = resolve_release(cfg.run_name) if resolve_release is not None else None
+    if release is None:
         raise ConfigError([Problem("eval.compare_with", f"no production LoRA for {cfg.run_name} yet: compare_with "
                                    "previous, or release one first", "", "production")], source)
-    return Path(path)
+    lora, label = release
+    return Path(lora), label
 
 
-def against_for(cfg, want: str | None = None, release_lora: Path | None = None, before: str | None = None) -> Against:
-    """The comparison arm for `want` (default eval.compare_with): previous, production, base or a run folder.
-    previous: the newest run of the history (older than run id `before`, when given)."""
+def against_for(cfg, want: str | None = None, release: tuple[Path, str] | None = None,
+                before: str | None = None) -> Against:
+    """The comparison arm for `want` (default eval.compare_with): previous, production (`release`, from
+    `production_release`), base or a run folder. previous: the newest run of the history (older than run id
+    `before`, when given)."""
     want = want or cfg.eval.compare_with
     if want == "base":
         return Against("base")
     if want == "production":
-        return Against("production", release_lora)
+        return Against("production", *release)
     if want == "previous":
         runs = [r for r in history.history_runs(history.history_dir(cfg)) if before is None or r.name < before]
         previous = runs[-1] if runs else None
