@@ -49,8 +49,9 @@ class Runner:
     def __init__(self, *, base_cache: api.BaseModelCache | None = None, estimator=None, authorize=None,
                  releaser=None, resolve_release=None):
         self.base_cache = base_cache
-        # `compare_with: production` of an evaluation: resolve_release(name) -> the released LoRA's local path
-        # or None (agentd.release.service.Releases.resolve; None on a daemon without releases)
+        # `compare_with: production` of an evaluation (api.ResolveRelease): resolve_release(name) -> (the released
+        # LoRA's local path, "NAME@vN") or None (agentd.release.service.Releases.resolve; None on a daemon
+        # without releases)
         self.resolve_release = resolve_release
         # the daemon's release after success (`release:` of a config): releaser(cfg, submitter) -> Released events
         self.releaser = releaser
@@ -69,11 +70,12 @@ class Runner:
             cfg, config_path, lambda c, checked: self.authorize(c, checked, submitter, config_path))
 
     def plan(self, checked: api.Checked) -> Plan:
-        """The estimate and the run decision; raises ConfigError for a `resume: strict` refusal (known now:
-        refused at submit, like "nothing to do" is answered, instead of after the wait in the queue)."""
+        """The estimate and the run decision; raises ConfigError for a `resume: strict` refusal and for
+        `compare_with: production` without a production release (known now: refused at submit, like "nothing
+        to do" is answered, instead of after the wait in the queue)."""
         estimate = self.estimate(checked)
         try:
-            decision, previous = api.run_decision(checked)
+            decision, previous = api.run_decision(checked, self.resolve_release)
         except ConfigError:
             raise
         except Exception as e:  # the job decides again as it starts, and reports what is wrong there

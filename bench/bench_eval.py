@@ -8,7 +8,8 @@ has three arms (candidate, the first run's LoRA, the base), with the tiny CLIP, 
 (`trainer.dev.tiny`). Reported from the job's own events: training seconds (`started` to the last `step`),
 evaluation seconds (the `evaluation` event, which times the stage apart from training), images rendered,
 seconds per image, and the ratio evaluation / training. The expected cost of the stage is images x (sampler
-steps x 2 UNet forwards for classifier-free guidance + 1 VAE decode) + the metric models' forwards.
+steps x 2 UNet forwards for classifier-free guidance + 1 VAE decode) + the metric models' forwards, the UNet
+forwards batched up to 8 images per call (trainer.training.evaluation.RENDER_BATCH).
 """
 from __future__ import annotations
 

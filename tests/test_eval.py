@@ -66,6 +66,50 @@ def test_identical_image_scores_one_and_scores_repeat_exactly(assets):
         assert scorer.score([ref, other], ["a red circle", "a blue square"]) == first
 
 
+def test_batched_rendering_equals_one_render_per_prompt_and_seed(tmp_path, assets):
+    """The evaluation renders prompts x seeds in batches (`render_batches`: alike settings, at most `size` per
+    call), each (text, negative) encoded once: the images equal one `render_sample` per (prompt, seed), each
+    from its CPU Generator(seed), to fp rounding: a batched UNet forward may sum in another order, so a value on
+    the edge of an 8-bit step can round to its neighbour (seen: 1 value of 3072 off by 1/255). Asserted: every
+    value within 1/255, at most 0.1% differing. Embeddings are kept across calls only while the text encoder
+    carries no LoRA (a LoRA-trained one encodes differently per arm)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from trainer import api, families
+    from trainer.data.prompts import SamplePrompt
+    from trainer.training.evaluation import render_batches
+
+    prompts = [SamplePrompt(text, negative=negative, width=32, height=32, steps=2, seed=seed)
+               for text, negative in (("a red circle", ""), ("a blue square", "blurry")) for seed in (0, 1, 2)]
+    prompts.append(SamplePrompt("a red circle", width=40, height=40, steps=2, seed=0))
+    batches = render_batches(prompts, size=4)
+    assert batches == [[0, 1, 2, 3], [4, 5], [6]]
+    cpu = torch.device("cpu")
+    for train_text_encoder in (False, True):
+        cfg = api.preflight(write_config(tmp_path, assets, train_text_encoder=train_text_encoder)).config
+        fam = families.family(cfg.model_family)
+        task = fam.make_task(cfg, fam.load_base(cfg, cpu, torch.float32), cpu)
+        torch.manual_seed(0)
+        for group in task.param_groups():  # a LoRA that changes the images (peft starts B at zero)
+            for p in group["params"]:
+                p.data.normal_(0, 0.2)
+        task.eval()
+        one = [task.render_sample(p, tmp_path / f"one-{n}") for n, p in enumerate(prompts)]
+        encoded: dict = {}
+        batched = {}
+        for batch in batches:
+            paths = task.render_batch([prompts[n] for n in batch], [tmp_path / f"batch-{n}" for n in batch], encoded)
+            batched.update(zip(batch, paths))
+        for n, path in enumerate(one):
+            alone, together = (np.asarray(Image.open(p)).astype(int) for p in (path, batched[n]))
+            assert np.abs(alone - together).max() <= 1 and (alone != together).mean() <= 0.001, (n, prompts[n])
+        assert not np.array_equal(np.asarray(Image.open(one[0])), np.asarray(Image.open(one[1])))  # seeds differ
+        assert sorted(encoded) == ([] if train_text_encoder else [("a blue square", "blurry"), ("a red circle", "")])
+        task.detach()
+
+
 def test_text_metrics():
     from trainer.eval.text_metrics import exact_match, normalise, rouge_l
 
@@ -135,9 +179,12 @@ def test_production_without_a_release_is_refused_with_the_contract_message(tmp_p
             api.run_job(checked, None, threading.Event(), resolve_release=resolver)
         assert "no production LoRA for out yet: compare_with previous, or release one first" in str(e.value)
     assert not (tmp_path / "out").exists()
-    from trainer.training.evaluation import release_lora_for
+    from trainer.training.evaluation import against_for, production_release
 
-    assert release_lora_for(checked.config, lambda name: tmp_path / f"{name}.safetensors") == tmp_path / "out.safetensors"
+    release = production_release(checked.config, lambda name: (tmp_path / f"{name}.safetensors", f"{name}@v3"))
+    assert release == (tmp_path / "out.safetensors", "out@v3")
+    against = against_for(checked.config, release=release)
+    assert (against.kind, against.lora, against.release) == ("production", tmp_path / "out.safetensors", "out@v3")
 
 
 # --- through the daemon --------------------------------------------------------------------------
@@ -187,6 +234,7 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
         decision = json.loads((out / "eval" / "decision.json").read_text())
         assert decision["overall"] == "worse" and decision["against"]["kind"] == "previous"
         assert decision["against"]["lora"].startswith(str(out / "runs"))
+        first_lora = Path(decision["against"]["lora"])
         assert "evaluation against previous: WORSE" in worse.stdout
         # The same LoRA scored twice gives identical numbers: the first run's LoRA, loaded from its file as
         # the second run's comparison arm, scores exactly what it scored as the first run's candidate.
@@ -201,6 +249,15 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
         assert json.loads((out / "eval" / "decision.json").read_text())["against"]["kind"] == "base"
         rows = daemon.journal_rows("SELECT state, evaluate FROM jobs ORDER BY seq")
         assert [r["state"] for r in rows] == ["succeeded"] * 3 and json.loads(rows[2]["evaluate"])["run"] == str(out)
+        # compare_with: production on a daemon without releases: refused at submit (exit 2, the contract's
+        # message), not when the job starts; no job journaled for it.
+        (tmp_path / "prod").mkdir()
+        production_cfg = write_config(tmp_path / "prod", assets, eval={**block, "compare_with": "production"})
+        production = daemon.run("run", str(production_cfg))
+        assert production.returncode == 2, production.stdout + production.stderr
+        assert "eval.compare_with: no production LoRA for out yet: compare_with previous, or release one first" \
+            in production.stderr
+        assert len(daemon.journal_rows("SELECT id FROM jobs")) == 3
     finally:
         daemon.stop()
     jenkinsfile = (ROOT / "jenkins" / "Jenkinsfile").read_text()
@@ -212,6 +269,12 @@ def test_eval_through_the_daemon_normal_run_then_worse_run_exits_6(tmp_path, ass
     assert all(rescored[m]["candidate"]["scores"] == second[m]["candidate"]["scores"] for m in second)
     _blind_ab_page_in_chromium(out, decision["against"]["lora"], tmp_path)
 
+    # Against production (the first run's LoRA as the registry's release out@v1): decision.json names it.
+    from trainer import api
+
+    api.evaluate_run(out, None, against="production", resolve_release=lambda name: (first_lora, f"{name}@v1"))
+    against = json.loads((out / "eval" / "decision.json").read_text())["against"]
+    assert against == {"kind": "production", "lora": str(first_lora), "release": "out@v1"}
 
 def _blind_ab_page_in_chromium(a: Path, b_lora: str, tmp_path: Path) -> None:
     """agentd ab A B --html: headless Chromium clicks and keys through every pair, reveals, and the votes the

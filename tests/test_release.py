@@ -130,8 +130,9 @@ def test_s3_multipart_round_trip_and_corruption(tmp_path, s3):
     only_s3 = _releases(tmp_path / "b", {"bucket": {"type": "s3", "bucket": s3.bucket, "prefix": "rel/",
                                                     "endpoint_url": s3.url, "region": "us-east-1",
                                                     "credential_file": str(cred)}}, registry="bucket")
-    resolved = only_s3.resolve("style")
+    resolved, ref = only_s3.resolve("style")
     assert resolved.parent == tmp_path / "b" / "cache" / "releases" and sha256_file(resolved) == out["sha256"]
+    assert ref == "style@v1"  # decision.json's against.release
     assert only_s3.resolve("nothing-here") is None
     s3.client().put_object(Bucket=s3.bucket, Key=key, Body=b"corrupted", Metadata={"sha256": out["sha256"]})
     report = r.verify("style")

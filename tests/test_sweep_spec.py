@@ -51,6 +51,10 @@ BAD = [
      "validation_split"),
     (GOOD + "objective: eval.bleu\n", BASE, "objective", 7, "produces no 'eval.bleu' for a image model",
      "clip_t"),
+    (GOOD + "objective: eval.clip_t\n", BASE, "objective", 7, "the base config has no eval: block",
+     "add an eval: block that computes it to train.yaml"),
+    (GOOD + "objective: eval.dino\n", BASE + "eval: {clip_model: clip}\n", "objective", 7,
+     "the base config's eval: block does not compute dino (it computes: clip_t)", "dino: dino_model + reference_dir"),
     (GOOD + "storage: postgresql://sweeper:hunter2@db.example/optuna\n", BASE, "storage", 7,
      "the URL holds a password", "sweep_db_password_file"),
     (GOOD.replace("{choices: [2, 4]}", "{range: [0, 8]}"), BASE, "parameters.lora_rank", 5,
@@ -88,7 +92,8 @@ def test_good_sweep_file_defaults_corners_and_trial_config(tmp_path):
     cfg = sweep.trial_config(3, {"learning_rate": 3e-3, "lora_rank": 4})
     assert (cfg.learning_rate, cfg.lora_rank, cfg.output_dir) == (3e-3, 4, tmp_path / "lr-rank/trials/003")
     assert cfg.train_data_dir == tmp_path / "data"  # relative paths still resolve against the base config's folder
-    assert load_sweep(write(tmp_path, GOOD + "objective: eval.clip_t\n")).spec.direction == "maximize"
+    clip = write(tmp_path, GOOD + "objective: eval.clip_t\n", BASE + "eval: {clip_model: clip}\n")
+    assert load_sweep(clip).spec.direction == "maximize"
 
 
 def test_journal_study_persists(tmp_path):

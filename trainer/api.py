@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from trainer.training.job import JobResult
 
 __all__ = [
-    "Authorize", "BaseModelCache", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
+    "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
     "VramEstimate", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "quiet_third_party",
@@ -63,6 +63,10 @@ __all__ = [
 # The daemon's access check (agentd.access): raises ConfigError naming what the submitter may not use.
 # Called with checked=None on the config's paths, then with the scanned dataset.
 Authorize = Callable[[TrainConfig, Optional[Checked]], None]
+# `eval.compare_with: production`: the release NAME's production LoRA as a local path and its "NAME@vN" (for
+# decision.json's against.release), or None when there is none yet (agentd's release registry: the trainer
+# never reads box settings, and only the registry knows how its versions are named).
+ResolveRelease = Callable[[str], Optional[tuple[Path, str]]]
 
 
 def check_for_submitter(cfg: TrainConfig, source: str, authorize: Authorize | None = None) -> Checked:
@@ -78,10 +82,15 @@ def check_for_submitter(cfg: TrainConfig, source: str, authorize: Authorize | No
     return checked
 
 
-def run_decision(checked: Checked) -> tuple[RunDecision, PreviousRun | None]:
+def run_decision(checked: Checked, resolve_release: ResolveRelease | None = None
+                 ) -> tuple[RunDecision, PreviousRun | None]:
     """Which run of its output folder `checked` would be (new, resume, or nothing to do), read-only:
     a finished, unchanged config is answered "nothing to do" without a GPU, and a `resume: strict` refusal
-    is raised as the ConfigError the job would raise. Raises what it cannot read."""
+    or an `eval.compare_with: production` that `resolve_release` finds no release for is raised as the
+    ConfigError the job would raise. Raises what it cannot read."""
+    from trainer.training.evaluation import production_release
+
+    production_release(checked.config, resolve_release, source=checked.source)
     decision, previous = decide_for(checked.config, checked.data_fingerprint)
     if decision.action == "refuse":
         raise refusal(checked.config, decision, checked.source)
@@ -93,7 +102,7 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             env: dict | None = None, infra_retries: list[dict] | None = None,
             resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
             estimate_mib: int | None = None, sweep: dict | None = None,
-            resolve_release: "Callable[[str], Path | None] | None" = None) -> "JobResult":
+            resolve_release: ResolveRelease | None = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
@@ -102,15 +111,15 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     (its advice names `where` the job ran, the `estimate_mib` it was admitted with and the measured peak;
     the warm cache is emptied and CUDA's cached memory returned first), and any other failure as it is.
     `sweep`: {name, trial, folder} of a sweep's trial, recorded in run.json.
-    `resolve_release(name)`: the local path of the release NAME's production LoRA (None: none yet), for
-    `eval.compare_with: production`; without it (or without a release) the job is refused before it starts."""
-    from trainer.training.evaluation import release_lora_for
+    `resolve_release` (`ResolveRelease`): the production release, for `eval.compare_with: production`;
+    without it (or without a release) the job is refused before it starts."""
+    from trainer.training.evaluation import production_release
     from trainer.training.job import LoraTrainingJob  # imports torch
 
-    release_lora = release_lora_for(checked.config, resolve_release, source=checked.source)
+    release = production_release(checked.config, resolve_release, source=checked.source)
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
                           infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
-                          release_lora=release_lora)
+                          release=release)
     try:
         return job.run()
     except ConfigError:
@@ -127,7 +136,7 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
 
 def evaluate_run(run: str | Path, reporter: Reporter | None, *, against: str | None = None,
                  device: str | None = None, base_cache: BaseModelCache | None = None,
-                 resolve_release: "Callable[[str], Path | None] | None" = None) -> dict:
+                 resolve_release: ResolveRelease | None = None) -> dict:
     """Evaluate a finished run folder on demand (`lora-train eval`, `agentd eval`): its config.yaml's `eval:`
     block, its LoRA as the candidate, compared with `against` (previous | production | base | a run folder;
     default the block's compare_with). Writes the run's eval/ files and returns eval/decision.json's content.

@@ -190,6 +190,9 @@ class SubsetConfig(_Strict):
 IMAGE_METRICS = ("clip_t", "clip_i", "dino", "aesthetic")
 TEXT_METRICS = ("perplexity", "exact_match", "rouge_l")
 LOWER_IS_BETTER = frozenset({"perplexity"})
+# What an `eval:` block gives for each metric to be computed (EvalConfig.metrics), for fixes that name it
+METRIC_NEEDS = ("clip_t: clip_model; clip_i: clip_model + reference_dir; dino: dino_model + reference_dir; "
+                "aesthetic: aesthetic_head + clip_model; exact_match/rouge_l: eval_file; lm_eval.<task>: lm_eval_tasks")
 COMPARE_KINDS = ("previous", "production", "base")
 EVAL_PATH_FIELDS = ("reference_dir", "clip_model", "dino_model", "aesthetic_head", "eval_file", "lm_eval_task_dir",
                     "prompts")  # prompts: only when it is a file name
@@ -594,9 +597,7 @@ class TrainConfig(_Strict):
             return []
         computed = self.eval.metrics(self.mode)
         return [(f"eval.gate.{name}", f"no model computes this metric (computed: {', '.join(computed) or 'none'})",
-                 "give the model it needs (clip_t: clip_model; clip_i: clip_model + reference_dir; dino: dino_model "
-                 "+ reference_dir; aesthetic: aesthetic_head + clip_model; exact_match/rouge_l: eval_file; "
-                 "lm_eval.<task>: lm_eval_tasks), or remove it from gate", name)
+                 f"give the model it needs ({METRIC_NEEDS}), or remove it from gate", name)
                 for name in self.eval.gate if name not in computed]
 
     def _text_checks(self) -> list[tuple[str, str, str, Any]]:

@@ -29,6 +29,11 @@ ALIASES = ("production", "previous", "candidate")
 PASSING = ("better", "no worse")
 
 
+def release_ref(name: str, version: int) -> str:
+    """How a person and decision.json's against.release name a released version: NAME@vN."""
+    return f"{name}@v{version}"
+
+
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ReleaseError(f"release name {name!r} is not a simple slug: use 1-64 of a-z, 0-9, '-' and '_', "
@@ -102,7 +107,7 @@ def gate(name: str, decision: dict | None, production: dict | None, against_sha:
         if decision is not None and decision.get("overall") == "worse":
             return f"its evaluation decided worse against {_against(decision)}: {metric_deltas(decision)}"
         return None
-    ref = f"{name}@v{production['version']}"
+    ref = release_ref(name, production["version"])
     if decision is None:
         return (f"it has no evaluation (eval/decision.json) against production {ref}: evaluate it with "
                 "compare_with: production")

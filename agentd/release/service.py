@@ -27,7 +27,7 @@ from agentd.release import ReleaseError
 from agentd.release.artifact import LocalArtifact, read_artifact, release_name
 from agentd.release.credentials import read_credential
 from agentd.release.registry import (after_promote, check_name, empty_aliases, evaluation_summary, gate,
-                                     next_version, rollback_plan, unfinished, versions)
+                                     next_version, release_ref, rollback_plan, unfinished, versions)
 from agentd.release.targets import Storage, make_target
 
 log = logging.getLogger("agentd.release")
@@ -324,9 +324,10 @@ class Releases:
         dest.mkdir(parents=True, exist_ok=True)
         return self._backup_target().fetch(rel, dest)
 
-    def resolve(self, name: str) -> Path | None:
-        """The production LoRA of `name` as a local path, hash-checked (`compare_with: production` of the
-        evaluation; passed to trainer.api.run_job as `resolve_release`). None when there is none."""
+    def resolve(self, name: str) -> tuple[Path, str] | None:
+        """The production LoRA of `name` as a local path, hash-checked, and its NAME@vN (`compare_with:
+        production` of the evaluation: trainer.api.ResolveRelease, passed to run_job and run_decision as
+        `resolve_release`). None when there is none."""
         try:
             check_name(name)
             records = self.records(name)
@@ -337,8 +338,9 @@ class Releases:
             return None
         rel = versions(records)[production]
         cached = self.cache_dir / rel["artifact"]
+        ref = release_ref(name, production)
         if cached.exists() and read_artifact(cached).sha256 == rel["sha256"]:
-            return cached
+            return cached, ref
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
             local = self._fetch_any(rel, Path(tmp))
@@ -346,7 +348,7 @@ class Releases:
                 shutil.rmtree(cached)
             cached.unlink(missing_ok=True)
             local.root.replace(cached)
-        return cached
+        return cached, ref
 
     def _tmp_root(self) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -34,13 +34,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.config import TrainConfig, parse_config
+from trainer.config import IMAGE_METRICS, METRIC_NEEDS, TEXT_METRICS, TrainConfig, parse_config
 from trainer.errors import ConfigError, Problem
 from trainer.yaml_schema import read_yaml_mapping, unknown_key_fix, validate_model
 
-# issue 21's metric names (eval/metrics.json); lm_eval.<task> is any lm-evaluation-harness task
-IMAGE_METRICS = ("clip_t", "clip_i", "dino", "aesthetic")
-TEXT_METRICS = ("perplexity", "exact_match", "rouge_l")
 LOWER_IS_BETTER = ("val_loss", "perplexity")
 NOT_SEARCHABLE = ("output_dir", "name", "resume", "device", "priority")  # the sweep sets or owns these
 MAX_CORNERS = 256
@@ -224,7 +221,8 @@ def spec_problems(spec: SweepFile, lines: dict) -> list[Problem]:
 
 
 def objective_problems(spec: SweepFile, base: TrainConfig, lines: dict) -> list[Problem]:
-    """Whether the base config produces the objective: a validation set for val_loss, the metric's mode."""
+    """Whether the base config produces the objective: a validation set for val_loss; for eval.<metric>, a
+    metric of the model's mode that the base config's `eval:` block computes (EvalConfig.metrics)."""
     line = lines.get(("objective",))
     if spec.objective == "val_loss":
         if base.validation_split is None and base.validation_data_dir is None and base.validation_file is None:
@@ -239,6 +237,15 @@ def objective_problems(spec: SweepFile, base: TrainConfig, lines: dict) -> list[
         return [Problem("objective", f"the evaluation stage produces no {spec.objective!r} for a {mode} model",
                         "use val_loss or eval.<metric> with one of: " + ", ".join(known)
                         + (", lm_eval.<task>" if mode == "text" else ""), spec.objective, line)]
+    if base.eval is None:
+        return [Problem("objective", f"the base config has no eval: block, so nothing computes {metric}",
+                        f"add an eval: block that computes it to {spec.base_config} ({METRIC_NEEDS}), or use val_loss",
+                        spec.objective, line)]
+    computed = base.eval.metrics(mode)
+    if metric not in computed:
+        return [Problem("objective", f"the base config's eval: block does not compute {metric} (it computes: "
+                        f"{', '.join(computed) or 'nothing'})", f"give its eval: block in {spec.base_config} what "
+                        f"{metric} needs ({METRIC_NEEDS}), or choose one it computes", spec.objective, line)]
     return []
 
 

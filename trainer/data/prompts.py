@@ -41,6 +41,10 @@ class SamplePrompt:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def call_settings(self) -> tuple:
+        """What one sampler call shares between its images (prompts alike here render in one batch)."""
+        return (self.width, self.height, self.steps, self.guidance, self.sampler)
+
 
 def parse_prompt(text: str, index: int, *, resolution: int, seed: int, sampler: str,
                  where: str) -> SamplePrompt:

@@ -160,6 +160,11 @@ class Task(Protocol):
         text, negative, size, steps, guidance, seed, sampler), written to `path` plus the family's suffix
         (.png, .txt); returns the file. May raise: the caller turns a failure into a warning."""
 
+    def render_batch(self, prompts: list["SamplePrompt"], paths: list[Path], encoded: dict | None = None) -> list[Path]:
+        """Image families: the images `render_sample` renders for each of `prompts` (alike in size, steps,
+        guidance and sampler) at `paths`, batched where the family can; `encoded`: a cache of text embeddings
+        the caller keeps across calls, used only where they cannot differ between calls (the evaluation)."""
+
     def adapters_disabled(self) -> ContextManager:
         """Inside the block the model computes as the base without the LoRA (`peft_lora.disabled`), with no
         second load: the evaluation's base arm."""

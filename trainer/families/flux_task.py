@@ -387,6 +387,11 @@ class FluxTask:
         return out
 
 
+    def render_batch(self, prompts: list, paths: list[Path], encoded: dict | None = None) -> list[Path]:
+        """One `render_sample` per prompt: Flux's images are rendered one at a time (its evaluation is not
+        batched; `encoded` is not used)."""
+        return [self.render_sample(p, path) for p, path in zip(prompts, paths)]
+
 def unpack(tokens: torch.Tensor, b: int, ch: int, h: int, w: int) -> torch.Tensor:
     """Inverse of FluxPipeline._pack_latents: (B, h/2 x w/2, 4 ch) tokens back to (B, ch, h, w) latents."""
     return tokens.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)

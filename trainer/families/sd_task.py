@@ -313,23 +313,54 @@ class SdTask:
                                        tokenizer=base.tokenizer, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
+    def _prompt_embeds(self, pipe, prompt) -> dict[str, torch.Tensor]:
+        """The pipeline's text embeddings of one prompt and its negative, as keyword arguments of its call:
+        what the call computes from the texts itself (negative "" when none; both, whatever the guidance:
+        without classifier-free guidance the pipeline leaves the negative unused)."""
+        positive, negative = pipe.encode_prompt(prompt.prompt, self.device, 1, True, prompt.negative or None)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
     def render_sample(self, prompt, path: Path) -> Path:
         """One image of `prompt` (a `trainer.data.prompts.SamplePrompt`: negative, size, steps, guidance, seed,
         sampler) with the LoRA as trained so far, saved as `path`.png."""
+        return self.render_batch([prompt], [path])[0]
+
+    def render_batch(self, prompts: list, paths: list[Path], encoded: dict | None = None) -> list[Path]:
+        """The images of `prompts` (SamplePrompts alike in size, steps, guidance and sampler; text, negative
+        and seed may differ) in one pipeline call, saved as `paths`.png. Each image's noise comes from its own
+        CPU torch.Generator(seed), as one `render_sample` call's, so the batch renders the same images (to the
+        rounding of a batched UNet forward). `encoded`: the caller's cache of text embeddings by (text,
+        negative), kept across calls (the evaluation's arms and checkpoints)."""
         import diffusers
 
-        base = self.base
-        cls_name, extra = SCHEDULERS[prompt.sampler]
-        scheduler = getattr(diffusers, cls_name).from_config(base.noise_scheduler.config, **extra)
+        first = prompts[0]
+        if any(p.call_settings() != first.call_settings() for p in prompts):
+            raise ValueError("render_batch: the prompts differ in size, steps, guidance or sampler")
+        cls_name, extra = SCHEDULERS[first.sampler]
+        scheduler = getattr(diffusers, cls_name).from_config(self.base.noise_scheduler.config, **extra)
         pipe = self.pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)
+        # Embeddings are reused across calls only while no text encoder carries this job's LoRA: a trained
+        # text encoder encodes differently per arm (the base arm disables its LoRA, the comparison arm loads
+        # other weights), so each call encodes again (a prompt repeated within the call, once).
+        if encoded is None or set(self.models) != {"unet"}:
+            encoded = {}
         with torch.no_grad():
-            image = pipe(prompt.prompt, negative_prompt=prompt.negative or None, num_inference_steps=prompt.steps,
-                         guidance_scale=prompt.guidance, height=prompt.height, width=prompt.width,
-                         generator=torch.Generator().manual_seed(prompt.seed)).images[0]
-        out = Path(path).with_suffix(".png")
-        image.save(out)
-        return out
+            rows = []
+            for p in prompts:
+                key = (p.prompt, p.negative)
+                if key not in encoded:
+                    encoded[key] = self._prompt_embeds(pipe, p)
+                rows.append(encoded[key])
+            embeds = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+            images = pipe(**embeds, num_inference_steps=first.steps, guidance_scale=first.guidance,
+                          height=first.height, width=first.width,
+                          generator=[torch.Generator().manual_seed(p.seed) for p in prompts]).images
+        written = []
+        for image, path in zip(images, paths):
+            written.append(Path(path).with_suffix(".png"))
+            image.save(written[-1])
+        return written
 
 
 def _geometry(item) -> tuple:

@@ -108,3 +108,10 @@ class SdxlTask(SdTask):
         return StableDiffusionXLPipeline(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
                                          text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
                                          tokenizer_2=base.tokenizer_2, scheduler=scheduler)
+
+    def _prompt_embeds(self, pipe, prompt) -> dict[str, torch.Tensor]:
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=prompt.negative or None)
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}

@@ -9,7 +9,9 @@ and decide the A/B (`trainer.eval.stats`):
 
 The comparison LoRA is loaded into the same LoRA layers (the candidate's weights are put back after), so
 one base in memory serves every arm; every image comes from a CPU torch.Generator seeded per (prompt,
-seed), so the arms see the same noise. Writes `eval/metrics.json` (per-sample scores per arm),
+seed), so the arms see the same noise. Images alike in size, steps, guidance and sampler render in batches
+(`render_batches`: seeds and prompts together), and the families reuse a prompt's text embeddings across
+arms where no text encoder carries the LoRA. Writes `eval/metrics.json` (per-sample scores per arm),
 `eval/decision.json` and the images (`eval/images/<arm>/pNN-sSEED.png`). `evaluate_or_unknown` turns any
 failure into a warning and the decision "unknown": an evaluation never fails a training.
 """
@@ -30,6 +32,9 @@ from trainer.runs import history
 from trainer.runs.outputs import atomic_write_json
 
 ARMS = ("candidate", "comparison", "base")
+# At most this many images per sampler call: a bound on one call's activation memory (classifier-free
+# guidance doubles the UNet's batch), beyond which batching saves little more.
+RENDER_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -57,27 +62,32 @@ def run_lora(folder: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def release_lora_for(cfg, resolve_release, want: str | None = None, source: str | None = None) -> Path | None:
-    """The production LoRA to compare with when `want` (default eval.compare_with) is production, from the
-    caller's `resolve_release(name)` (agentd's release registry); None when production is not asked for.
+def production_release(cfg, resolve_release, want: str | None = None,
+                       source: str | None = None) -> tuple[Path, str] | None:
+    """The production release to compare with when `want` (default eval.compare_with) is production: its LoRA
+    as a local path and its "NAME@vN", from the caller's `resolve_release(name)` (agentd's release registry,
+    which alone knows what its versions are called); None when production is not asked for.
     Raises ConfigError (exit 2, before anything is written) when there is none."""
     if cfg.eval is None or (want or cfg.eval.compare_with) != "production":
         return None
-    path = resolve_release(cfg.run_name) if resolve_release is not None else None
-    if path is None:
+    release = resolve_release(cfg.run_name) if resolve_release is not None else None
+    if release is None:
         raise ConfigError([Problem("eval.compare_with", f"no production LoRA for {cfg.run_name} yet: compare_with "
                                    "previous, or release one first", "", "production")], source)
-    return Path(path)
+    lora, label = release
+    return Path(lora), label
 
 
-def against_for(cfg, want: str | None = None, release_lora: Path | None = None, before: str | None = None) -> Against:
-    """The comparison arm for `want` (default eval.compare_with): previous, production, base or a run folder.
-    previous: the newest run of the history (older than run id `before`, when given)."""
+def against_for(cfg, want: str | None = None, release: tuple[Path, str] | None = None,
+                before: str | None = None) -> Against:
+    """The comparison arm for `want` (default eval.compare_with): previous, production (`release`, from
+    `production_release`), base or a run folder. previous: the newest run of the history (older than run id
+    `before`, when given)."""
     want = want or cfg.eval.compare_with
     if want == "base":
         return Against("base")
     if want == "production":
-        return Against("production", release_lora)
+        return Against("production", *release)
     if want == "previous":
         runs = [r for r in history.history_runs(history.history_dir(cfg)) if before is None or r.name < before]
         previous = runs[-1] if runs else None
@@ -227,6 +237,15 @@ def _arm(task, arm: str, comparison_state, candidate_state):
         yield
 
 
+def render_batches(prompts: list, size: int = RENDER_BATCH) -> list[list[int]]:
+    """Indices of `prompts` rendered together: those alike in size, steps, guidance and sampler (one pipeline
+    call's settings), at most `size` at a time, in their order."""
+    groups: dict[tuple, list[int]] = {}
+    for n, p in enumerate(prompts):
+        groups.setdefault(p.call_settings(), []).append(n)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 class _ImageArms:
     """Images per (prompt, seed) through the family's sampler, scored by the CLIP / DINO / aesthetic models."""
 
@@ -248,6 +267,7 @@ class _ImageArms:
             refs = [Image.open(f).convert("RGB") for f in files]
         self.scorer = ImageScorer(ev.clip_model, ev.dino_model, ev.aesthetic_head if ev.clip_model else None, refs)
         self.files: list[Path] = []
+        self.encoded: dict = {}  # text embeddings by prompt, across arms where the family may reuse them
 
     def groups(self, metric: str) -> int:
         return len(self.prompts)
@@ -255,16 +275,18 @@ class _ImageArms:
     def score(self, task, arm: str) -> dict[str, list[float]]:
         from PIL import Image
 
-        images, texts = [], []
         out = self.folder / "images" / arm
         out.mkdir(parents=True, exist_ok=True)
-        for i, p in enumerate(self.prompts):
-            for s in self.seeds:
-                path = task.render_sample(dataclasses.replace(p, seed=s), out / f"p{i:02d}-s{s}")
-                self.files.append(path)
-                images.append(Image.open(path).convert("RGB"))
-                texts.append(p.prompt)
-        return self.scorer.score(images, texts) if self.scorer.metrics else {}
+        items = [(dataclasses.replace(p, seed=s), out / f"p{i:02d}-s{s}") for i, p in enumerate(self.prompts)
+                 for s in self.seeds]
+        paths: list[Path] = [None] * len(items)  # prompt-major, seed-minor: the order the scores pair on
+        for batch in render_batches([p for p, _ in items]):
+            rendered = task.render_batch([items[n][0] for n in batch], [items[n][1] for n in batch], self.encoded)
+            for n, path in zip(batch, rendered):
+                paths[n] = path
+        self.files.extend(paths)
+        images = [Image.open(path).convert("RGB") for path in paths]
+        return self.scorer.score(images, [p.prompt for p, _ in items]) if self.scorer.metrics else {}
 
 
 class _TextArms:

@@ -69,14 +69,14 @@ class LoraTrainingJob:
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
                  resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
                  infra_retries: list[dict] | None = None, sweep: dict | None = None,
-                 release_lora: Path | None = None):
+                 release: tuple[Path, str] | None = None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
         self.pause = pause or threading.Event()  # agentd pause: checkpoint at the next step, raise TrainingPaused
         self.infra_retries = list(infra_retries or [])  # the daemon's re-queues after GPU faults (run.json)
         self.sweep = sweep  # {name, trial, folder} when a sweep runs this job as a trial (run.json)
-        self.release_lora = release_lora  # eval.compare_with production: the released LoRA, resolved by the caller
+        self.release = release  # eval.compare_with production: (the released LoRA, "NAME@vN"), resolved by the caller
         self.evaluation: dict | None = None  # eval/decision.json once evaluated
         self.warm: str | None = None  # how the base was had: cold | host | device (see BaseModelCache.get)
         self.warm_move_s: float | None = None
@@ -350,7 +350,7 @@ class LoraTrainingJob:
 
         cfg = self.cfg
         subsets = getattr(self.checked.scan, "subsets", None) or []
-        against = against_for(cfg, release_lora=self.release_lora)
+        against = against_for(cfg, release=self.release)
         return evaluate_or_unknown(self.task, cfg, cfg.output_dir, against, self.reporter,
                                    class_tokens=[s.class_tokens for s in subsets if not s.is_reg],
                                    dataset=self.dataset, val_indices=self.watch.val_indices, autocast=self.autocast,

@@ -13,7 +13,7 @@ from trainer.config import load_config
 from trainer.errors import ConfigError, Problem
 from trainer.families.lora_io import read_lora_file
 from trainer.runs.checkpoint import list_checkpoints
-from trainer.training.evaluation import against_for, evaluate, release_lora_for, run_lora
+from trainer.training.evaluation import against_for, evaluate, production_release, run_lora
 from trainer.training.job import pick_device
 
 
@@ -41,7 +41,7 @@ def evaluate_run(run: Path, reporter, *, against: str | None = None, device: str
     if against not in (None, "previous", "production", "base") and run_lora(Path(against)) is None:
         raise ConfigError([Problem("--against", "names no finished run with a LoRA",
                                    "give previous, production, base or a run folder", against)], source)
-    release = release_lora_for(cfg, resolve_release, against, source)
+    release = production_release(cfg, resolve_release, against, source)
     dev = pick_device(device)
     dtype = torch.float32 if dev.type == "cpu" else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         cfg.mixed_precision, torch.float32)
