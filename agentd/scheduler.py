@@ -221,6 +221,7 @@ class Scheduler:
             raise SubmitRefused("bad_request", f"priority must be an integer, not {priority!r}")
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
+        self._one_slot_per_job(cfg, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         try:
             plan = self.runner.plan(checked)
@@ -271,6 +272,25 @@ class Scheduler:
             err = ConfigError([Problem("device", str(e), "set device: to one of the GPUs listed, or remove it",
                                        device)], source)
             raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
+
+    def _one_slot_per_job(self, cfg: TrainConfig, source: str) -> None:
+        """This daemon places each job on one slot: a config whose `devices:` asks for several is refused at
+        submit (with the box's own device problems first: too many, a GPU listed twice), never run as W ranks
+        crowded into one slot. Several-slot reservation is not built yet; `lora-train` runs it on the box."""
+        if cfg.devices is None:
+            return
+        gpus = self.probe.list_gpus() if self.probe else []
+        try:
+            plan = api.plan_here(cfg, gpus, cpu_slots=sum(s.index == CPU_SLOT for s in self.slots), source=source)
+        except ConfigError as e:
+            raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
+        if plan.world_size > 1:
+            err = ConfigError([Problem("devices", f"asks for {plan.world_size} devices, but agentd runs each job "
+                                       "on one slot (reserving several at once is not built yet)",
+                                       "remove devices to queue it on one slot, or run it on the box with "
+                                       "`lora-train --config FILE` (data parallel over the devices)",
+                                       cfg.devices)], source)
+            raise SubmitRefused("invalid_config", err.render(), err.to_dict())
 
     def _allowed_or_none(self, device) -> set[int] | None:
         try:

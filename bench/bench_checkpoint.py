@@ -226,7 +226,7 @@ def bench_sd15_rank(unet, rank: int, root: Path, args) -> dict:
             counter[0] += 1
             optim = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": {}}
             return ckpt.save_checkpoint(folder, counter[0], lora=to_kohya({"unet": unet}),
-                                        optim=optim, rng=ckpt.capture_rng(gen), state=state, keep=2)
+                                        optim=optim, rng=ckpt.capture_rng(), state=state, keep=2)
 
         res = timed_saves(save, args.saves)
     finally:

@@ -13,18 +13,25 @@ from trainer.training.optim import lr_factor
 from trainer.checks.preflight import preflight
 
 
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def test_noise_options():
     shape = (2, 4, 8, 8)
-    plain = make_noise(shape, torch.Generator().manual_seed(1))
-    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # options off: as before
-    offset = make_noise(shape, torch.Generator().manual_seed(1), noise_offset=0.1)
+    plain = make_noise(shape, gens(1, 2))
+    assert torch.equal(plain[1], torch.randn(shape[1:], generator=torch.Generator().manual_seed(2)))  # options off
+    offset = make_noise(shape, gens(1, 2), noise_offset=0.1)
     diff = offset - plain
     assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)  # a per-channel constant
     assert 0 < diff.abs().max() < 0.6
-    pyramid = make_noise(shape, torch.Generator().manual_seed(1), multires_iterations=6, multires_discount=0.3)
-    assert pyramid.std().item() == pytest.approx(1.0, abs=1e-5) and not torch.equal(pyramid, plain)
-    again = make_noise(shape, torch.Generator().manual_seed(1), multires_iterations=6, multires_discount=0.3)
-    assert torch.equal(pyramid, again)  # every draw from the generator: resumable
+    pyramid = make_noise(shape, gens(1, 2), multires_iterations=6, multires_discount=0.3)
+    assert pyramid[0].std().item() == pytest.approx(1.0, abs=1e-5) and not torch.equal(pyramid, plain)
+    again = make_noise(shape, gens(1, 2), multires_iterations=6, multires_discount=0.3)
+    assert torch.equal(pyramid, again)  # every draw from the generators: resumable
+    # A sample's noise is its generator's alone: the same in any batch (what data-parallel ranks rely on).
+    alone = make_noise((1, 4, 8, 8), gens(2), noise_offset=0.1, multires_iterations=6)
+    assert torch.equal(alone[0], make_noise(shape, gens(1, 2), noise_offset=0.1, multires_iterations=6)[1])
 
 
 def test_min_snr_mask_and_weights():

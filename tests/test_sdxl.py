@@ -123,7 +123,7 @@ def test_time_ids_are_what_the_data_pipeline_did(assets, tmp_path):
     hook = job.task.base.unet.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].tolist()), with_kwargs=True)
     try:
-        job.task.loss([0], job.dataset, torch.Generator().manual_seed(0), job.autocast)
+        job.task.loss([0], job.dataset, [torch.Generator().manual_seed(0)], job.autocast)
     finally:
         hook.remove()
         job.cleanup()

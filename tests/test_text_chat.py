@@ -243,7 +243,7 @@ def test_qlora_trains_and_merges_through_bitsandbytes(assets, tmp_path):
     task.train()
     losses = []
     for _ in range(3):
-        loss = task.loss([0, 1, 2, 3], data, torch.Generator(), contextlib.nullcontext)
+        loss = task.loss([0, 1, 2, 3], data, [torch.Generator() for _ in range(4)], contextlib.nullcontext)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

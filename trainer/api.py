@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+from trainer.checks.devices import DevicesError, WorldPlan, plan_world
 from trainer.checks.preflight import Checked, check_config, preflight
 from trainer.checks.validate_report import main as validate_main
 from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
@@ -53,9 +54,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
-    "VramEstimate", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
+    "VramEstimate", "WorldPlan", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
-    "jenkins_vars", "list_checkpoints", "newest_previous", "preflight", "preload_all", "quiet_third_party",
+    "jenkins_vars", "list_checkpoints", "newest_previous", "plan_here", "preflight", "preload_all",
+    "quiet_third_party",
     "recommend_batch_size", "evaluate_run", "run_decision", "run_job", "validate_main", "votes_summary",
     "write_ab_page", "write_report",
 ]
@@ -105,6 +107,9 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             resolve_release: ResolveRelease | None = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
+    With `devices:` in the config (more than one), W rank processes train it data-parallel (`trainer.training.distributed`); this process joins no process group, and the warm
+    cache is not used (each rank loads the base itself).
+
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
     the same, outcome "paused". Otherwise "succeeded" (or "nothing to do", also "succeeded").
     Raises ConfigError for what is found only as the job starts, `OutOfMemory` when the device ran out
@@ -117,6 +122,12 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     from trainer.training.job import LoraTrainingJob  # imports torch
 
     release = production_release(checked.config, resolve_release, source=checked.source)
+    plan = plan_here(checked.config, source=checked.source) if checked.config.devices is not None else None
+    if plan is not None and plan.world_size > 1:
+        from trainer.training.distributed import run_ranks
+
+        return run_ranks(plan, checked, reporter, stop, pause, dict(
+            env=env, infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep, release=release))
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
                           infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
                           release=release)
@@ -145,6 +156,22 @@ def evaluate_run(run: str | Path, reporter: Reporter | None, *, against: str | N
 
     return evaluate(Path(run), reporter, against=against, device=device, base_cache=base_cache,
                     resolve_release=resolve_release)
+
+
+def plan_here(cfg: TrainConfig, gpus: list | None = None, cpu_slots: int | None = None,
+              source: str | None = None) -> WorldPlan:
+    """The ranks `cfg.devices` asks for on this box (`gpus`: the probe's list, default NVML's; `cpu_slots`:
+    CPU ranks allowed without GPUs, default the cores). Raises ConfigError (exit 2) naming the fix."""
+    import os
+
+    from trainer.gpus import default_probe
+
+    gpus = default_probe().list_gpus() if gpus is None else gpus
+    try:
+        return plan_world(cfg.devices, cfg.batch_size, cfg.batch_size_per_device, gpus,
+                          cpu_slots or os.cpu_count() or 1)
+    except DevicesError as e:
+        raise ConfigError(e.problems, source) from None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -38,6 +38,8 @@ NON_TRAINING_FIELDS = frozenset({
     "skip_bad_images", "recommended_batch_size", "sample_prompts", "sample_every_n_steps",
     "sample_every_n_epochs", "sample_at_start", "sample_sampler", "validation_data_dir",
     "validate_every_n_steps", "history_dir", "keep_runs", "compare_with", "priority", "device", "release",
+    # Where it trains: `devices` splits the same batch (batch_size_per_device, which does not, is a training field).
+    "devices", "allow_world_size_change",
     "validation_file", "export_merged", "eval",
     # Where the disk caches live, and whether they are used: entries are exact (tested bit-identical).
     "cache_dir", "cache_latents_to_disk", "cache_text_embeddings_to_disk",
@@ -334,7 +336,7 @@ class TrainConfig(_Strict):
     bucket_no_upscale: bool = False
     """Never enlarge an image: smaller images get a bucket of their own size (rounded down to the step)."""
 
-    # --- captions (kohya's options; random draws come from the step generator, so they resume) ---
+    # --- captions (kohya's options; random draws come from each sample's own generator, so they resume) ---
     shuffle_caption: bool = False
     """Shuffle the caption's tags (split on caption_separator) each time it is seen, after keep_tokens."""
     caption_separator: str = ", "
@@ -379,7 +381,11 @@ class TrainConfig(_Strict):
 
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = Field(1, gt=0)
-    """Samples per micro-batch. See `agentd validate` for the largest that fits your GPU."""
+    """Samples per micro-batch, over all devices: with `devices: W` each rank trains batch_size / W of them,
+    so the same config on 1 or W GPUs trains the same model. See `agentd validate` for the largest that fits."""
+    batch_size_per_device: Optional[int] = Field(None, gt=0)
+    """Instead of batch_size: samples per micro-batch on each device, so the batch grows with `devices`
+    (micro-batch = W x this). Leave out to keep the batch whatever the device count."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step (effective batch = batch_size x this)."""
     epochs: int = Field(1, gt=0)
@@ -527,6 +533,14 @@ class TrainConfig(_Strict):
     priority: int = 0
     """agentd's queue: higher runs first, FIFO within a priority (`agentd run --priority N` overrides);
     a lower one still runs once it has waited the daemon's max_wait_s."""
+    devices: Optional[Union[int, Literal["all"], list[Union[int, str]]]] = None
+    """Train one job data-parallel on several devices: a count (2), a list of GPU indices or UUIDs
+    ([0, 1] or [GPU-8f2c..., GPU-1a3b...]), or all. Each rank holds the frozen base and trains its share of
+    every micro-batch; only the LoRA gradients are averaged. On a machine without GPUs, N CPU ranks (gloo).
+    Default: one device. Cannot be combined with device."""
+    allow_world_size_change: bool = False
+    """Let `resume` continue a checkpoint written with another device count (not bit-exact: the per-rank
+    float sums differ); recorded in run.json. Default: such a resume is refused."""
     device: Optional[Union[int, str]] = None
     """agentd only: the GPU to train on - an NVML index (0), a GPU UUID (GPU-8f2c...) or a name pattern
     ("*4090*"). Default: any GPU the VRAM gate picks. A pattern that matches no GPU is refused with the list."""
@@ -581,6 +595,7 @@ class TrainConfig(_Strict):
                              "keep one of the two", self.validation_split))
         problems += self._text_checks() + self._eval_checks()
         problems += self._network_checks()
+        problems += self._devices_checks()
         if self.early_stopping_patience and self.validation_split is None and self.validation_data_dir is None \
                 and self.validation_file is None:
             problems.append(("early_stopping_patience", "needs a validation set",
@@ -599,6 +614,28 @@ class TrainConfig(_Strict):
         return [(f"eval.gate.{name}", f"no model computes this metric (computed: {', '.join(computed) or 'none'})",
                  f"give the model it needs ({METRIC_NEEDS}), or remove it from gate", name)
                 for name in self.eval.gate if name not in computed]
+
+    def _devices_checks(self) -> list[tuple[str, str, str, Any]]:
+        """`devices` on its own terms (what the box has is checked where it is known: trainer.checks.devices)."""
+        problems: list[tuple[str, str, str, Any]] = []
+        if self.devices is not None and self.device is not None:
+            problems.append(("devices", "cannot be combined with device", "keep devices (several) or device (one)",
+                             self.devices))
+        if isinstance(self.devices, int) and self.devices < 1:
+            problems.append(("devices", "must be at least 1", "give a count, a list of GPUs, or all", self.devices))
+        if isinstance(self.devices, list):
+            if not self.devices:
+                problems.append(("devices", "is an empty list", "list GPU indices or UUIDs, or give a count",
+                                 self.devices))
+            twice = sorted({str(d) for d in self.devices if self.devices.count(d) > 1})
+            if twice:
+                problems.append(("devices", f"lists {', '.join(twice)} more than once",
+                                 "list each GPU once", self.devices))
+        if self.batch_size_per_device is not None and "batch_size" in self.model_fields_set:
+            problems.append(("batch_size_per_device", "cannot be combined with batch_size",
+                             "keep batch_size (the same batch on any device count) or batch_size_per_device "
+                             "(the batch grows with devices)", self.batch_size_per_device))
+        return problems
 
     def _text_checks(self) -> list[tuple[str, str, str, Any]]:
         """Text-mode keys that cannot work together."""

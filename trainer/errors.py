@@ -52,6 +52,10 @@ class ConfigError(Exception):
         self.source = source
         super().__init__(self.render())
 
+    def __reduce__(self):
+        # Pickled whole (a data-parallel rank sends its ConfigError to the launcher), not as its rendered text.
+        return type(self), (self.problems, self.source)
+
     def render(self) -> str:
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} in {self.source or 'the training config'}:"

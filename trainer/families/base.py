@@ -124,8 +124,9 @@ class Family(ABC):
 class Task(Protocol):
     """What the training loop (`trainer.training.job`) needs from one job's LoRA on a frozen base.
 
-    Randomness: every random draw of a step comes from the `generator` passed to `loss` (its state is
-    checkpointed), which is what makes a resumed run bit-identical on the CPU.
+    Randomness: every random draw for sample `indices[k]` comes from `generators[k]`, seeded from its global
+    sample index (`trainer.data.randomness`), which is what makes a resumed run bit-identical on the CPU and
+    W data-parallel ranks equal to one.
     """
 
     def param_groups(self) -> list[dict]:
@@ -139,9 +140,13 @@ class Task(Protocol):
         asks for (latents with `cache_latents`; frozen text-encoder outputs with `cache_text_embeddings`),
         computing under `autocast` as the loss would. Nothing to do: return."""
 
-    def loss(self, indices: list[int], dataset: Any, generator: "torch.Generator",
+    def loss(self, indices: list[int], dataset: Any, generators: list["torch.Generator"],
              autocast: Callable[[], ContextManager]) -> "torch.Tensor":
-        """The scalar loss of one micro-batch (the samples at `indices`)."""
+        """The scalar loss of one micro-batch (the samples at `indices`, one generator each)."""
+
+    def loss_units(self, indices: list[int], dataset: Any) -> int:
+        """What `loss` of these samples is a mean over (samples, or predicted tokens): data-parallel ranks
+        weigh their share of a micro-batch by it, so W ranks compute the mean one rank would."""
 
     def lora_state(self) -> dict[str, "torch.Tensor"]:
         """The LoRA as the family's main file format (checkpoints and <name>.safetensors)."""

@@ -20,8 +20,8 @@ mask that way (Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 ... in transformers 
 warns that packed samples can see the samples before them.
 
 Loss: next-token cross-entropy, in fp32, averaged over the trained target tokens of the micro-batch.
-The loss draws no randomness from the step generator (dropout, if any, uses the global RNG, which the
-checkpoint also captures).
+The loss draws nothing from the per-sample generators (dropout, if any, uses the global RNG, which the
+checkpoint captures per rank).
 
 QLoRA (`quantization: 4bit|8bit`): the base loads through bitsandbytes (NF4, double quantization, bf16
 compute dtype; or LLM.int8) onto the job's CUDA device; LoRA weights stay fp32 and gradient
@@ -385,7 +385,13 @@ class TextTask:
             return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def loss(self, indices: list[int], dataset: TextDataset, generator: torch.Generator,
+    def loss_units(self, indices: list[int], dataset: TextDataset) -> int:
+        """The predicted tokens of these rows: the loss is a mean over tokens, so data-parallel ranks weigh
+        their shares by it (trainer.training.distributed)."""
+        labels = self.batch([dataset.samples[i] for i in indices])["labels"]
+        return int((labels[:, 1:] != -100).sum())
+
+    def loss(self, indices: list[int], dataset: TextDataset, generators: list[torch.Generator],
              autocast) -> torch.Tensor:
         inputs = {k: v.to(self.device) for k, v in self.batch([dataset.samples[i] for i in indices]).items()}
         labels = inputs.pop("labels")

@@ -10,7 +10,8 @@ Loss (rectified flow, as diffusers' train_dreambooth_lora_flux.py): latents = (V
 scale; t from `timestep_density`, shifted like the scheduler (dev: exponential shift with mu from the
 image's token count; schnell: its fixed shift); x_t = (1 - t) latents + t noise, packed 2x2 into tokens;
 the transformer (guidance `guidance_scale` for dev) predicts noise - latents; MSE. Every random draw
-(latent sampling, noise, t) comes from the loop's generator: a resumed run is bit-identical on the CPU.
+(latent sampling, noise, t) comes from the sample's own generator (`trainer.data.randomness`): a resumed
+run is bit-identical on the CPU, and W data-parallel ranks draw what one rank would.
 
 The kohya loss options come from `trainer.families.losses` as for the UNet families: `noise_offset` and multires
 noise (`make_noise`), masked loss and `prior_loss_weight` (`diffusion_loss`, on the unpacked latents);
@@ -37,6 +38,7 @@ import trainer.families.lora_io as lora_io
 import trainer.families.losses as losses
 import trainer.families.peft_lora as peft_lora
 from trainer.data.prompts import DEFAULT_STEPS, load_prompts
+from trainer.data.randomness import randn_per_sample
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -320,26 +322,29 @@ class FluxTask:
         if cfg.latents_cached:
             self.latent_cache.update(latent_cache.encode_latents(cfg, self.base.vae, dataset, self.device)[0])
 
-    def _latents(self, indices: list[int], dataset, generator: torch.Generator) -> torch.Tensor:
+    def _latents(self, indices: list[int], dataset, generators: list[torch.Generator]) -> torch.Tensor:
         mean, std, _, self._masks = latent_cache.batch_latents(
-            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
-        eps = torch.randn(mean.shape, generator=generator)  # our generator, not the VAE's: resumable
+            self.latent_cache, indices, dataset, generators, self.base.vae, self.device, self.cfg.masked_loss)
+        eps = randn_per_sample(tuple(mean.shape[1:]), generators)  # our generators, not the VAE's: resumable
         c = self.base.vae.config
         return ((mean + std * eps - c.shift_factor) * c.scaling_factor).to(self.device)
 
-    def loss(self, indices: list[int], dataset, generator: torch.Generator, autocast) -> torch.Tensor:
+    def loss_units(self, indices: list[int], dataset) -> int:
+        return len(indices)  # the loss is a mean over samples
+
+    def loss(self, indices: list[int], dataset, generators: list[torch.Generator], autocast) -> torch.Tensor:
         from diffusers import FluxPipeline
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         cfg = self.cfg
-        latents = self._latents(indices, dataset, generator)
+        latents = self._latents(indices, dataset, generators)
         b, ch, h, w = latents.shape
-        seq, pooled = self._text([dataset.caption(i, generator) for i in indices], autocast)  # caption options
-        noise = losses.make_noise(tuple(latents.shape), generator, cfg.noise_offset, cfg.multires_noise_iterations,
+        seq, pooled = self._text([dataset.caption(i, g) for i, g in zip(indices, generators)], autocast)
+        noise = losses.make_noise(tuple(latents.shape), generators, cfg.noise_offset, cfg.multires_noise_iterations,
                                   cfg.multires_noise_discount).to(self.device)
-        u = compute_density_for_timestep_sampling(cfg.timestep_density, b, logit_mean=cfg.logit_mean,
-                                                  logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                                                  generator=generator)
+        u = torch.cat([compute_density_for_timestep_sampling(cfg.timestep_density, 1, logit_mean=cfg.logit_mean,
+                                                             logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                                             generator=g) for g in generators])
         sigmas = shifted_sigmas(u, self.base.scheduler_config, (h // 2) * (w // 2)).to(self.device)
         s = sigmas.view(b, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise

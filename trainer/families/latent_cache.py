@@ -110,17 +110,17 @@ class LatentDiskCache(_DiskCache):
                     dataset.resized_size(index))
 
 
-def batch_latents(cached: dict[int, tuple], indices: list[int], dataset, generator: torch.Generator,
+def batch_latents(cached: dict[int, tuple], indices: list[int], dataset, generators: list,
                   vae: torch.nn.Module, device, masked_loss: bool):
     """The latent distributions (mean, std, on the CPU) of a micro-batch: from `cached` ({index: (mean, std,
     ...)}, from `encode_latents`) when it holds them, else encoded now from the loaded items (crops and flips
-    drawn from `generator`). Returns (mean, std, the loaded items or None when cached, the masks or None
+    sample k's drawn from generators[k]). Returns (mean, std, the loaded items or None when cached, the masks or None
     without masked_loss); cached latents are center crops, so are their masks."""
     if cached:
         mean = torch.stack([cached[i][0] for i in indices])
         std = torch.stack([cached[i][1] for i in indices])
         return mean, std, None, [dataset.center_mask(i) for i in indices] if masked_loss else None
-    items = [dataset.load_item(i, generator) for i in indices]
+    items = [dataset.load_item(i, g) for i, g in zip(indices, generators)]
     pixels = torch.stack([it.pixels for it in items]).to(device)
     with torch.no_grad():
         dist = vae.encode(pixels).latent_dist

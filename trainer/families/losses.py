@@ -8,9 +8,10 @@
   Min-SNR weighting (`min_snr_gamma`, Hang et al. 2023: weight min(SNR, gamma) / SNR for epsilon
   prediction, / (SNR + 1) for v-prediction).
 
-Every random draw comes from the `generator` passed in (the loop's step generator, checkpointed), so a
-resumed run is bit-identical. With every option off, `make_noise` draws exactly `torch.randn(shape)` and
-`diffusion_loss` is exactly `F.mse_loss(pred, target)`: configs without these options train as before.
+Every random draw comes from the sample's own generator (`trainer.data.randomness`, keyed by the global
+sample index), so a resumed run is bit-identical and W data-parallel ranks draw what one would. With every
+option off, `make_noise` draws each sample's `torch.randn` and `diffusion_loss` is exactly
+`F.mse_loss(pred, target)`.
 """
 from __future__ import annotations
 
@@ -18,21 +19,29 @@ import torch
 import torch.nn.functional as F
 
 
-def make_noise(shape: tuple, generator: torch.Generator, noise_offset: float = 0.0,
+def make_noise(shape: tuple, generators: list, noise_offset: float = 0.0,
                multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
-    """Noise for latents of `shape` (B, C, H, W), on the CPU (the caller moves it)."""
+    """Noise for latents of `shape` (B, C, H, W), on the CPU (the caller moves it): sample k's from
+    generators[k] alone (`trainer.data.randomness`), so a sample's noise does not depend on its batch."""
+    return torch.stack([_sample_noise(tuple(shape[1:]), g, noise_offset, multires_iterations, multires_discount)
+                        for g in generators])
+
+
+def _sample_noise(shape: tuple, generator: torch.Generator, noise_offset: float, multires_iterations: int,
+                  multires_discount: float) -> torch.Tensor:
     noise = torch.randn(shape, generator=generator)
-    b, c, h, w = shape
+    c, h, w = shape
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator)
+        noise = noise + noise_offset * torch.randn((c, 1, 1), generator=generator)
     if multires_iterations:
         upsample = torch.nn.Upsample(size=(h, w), mode="bilinear")
         for i in range(multires_iterations):
-            r = float(torch.rand(1, generator=generator)) * 2 + 2  # each level 2-4x coarser, drawn per step
+            r = float(torch.rand(1, generator=generator)) * 2 + 2  # each level 2-4x coarser, drawn per sample
             hi, wi = max(1, int(h / r ** i)), max(1, int(w / r ** i))
-            noise = noise + upsample(torch.randn((b, c, hi, wi), generator=generator)) * multires_discount ** i
+            noise = noise + upsample(torch.randn((1, c, hi, wi), generator=generator))[0] * multires_discount ** i
             if hi == 1 or wi == 1:
                 break
+        # Renormalised per sample (sd-scripts divides by the batch's std): the same whatever the batch.
         noise = noise / noise.std()
     return noise
 

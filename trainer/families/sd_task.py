@@ -7,9 +7,10 @@ task adds LoRA layers to it for one job and removes them in `detach()`, so nothi
 reaches the next.
 
 Loss: the standard noise-prediction MSE (or v-prediction when the scheduler's `prediction_type` is
-`v_prediction`) at a uniformly sampled timestep. All randomness of a step (crops and flips, latent
-sampling, noise, timesteps) comes from the `generator` the loop passes in, whose state is checkpointed:
-that is what makes a resumed run bit-identical to an uninterrupted one.
+`v_prediction`) at a uniformly sampled timestep. All randomness of a sample (crop and flip, caption
+options, latent sampling, noise, timestep) comes from its own generator, keyed by its global index
+(`trainer.data.randomness`): a resumed run is bit-identical to an uninterrupted one, and W data-parallel
+ranks draw what one rank would.
 
 Caches (`prepare`): `cache_latents` encodes every image once (its latent distribution is still sampled
 per step); `cache_text_embeddings` (when the text encoders are frozen) encodes every distinct caption
@@ -37,6 +38,7 @@ import trainer.families.losses as losses
 import trainer.families.peft_lora as peft_lora
 from trainer.config import TrainConfig
 from trainer.data.images import ImageDataset
+from trainer.data.randomness import randn_per_sample
 from trainer.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -232,13 +234,13 @@ class SdTask:
                     self.text_cache[caption] = hit
 
     def _latents(self, indices: list[int], dataset: ImageDataset,
-                 generator: torch.Generator) -> tuple[torch.Tensor, list[tuple]]:
+                 generators: list[torch.Generator]) -> tuple[torch.Tensor, list[tuple]]:
         """Latents of the samples and, per sample, (original size, crop top-left, target size)."""
         mean, std, items, self._masks = latent_cache.batch_latents(
-            self.latent_cache, indices, dataset, generator, self.base.vae, self.device, self.cfg.masked_loss)
+            self.latent_cache, indices, dataset, generators, self.base.vae, self.device, self.cfg.masked_loss)
         geometry = [self.latent_cache[i][2] for i in indices] if items is None else [_geometry(it) for it in items]
-        # Sampling the latent distribution with our generator (not the VAE's internal RNG) keeps it resumable.
-        eps = torch.randn(mean.shape, generator=generator)
+        # Sampling the latent distribution with our generators (not the VAE's internal RNG) keeps it resumable.
+        eps = randn_per_sample(tuple(mean.shape[1:]), generators)
         return ((mean + std * eps) * self.base.vae.config.scaling_factor).to(self.device), geometry
 
     # --- conditioning (SDXL overrides these two) ---------------------------------------------------
@@ -264,17 +266,17 @@ class SdTask:
                     for k in self.text_cache[captions[0]]}
         return self.encode_text(captions)
 
-    def loss(self, indices: list[int], dataset: ImageDataset, generator: torch.Generator,
+    def loss(self, indices: list[int], dataset: ImageDataset, generators: list[torch.Generator],
              autocast) -> torch.Tensor:
         base = self.base
         cfg = self.cfg
-        latents, geometry = self._latents(indices, dataset, generator)
-        captions = [dataset.caption(i, generator) for i in indices]  # caption options draw from the generator
-        # Noise and timesteps are drawn on the CPU generator and moved: identical on every device.
-        noise = losses.make_noise(tuple(latents.shape), generator, cfg.noise_offset, cfg.multires_noise_iterations,
+        latents, geometry = self._latents(indices, dataset, generators)
+        captions = [dataset.caption(i, g) for i, g in zip(indices, generators)]  # caption options
+        # Noise and timesteps are drawn on the CPU generators and moved: identical on every device.
+        noise = losses.make_noise(tuple(latents.shape), generators, cfg.noise_offset, cfg.multires_noise_iterations,
                                   cfg.multires_noise_discount).to(self.device)
-        steps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (len(indices),),
-                              generator=generator).to(self.device)
+        steps = torch.cat([torch.randint(0, base.noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                           for g in generators]).to(self.device)
         noisy = base.noise_scheduler.add_noise(latents, noise, steps)
         if base.noise_scheduler.config.prediction_type == "v_prediction":
             target = base.noise_scheduler.get_velocity(latents, noise, steps)
@@ -295,6 +297,9 @@ class SdTask:
     def adapters_disabled(self):
         """The base without this LoRA inside the block (the evaluation's base arm), nothing reloaded."""
         return peft_lora.disabled(*self.models.values())
+
+    def loss_units(self, indices: list[int], dataset: ImageDataset) -> int:
+        return len(indices)  # the loss is a mean over samples
 
     def export_extra(self, output_dir: Path) -> list[Path]:
         return []  # the kohya-format <name>.safetensors is the one format A1111, ComfyUI and diffusers read

@@ -4,7 +4,8 @@ A checkpoint folder `checkpoints/step-00000042/` holds:
 
     lora.safetensors     the LoRA weights (kohya keys, same as the final file)
     optimizer.pt         AdamW state, LR scheduler state and GradScaler state (tensors/numbers only)
-    rng.pt               RNG states: the loop's data/noise generator, torch CPU (+ CUDA), numpy, python
+    rng.pt               global RNG states: torch CPU (+ CUDA), numpy, python; with W data-parallel ranks
+                         every rank's under "ranks" (per-sample draws need none: trainer.data.randomness)
     state.json           TrainState (step, epoch, data cursor), config hash and training fields,
                          dataset fingerprint, library versions, time
     manifest.json        sha256 and size of each file above
@@ -61,10 +62,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def capture_rng(generator: torch.Generator) -> dict:
+def capture_rng() -> dict:
     np_state = np.random.get_state()
     return {
-        "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
@@ -72,8 +72,7 @@ def capture_rng(generator: torch.Generator) -> dict:
     }
 
 
-def restore_rng(rng: dict, generator: torch.Generator) -> None:
-    generator.set_state(rng["generator"])
+def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -246,9 +245,8 @@ def now() -> float:
 def isolated_rng():
     """Run side work (samples, validation) without moving the global RNGs the training run uses, so a
     run with sampling or validation draws the same numbers as one without (and resumes bit-identically)."""
-    state = capture_rng(torch.Generator())
+    state = capture_rng()
     try:
         yield
     finally:
-        g = torch.Generator()
-        restore_rng(state, g)
+        restore_rng(state)

@@ -6,9 +6,10 @@ model cache, its reporter and a stop flag). The job reports through one interfac
 is in, writes a checkpoint and raises `TrainingInterrupted`.
 
 Determinism and resume: each epoch's data order is a permutation derived from (seed, epoch); every
-other random draw of a step (latent sampling, noise, timesteps, crops/flips) comes from one CPU
-generator whose state is in the checkpoint, with the global RNGs. So a run resumed from step K is
-bit-identical on the CPU to one that never stopped. On resume the checkpoint wins for progress
+other random draw for a sample (latent sampling, noise, timestep, crop/flip, caption options) comes from
+that sample's own generator, keyed by its global index (`trainer.data.randomness`); the global RNGs (of
+every rank) are in the checkpoint. So a run resumed from step K is bit-identical on the CPU to one that
+never stopped, and W data-parallel ranks (`trainer.training.distributed`, `rank`) train what one would. On resume the checkpoint wins for progress
 (step, cursor, optimizer, RNG); the config must match it in every training field, or the job refuses
 (see `trainer.runs.checkpoint.choose_resume`).
 """
@@ -30,7 +31,8 @@ from trainer import families
 from trainer.checks.preflight import Checked, optimizer_problems
 from trainer.config import TrainConfig, dump_config
 from trainer.data.images import epoch_batches, epoch_items
-from trainer.errors import ConfigError, TrainingInterrupted, TrainingPaused
+from trainer.data.randomness import sample_generators
+from trainer.errors import ConfigError, Problem, TrainingInterrupted, TrainingPaused
 from trainer.events import FanOut, Reporter, event
 from trainer.runs import checkpoint as ckpt
 from trainer.runs.history import RunManifest, begin_run, refusal
@@ -39,6 +41,7 @@ from trainer.runs.outputs import (RunLogs, atomic_write_json, atomic_write_text,
 from trainer.runs.report import write_loss_png
 from trainer.training import optim
 from trainer.training.ema import Ema
+from trainer.training.ranks import Rank
 from trainer.training.model_cache import BaseModelCache, file_identity
 from trainer.training.watch import RunWatch
 
@@ -69,7 +72,7 @@ class LoraTrainingJob:
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
                  resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
                  infra_retries: list[dict] | None = None, sweep: dict | None = None,
-                 release: tuple[Path, str] | None = None):
+                 release: tuple[Path, str] | None = None, rank: Rank | None = None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
@@ -84,8 +87,9 @@ class LoraTrainingJob:
         self.env = dict(os.environ if env is None else env)
         self.device = pick_device(device)
         self.resume_reason = resume_reason
+        self.rank = rank or Rank.single()  # data parallel: rank 0 alone writes and reports
         self.logs = RunLogs(self.cfg.output_dir)
-        self.reporter = FanOut(self.logs, reporter)
+        self.reporter = FanOut(self.logs, reporter) if self.rank.is_main else FanOut()
         self.state = ckpt.TrainState()
         self.resumed_from: int | None = None
         self.task = None
@@ -94,6 +98,8 @@ class LoraTrainingJob:
         self._base_key = None
         self._started = time.time()
         self._last_saved_step = -1
+        self._early_stop = False  # rank 0's early-stopping decision, broadcast to every rank
+        self.world_size_change: dict | None = None  # a resume allowed onto another W (run.json)
         self.train_size: int | None = None  # the dataset's first train_size samples train; the rest validate
 
     # --------------------------------------------------------------------------------------------
@@ -103,20 +109,31 @@ class LoraTrainingJob:
         if problems:
             raise ConfigError(problems, self.checked.source)
         # Which run this is (resume / new / nothing to do / refuse): trainer.runs.history, before anything is written.
-        self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
-        choice = self.run_start.decision
-        if choice.action == "refuse":
-            raise refusal(cfg, choice, self.checked.source)
-        if choice.action == "nothing":
-            self.reporter.emit(event("run", action="nothing", reason=choice.reason, run_id=self.run_start.run_id))
+        # Rank 0 decides (it moves a previous run away); the other ranks follow its decision.
+        refused = None
+        if self.rank.is_main:
+            self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
+            choice = self.run_start.decision
+            refused = refusal(cfg, choice, self.checked.source) if choice.action == "refuse" else \
+                self._world_size_refusal(choice.checkpoint)
+        action, resume_path, refused = self.rank.broadcast_object(
+            (choice.action if self.rank.is_main else None, choice.checkpoint if self.rank.is_main else None, refused))
+        if refused is not None:
+            raise refused
+        self.nothing_to_do = action == "nothing"
+        if self.nothing_to_do:
+            if self.rank.is_main:
+                self.reporter.emit(event("run", action="nothing", reason=choice.reason, run_id=self.run_start.run_id))
             return
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.weight_dtype, self.autocast, use_scaler = self._precision()
+        self.weight_dtype, self.autocast, self._use_scaler = self._precision()
+        if not self.rank.is_main:
+            self._setup_training(resume_path)
+            return
 
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        resume_path = choice.checkpoint
         self.run_start.manifest = RunManifest.continue_or_start(cfg.output_dir, self.run_start.run_id)
         self.run_start.record("config.yaml", "run.json", "logs/loss.csv", "logs/events.jsonl")
         self.logs.open(None if resume_path is None else self._checkpoint_step(resume_path))
@@ -127,19 +144,29 @@ class LoraTrainingJob:
         for note in self.checked.scan.notes:  # what the data scan decided (text: format, lengths, first example)
             self.reporter.emit(event("message", text=note))
         atomic_write_text(cfg.output_dir / "config.yaml", dump_config(cfg))
+        self._setup_training(resume_path)
+        if resume_path is not None:
+            self.reporter.emit(event("resumed", from_step=self.state.global_step, checkpoint=str(resume_path),
+                                     reason=self.resume_reason))
+        self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.training.watch)
+        self._write_run_json("running")
+        self.reporter.emit(event(
+            "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
+            samples=self.train_size, batch_size=self.micro_batch, grad_accum=cfg.gradient_accumulation_steps,
+            resumed_from=self.resumed_from, output_dir=str(cfg.output_dir), warm=self.warm,
+            warm_move_s=self.warm_move_s))
 
+    def _setup_training(self, resume_path: Path | None) -> None:
+        """What every rank does: the task, optimizer and scheduler, the checkpoint or init LoRA, the caches."""
+        cfg = self.cfg
         self.task, self.dataset = self._build_task()
         self.task.train()
         self.optimizer = optim.build_optimizer(cfg, self.task.param_groups(), self.device.type)
         self.total_steps = cfg.max_train_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = optim.build_scheduler(cfg, self.optimizer, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-
+        self.scaler = torch.amp.GradScaler("cuda") if self._use_scaler else None
         if resume_path is not None:
             self._restore(resume_path)
-            self.reporter.emit(event("resumed", from_step=self.state.global_step, checkpoint=str(resume_path),
-                                     reason=self.resume_reason))
         elif cfg.init_lora_weights is not None:
             from trainer.families.lora_io import read_lora_file
 
@@ -151,13 +178,28 @@ class LoraTrainingJob:
         self.task.prepare(self.dataset, self.autocast)  # caches (latents, frozen text-encoder outputs) the config asks for
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.watch = RunWatch(self)  # validation, samples, early stopping, the report (trainer.training.watch)
-        self._write_run_json("running")
-        self.reporter.emit(event(
-            "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
-            samples=self.train_size, batch_size=cfg.batch_size, grad_accum=cfg.gradient_accumulation_steps,
-            resumed_from=self.resumed_from, output_dir=str(cfg.output_dir), warm=self.warm,
-            warm_move_s=self.warm_move_s))
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per micro-batch over all ranks: batch_size, or W x batch_size_per_device."""
+        per_device = self.cfg.batch_size_per_device
+        return self.cfg.batch_size if per_device is None else per_device * self.rank.world_size
+
+    def _world_size_refusal(self, checkpoint: Path | None) -> ConfigError | None:
+        """The refusal to resume `checkpoint` on this many ranks (None: it is not refused)."""
+        if checkpoint is None:
+            return None
+        written = ckpt.read_state(checkpoint).get("world_size", 1)
+        if written == self.rank.world_size:
+            return None
+        if self.cfg.allow_world_size_change:
+            self.world_size_change = {"from": written, "to": self.rank.world_size, "checkpoint": str(checkpoint)}
+            return None
+        return ConfigError([Problem(
+            "resume", f"checkpoint {checkpoint} was written by {written} data-parallel rank(s), this run has "
+            f"{self.rank.world_size}: the result would not be bit-exact (per-rank float sums differ); set devices "
+            f"to {written} ranks, or allow_world_size_change: true to resume anyway", "", self.cfg.resume)],
+            self.checked.source)
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -170,9 +212,23 @@ class LoraTrainingJob:
         return math.ceil(len(self._epoch_batches(0)) / self.cfg.gradient_accumulation_steps)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's micro-batches of training samples, one bucket each, from (seed, epoch) alone
-        (`trainer.data.images.epoch_batches`): a resume recomputes its place without re-reading data."""
-        return epoch_batches(self.dataset.samples[:self.train_size], self.cfg.seed, epoch, self.cfg.batch_size)
+        """The epoch's micro-batches of training samples (over all ranks), one bucket each, from (seed, epoch)
+        alone (`trainer.data.images.epoch_batches`): a resume recomputes its place without re-reading data."""
+        return epoch_batches(self.dataset.samples[:self.train_size], self.cfg.seed, epoch, self.micro_batch)
+
+    def _micro_batch_loss(self, indices: list[int], first: int, parts: int) -> float:
+        """Backward of this rank's share of one micro-batch whose first sample has global index `first`
+        (weighted by its share of the loss units, and by 1/`parts` for accumulation); returns its loss part."""
+        share = self.rank.share(list(range(len(indices))))
+        if not share:
+            return 0.0
+        mine = [indices[k] for k in share]
+        generators = sample_generators(self.cfg.seed, [first + k for k in share])
+        loss = self.task.loss(mine, self.dataset, generators, self.autocast) / parts
+        if self.rank.world_size > 1:
+            loss = loss * (self.task.loss_units(mine, self.dataset) / self.task.loss_units(indices, self.dataset))
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.item()
 
     def _checkpoint_step(self, path: Path) -> int:
         return ckpt.read_state(path)["train_state"]["global_step"]
@@ -219,7 +275,8 @@ class LoraTrainingJob:
         self.scheduler.load_state_dict(data["optim"]["scheduler"])
         if self.scaler is not None and data["optim"].get("scaler"):
             self.scaler.load_state_dict(data["optim"]["scaler"])
-        ckpt.restore_rng(data["rng"], self.generator)
+        ranks = data["rng"].get("ranks") or [data["rng"]]  # every rank's RNG state (one: as written by W=1)
+        ckpt.restore_rng(ranks[self.rank.rank % len(ranks)])
         self._restored_ema = data["optim"].get("ema")
         self.state = ckpt.TrainState.from_dict(data["state"]["train_state"])
         self.resumed_from = self.state.global_step
@@ -230,18 +287,22 @@ class LoraTrainingJob:
         cfg, state = self.cfg, self.state
         accum = cfg.gradient_accumulation_steps
         recent: list[float] = []
-        self.watch.start()
+        main = self.rank.is_main
+        if main:
+            self.watch.start()
         t_last, times = time.perf_counter(), []
-        while state.global_step < self.total_steps and not self.watch.stopped_early:
+        epoch_samples = len(epoch_items(self.dataset.samples[:self.train_size]))
+        while state.global_step < self.total_steps and not self._early_stop:
             batches = self._epoch_batches(state.epoch)
-            while state.cursor < len(batches) and state.global_step < self.total_steps \
-                    and not self.watch.stopped_early:
+            starts = [0]  # each micro-batch's first sample's place in the epoch
+            for b in batches:
+                starts.append(starts[-1] + len(b))
+            while state.cursor < len(batches) and state.global_step < self.total_steps and not self._early_stop:
                 group = batches[state.cursor: state.cursor + accum]
-                step_loss = 0.0
-                for indices in group:
-                    loss = self.task.loss(indices, self.dataset, self.generator, self.autocast) / len(group)
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-                    step_loss += loss.item()
+                first = state.epoch * epoch_samples
+                step_loss = sum(self._micro_batch_loss(indices, first + starts[state.cursor + k], len(group))
+                                for k, indices in enumerate(group))
+                [step_loss] = self.rank.reduce_gradients(self._params(), [step_loss])
                 grad_norm = self._optimizer_step()
                 state.cursor += len(group)
                 state.global_step += 1
@@ -253,15 +314,19 @@ class LoraTrainingJob:
                 times = (times + [now - t_last])[-20:]
                 t_last = now
                 recent = (recent + [step_loss])[-20:]
-                val_loss = self.watch.validate(state.global_step)
-                self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times), val_loss)
-                self.watch.after_step(state.global_step, state.epoch + 1 if state.cursor >= len(batches) else None)
+                if main:
+                    val_loss = self.watch.validate(state.global_step)
+                    self._report_step(step_loss, grad_norm, sum(recent) / len(recent), len(times) / sum(times),
+                                      val_loss)
+                    self.watch.after_step(state.global_step, state.epoch + 1 if state.cursor >= len(batches) else None)
                 t_last = time.perf_counter()  # step time never includes validation or sampling
 
-                if self.pause.is_set():
+                pause, stop, self._early_stop = self.rank.broadcast_flags(
+                    [self.pause.is_set(), self.stop.is_set(), main and self.watch.stopped_early])
+                if pause:
                     self.save_checkpoint()
                     raise TrainingPaused(f"paused at step {state.global_step}")
-                if self.stop.is_set():
+                if stop:
                     self.save_checkpoint()
                     raise TrainingInterrupted(f"stopped at step {state.global_step}")
                 if state.global_step % cfg.save_steps == 0:
@@ -271,10 +336,15 @@ class LoraTrainingJob:
                 state.cursor = 0
         if self._last_saved_step != state.global_step:
             self.save_checkpoint()
+        if not main:
+            return JobResult("succeeded", cfg.output_dir, None, state.global_step, recent[-1] if recent else None)
         return self._finish(recent[-1] if recent else None)
 
+    def _params(self) -> list:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def _optimizer_step(self) -> float | None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self._params()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = None
@@ -294,7 +364,7 @@ class LoraTrainingJob:
         lr = self.optimizer.param_groups[0]["lr"]
         epochs = cfg.epochs if not cfg.max_train_steps else math.ceil(self.total_steps / self.steps_per_epoch)
         self.logs.step({"step": st.global_step, "epoch": st.epoch + 1, "loss": loss, "lr": lr,
-                        "grad_norm": grad_norm, "samples_per_s": round(it_s * cfg.batch_size *
+                        "grad_norm": grad_norm, "samples_per_s": round(it_s * self.micro_batch *
                                                                        cfg.gradient_accumulation_steps, 3),
                         "elapsed_s": round(time.time() - self._started, 3), "val_loss": val_loss})
         logged = st.global_step % cfg.log_every == 0 or st.global_step == self.total_steps
@@ -303,18 +373,22 @@ class LoraTrainingJob:
                                  it_s=round(it_s, 3), eta_s=round((self.total_steps - st.global_step) / it_s, 1),
                                  logged=logged))
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Every rank's RNG state goes to rank 0, which writes the checkpoint (None on the other ranks)."""
         cfg = self.cfg
+        rngs = self.rank.gather_object(ckpt.capture_rng())
+        self._last_saved_step = self.state.global_step
+        if not self.rank.is_main:
+            return None
+        rng = rngs[0] if len(rngs) == 1 else {**rngs[0], "ranks": rngs}
         optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else {},
                  **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
         meta = {"train_state": self.state.state_dict(), "config_hash": cfg.config_hash(),
                 "training_fields": cfg.training_fields(), "data_fingerprint": self.checked.data_fingerprint,
-                "versions": library_versions(), "time": ckpt.now()}
+                "versions": library_versions(), "time": ckpt.now(), "world_size": self.rank.world_size}
         path = ckpt.save_checkpoint(self.checkpoints_dir, self.state.global_step, lora=self.task.lora_state(),
-                                    optim=optim, rng=ckpt.capture_rng(self.generator), state=meta,
-                                    keep=cfg.keep_checkpoints)
-        self._last_saved_step = self.state.global_step
+                                    optim=optim, rng=rng, state=meta, keep=cfg.keep_checkpoints)
         self.run_start.record(path)
         self.reporter.emit(event("checkpoint", step=self.state.global_step, path=str(path)))
         return path
@@ -437,6 +511,8 @@ class LoraTrainingJob:
                       "started": self._started, "finished": time.time() if status != "running" else None},
             "resumes": resumes,
             "infra_retries": self.infra_retries,
+            "world_size": self.rank.world_size,
+            **({"world_size_change": self.world_size_change} if self.world_size_change else {}),
             "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
             "peak_memory_mib": self.peak_memory_mib(),
             "network": self._network_info(),
@@ -462,8 +538,8 @@ class LoraTrainingJob:
             torch.cuda.empty_cache()
 
     def fail(self, outcome: str, error: str) -> None:
-        """Record a failed or cancelled end in run.json (the caller reports the event)."""
-        if self.task is not None and self.cfg.output_dir.exists():
+        """Record a failed or cancelled end in run.json (the caller reports the event; rank 0 alone writes)."""
+        if self.task is not None and self.rank.is_main and self.cfg.output_dir.exists():
             self._write_run_json(outcome, error=error)
             with contextlib.suppress(Exception):  # the chart is a convenience; never mask the real error
                 self.run_start.record(write_loss_png(self.cfg.output_dir))
@@ -472,7 +548,9 @@ class LoraTrainingJob:
         """setup + train + cleanup, with a cancelled or failed end reported and recorded."""
         try:
             self.setup()
-            if self.run_start.decision.action == "nothing":
+            if self.nothing_to_do and not self.rank.is_main:
+                return JobResult("succeeded", self.cfg.output_dir, None, 0, None)
+            if self.nothing_to_do:
                 prev = self.run_start.previous
                 self.reporter.emit(event("finished", outcome="succeeded", final_loss=prev.final_loss,
                                          output_dir=str(self.cfg.output_dir), step=prev.steps))

@@ -1,8 +1,8 @@
 """Validation loss: the held-out set (`trainer.data.holdout`), scored at fixed timesteps and fixed noise.
 
 Each
-validation batch `b` draws its noise, timesteps and latent samples from a generator seeded with
-`VALIDATION_SEED + b`: the same draws at every validation and in every run of the same data, so two
+held-out sample draws its noise, timestep and latent sample from its own generator, keyed by
+(`VALIDATION_SEED`, its dataset index) (`trainer.data.randomness`): the same draws at every validation and in every run of the same data, so two
 runs' validation losses at equal steps are comparable (and equal for the same config). Validation
 runs under `torch.no_grad()` with the global RNGs left as they were, so it never changes training.
 Text mode: the same next-token loss on held-out texts.
@@ -30,17 +30,19 @@ def evaluate(task, dataset, indices: list[int], batch_size: int, autocast) -> fl
     """Mean validation loss over `indices` (weighted by batch size), at fixed noise and timesteps."""
     import torch
 
-    from trainer.runs.checkpoint import isolated_rng
     from trainer.data.images import bucket_batches
+    from trainer.data.randomness import sample_generators
+    from trainer.runs.checkpoint import isolated_rng
 
     total, count = 0.0, 0
     task.eval()
     try:
         with torch.no_grad(), isolated_rng():
             # Batches of one bucket each (one batch shape); without buckets, consecutive slices.
-            for b, batch in enumerate(bucket_batches(dataset.samples, indices, batch_size)):
-                generator = torch.Generator().manual_seed(VALIDATION_SEED + b)
-                total += float(task.loss(batch, dataset, generator, autocast)) * len(batch)
+            for batch in bucket_batches(dataset.samples, indices, batch_size):
+                # Each held-out sample's own fixed draws (its dataset index as its key): the same every time.
+                generators = sample_generators(VALIDATION_SEED, batch)
+                total += float(task.loss(batch, dataset, generators, autocast)) * len(batch)
                 count += len(batch)
     finally:
         task.train()

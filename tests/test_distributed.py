@@ -1,0 +1,220 @@
+"""One job on several devices (issue 23): the device plan's decisions as a table, and W=2 CPU ranks over gloo
+against one rank with the whole batch - the tiny SD with buckets (a bucket's short last batch leaves one rank
+an empty share) and random flips, and the tiny causal LM (rows of different lengths: ranks weigh their shares
+by predicted tokens). Each W=2 run spawns two rank processes (~6 s of torch import each), so there is one per
+family, shared through `built_once`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BIN
+from tests.test_datasets import config as image_config
+from tests.test_datasets import image
+from tests.test_train_text import write_text_config
+from trainer.checks.devices import DevicesError, plan_world, split_advice
+from trainer.checks.preflight import preflight
+from trainer.errors import ConfigError
+from trainer.gpus import GpuFacts
+
+pytestmark = pytest.mark.xdist_group("distributed")
+
+# fp32 on the CPU: W=2 sums each rank's share and then the ranks' gradients, W=1 sums the whole batch at once.
+# The same numbers in another order: the LoRA weights agree to float rounding after the steps below.
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def gpu(index: int, uuid: str) -> GpuFacts:
+    return GpuFacts(index, uuid, "NVIDIA H100 80GB HBM3", 81559, 0, 81559, 0, 30, "12.4", [])
+
+
+BOX = [gpu(0, "GPU-aaaa1111"), gpu(1, "GPU-bbbb2222"), gpu(2, "GPU-cccc3333")]
+
+
+@pytest.mark.parametrize("devices, batch, per_device, gpus, cpus, want", [
+    (None, 4, None, BOX, 2, (("cuda:0",), 4, 4)),
+    (2, 4, None, BOX, 2, (("cuda:0", "cuda:1"), 2, 4)),
+    ("all", 6, None, BOX, 2, (("cuda:0", "cuda:1", "cuda:2"), 2, 6)),
+    ([2, "GPU-aaaa"], 4, None, BOX, 2, (("cuda:2", "cuda:0"), 2, 4)),  # indices and UUID prefixes
+    (2, 1, 3, BOX, 2, (("cuda:0", "cuda:1"), 3, 6)),  # batch_size_per_device: the batch grows
+    (2, 4, None, [], 2, (("cpu", "cpu"), 2, 4)),  # no GPU: CPU ranks
+    ("all", 4, None, [], 2, (("cpu", "cpu"), 2, 4)),
+])
+def test_plan_world(devices, batch, per_device, gpus, cpus, want):
+    plan = plan_world(devices, batch, per_device, gpus, cpus)
+    assert (plan.devices, plan.per_rank_batch, plan.micro_batch) == want
+    assert plan.world_size == len(want[0])
+
+
+@pytest.mark.parametrize("devices, batch, gpus, cpus, field, text", [
+    (4, 4, BOX, 2, "devices", "asks for 4 GPUs, but this box has 3: 0: NVIDIA H100 80GB HBM3 (GPU-aaaa1111); "
+                              "1: NVIDIA H100"),
+    ([0, "GPU-aaaa1111"], 4, BOX, 2, "devices", "'GPU-aaaa1111' is a GPU already listed"),
+    ([7], 4, BOX, 2, "devices", "device '7' matches no GPU on this box; GPUs here: 0:"),
+    (3, 4, [], 2, "devices", "asks for 3 CPU ranks, but this box has 2 CPU slot(s) and no GPU"),
+    ([0, 1], 4, [], 2, "devices", "lists GPUs, but this box has none (CPU only)"),
+    (3, 4, BOX, 2, "batch_size", "4 does not split over 3 devices (each rank trains batch_size / 3): use "
+                                 "batch_size 3 or 6, or batch_size_per_device: N for N per device"),
+])
+def test_plan_world_refusals(devices, batch, gpus, cpus, field, text):
+    with pytest.raises(DevicesError) as e:
+        plan_world(devices, batch, None, gpus, cpus)
+    assert any(p.field == field and text in p.message for p in e.value.problems), e.value.problems
+
+
+def test_split_advice_nearest_values():
+    assert "use batch_size 2 or 4" in split_advice(3, 2)
+    assert "use batch_size 8" in split_advice(1, 8)  # no 0
+
+
+def test_config_refusals(tmp_path, assets):
+    """The config's own checks (line numbers from the YAML): devices with device, a GPU listed twice,
+    batch_size with batch_size_per_device."""
+    path = image_config(tmp_path, assets, train_data_dir=str(assets["shapes"]), devices=[0, 0], device=1,
+                        batch_size_per_device=2)
+    with pytest.raises(ConfigError) as e:
+        preflight(path)
+    found = {p.field: p for p in e.value.problems}
+    assert "cannot be combined with device" in found["devices"].message or \
+        any("cannot be combined with device" in p.message for p in e.value.problems)
+    assert any(p.field == "devices" and "lists 0 more than once" in p.message for p in e.value.problems)
+    assert found["batch_size_per_device"].line is not None
+    assert "cannot be combined with batch_size" in found["batch_size_per_device"].message
+
+
+# ------------------------------------------------------------------------------------------------
+# W=2 against W=1
+
+
+@pytest.fixture(scope="module")
+def mixed(built_once) -> Path:
+    """Seven images of three aspect ratios: three buckets, two of them with an odd count."""
+    def build(folder: Path) -> None:
+        for i, size in enumerate([(32, 32), (48, 24), (24, 48), (32, 32), (48, 24), (24, 48), (40, 32)]):
+            image(folder / f"{i}.png", size, caption="a red circle")
+    return built_once("ddp-mixed-aspect", build)
+
+
+def bucket_config(folder: Path, assets, data: Path, **fields) -> Path:
+    return image_config(folder, assets, train_data_dir=str(data), enable_bucket=True, min_bucket_reso=16,
+                        max_bucket_reso=64, bucket_reso_steps=8, batch_size=2, max_train_steps=None, epochs=2,
+                        random_flip=True, center_crop=False, save_steps=5, name="sd", **fields)
+
+
+def lm_config(folder: Path, assets, **fields) -> Path:
+    return write_text_config(folder, assets, max_train_steps=6, save_steps=3, batch_size=4, name="lm", **fields)
+
+
+def two_ranks(built_once, name: str, make) -> Path:
+    """`make(folder, devices=2)`'s run through `lora-train` (two gloo ranks), once per session."""
+    def build(folder: Path) -> None:
+        proc = subprocess.run([str(BIN / "lora-train"), "--config", str(make(folder, devices=2))],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        (folder / "console.txt").write_text(proc.stdout)
+    return built_once(name, build)
+
+
+def one_rank(folder: Path, make):
+    from trainer.training.job import LoraTrainingJob
+
+    result = LoraTrainingJob(preflight(make(folder))).run()
+    assert result.outcome == "succeeded"
+    return folder / "out"
+
+
+def lora(out: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / f"{name}.safetensors")
+
+
+def losses(out: Path) -> list[float]:
+    from trainer.runs.outputs import read_loss_csv
+
+    return [float(r["loss"]) for r in read_loss_csv(out / "logs/loss.csv")]
+
+
+def assert_same_training(one: Path, two: Path, name: str) -> None:
+    a, b = lora(one, name), lora(two, name)
+    assert a.keys() == b.keys()
+    moved = [k for k in a if "lora_up" in k and a[k].abs().max() > 0]
+    assert moved, "the LoRA did not train"
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=RTOL, atol=ATOL), (k, (a[k] - b[k]).abs().max())
+    la, lb = losses(one), losses(two)
+    assert len(la) == len(lb) and torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=RTOL, atol=ATOL), (la, lb)
+
+
+def test_sd_with_buckets_two_ranks_train_what_one_does(built_once, assets, mixed, tmp_path):
+    two = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
+    one = one_rank(tmp_path, lambda f: bucket_config(f, assets, mixed))
+    assert_same_training(one, two, "sd")
+    console = (two.parent / "console.txt").read_text()
+    assert console.count("step ") >= len(losses(two))  # rank 0 alone reports: one line per step, not two
+    run = json.loads((two / "run.json").read_text())
+    assert run["status"] == "succeeded" and run["config"]["devices"] == 2
+    from trainer.runs.checkpoint import list_checkpoints, load_checkpoint, read_state
+
+    newest = list_checkpoints(two / "checkpoints")[0]
+    assert read_state(newest)["world_size"] == 2
+    rng = load_checkpoint(newest)["rng"]
+    assert len(rng["ranks"]) == 2  # every rank's RNG state, in the one atomically renamed folder
+
+
+def test_causal_lm_two_ranks_train_what_one_does(built_once, assets, tmp_path):
+    two = two_ranks(built_once, "ddp-lm", lambda f, **kw: lm_config(f, assets, **kw)) / "out"
+    one = one_rank(tmp_path, lambda f: lm_config(f, assets))
+    assert_same_training(one, two, "lm")
+
+
+def test_resume_with_another_world_size_is_refused_unless_allowed(built_once, assets, mixed, tmp_path):
+    from trainer.runs.checkpoint import list_checkpoints
+    from trainer.training.job import LoraTrainingJob
+
+    two = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
+    checkpoint = shutil.copytree(list_checkpoints(two / "checkpoints")[-1], tmp_path / "step-5")  # steps remain
+    folder = tmp_path / "w1"
+    folder.mkdir()
+    path = bucket_config(folder, assets, mixed, resume=str(checkpoint))
+    with pytest.raises(ConfigError) as e:
+        LoraTrainingJob(preflight(path)).run()
+    (p,) = e.value.problems
+    assert p.field == "resume" and "written by 2 data-parallel rank(s), this run has 1" in p.message
+    assert "allow_world_size_change: true" in p.message
+    assert not (folder / "out/checkpoints").exists()  # refused before anything was written
+
+    path.write_text(path.read_text() + "allow_world_size_change: true\n")
+    result = LoraTrainingJob(preflight(path)).run()
+    assert result.outcome == "succeeded" and result.resumed_from is not None
+    run = json.loads((folder / "out/run.json").read_text())
+    assert run["world_size_change"] == {"from": 2, "to": 1, "checkpoint": str(checkpoint)}
+
+
+def test_daemon_refuses_several_devices_at_submit(tmp_path, assets):
+    """agentd places a job on one slot: `devices: 2` is refused at submit with the way to run it (exit 2's
+    invalid_config), and the box's own problems come first (more GPUs than the box has, listed)."""
+    from agentd.scheduler import SubmitRefused
+    from tests.fake_nvml import FakeGpu, FakeNvml
+    from tests.test_scheduler_gate import gpu_slots, make_scheduler, submit
+
+    nvml = FakeNvml([FakeGpu("NVIDIA GeForce RTX 3090", total_mib=24576), FakeGpu("NVIDIA GeForce RTX 3090",
+                                                                                  total_mib=24576)])
+    s = make_scheduler(tmp_path, nvml, gpu_slots(2))
+    try:
+        with pytest.raises(SubmitRefused) as e:
+            submit(s, tmp_path, assets, "two", devices=2)
+        assert e.value.code == "invalid_config" and "asks for 2 devices, but agentd runs each job on one slot" \
+            in e.value.message and "lora-train --config FILE" in e.value.message
+        with pytest.raises(SubmitRefused) as e:
+            submit(s, tmp_path, assets, "five", devices=5)
+        assert "asks for 5 GPUs, but this box has 2: 0: NVIDIA GeForce RTX 3090" in e.value.message
+        assert s.journal.jobs() == []  # nothing queued
+    finally:
+        s.shutdown(30)

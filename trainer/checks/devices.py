@@ -1,0 +1,116 @@
+"""Which devices one job trains on, and each rank's share of the batch: pure decisions, no torch.
+
+A config's `devices:` (a count, a list of GPU indices or UUIDs, or `all`) becomes a `WorldPlan`: one
+torch device per rank and each rank's micro-batch. `batch_size` is the micro-batch over all ranks (the
+same config on 1 or W devices trains the same model: W ranks each take batch_size / W of every
+micro-batch, and `gradient_accumulation_steps` multiplies as on one device); `batch_size_per_device` is the
+explicit alternative where the batch grows with W. Data parallel replicates the frozen base on every device:
+a base that does not fit one GPU does not fit W of them either (sharding a base over GPUs is not offered).
+
+On a box without GPUs `devices: N` means N CPU ranks over gloo, bounded by the CPU slots the caller has
+(the daemon's `cpu_slots`, or the machine's cores in the foreground).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.errors import Problem
+from trainer.gpus import GpuFacts, NoSuchDevice, gpu_list, match_device
+
+
+@dataclass(frozen=True)
+class WorldPlan:
+    """One job's ranks: `devices[r]` is rank r's torch device ("cuda:1", "cpu"); `gpus` the NVML indices
+    (empty on a CPU box); `per_rank_batch` each rank's share of a full micro-batch, `micro_batch` the whole."""
+
+    devices: tuple[str, ...]
+    gpus: tuple[int, ...]
+    per_rank_batch: int
+    micro_batch: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+
+class DevicesError(Exception):
+    """The config's devices or batch cannot work on this box: `problems` say which field and the fix."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("; ".join(p.message for p in problems))
+        self.problems = problems
+
+
+def requested_count(devices, available: int) -> int:
+    """How many ranks `devices:` asks for (None: 1; `all`: what is available; a list: its length)."""
+    if devices is None:
+        return 1
+    if devices == "all":
+        return max(1, available)
+    if isinstance(devices, list):
+        return len(devices)
+    return int(devices)
+
+
+def plan_world(devices, batch_size: int, batch_size_per_device: int | None, gpus: list[GpuFacts],
+               cpu_slots: int) -> WorldPlan:
+    """The ranks of a job on a box with `gpus` (healthy or not; none: CPU ranks, at most `cpu_slots`): a count
+    takes the first GPUs by index. Raises DevicesError naming what is wrong and the fix."""
+    problems: list[Problem] = []
+    if gpus:
+        indices = _pick_gpus(devices, gpus, problems)
+        targets = tuple(f"cuda:{i}" for i in indices)
+    else:
+        indices = ()
+        if isinstance(devices, list):
+            problems.append(Problem("devices", "lists GPUs, but this box has none (CPU only)",
+                                    "give a count (N CPU ranks over gloo) or run on a GPU box", devices))
+        count = requested_count(devices, cpu_slots)
+        if count > cpu_slots:
+            problems.append(Problem("devices", f"asks for {count} CPU ranks, but this box has {cpu_slots} CPU "
+                                    "slot(s) and no GPU", f"use devices: {cpu_slots} or fewer", devices))
+        targets = ("cpu",) * count
+    world = max(1, len(targets))
+    if batch_size_per_device is not None:
+        per_rank = batch_size_per_device
+    else:
+        per_rank = batch_size // world
+        if batch_size % world:
+            problems.append(Problem("batch_size", split_advice(batch_size, world), "", batch_size))
+    if problems:
+        raise DevicesError(problems)
+    return WorldPlan(targets, tuple(indices), per_rank, per_rank * world)
+
+
+def split_advice(batch_size: int, world: int) -> str:
+    """The message for a batch that does not split evenly over `world` ranks, with the nearest values that do."""
+    lower, upper = batch_size - batch_size % world, batch_size - batch_size % world + world
+    nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
+    return (f"{batch_size} does not split over {world} devices (each rank trains batch_size / {world}): "
+            f"use batch_size {nearest}, or batch_size_per_device: N for N per device")
+
+
+def _pick_gpus(devices, gpus: list[GpuFacts], problems: list[Problem]) -> tuple[int, ...]:
+    every = sorted(g.index for g in gpus)
+    if isinstance(devices, list):
+        picked: list[int] = []
+        for spec in devices:
+            try:
+                found = match_device(spec, gpus)
+            except NoSuchDevice as e:
+                problems.append(Problem("devices", str(e), "list GPUs this box has", spec))
+                continue
+            if len(found) > 1:
+                problems.append(Problem("devices", f"{spec!r} names {len(found)} GPUs; list each by index or UUID",
+                                        f"GPUs here: {gpu_list(gpus)}", spec))
+            elif found & set(picked):
+                problems.append(Problem("devices", f"{spec!r} is a GPU already listed", "list each GPU once", spec))
+            picked += sorted(found)[:1]
+        return tuple(picked)
+    count = requested_count(devices, len(every))
+    if count > len(every):
+        problems.append(Problem("devices", f"asks for {count} GPUs, but this box has {len(every)}: {gpu_list(gpus)}",
+                                f"use devices: {len(every)} or fewer, or devices: all", devices))
+        return ()
+    return tuple(every[:count])
+

@@ -1,0 +1,197 @@
+"""One job over W devices: data parallel with torch.distributed, only the LoRA gradients reduced.
+
+Why data parallel: the frozen base is replicated on each device and only the LoRA (a few MB) is trained,
+so one flat all-reduce of the LoRA gradients per optimizer step is all the traffic there is (NeMo's Flux
+LoRA default; FSDP is for bases that do not fit one GPU, not offered here: `trainer.checks.devices`).
+One flat all-reduce instead of DistributedDataParallel: DDP's autograd hooks meet gradient checkpointing's
+reentrant backward ("Expected to mark a variable ready only once") and gain nothing on a few MB of LoRA.
+
+How the batch is split (`Rank.share`): every micro-batch of the epoch's order (global, from
+(seed, epoch), `trainer.data.images.epoch_batches`) is cut into W contiguous shares of `per_rank_batch`
+samples; each rank computes the loss of its share weighted by its share of the micro-batch's loss units
+(samples; predicted tokens for text: `Task.loss_units`), so the sum over ranks is the mean one rank would
+compute, and a short last batch of a bucket (a share may be empty) is weighted right. Every sample draws
+its randomness from its own generator keyed by its global index (`trainer.data.randomness`), so W=2 with
+per-rank batch b trains what W=1 with batch 2b does, up to float summation order.
+
+Who does what: every rank builds the task, optimizer and scheduler (the LR scheduler steps once per
+optimizer step on every rank: the same schedule as one device), restores the same checkpoint and steps
+its optimizer on the same reduced gradients. Rank 0 alone writes (logs, events, checkpoints, samples,
+validation, outputs, run.json) and decides stop/pause/early stop, broadcast to the others after each step;
+at a checkpoint every rank's RNG state is gathered into it.
+
+The launcher (`run_ranks`): W processes started with torch.multiprocessing (spawn), rendezvous on
+127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective. The calling process
+(the daemon or lora-train) never joins the group: it relays rank 0's events and the stop/pause flags, and
+when a rank dies the others are terminated (torch's ProcessContext) and `RankDied` is raised, which the
+daemon treats as an infrastructure failure (re-queued, resumed from the last checkpoint), never a hang.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue as queue_mod
+import socket
+import threading
+from datetime import timedelta
+
+import torch
+
+from trainer.checks.devices import WorldPlan
+from trainer.training.ranks import Rank
+
+log = logging.getLogger(__name__)
+
+# A collective waits this long for the other ranks: longer than rank 0's longest side work between two
+# steps (a validation pass, a round of samples, a checkpoint), short enough that a hung rank fails the job.
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("AGENTD_COLLECTIVE_TIMEOUT_S", "900"))
+
+
+class RankDied(RuntimeError):
+    """A rank process ended without finishing (killed, crashed): the job resumes from its last checkpoint.
+    The text carries "data-parallel rank" (agentd.failures counts it as the machine's fault)."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous binds it a moment later: the usual launcher race, small)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QueueReporter:
+    """Rank 0's events, sent to the launcher (which hands them to the job's real reporter)."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def emit(self, ev) -> None:
+        self.q.put(ev)
+
+
+def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: threading.Event | None,
+              job_kwargs: dict):
+    """Run the job on `plan`'s ranks (this process joins no group) and return rank 0's JobResult.
+    Raises what the first failing rank raised (ConfigError, ...), or RankDied when a rank ended without
+    finishing (killed)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    events, results = ctx.Queue(), ctx.Queue()
+    stop_ev, pause_ev = ctx.Event(), ctx.Event()
+    address = ("127.0.0.1", free_port())
+    context = mp.start_processes(_rank_main, args=(plan, address, checked, events, results, stop_ev, pause_ev,
+                                                   job_kwargs),
+                                 nprocs=plan.world_size, join=False, start_method="spawn")
+    try:
+        while True:
+            _relay(events, reporter)
+            if stop.is_set():
+                stop_ev.set()
+            if pause is not None and pause.is_set():
+                pause_ev.set()
+            try:
+                if context.join(timeout=0.2):
+                    break
+            except Exception as e:  # ProcessRaisedException / ProcessExitedException: the others are terminated
+                _relay(events, reporter)
+                errors = _drain(results)
+                # The error of the rank that failed first (the others then see "connection closed by peer").
+                first = errors.get(getattr(e, "error_index", -1)) or errors.get(0)
+                if first is not None and not isinstance(e, mp.ProcessExitedException):
+                    raise first[1] from None
+                raise RankDied(f"a data-parallel rank died: {_gist(e)}; the job resumes from its last "
+                               "checkpoint") from None
+        _relay(events, reporter)
+        outcome = _drain(results).get(0)
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    if outcome is None:
+        raise RankDied("a data-parallel rank ended without a result")
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], checked, events, results, stop, pause,
+               job_kwargs: dict) -> None:
+    """One rank process: join the group, run the job, report rank 0's result (a spawn target: module level)."""
+    import torch.distributed as dist
+
+    from trainer.training.job import LoraTrainingJob
+
+    _die_with_parent()
+    device = plan.devices[rank]
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            init_method=f"tcp://{address[0]}:{address[1]}", rank=rank, world_size=plan.world_size,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    me = Rank(rank, plan.world_size, plan.per_rank_batch)
+    reporter = QueueReporter(events) if me.is_main else None
+    job = LoraTrainingJob(checked, reporter, stop, pause=pause, device=device, rank=me, **job_kwargs)
+    try:
+        result = job.run()
+        if me.is_main:
+            results.put((rank, ("ok", result)))
+    except BaseException as e:
+        log.exception("data-parallel rank %d failed", rank)  # the daemon's log keeps the traceback
+        results.put((rank, ("error", _picklable(e))))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """A rank ends with the process that started it (Linux PR_SET_PDEATHSIG): after a `kill -9` of the
+    daemon no orphaned rank trains on and writes while the restarted daemon resumes the job. Interrupts go to
+    the launcher, which relays them as the stop flag (Ctrl-C reaches the whole process group)."""
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _picklable(e: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _relay(events, reporter) -> None:
+    while True:
+        try:
+            ev = events.get_nowait()
+        except queue_mod.Empty:
+            return
+        if reporter is not None:
+            reporter.emit(ev)
+
+
+def _drain(results) -> dict:
+    """{rank: ("ok", JobResult) | ("error", exception)} of what the ranks sent."""
+    out = {}
+    while True:
+        try:
+            rank, outcome = results.get(timeout=0.5)
+        except queue_mod.Empty:
+            return out
+        out.setdefault(rank, outcome)
+
+
+def _gist(e: BaseException) -> str:
+    """The last line of what torch says about a dead rank: "process 1 terminated with signal SIGKILL", or the
+    exception line that ends a crashed rank's traceback."""
+    return ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
