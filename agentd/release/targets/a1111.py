@@ -26,19 +26,7 @@ class A1111(Server):
 
     def activate(self, rel):
         self.call("POST", "/sdapi/v1/refresh-loras")
-        problem = self._listed(rel)
-        if problem:
-            raise ReleaseError(problem)
-
-    def verify(self, rel, live=False):
-        problems = []
-        if not (self.lora_dir / rel["artifact"]).is_file():
-            problems.append(f"{self.name}: {self.lora_dir / rel['artifact']} is missing")
-        if live:
-            problem = self._listed(rel)
-            if problem:
-                problems.append(problem)
-        return problems
+        self.require_listed(rel)
 
     def remove(self, rel):
         self.remove_copy(rel)

@@ -25,19 +25,7 @@ class ComfyUI(Server):
         self.activate(rel)
 
     def activate(self, rel):
-        problem = self._listed(rel)
-        if problem:
-            raise ReleaseError(problem)
-
-    def verify(self, rel, live=False):
-        problems = []
-        if not (self.lora_dir / rel["artifact"]).is_file():
-            problems.append(f"{self.name}: {self.lora_dir / rel['artifact']} is missing")
-        if live:
-            problem = self._listed(rel)
-            if problem:
-                problems.append(problem)
-        return problems
+        self.require_listed(rel)
 
     def remove(self, rel):
         self.remove_copy(rel)

@@ -67,6 +67,24 @@ class Server:
         raise ReleaseError(f"target {self.name}: {method} {route} answered {status}: {_detail(payload)}",
                            "target_refused", status=status)
 
+    # --- what every server target checks the same way ----------------------------------------------
+    def verify(self, rel: dict, live: bool = False) -> list[str]:
+        """The copy in the LoRA folder is there and, `live`, the server lists it (its `_listed`)."""
+        copy = self.lora_dir / rel["artifact"]
+        problems = [] if copy.exists() else [f"{self.name}: {copy} is missing"]
+        if live and (problem := self._listed(rel)):
+            problems.append(problem)
+        return problems
+
+    def require_listed(self, rel: dict) -> None:
+        problem = self._listed(rel)
+        if problem:
+            raise ReleaseError(problem)
+
+    def _listed(self, rel: dict) -> str | None:
+        """None when the server lists the artifact; else what is wrong and what to check (per server)."""
+        raise NotImplementedError
+
     # --- the LoRA folder ---------------------------------------------------------------------------
     def copy_in(self, rel: dict, local) -> Path:
         """Copy the artifact into the LoRA folder under its versioned name: temporary name, fsync, rename."""

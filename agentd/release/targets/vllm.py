@@ -53,9 +53,7 @@ class Vllm(Server):
             from agentd.release.targets.http import _detail
 
             raise ReleaseError(f"target {self.name}: vLLM refused {rel['artifact']}: {_detail(payload)}")
-        problem = self._listed(rel)
-        if problem:
-            raise ReleaseError(problem)
+        self.require_listed(rel)
         if self.settings.canary_prompt:
             _, out = self.call("POST", "/v1/completions", {"model": rel["artifact"], "max_tokens": 8, "temperature": 0,
                                                            "prompt": self.settings.canary_prompt})
@@ -85,16 +83,6 @@ class Vllm(Server):
         others = [mid for _, mid in loaded if mid != live["artifact"]]
         for mid in others[self.settings.keep - 1:]:
             self.call("POST", "/v1/unload_lora_adapter", {"lora_name": mid}, ok=(200, 404))
-
-    def verify(self, rel, live=False):
-        problems = []
-        if not (self.lora_dir / rel["artifact"]).is_dir():
-            problems.append(f"{self.name}: {self._lora_path(rel)} is missing")
-        if live:
-            problem = self._listed(rel)
-            if problem:
-                problems.append(problem)
-        return problems
 
     def remove(self, rel):
         try:
