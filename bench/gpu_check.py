@@ -8,6 +8,9 @@ Run on a GPU box (or a lent GPU):
     .venv/bin/python bench/gpu_check.py --only sdxl-base # one case
     .venv/bin/python bench/gpu_check.py --only flux-dev  # FLUX.1 [dev] at 1024 px: bf16 vs fp8 base, vs 24 GiB
     .venv/bin/python bench/gpu_check.py --json out.json  # also write the figures
+    .venv/bin/python bench/gpu_check.py --speed          # ours vs the textbook loop (gpu_speed.py), <= 8 min
+    .venv/bin/python bench/gpu_check.py --speed --quick  # the same, smaller shapes and fewer steps, ~2 min
+    .venv/bin/python bench/gpu_check.py --cpu-smoke      # the speed cases' code on tiny models, CPU
 
 For each case it builds the models from configs written inline here (random weights, nothing is
 downloaded): the SD1.5 UNet (block_out_channels 320/640/1280/1280, cross_attention_dim 768, ...) with its
@@ -49,6 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -484,8 +488,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-checkpointing-variant", action="store_true",
                     help="skip the gradient-checkpointing runs")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--speed", action="store_true",
+                    help="the speed cases instead (bench/gpu_speed.py): ours vs the textbook loop, one table; "
+                         "with --quick: smaller shapes, fewer steps")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run the speed cases' code end to end on tiny models on the CPU (no figures worth reading)")
     args = ap.parse_args(argv)
     _quiet_libraries()
+    if args.speed or args.cpu_smoke:
+        import gpu_speed
+
+        rows = gpu_speed.run(quick=args.quick, smoke=args.cpu_smoke)
+        print(gpu_speed.table(rows, torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu_smoke
+                              else "cpu (smoke: tiny models, the code path only)"))
+        if args.json:
+            args.json.write_text(json.dumps({"speed": rows}, indent=2))
+        return 0 if all("error" not in r for r in rows) else 1
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
