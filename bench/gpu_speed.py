@@ -96,9 +96,10 @@ def _component(library: str, cls_name: str):
     return getattr(importlib.import_module(library), cls_name)
 
 
-def random_pipeline(shipped: str, tokenizers_from: Path, dest: Path, quick: bool, device: str) -> Path:
+def random_pipeline(shipped: str, tokenizers_from: Path, dest: Path, quick: bool, device: str,
+                    dtype=torch.bfloat16) -> Path:
     """A diffusers folder: every model component built from trainer/families/model_configs/<shipped> with
-    random bf16 weights (on `device`: fast init), the tokenizers and model_index of the tiny pipeline of the
+    random weights stored in `dtype` (made on `device`: fast init), the tokenizers and model_index of the tiny pipeline of the
     same family (the vocabulary size does not change a step's cost). `quick` shrinks Flux to 4+8 blocks."""
     from trainer.families.shipped import shipped_dir
 
@@ -118,7 +119,7 @@ def random_pipeline(shipped: str, tokenizers_from: Path, dest: Path, quick: bool
         cls = _component(library, cls_name)
         with torch.device(device):
             model = cls.from_config(config) if library == "diffusers" else cls(cls.config_class.from_dict(config))
-        model.to(torch.bfloat16).save_pretrained(dest / name)
+        model.to(dtype).save_pretrained(dest / name)
         del model
         if name.startswith("text_encoder") and cls_name.startswith("CLIP"):  # the real prompt length (77)
             tok = dest / name.replace("text_encoder", "tokenizer") / "tokenizer_config.json"
@@ -129,13 +130,13 @@ def random_pipeline(shipped: str, tokenizers_from: Path, dest: Path, quick: bool
     return dest
 
 
-def random_llm(tokenizer_from: Path, dest: Path, quick: bool, device: str) -> Path:
+def random_llm(tokenizer_from: Path, dest: Path, quick: bool, device: str, dtype=torch.bfloat16) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shutil.copytree(tokenizer_from, dest)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**dict(LLAMA_8B, **({"num_hidden_layers": 4} if quick else {}))))
-    model.to(torch.bfloat16).save_pretrained(dest)
+    model.to(dtype).save_pretrained(dest)
     return dest
 
 
