@@ -148,3 +148,26 @@ def test_v_prediction_scheduler_trains_against_velocity(assets, tmp_path):
         losses[name] = result.final_loss
     # Same seed, data and weights: only the target differs.
     assert losses["eps"] != losses["v"]
+
+
+def test_a_half_precision_folder_is_placed_in_the_jobs_dtype(assets):
+    """A diffusers folder saved in fp16/bf16 and trained with `mixed_precision: no`: the UNet and text encoder
+    compute in fp32 and the VAE is fp32 (they kept the folder's dtype: "expected m1 and m2 to have the same
+    dtype (BFloat16 != float)" inside the UNet)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from trainer.families.sd_task import freeze_and_place
+
+    path = assets["sd_model"]
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.bfloat16)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.bfloat16)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float16)
+    freeze_and_place([unet, text_encoder], vae, torch.device("cpu"), torch.float32)
+    assert {p.dtype for m in (unet, text_encoder, vae) for p in m.parameters()} == {torch.float32}
+    latents = torch.zeros(1, unet.config.in_channels, 8, 8)
+    hidden = text_encoder(torch.tensor([[0, 1, 2]]))[0]
+    assert unet(latents, 1, hidden).sample.dtype == torch.float32
+    freeze_and_place([unet, text_encoder], vae, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in vae.parameters()} == {torch.float32}

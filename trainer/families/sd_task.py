@@ -85,15 +85,16 @@ def preload() -> None:
 
 def freeze_and_place(modules: list[torch.nn.Module], vae: torch.nn.Module, device: torch.device,
                      weight_dtype: torch.dtype) -> None:
-    """Frozen, eval mode, on `device`; everything but the VAE in `weight_dtype`.
+    """Frozen, eval mode, on `device`; everything but the VAE in `weight_dtype`, whatever dtype the folder
+    stored (an fp16- or bf16-saved model trained with `mixed_precision: no` computes in fp32).
 
-    The VAE stays fp32: encoding in fp16 overflows in SD1.x's and SDXL's VAEs (a known NaN source)."""
+    The VAE is fp32: encoding in fp16 overflows in SD1.x's and SDXL's VAEs (a known NaN source)."""
     for m in [*modules, vae]:
         m.requires_grad_(False)
         m.eval()
-    vae.to(device)
+    vae.to(device, dtype=torch.float32)
     for m in modules:
-        m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
+        m.to(device, dtype=weight_dtype)
 
 
 def load_sd_base(cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype,
