@@ -163,20 +163,22 @@ class Daemon:
         return folders
 
     def _make_slots(self):
-        from agentd.gate import CPU_SLOT
+        from agentd.gate import cpu_slot_index
         from agentd.scheduler import Slot
 
         wanted = self.settings.slots
+        n_cpu = self.settings.cpu_slots
+        cpu = [Slot(cpu_slot_index(n), "cpu", label="cpu" if n_cpu == 1 else f"cpu-{n}") for n in range(n_cpu)]
         if wanted == "auto":
             gpus = self.probe.list_gpus()
             if not gpus:
-                log.info("no GPU: %s; one CPU slot", getattr(self.probe, "reason", "none found"))
-                return [Slot(CPU_SLOT, "cpu")]
+                log.info("no GPU: %s; %d CPU slot(s)", getattr(self.probe, "reason", "none found"), n_cpu)
+                return cpu
             return [Slot(g.index, f"cuda:{g.index}") for g in gpus]
         slots = []
         for name in wanted:
             if name == "cpu":
-                slots.append(Slot(CPU_SLOT, "cpu"))
+                slots += cpu
             else:
                 slots.append(Slot(int(name.split(":", 1)[1]) if ":" in name else 0, name))
         return slots

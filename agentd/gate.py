@@ -29,9 +29,12 @@ Rules (and why):
   the others are listed as "not the requested device".
 - ``own_mib``: what agentd itself holds on each GPU (a warm base model, the CUDA context). It is never
   counted as foreign, even when NVML cannot list processes.
-- No GPU at all (``gpus == []``, a CPU-only box): a single CPU slot, ``CPU_SLOT`` (-1). The gate always
-  starts there unless it is busy: the VRAM estimate says nothing about host RAM, and there is nothing
-  else to wait for.
+- No GPU at all (``gpus == []``, a CPU-only box): the CPU slots (``cpu_indices``: -1, -2, ...; settings
+  ``cpu_slots``). The gate starts on free ones: the VRAM estimate says nothing about host RAM, and there is
+  nothing else to wait for.
+- ``world`` (a config's ``devices:``, W ranks): W slots at once, each passing every rule above, or none
+  (no partial grab: a job holding some slots while waiting for others could deadlock with another such
+  job). The W best fits are taken; fewer than W healthy GPUs (among ``allowed``) never fits.
 """
 from __future__ import annotations
 
@@ -42,6 +45,15 @@ from trainer.gpus import GpuFacts
 
 CPU_SLOT = -1
 
+
+def cpu_slot_index(n: int) -> int:
+    """The index of the n-th CPU slot (0-based): -1, -2, ... (NVML indices are never negative)."""
+    return CPU_SLOT - n
+
+
+def is_cpu_slot(index: int) -> bool:
+    return index < 0
+
 Outcome = Literal["start", "wait", "never_fits", "unavailable"]
 
 
@@ -51,19 +63,24 @@ class GateDecision:
     reason: str
     needed_mib: int
     """estimate + margin: the free memory a slot must have."""
-    slot: Optional[int] = None
-    """NVML index of the chosen GPU (``start`` only); ``CPU_SLOT`` on a CPU-only box."""
+    slots: tuple[int, ...] = ()
+    """NVML indices of the chosen GPUs (``start`` only, one per rank); CPU slot indices on a CPU-only box."""
     largest_total_mib: Optional[int] = None
     """The largest healthy GPU's total memory (for ``never_fits`` advice)."""
     per_gpu: tuple[str, ...] = field(default_factory=tuple)
     """One line per GPU: why it was or was not chosen (for `agentd run`'s wait messages)."""
 
     @property
+    def slot(self) -> Optional[int]:
+        """The first chosen slot (the only one for a one-device job)."""
+        return self.slots[0] if self.slots else None
+
+    @property
     def device(self) -> Optional[str]:
         """The torch device for ``slot`` ("cuda:N" assumes CUDA_DEVICE_ORDER=PCI_BUS_ID, see trainer.gpus)."""
         if self.slot is None:
             return None
-        return "cpu" if self.slot == CPU_SLOT else f"cuda:{self.slot}"
+        return "cpu" if is_cpu_slot(self.slot) else f"cuda:{self.slot}"
 
 
 def _gpu_label(g: GpuFacts) -> str:
@@ -82,22 +99,32 @@ def _holders(g: GpuFacts, own_pids: Iterable[int]) -> str:
 
 def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int], margin_mib: int,
                   max_foreign_vram_mib: Optional[int], own_pids: set[int], allowed: Optional[set[int]] = None,
-                  own_mib: Optional[dict[int, int]] = None) -> GateDecision:
-    """Decide where a job that needs ``estimate_mib`` (plus ``margin_mib``) may start. Pure.
+                  own_mib: Optional[dict[int, int]] = None, world: int = 1,
+                  cpu_indices: tuple[int, ...] = (CPU_SLOT,)) -> GateDecision:
+    """Decide where a job that needs ``estimate_mib`` (plus ``margin_mib``) on each of ``world`` slots may
+    start. Pure.
 
-    See the module docstring for the rules. ``busy_indices`` holds the slots running agentd jobs
-    (``CPU_SLOT`` for the CPU slot).
+    See the module docstring for the rules. ``busy_indices`` holds the slots running agentd jobs (CPU slot
+    indices included); ``cpu_indices``: the CPU slots of a box without GPUs.
     """
     estimate_mib, margin_mib = int(estimate_mib), int(margin_mib)
     needed = estimate_mib + margin_mib
-    need_text = f"needs {needed} MiB (estimate {estimate_mib} + margin {margin_mib})"
+    each = " each" if world > 1 else ""
+    need_text = f"needs {needed} MiB{each} (estimate {estimate_mib} + margin {margin_mib})" + (
+        f" on {world} GPUs" if world > 1 else "")
 
     if not gpus:
-        if CPU_SLOT in busy_indices:
-            return GateDecision("wait", "no GPU on this box; the CPU slot is running another job",
-                                needed, per_gpu=("CPU: busy",))
-        return GateDecision("start", "no GPU on this box: running on the CPU slot (the VRAM gate does "
-                            "not apply)", needed, slot=CPU_SLOT, per_gpu=("CPU: free",))
+        free = [i for i in cpu_indices if i not in busy_indices]
+        lines = tuple(f"CPU slot {-i}: {'busy' if i in busy_indices else 'free'}" for i in cpu_indices)
+        if world > len(cpu_indices):
+            return GateDecision("never_fits", f"this job needs {world} CPU slots; this box has "
+                                f"{len(cpu_indices)} (settings cpu_slots)", needed, per_gpu=lines)
+        if len(free) < world:
+            return GateDecision("wait", f"no GPU on this box; {len(free)} of the {world} CPU slots this job "
+                                "needs are free (the others run other jobs)", needed, per_gpu=lines)
+        return GateDecision("start", "no GPU on this box: running on the CPU slot" + ("s" if world > 1 else "")
+                            + " (the VRAM gate does not apply)", needed, slots=tuple(free[:world]),
+                            per_gpu=lines)
 
     lines: list[str] = []
     if allowed is not None:
@@ -114,6 +141,10 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
     largest = max(totals) if totals else None
     # Never fits: bigger than every GPU here, the unhealthy ones included (one may come back).
     known = [g for g in gpus if g.memory_total_mib is not None]
+    if len(healthy) < world:
+        what = "requested GPUs" if allowed is not None else "GPUs"
+        return GateDecision("never_fits", f"this job needs {world} GPUs; {len(healthy)} healthy {what} here",
+                            needed, largest_total_mib=largest)
     if known and len(totals) == len(healthy) and needed > max(g.memory_total_mib for g in known):
         big = max(known, key=lambda g: g.memory_total_mib)
         return GateDecision("never_fits", f"this job {need_text}, more than the largest GPU here has in "
@@ -149,15 +180,20 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
             total = g.memory_total_mib if g.memory_total_mib is not None else "N/A"
             lines.append(f"{label}: {g.memory_free_mib} MiB free of {total}{_holders(g, own_pids)}")
 
-    if fits:
-        best = min(fits, key=lambda g: (g.memory_free_mib, g.index))
-        return GateDecision("start", f"{_gpu_label(best)}: {best.memory_free_mib} MiB free; job {need_text}",
-                            needed, slot=best.index, largest_total_mib=largest, per_gpu=tuple(lines))
-    if unknown_free:
-        g = unknown_free[0]
-        return GateDecision("start", f"{_gpu_label(g)}: NVML reports no free-memory figure; starting "
-                            f"without the memory check (job {need_text})", needed, slot=g.index,
+    chosen = sorted(fits, key=lambda g: (g.memory_free_mib, g.index))[:world]
+    if len(chosen) == world:
+        where = ", ".join(f"{_gpu_label(g)}: {g.memory_free_mib} MiB free" for g in chosen)
+        return GateDecision("start", f"{where}; job {need_text}", needed, slots=tuple(g.index for g in chosen),
                             largest_total_mib=largest, per_gpu=tuple(lines))
+    if len(chosen) + len(unknown_free) >= world:
+        blind = unknown_free[:world - len(chosen)]
+        return GateDecision("start", f"{', '.join(_gpu_label(g) for g in blind)}: NVML reports no free-memory "
+                            f"figure; starting without the memory check (job {need_text})", needed,
+                            slots=tuple(g.index for g in chosen + blind), largest_total_mib=largest,
+                            per_gpu=tuple(lines))
+    if world > 1:
+        return GateDecision("wait", f"waiting for {world} GPUs at once: {len(chosen)} fit now; job {need_text}; "
+                            + "; ".join(lines), needed, largest_total_mib=largest, per_gpu=tuple(lines))
     return GateDecision("wait", f"waiting for GPU memory: job {need_text}; " + "; ".join(lines), needed,
                         largest_total_mib=largest, per_gpu=tuple(lines))
 

@@ -104,9 +104,10 @@ class Runner:
             return None
 
     # --- the run ----------------------------------------------------------------------------------
-    def run(self, job, slot, channel, history: list[str]) -> RunEnd:
-        """Train `job` (a scheduler LiveJob) in `slot`, its events going to `channel`. `history`: the
-        journal's states of the job so far (the last one is this run's "running")."""
+    def run(self, job, slots, channel, history: list[str]) -> RunEnd:
+        """Train `job` (a scheduler LiveJob) in its reserved `slots` (one per rank), its events going to
+        `channel`. `history`: the journal's states of the job so far (the last one is this run's "running")."""
+        slot = slots[0]
         api.preload_all()  # waits for the daemon's background preload: no two threads import the stack at once
         rec = job.record
         was_interrupted = "interrupted" in history or "paused" in history or bool(job.infra_retries)
@@ -128,9 +129,10 @@ class Runner:
                 return RunEnd("succeeded", fields={"artifacts": [str(Path(request["run"]) / "eval" / "decision.json")]})
             result = api.run_job(
                 checked, channel, job.stop, device=slot.device, pause=job.pause, base_cache=self.base_cache,
+                devices=tuple(s.device for s in slots) if len(slots) > 1 else None,
                 env=rec.get("env") or {}, infra_retries=job.infra_retries,
                 resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto",
-                where=slot.name, estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"),
+                where="+".join(s.name for s in slots), estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"),
                 resolve_release=self.resolve_release)
         except ConfigError as e:
             return RunEnd("failed", e.render())

@@ -1,8 +1,14 @@
-"""The scheduler: a priority queue, one job per slot, the VRAM gate, and jobs run in-process.
+"""The scheduler: a priority queue, one job per slot (W slots for a config's `devices: W`), the VRAM gate,
+and jobs run in-process.
 
 Order: `agentd.queue_order.run_order` (re-queued jobs first, then any job that waited `max_wait_s`,
 then higher `priority`, FIFO within a priority). The head of that order waits at the gate; the others
-wait behind it.
+wait behind it. A W-slot job takes its W slots at once, when the gate passes W of them (no partial grab,
+so two such jobs can never each hold part of what the other needs). At the head it waits for slots to free;
+nothing passes it, so a stream of 1-slot jobs cannot starve it (it starts once the jobs already running
+end), and `max_wait_s` brings it to the head behind higher priorities. The price is slots left idle while
+it waits, at most the running jobs' remaining time. Its ranks are processes `trainer.api.run_job` spawns
+(one per reserved slot's device); the daemon's process joins no process group.
 
 Threads: one dispatcher places the head of the queue (the gate decides where and whether); each
 placed job runs in its own thread, through `agentd.runner.Runner` (which also admits jobs at submit:
@@ -38,7 +44,7 @@ from dataclasses import dataclass, field, replace
 
 from agentd.events import Gated, InfraRetry, Queued, State
 from agentd.failures import classify_failure
-from agentd.gate import CPU_SLOT, GateDecision, gate_decision
+from agentd.gate import GateDecision, gate_decision, is_cpu_slot
 from agentd.journal import FINAL, Journal
 from agentd.queue_order import Waiting, run_order
 from agentd.runner import RunEnd, Runner
@@ -56,7 +62,7 @@ log = logging.getLogger("agentd.scheduler")
 
 @dataclass
 class Slot:
-    index: int  # NVML index, or CPU_SLOT
+    index: int  # NVML index, or a CPU slot's (negative: agentd.gate.cpu_slot_index)
     device: str  # torch device string
     label: str | None = None  # shown in status; default: the device
     unhealthy_reason: str | None = None  # set after an infrastructure failure on it
@@ -89,12 +95,13 @@ class LiveJob:
     first: bool = False  # re-queued after an interruption or infrastructure fault: runs before the others
     attempt: int = 1
     infra_retries: list = field(default_factory=list)  # {"attempt", "slot", "error", "at"} per re-queue
-    allowed: set | None = None  # NVML indices its config's device: allows (None: any)
+    allowed: set | None = None  # NVML indices its config's device: (or devices: list) allows (None: any)
+    world: int = 1  # slots it runs on at once (its config's devices:), reserved together
     device_uuid: str | None = None
     seq: int = 0
     subscribers: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
-    slot: Slot | None = None
+    slots: list = field(default_factory=list)  # the Slots it runs on (one per rank), empty while not running
     estimate: api.VramEstimate | None = None  # GPU slots only
     gated_since: float | None = None
     last_gate_note: float = 0.0
@@ -164,10 +171,11 @@ class Scheduler:
         recovered = self.journal.recover_after_start()
         for rec in self.journal.jobs(("interrupted", "queued", "paused")):
             config, config_error, estimate = self.runner.recover(rec)
+            world, listed = self._world_or_one(config)
             job = LiveJob(rec["id"], rec, config, config_error, seq=self.journal.last_event_seq(rec["id"]),
                           estimate=estimate, priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
-                          attempt=(rec.get("infra_retries") or 0) + 1,
-                          allowed=self._allowed_or_none((rec.get("resolved") or {}).get("device")))
+                          attempt=(rec.get("infra_retries") or 0) + 1, world=world,
+                          allowed=listed or self._allowed_or_none((rec.get("resolved") or {}).get("device")))
             self.live[job.id] = job
             if rec["state"] != "paused":  # a paused job stays parked until `agentd resume`
                 self.order.append(job.id)
@@ -196,7 +204,7 @@ class Scheduler:
                 if job_id in self.order or job.record["state"] == "paused":
                     # queued stays queued, paused stays paused; wake their followers so they re-attach later
                     self._close_subscribers(job)
-                elif job.slot is not None and job_id in self.busy.values():
+                elif job.slots and job_id in self.busy.values():
                     # Did not reach a step boundary in time: journal says interrupted, resumes next start.
                     self.journal.transition(job_id, "interrupted", "stop timeout; resumes from last checkpoint",
                                             requeue_first=1)
@@ -221,7 +229,7 @@ class Scheduler:
             raise SubmitRefused("bad_request", f"priority must be an integer, not {priority!r}")
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
-        self._one_slot_per_job(cfg, config_path)
+        world, listed = self._world(cfg, config_path)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         try:
             plan = self.runner.plan(checked)
@@ -243,7 +251,7 @@ class Scheduler:
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority,
                                          capability_sha256=capability_sha256, sweep=sweep, evaluate=evaluate)
             job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
-                          allowed=allowed)
+                          allowed=listed or allowed, world=world)
             self.live[job_id] = job
             # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
             if evaluate is None and decision is not None and decision.action == "nothing":
@@ -255,7 +263,7 @@ class Scheduler:
                 return job_id, False
             self.order.append(job_id)
             # Position in line: the jobs running now count as ahead of it, so the first job is 1.
-            ahead = len(self.busy) + self._run_order().index(job_id)
+            ahead = self._running_count() + self._run_order().index(job_id)
             self.publish(job, Queued(job_id=job_id, position=ahead + 1, ahead=ahead, priority=priority))
             self.cond.notify_all()
         self.on_change()
@@ -273,24 +281,25 @@ class Scheduler:
                                        device)], source)
             raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
 
-    def _one_slot_per_job(self, cfg: TrainConfig, source: str) -> None:
-        """This daemon places each job on one slot: a config whose `devices:` asks for several is refused at
-        submit (with the box's own device problems first: too many, a GPU listed twice), never run as W ranks
-        crowded into one slot. Several-slot reservation is not built yet; `lora-train` runs it on the box."""
+    def _world(self, cfg: TrainConfig, source: str) -> tuple[int, set[int] | None]:
+        """How many slots a job takes at once (its `devices:`, checked against this box's slots: too many, a
+        GPU listed twice are refused at submit), and the GPUs a `devices:` list names (None: any)."""
         if cfg.devices is None:
-            return
-        gpus = self.probe.list_gpus() if self.probe else []
+            return 1, None
+        gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
         try:
-            plan = api.plan_here(cfg, gpus, cpu_slots=sum(s.index == CPU_SLOT for s in self.slots), source=source)
+            plan = api.plan_here(cfg, gpus, cpu_slots=sum(is_cpu_slot(s.index) for s in self.slots), source=source)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
-        if plan.world_size > 1:
-            err = ConfigError([Problem("devices", f"asks for {plan.world_size} devices, but agentd runs each job "
-                                       "on one slot (reserving several at once is not built yet)",
-                                       "remove devices to queue it on one slot, or run it on the box with "
-                                       "`lora-train --config FILE` (data parallel over the devices)",
-                                       cfg.devices)], source)
-            raise SubmitRefused("invalid_config", err.render(), err.to_dict())
+        return plan.world_size, set(plan.gpus) if isinstance(cfg.devices, list) else None
+
+    def _world_or_one(self, cfg: TrainConfig | None) -> tuple[int, set[int] | None]:
+        """`_world` for a recovered job: one whose devices no longer fit this box runs its checks again as it
+        starts and fails there with the reason."""
+        try:
+            return self._world(cfg, "") if cfg is not None else (1, None)
+        except SubmitRefused:
+            return 1, None
 
     def _allowed_or_none(self, device) -> set[int] | None:
         try:
@@ -356,7 +365,7 @@ class Scheduler:
             self.journal.transition(job_id, "queued", "resumed after a pause")
             job.record["state"] = "queued"
             self.order.append(job_id)
-            position = len(self.busy) + self._run_order().index(job_id) + 1
+            position = self._running_count() + self._run_order().index(job_id) + 1
             self.publish(job, State(state="queued", detail=f"resumed; position {position} in the queue"))
             self.cond.notify_all()
         self.on_change()
@@ -434,6 +443,10 @@ class Scheduler:
                         self._finish(self.live[head], "failed", f"internal error while scheduling: {e}")
                 self.cond.wait(timeout=self.gate_poll_s)
 
+    def _running_count(self) -> int:
+        """Jobs running now (a W-slot job holds W entries of `busy`)."""
+        return len(set(self.busy.values()))
+
     def _run_order(self) -> list[str]:
         now = time.monotonic()
         return run_order([Waiting(j, self.live[j].priority, now - self.live[j].enqueued, self.live[j].first)
@@ -448,8 +461,8 @@ class Scheduler:
                 return
             if decision.outcome == "start":
                 self.order.remove(job.id)
-                slot = next(s for s in self.slots if s.index == decision.slot)
-                self._launch(job, slot, decision.reason if decision.slot != CPU_SLOT else None)
+                slots = [next(s for s in self.slots if s.index == i) for i in decision.slots]
+                self._launch(job, slots, decision.reason if not is_cpu_slot(decision.slot) else None)
                 continue
             if decision.outcome in ("never_fits", "unavailable"):
                 self.order.remove(job.id)
@@ -469,21 +482,23 @@ class Scheduler:
         free_slots = [s for s in self.slots if s.index not in self.busy]
         if not free_slots:
             return None
-        if all(s.index == CPU_SLOT for s in self.slots) and all(s.unhealthy_reason for s in self.slots):
+        if all(is_cpu_slot(s.index) for s in self.slots) and all(s.unhealthy_reason for s in self.slots):
             reason = "; ".join(f"{s.name}: {s.unhealthy_reason}" for s in self.slots)
             return GateDecision("unavailable", f"no healthy slot: {reason}", 0)
         gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
-        if not gpus and any(s.index != CPU_SLOT for s in self.slots):
+        if not gpus and any(not is_cpu_slot(s.index) for s in self.slots):
             # A GPU slot whose GPU vanished from the probe: report it unhealthy through the gate.
             gpus = [GpuFacts(index=s.index, uuid=None, name=None, memory_total_mib=None, memory_used_mib=None,
                              memory_free_mib=None, utilization_pct=None, temperature_c=None, cuda_version=None,
                              processes=None, healthy=False, error=f"GPU {s.index}: not found by the probe")
-                    for s in self.slots if s.index != CPU_SLOT]
+                    for s in self.slots if not is_cpu_slot(s.index)]
         gpus = self.gpu_view(gpus)
         job.device_uuid = None
         estimate = job.record.get("estimate_mib") or 0
+        cpu = tuple(s.index for s in self.slots if is_cpu_slot(s.index) and not s.unhealthy_reason)
         decision = gate_decision(int(estimate), gpus, set(self.busy), self.margin, self.max_foreign, {os.getpid()},
-                                 allowed=job.allowed, own_mib=api.cuda_reserved_mib())
+                                 allowed=job.allowed, own_mib=api.cuda_reserved_mib(), world=job.world,
+                                 cpu_indices=cpu)
         if decision.outcome == "start":
             job.device_uuid = next((g.uuid for g in gpus if g.index == decision.slot), None)
         return decision
@@ -526,36 +541,39 @@ class Scheduler:
             job.last_gate_note = now
             self.publish(job, Gated(reason=decision.reason, per_gpu=list(decision.per_gpu)))
 
-    def _launch(self, job: LiveJob, slot: Slot, gate_note: str | None) -> None:
-        job.slot = slot
-        self.busy[slot.index] = job.id
-        detail = f"on {slot.name}" + (f" ({gate_note})" if gate_note else "")
-        self.journal.transition(job.id, "running", detail, slot=slot.name, requeue_first=0)
+    def _launch(self, job: LiveJob, slots: list[Slot], gate_note: str | None) -> None:
+        job.slots = slots
+        for slot in slots:
+            self.busy[slot.index] = job.id
+        where = _slot_names(slots)
+        detail = f"on {where}" + (f" ({gate_note})" if gate_note else "")
+        self.journal.transition(job.id, "running", detail, slot=where, requeue_first=0)
         job.record["state"] = "running"
         job.first = False
         self.publish(job, State(state="running", detail=detail))
-        t = threading.Thread(target=self._run, args=(job, slot), name=f"job-{job.id}", daemon=True)
+        t = threading.Thread(target=self._run, args=(job, slots), name=f"job-{job.id}", daemon=True)
         self.runners[job.id] = t
         t.start()
         self.on_change()
 
     # --- running ----------------------------------------------------------------------------------
-    def _run(self, job: LiveJob, slot: Slot) -> None:
+    def _run(self, job: LiveJob, slots: list[Slot]) -> None:
         try:
             history = [t["state"] for t in self.journal.transitions(job.id)]
-            end = self.runner.run(job, slot, JobChannel(self, job), history)
+            end = self.runner.run(job, slots, JobChannel(self, job), history)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-            if classify_failure(error, self._gpu_healthy(slot)) == "infra":
-                log.error("job %s: infrastructure failure on %s: %s\n%s", job.id, slot.name, error,
+            if classify_failure(error, self._gpus_healthy(slots)) == "infra":
+                log.error("job %s: infrastructure failure on %s: %s\n%s", job.id, _slot_names(slots), error,
                           traceback.format_exc())
-                self._infra_failure(job, slot, error)
+                self._infra_failure(job, slots, error)
                 return
             log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc())
             end = RunEnd("failed", error)
         outcome, error = end.outcome, end.error
         with self.cond:
-            self.busy.pop(slot.index, None)
+            for slot in slots:
+                self.busy.pop(slot.index, None)
             self.runners.pop(job.id, None)
             if outcome == "interrupted":
                 self.journal.transition(job.id, "interrupted", "daemon stopping; resumes from the checkpoint",
@@ -567,7 +585,7 @@ class Scheduler:
                 self.journal.transition(job.id, "paused", error, **_progress_fields(job))
                 job.record["state"] = "paused"
                 job.record["paused_at"] = time.time()
-                job.slot = None
+                job.slots = []
                 self.publish(job, State(state="paused", detail=f"{error}, checkpoint saved; "
                                         f"`agentd resume {job.id}` continues it"))
             else:
@@ -575,38 +593,40 @@ class Scheduler:
             self.cond.notify_all()
         self.on_change()
 
-    def _gpu_healthy(self, slot: Slot) -> bool | None:
-        """After a failure: does NVML still see the slot's GPU as healthy? (None: no GPU / not known)"""
-        if slot.index == CPU_SLOT or self.probe is None:
+    def _gpus_healthy(self, slots: list[Slot]) -> bool | None:
+        """After a failure: does NVML still see every slot's GPU as healthy? (None: no GPU / not known)"""
+        if any(is_cpu_slot(s.index) for s in slots) or self.probe is None:
             return None
         try:
             gpus = {g.index: g for g in self.probe.list_gpus()}
         except Exception:
             return None
-        g = gpus.get(slot.index)
-        return False if g is None else g.healthy
+        return all(gpus[s.index].healthy if s.index in gpus else False for s in slots)
 
-    def _infra_failure(self, job: LiveJob, slot: Slot, error: str) -> None:
-        """The machine failed, not the job: mark the slot unhealthy and re-queue the job first (from its
-        last checkpoint) while retries are left; otherwise fail it as an infrastructure failure."""
+    def _infra_failure(self, job: LiveJob, slots: list[Slot], error: str) -> None:
+        """The machine failed, not the job: mark its slots unhealthy (a W-slot job's error does not say which
+        rank's device failed, so all of them) and re-queue the job first (from its last checkpoint) while
+        retries are left; otherwise fail it as an infrastructure failure."""
         if self.base_cache is not None:
             self.base_cache.clear()  # the base lived on the failed device
+        where = _slot_names(slots)
         with self.cond:
-            self.busy.pop(slot.index, None)
+            for slot in slots:
+                self.busy.pop(slot.index, None)
+                slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
             self.runners.pop(job.id, None)
-            slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
             if job.stop.is_set() and job.stop_reason == "cancel":  # a cancel came meanwhile: honour it
                 self._finish(job, "cancelled", error)
             elif job.attempt > self.max_infra_retries:
-                self._finish(job, "failed", f"infrastructure failure on {slot.name}; {self.max_infra_retries} "
+                self._finish(job, "failed", f"infrastructure failure on {where}; {self.max_infra_retries} "
                              f"infrastructure retries exhausted: {error}", infra=True)
             else:
                 self.counters["infra_retries"] += 1
-                job.infra_retries.append({"attempt": job.attempt, "slot": slot.name, "error": error,
+                job.infra_retries.append({"attempt": job.attempt, "slot": where, "error": error,
                                           "at": time.time()})
                 from_step = _last_checkpoint_step(job.record.get("output_dir"))
                 job.attempt += 1
-                job.first, job.slot, job.gated_since = True, None, None
+                job.first, job.slots, job.gated_since = True, [], None
                 job.enqueued = time.monotonic()
                 self.journal.transition(job.id, "queued", f"infrastructure retry {job.attempt - 1}/"
                                         f"{self.max_infra_retries} after: {error}", requeue_first=1,
@@ -614,7 +634,7 @@ class Scheduler:
                 job.record["state"] = "queued"
                 self.order.append(job.id)
                 self.publish(job, InfraRetry(attempt=job.attempt - 1, max_retries=self.max_infra_retries,
-                                             slot=slot.name, error=error, from_step=from_step))
+                                             slot=where, error=error, from_step=from_step))
             self.cond.notify_all()
         self.on_change()
 
@@ -638,18 +658,18 @@ class Scheduler:
         now = time.monotonic()
         with self.cond:
             running, queued, paused = [], [], []
-            for job_id in self.busy.values():
+            for job_id in dict.fromkeys(self.busy.values()):  # a W-slot job once, across its slots
                 job = self.live[job_id]
                 p, rec = job.progress, job.record
                 running.append(RunningJob(
-                    **_job_view(rec), slot=job.slot.name if job.slot else None, device_uuid=job.device_uuid,
+                    **_job_view(rec), slot=_slot_names(job.slots) if job.slots else None, device_uuid=job.device_uuid,
                     step=p.get("step"), total_steps=p.get("total_steps"), loss=p.get("loss"),
                     loss_mean=p.get("loss_mean"), lr=p.get("lr"), it_s=p.get("it_s"), eta_s=p.get("eta_s"),
                     epoch=p.get("epoch"), priority=job.priority, attempt=job.attempt, started=rec.get("started"),
                     stopping=job.stop_reason if (job.stop.is_set() or job.pause.is_set()) else None))
             for pos, job_id in enumerate(self._run_order(), start=1):
                 job = self.live[job_id]
-                queued.append(QueuedJob(**_job_view(job.record), position=len(self.busy) + pos,
+                queued.append(QueuedJob(**_job_view(job.record), position=self._running_count() + pos,
                                         state=job.record["state"], priority=job.priority,
                                         waited_s=round(now - job.enqueued, 1),
                                         device=_str_or_none((job.record.get("resolved") or {}).get("device")),
@@ -681,6 +701,11 @@ def _job_view(rec: dict) -> dict:
     return {"id": rec["id"], "name": rec.get("name"), "config": rec.get("config_path"),
             "output_dir": rec.get("output_dir"), "submitter": Submitter.of(rec),
             "build_url": env.get("BUILD_URL"), "estimate_mib": rec.get("estimate_mib")}
+
+
+def _slot_names(slots: list[Slot]) -> str:
+    """How status and the journal name a job's slots: "cuda:0" or, across several, "cuda:0+cuda:1"."""
+    return "+".join(s.name for s in slots)
 
 
 def _str_or_none(v) -> str | None:

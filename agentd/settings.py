@@ -48,7 +48,11 @@ class Settings(BaseModel):
     cache_dir: Path = Field(default_factory=lambda: env_dir("CACHE_DIRECTORY", "/var/cache/agentd"))
     """Daemon-owned caches (agent.jar, ...)."""
     slots: Union[Literal["auto"], list[str]] = "auto"
-    """Devices to run jobs on: auto (every GPU, or one CPU slot without a GPU), or e.g. [cuda:0, cuda:1] / [cpu]."""
+    """Devices to run jobs on: auto (every GPU, or `cpu_slots` CPU slots without a GPU), or e.g. [cuda:0, cuda:1]
+    / [cpu] (`cpu` stands for the `cpu_slots` CPU slots)."""
+    cpu_slots: int = Field(1, ge=1)
+    """CPU slots on a box without GPUs: jobs run side by side, and a config's `devices: N` runs N CPU ranks
+    (gloo) on N of them at once."""
     model_cache_size: int = Field(1, ge=0)
     """Frozen base models kept warm between jobs (per daemon). 0 disables the warm cache."""
     stop_timeout_s: float = Field(90, gt=0)

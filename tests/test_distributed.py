@@ -197,9 +197,8 @@ def test_resume_with_another_world_size_is_refused_unless_allowed(built_once, as
     assert run["world_size_change"] == {"from": 2, "to": 1, "checkpoint": str(checkpoint)}
 
 
-def test_daemon_refuses_several_devices_at_submit(tmp_path, assets):
-    """agentd places a job on one slot: `devices: 2` is refused at submit with the way to run it (exit 2's
-    invalid_config), and the box's own problems come first (more GPUs than the box has, listed)."""
+def test_daemon_refuses_more_devices_than_its_slots_at_submit(tmp_path, assets):
+    """The box's own device problems are refused at submit (exit 2's invalid_config), listed; nothing queued."""
     from agentd.scheduler import SubmitRefused
     from tests.fake_nvml import FakeGpu, FakeNvml
     from tests.test_scheduler_gate import gpu_slots, make_scheduler, submit
@@ -209,12 +208,55 @@ def test_daemon_refuses_several_devices_at_submit(tmp_path, assets):
     s = make_scheduler(tmp_path, nvml, gpu_slots(2))
     try:
         with pytest.raises(SubmitRefused) as e:
-            submit(s, tmp_path, assets, "two", devices=2)
-        assert e.value.code == "invalid_config" and "asks for 2 devices, but agentd runs each job on one slot" \
-            in e.value.message and "lora-train --config FILE" in e.value.message
-        with pytest.raises(SubmitRefused) as e:
             submit(s, tmp_path, assets, "five", devices=5)
+        assert e.value.code == "invalid_config"
         assert "asks for 5 GPUs, but this box has 2: 0: NVIDIA GeForce RTX 3090" in e.value.message
         assert s.journal.jobs() == []  # nothing queued
     finally:
         s.shutdown(30)
+
+
+def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixed, tmp_path):
+    """A 2-GPU box (fake NVML, slots training on the CPU): a W=1 job, then the W=2 job, then a W=1 job.
+    The W=2 job takes both slots at once when the first job ends (no partial grab, nothing passes it), the
+    others follow in arrival order, all succeed (no deadlock), and its LoRA is the foreground W=2 run's."""
+    from tests.daemon_harness import DaemonProc
+
+    foreground = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
+    (tmp_path / "box").mkdir()
+    d = DaemonProc(tmp_path / "box", "max_wait_s: 120\n", fake_gpus=[{}, {}]).start()
+    try:
+        def submit(name: str, make) -> str:
+            folder = tmp_path / name
+            folder.mkdir()
+            path = make(folder)
+            reply = d.request({"op": "submit", "config_path": str(path), "config_text": path.read_text(),
+                               "detach": True})
+            assert reply["ok"], reply
+            return reply["job_id"]
+
+        def small(folder: Path) -> Path:
+            return image_config(folder, assets, train_data_dir=str(assets["shapes"]), max_train_steps=2, save_steps=2)
+
+        # One W=1 job behind the W=2 one: two W=1 jobs at once on this box's two CPU-backed slots share the warm
+        # base in one process, which the CPU does not support (see the report of issue 23).
+        jobs = [submit("a", small), submit("w2", lambda f: bucket_config(f, assets, mixed, devices=2)),
+                submit("c", small)]
+        w2 = jobs[1]
+        running = d.wait_for(lambda: [r for r in d.status()["running"] if r["id"] == w2], what="the W=2 job running")
+        status = d.status()
+        assert running[0]["slot"] == "cuda:0+cuda:1" and len(status["running"]) == 1  # one job across its slots
+        assert [sl["job"] for sl in status["slots"]] == [w2, w2]
+        d.wait_for(lambda: {r["state"] for r in d.journal_rows("SELECT state FROM jobs")} == {"succeeded"},
+                   timeout=180, what="every job succeeded")
+        rows = d.journal_rows("SELECT job_id, state, time FROM transitions ORDER BY rowid")
+    finally:
+        d.stop()
+    started = {r["job_id"]: r["time"] for r in rows if r["state"] == "running"}
+    ended = {r["job_id"]: r["time"] for r in rows if r["state"] == "succeeded"}
+    queued = {r["job_id"]: r["time"] for r in rows if r["state"] == "queued"}
+    assert sorted(jobs, key=started.get) == jobs  # FIFO: nothing passed the W=2 job at the head
+    assert started[w2] >= ended[jobs[0]] and started[jobs[2]] >= ended[w2]  # both slots, or none
+    assert started[w2] - queued[w2] < 120  # within max_wait_s
+    a, b = lora(foreground, "sd"), lora(tmp_path / "w2/out", "sd")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

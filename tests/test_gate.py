@@ -169,3 +169,52 @@ def test_a_job_only_a_lost_gpu_could_hold_waits_instead_of_failing():
     d = decide(probe, 40000)
     assert d.outcome == "wait" and "too small" in d.reason and "GPU is lost" in d.reason
     assert decide(probe, 100000).outcome == "never_fits"
+
+
+# W slots at once (a config's `devices: W`): every one passes the gate, or the job takes none.
+# (free MiB per GPU, None = NVML gives no figure; busy; allowed; world) -> (outcome, slots)
+RESERVE = [
+    ("two free GPUs, W=2", [20000, 20000], set(), None, 2, "start", (0, 1)),
+    ("best fit: the two tightest that fit", [20000, 10000, 12000], set(), None, 2, "start", (1, 2)),
+    ("one busy: no partial grab", [20000, 20000], {1}, None, 2, "wait", ()),
+    ("one too full: no partial grab", [20000, 5000], set(), None, 2, "wait", ()),
+    ("no figure counts only after the known fits", [20000, None, 20000], set(), None, 2, "start", (0, 2)),
+    ("no figure completes a reservation", [20000, None, 5000], set(), None, 2, "start", (0, 1)),
+    ("more than the box has never fits", [20000, 20000], set(), None, 3, "never_fits", ()),
+    ("a devices: list narrows the choice", [20000, 20000, 20000], set(), {1, 2}, 2, "start", (1, 2)),
+    ("a listed GPU busy: waits", [20000, 20000, 20000], {2}, {1, 2}, 2, "wait", ()),
+    ("W=1 unchanged", [20000, 10000], set(), None, 1, "start", (1,)),
+]
+
+
+@pytest.mark.parametrize("why,free,busy,allowed,world,outcome,slots", RESERVE, ids=[r[0] for r in RESERVE])
+def test_several_slots_are_reserved_together_or_not_at_all(why, free, busy, allowed, world, outcome, slots):
+    nvml, probe = probe_of(*(FakeGpu(total_mib=24576) for _ in free))
+    for i, mib in enumerate(free):
+        if mib is None:
+            nvml.fail_metric(i, "nvmlDeviceGetMemoryInfo")
+        else:
+            nvml.add_process(i, pid=4000 + i, used_mib=24576 - mib)
+    d = gate_decision(8000, probe.list_gpus(), busy, MARGIN, None, set(OWN) | {4000 + i for i in range(len(free))},
+                      allowed=allowed, world=world)
+    assert (d.outcome, d.slots) == (outcome, slots), d.reason
+    if outcome == "wait" and world > 1:
+        assert f"waiting for {world} GPUs at once" in d.reason and "each" in d.reason
+
+
+# CPU slots (-1, -2, ...; settings cpu_slots): (cpu slots, busy, world) -> (outcome, slots)
+CPU_RESERVE = [
+    ((-1, -2), set(), 2, "start", (-1, -2)),
+    ((-1, -2), {-1}, 2, "wait", ()),
+    ((-1, -2), {-1}, 1, "start", (-2,)),
+    ((-1, -2), set(), 3, "never_fits", ()),
+    ((-1,), {-1}, 1, "wait", ()),
+]
+
+
+@pytest.mark.parametrize("cpu,busy,world,outcome,slots", CPU_RESERVE)
+def test_cpu_slots_are_reserved_together_or_not_at_all(cpu, busy, world, outcome, slots):
+    d = gate_decision(100, [], busy, MARGIN, None, OWN, world=world, cpu_indices=cpu)
+    assert (d.outcome, d.slots) == (outcome, slots), d.reason
+    assert outcome != "start" or d.device == "cpu"
+    assert outcome != "never_fits" or "cpu_slots" in d.reason

@@ -25,6 +25,7 @@ modules that need torch (the training loop, checkpoints) are imported by the fun
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 from pathlib import Path
@@ -104,11 +105,15 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             env: dict | None = None, infra_retries: list[dict] | None = None,
             resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
             estimate_mib: int | None = None, sweep: dict | None = None,
-            resolve_release: ResolveRelease | None = None) -> "JobResult":
+            resolve_release: ResolveRelease | None = None, devices: tuple[str, ...] | None = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
-    With `devices:` in the config (more than one), W rank processes train it data-parallel (`trainer.training.distributed`); this process joins no process group, and the warm
-    cache is not used (each rank loads the base itself).
+    `devices`: one torch device per rank, for a config with `devices:` (agentd passes the devices of the slots it
+    reserved); default: the ones `plan_here` picks on this box. Its length must be the config's world size.
+
+    With `devices:` in the config (more than one), W rank processes train it data-parallel
+    (`trainer.training.distributed`); this process joins no process group, and the warm cache is not used (each
+    rank loads the base itself).
 
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
     the same, outcome "paused". Otherwise "succeeded" (or "nothing to do", also "succeeded").
@@ -122,7 +127,12 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     from trainer.training.job import LoraTrainingJob  # imports torch
 
     release = production_release(checked.config, resolve_release, source=checked.source)
-    plan = plan_here(checked.config, source=checked.source) if checked.config.devices is not None else None
+    plan = plan_here(checked.config, source=checked.source, cpu_slots=len(devices) if devices else None) \
+        if checked.config.devices is not None else None
+    if plan is not None and devices is not None:
+        if len(devices) != plan.world_size:
+            raise ValueError(f"{len(devices)} devices given for a job of {plan.world_size} ranks")
+        plan = dataclasses.replace(plan, devices=tuple(devices))
     if plan is not None and plan.world_size > 1:
         from trainer.training.distributed import run_ranks
 
