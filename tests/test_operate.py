@@ -366,3 +366,24 @@ def test_a_journal_from_an_older_agentd_gains_the_new_columns(tmp_path):
         assert j.get(new)["priority"] == 3
     finally:
         j.close()
+
+
+def test_a_base_in_use_by_another_job_is_not_shared():
+    """Two jobs with the same base at once (two CPU slots, or two GPUs): the second gets a copy of its own, since
+    the cached one carries the first job's LoRA layers and sits on its device; once free, it is shared again."""
+    from trainer.training.model_cache import BaseModelCache
+
+    cache = BaseModelCache(1, warm_vram_ttl_s=30)
+    loaded = []
+
+    def load():
+        loaded.append(torch.nn.Linear(4, 4))
+        return loaded[-1]
+
+    first, how_first, _ = cache.get(("k",), load, "cpu")
+    second, how_second, _ = cache.get(("k",), load, "cpu")
+    assert (how_first, how_second) == ("cold", "cold") and first is not second and len(loaded) == 2
+    cache.release(("k",))
+    cache.release(("k",))
+    third, how, _ = cache.get(("k",), load, "cpu")
+    assert third is first and how == "device" and len(loaded) == 2

@@ -87,11 +87,13 @@ class BaseModelCache:
         device = str(device) if device is not None else "cpu"
         with self._lock:
             entry = self._items.get(key)
+            in_use = False
             if entry is not None:
                 self._items.move_to_end(key)
-                self.hits += 1
-                entry.users += 1
-        if entry is not None:
+                entry.users += 1  # released by this job's release(key) like any other user's
+                in_use = entry.users > 1
+                self.hits += 0 if in_use else 1
+        if entry is not None and not in_use:
             if entry.device == device:
                 return entry.base, "device", None
             t0 = time.perf_counter()
@@ -101,10 +103,12 @@ class BaseModelCache:
                 entry.device = device
                 self.last_move_s = moved
             return entry.base, "host", moved
+        # Not cached, or another job trains on the cached base right now (it carries that job's LoRA layers and
+        # sits on its device: two jobs on one box's CPU slots, or GPUs, with the same base): a copy of its own.
         base = load()
         with self._lock:
             self.misses += 1
-            if self.capacity > 0:
+            if entry is None and self.capacity > 0:
                 self._items[key] = _Entry(base, device, round(tensor_bytes(base) / 2**20, 1), users=1)
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
