@@ -43,7 +43,7 @@ from trainer.errors import ConfigError, OutOfMemory
 from trainer.events import Reporter
 from trainer.quiet import quiet_third_party
 from trainer.runs.history import PreviousRun, RunDecision, decide_for, is_run_folder, newest_previous, refusal
-from trainer.runs.outputs import atomic_write_json, atomic_write_text, jenkins_vars
+from trainer.runs.outputs import atomic_write_json, atomic_write_text, fsync_dir, jenkins_vars
 from trainer.runs.report import compare_runs, write_report
 from trainer.training.model_cache import BaseModelCache
 from trainer.training.preload import preload_all
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
     "VramEstimate", "WorldPlan", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
-    "compare_runs", "cuda_reserved_mib", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
+    "compare_runs", "cuda_reserved_mib", "fsync_dir", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "plan_here", "preflight", "preload_all",
     "quiet_third_party",
     "recommend_batch_size", "evaluate_run", "run_decision", "run_job", "validate_main", "votes_summary",

@@ -15,10 +15,7 @@ from agentd.release.targets.http import Server
 
 class A1111(Server):
     def check(self, rel):
-        self.family_problem(rel, self.settings.families)
-        if rel.get("is_folder"):
-            raise ReleaseError(f"target {self.name} takes .safetensors LoRAs; {rel['name']} is a PEFT folder",
-                               "bad_request")
+        self.check_safetensors_lora(rel)
 
     def publish(self, rel, local):
         self.copy_in(rel, local)

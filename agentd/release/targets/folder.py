@@ -9,6 +9,7 @@ from pathlib import Path
 from agentd.release import ReleaseError
 from agentd.release.artifact import sha256_file
 from agentd.release.targets import Storage, partial_copies, temporary_path
+from trainer.api import fsync_dir
 
 
 class FolderStorage(Storage):
@@ -41,7 +42,7 @@ class FolderStorage(Storage):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def append(self, key, line):
         self._ready()
@@ -69,7 +70,7 @@ class FolderStorage(Storage):
             tmp.unlink(missing_ok=True)
             raise ReleaseError(f"target {self.name}: cannot write {path}: {e.strerror}; check the folder's "
                                "free space and that the daemon may write it") from None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def head(self, key):
         path = self._path(key)
@@ -93,14 +94,6 @@ class FolderStorage(Storage):
     def names(self):
         self._ready()
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "registry.jsonl").is_file())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make(name, settings, secret):

@@ -113,6 +113,13 @@ class Server:
         for partial in partial_copies(self.lora_dir / rel["artifact"]):  # a copy cut short by a killed daemon
             _remove(partial)
 
+    def check_safetensors_lora(self, rel: dict) -> None:
+        """A1111/Forge and ComfyUI load one .safetensors file of a family they serve (not a PEFT folder)."""
+        self.family_problem(rel, self.settings.families)
+        if rel.get("is_folder"):
+            raise ReleaseError(f"target {self.name} takes .safetensors LoRAs; {rel['name']} is a PEFT folder",
+                               "bad_request")
+
     def family_problem(self, rel: dict, families: list[str]) -> None:
         if rel.get("family") not in families:
             raise ReleaseError(f"target {self.name} serves {', '.join(families)} LoRAs, and {rel['name']} is a "
