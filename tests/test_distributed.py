@@ -103,7 +103,7 @@ def mixed(built_once) -> Path:
 
 def bucket_config(folder: Path, assets, data: Path, **fields) -> Path:
     return image_config(folder, assets, train_data_dir=str(data), enable_bucket=True, min_bucket_reso=16,
-                        max_bucket_reso=64, bucket_reso_steps=8, batch_size=2, max_train_steps=None, epochs=2,
+                        max_bucket_reso=64, bucket_reso_steps=8, batch_size=2, max_train_steps=None, epochs=6,
                         random_flip=True, center_crop=False, save_steps=5, name="sd", **fields)
 
 
@@ -267,6 +267,8 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     first_start = next(r["time"] for r in rows if r["job_id"] == w2 and r["state"] == "running")
     assert first_start - queued[w2] < 120  # within max_wait_s
     resumes = json.loads((tmp_path / "w2/out/run.json").read_text())["resumes"]
-    assert [r["from_step"] for r in resumes] == [5]  # from its checkpoint, not from the start
+    # From a checkpoint (every 5 of its 24 steps; ranks forked from a warm forkserver run ~20 steps/s, so the kill
+    # lands after the first one or soon after), not from the start; and no orphaned rank finished the run meanwhile.
+    assert len(resumes) == 1 and resumes[0]["from_step"] in (5, 10, 15, 20), resumes
     a, b = lora(foreground, "sd"), lora(tmp_path / "w2/out", "sd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -61,7 +61,7 @@ def receive(conn: socket.socket) -> tuple[dict, list[int]]:
     fds = array.array("i")
     data = b""
     while not data.endswith(b"\n"):
-        msg, ancdata, _flags, _addr = conn.recvmsg(1 << 20, socket.CMSG_SPACE(16 * fds.itemsize))
+        msg, ancdata, _flags, _addr = conn.recvmsg(1 << 20, socket.CMSG_SPACE(64 * fds.itemsize))
         if not msg:
             raise EOFError
         data += msg
@@ -85,11 +85,7 @@ def run_program(request: dict, fds: list[int]) -> None:
     import threading
     import traceback
 
-    for target, fd in zip((0, 1, 2), fds):
-        os.dup2(fd, target)  # dup2 clears close-on-exec: the program's children inherit them as usual
-    for fd in fds:
-        if fd > 2:
-            os.close(fd)
+    _install_fds(fds, request["fd_numbers"])
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     os.environ.clear()
@@ -105,7 +101,12 @@ def run_program(request: dict, fds: list[int]) -> None:
     code: int = 0
     interrupted = False
     try:
-        runpy.run_path(request["argv"][0], run_name="__main__")
+        if request.get("code"):  # python -c CODE (the multiprocessing forkserver): run as CPython runs -c
+            main = type(sys)("__main__")
+            sys.modules["__main__"] = main
+            exec(compile(request["code"], "<string>", "exec"), main.__dict__)  # noqa: S102 - the caller's -c
+        else:
+            runpy.run_path(request["argv"][0], run_name="__main__")
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -135,6 +136,33 @@ def run_program(request: dict, fds: list[int]) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
+
+
+def _install_fds(fds: list[int], numbers: list[int]) -> None:
+    """Put each received descriptor at the number it had in the caller (0-2, and e.g. a forkserver's listener
+    and pipe), inheritable as there; first out of the way of every target number, so none is overwritten."""
+    import fcntl
+
+    above = max([*fds, *numbers]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for fd, number in zip(moved, numbers):
+        os.dup2(fd, number)  # dup2 clears close-on-exec: the program's children inherit them as usual
+        os.close(fd)
+
+
+def _taken(numbers: list[int], received: list[int]) -> bool:
+    """Whether a descriptor number the program needs is one this zygote itself holds open (a library's): the
+    program would lose it, so that caller runs cold instead."""
+    mine = set()
+    for name in os.listdir("/proc/self/fd"):  # the listing's own descriptor is closed again by fstat's turn
+        try:
+            os.fstat(int(name))
+            mine.add(int(name))
+        except OSError:
+            pass
+    return any(n in mine - {0, 1, 2, *received} for n in numbers)
 
 
 _kept_streams: list = []
@@ -224,7 +252,9 @@ def serve(path: str) -> None:
     server.listen(64)
     import resource
 
-    facts = {"_executable": sys.executable, "_uid": str(os.getuid()), "_gid": str(os.getgid()),
+    from sitecustomize import interpreter_options  # beside this file (sys.path[0])
+
+    facts = {"_executable": sys.executable, "_options": interpreter_options(sys), "_uid": str(os.getuid()), "_gid": str(os.getgid()),
              "_rlimit_as": repr(resource.getrlimit(resource.RLIMIT_AS)), "_set_here": _set_by_imports}
     with open(path + ".env", "w") as f:  # what a caller compares its own start with (sitecustomize.py)
         json.dump({**os.environ, **facts}, f)
@@ -242,8 +272,13 @@ def serve(path: str) -> None:
         except (EOFError, OSError, ValueError):
             conn.close()
             continue
+        if _taken(request["fd_numbers"], [*fds, conn.fileno(), server.fileno()]):
+            for fd in fds:
+                os.close(fd)
+            conn.close()  # no reply: the caller runs its program cold
+            continue
         with open(path + ".log", "a") as log:  # which programs ran warm, for whoever wonders
-            log.write(" ".join(request["argv"]) + "\n")
+            log.write(" ".join(request["orig_argv"][1:] if request.get("code") else request["argv"]) + "\n")
         if os.fork() == 0:
             server.close()
             watch(conn, request, fds)

@@ -20,15 +20,15 @@ its optimizer on the same reduced gradients. Rank 0 alone writes (logs, events, 
 validation, outputs, run.json) and decides stop/pause/early stop, broadcast to the others after each step;
 at a checkpoint every rank's RNG state is gathered into it.
 
-The launcher (`run_ranks`): W processes started with torch.multiprocessing (spawn), rendezvous on
-127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective. The calling process
+The launcher (`run_ranks`): W processes started with torch.multiprocessing's forkserver, which has imported
+the training stack once (`trainer.training.rank_preload`; a daemon keeps it for its lifetime, so a rank starts
+as a fork, not a ~10 s import), rendezvous on 127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective. The calling process
 (the daemon or lora-train) never joins the group: it relays rank 0's events and the stop/pause flags, and
 when a rank dies the others are terminated (torch's ProcessContext) and `RankDied` is raised, which the
 daemon treats as an infrastructure failure (re-queued, resumed from the last checkpoint), never a hang.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue as queue_mod
@@ -77,13 +77,14 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     finishing (killed)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["trainer.training.rank_preload"])  # read when the forkserver starts (once)
     events, results = ctx.Queue(), ctx.Queue()
     stop_ev, pause_ev = ctx.Event(), ctx.Event()
     address = ("127.0.0.1", free_port())
-    context = mp.start_processes(_rank_main, args=(plan, address, checked, events, results, stop_ev, pause_ev,
-                                                   job_kwargs),
-                                 nprocs=plan.world_size, join=False, start_method="spawn")
+    context = mp.start_processes(_rank_main, args=(plan, address, os.getpid(), checked, events, results,
+                                                   stop_ev, pause_ev, job_kwargs),
+                                 nprocs=plan.world_size, join=False, start_method="forkserver")
     try:
         while True:
             _relay(events, reporter)
@@ -116,14 +117,14 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     return outcome[1]
 
 
-def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], checked, events, results, stop, pause,
-               job_kwargs: dict) -> None:
-    """One rank process: join the group, run the job, report rank 0's result (a spawn target: module level)."""
+def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], launcher_pid: int, checked, events, results,
+               stop, pause, job_kwargs: dict) -> None:
+    """One rank process: join the group, run the job, report rank 0's result (a forkserver target: module level)."""
     import torch.distributed as dist
 
     from trainer.training.job import LoraTrainingJob
 
-    _die_with_parent()
+    _die_with_launcher(launcher_pid)
     device = plan.devices[rank]
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -145,19 +146,27 @@ def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], checked, ev
         dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """A rank ends with the process that started it (Linux PR_SET_PDEATHSIG): after a `kill -9` of the
-    daemon no orphaned rank trains on and writes while the restarted daemon resumes the job. Interrupts go to
-    the launcher, which relays them as the stop flag (Ctrl-C reaches the whole process group)."""
-    import ctypes
+def _die_with_launcher(launcher_pid: int) -> None:
+    """A rank ends the moment the process that launched the job does: after a `kill -9` of the daemon no orphaned
+    rank trains on and writes while the restarted daemon resumes the job. Watched through a pidfd of the
+    launcher, not PR_SET_PDEATHSIG: a rank's parent is the forkserver, which outlives the launcher by the seconds
+    its interpreter takes to finalize torch and the libraries (measured: ranks finished a tiny job meanwhile).
+    Interrupts go to the launcher, which relays them as the stop flag (Ctrl-C reaches the whole process group)."""
+    import select
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    try:
+        launcher = os.pidfd_open(launcher_pid)
+    except ProcessLookupError:  # it died before this rank started
         os._exit(1)
+
+    def watch() -> None:
+        select.select([launcher], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _picklable(e: BaseException) -> BaseException:
