@@ -71,6 +71,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _seconds(default: float, description: str):
+    """A duration setting in seconds: positive, with its default and its description."""
+    return Field(default=default, gt=0, description=description)
+
+
 class SshLauncherSettings(_Model):
     """Settings for ``launcher: ssh``: the controller connects to this box over SSH by itself."""
 
@@ -92,10 +97,9 @@ class WatchSettings(_Model):
     job: str = Field(description="Jenkins job to build (a parameterized job; folders as 'a/b').")
     parameter: str = Field(
         default="CONFIG_FILE", description="Build parameter that receives the config file's absolute path.")
-    debounce_s: float = Field(
-        default=2.0, gt=0,
-        description="A file must be unchanged (no event, same size and mtime) this long before it is used; "
-                    "this is what skips partial writes and editor save sequences.")
+    debounce_s: float = _seconds(
+        2.0, "A file must be unchanged (no event, same size and mtime) this long before it is used; "
+             "this is what skips partial writes and editor save sequences.")
 
 
 class JenkinsSettings(_Model):
@@ -145,30 +149,18 @@ class JenkinsSettings(_Model):
     java: str = Field(
         default="java",
         description="Java command for agent.jar (split like a shell word list, so 'java -Xmx512m' works).")
-    timeout_s: float = Field(
-        default=15.0, gt=0,
-        description="HTTP timeout for each request to the controller.")
-    sync_interval_s: float = Field(
-        default=60.0, gt=0,
-        description="How often the node is checked against the desired state (catches a controller restart).")
-    retry_min_s: float = Field(
-        default=2.0, gt=0,
-        description="First retry delay after a failure (jitter shortens each delay by up to half).")
-    retry_max_s: float = Field(
-        default=300.0, gt=0,
-        description="Longest retry delay (exponential backoff cap).")
-    agent_restart_min_s: float = Field(
-        default=1.0, gt=0,
-        description="First delay before restarting agent.jar.")
-    agent_restart_max_s: float = Field(
-        default=60.0, gt=0,
-        description="Longest delay before restarting agent.jar.")
-    agent_stable_s: float = Field(
-        default=60.0, gt=0,
-        description="agent.jar running this long counts as healthy: its restart backoff resets.")
-    agent_stop_timeout_s: float = Field(
-        default=10.0, gt=0,
-        description="Wait this long after SIGTERM before SIGKILL when stopping agent.jar.")
+    timeout_s: float = _seconds(15.0, "HTTP timeout for each request to the controller.")
+    sync_interval_s: float = _seconds(
+        60.0, "How often the node is checked against the desired state (catches a controller restart).")
+    retry_min_s: float = _seconds(
+        2.0, "First retry delay after a failure (jitter shortens each delay by up to half).")
+    retry_max_s: float = _seconds(300.0, "Longest retry delay (exponential backoff cap).")
+    agent_restart_min_s: float = _seconds(1.0, "First delay before restarting agent.jar.")
+    agent_restart_max_s: float = _seconds(60.0, "Longest delay before restarting agent.jar.")
+    agent_stable_s: float = _seconds(
+        60.0, "agent.jar running this long counts as healthy: its restart backoff resets.")
+    agent_stop_timeout_s: float = _seconds(
+        10.0, "Wait this long after SIGTERM before SIGKILL when stopping agent.jar.")
     watch: Optional[WatchSettings] = Field(default=None, description="Optional config-folder trigger.")
 
     @property
@@ -223,10 +215,9 @@ class JenkinsSettings(_Model):
                                  "when jenkins.url is set")
         if self.launcher == "ssh" and self.ssh is None:
             raise ValueError("launcher 'ssh' needs an ssh: {credentials_id, host, port} section")
-        if self.retry_min_s > self.retry_max_s:
-            raise ValueError("retry_min_s must not exceed retry_max_s")
-        if self.agent_restart_min_s > self.agent_restart_max_s:
-            raise ValueError("agent_restart_min_s must not exceed agent_restart_max_s")
+        for low, high in (("retry_min_s", "retry_max_s"), ("agent_restart_min_s", "agent_restart_max_s")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} must not exceed {high}")
         return self
 
 
