@@ -27,51 +27,18 @@ CPU time of this process for the ratio (wall time on a shared box measures the n
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import LR, RANK, SEED, TextbookDataset, now, steady_ms  # noqa: E402
+from bench_train import TextbookDataset  # noqa: E402
+from steptime import LR, RANK, SEED, best, in_turns, now, parser, prepare, steady_ms, time_ours  # noqa: E402
 
 BATCH = 2
 SEQ = 512
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool,
-             fp8: bool = False) -> tuple[float, float]:
-    import threading
-
-    import yaml
-
-    from trainer import api
-
-    stamps: list[tuple[float, float]] = []
-
-    class Clock:
-        def emit(self, ev):
-            if ev["type"] == "step":
-                stamps.append(now())
-
-    with tempfile.TemporaryDirectory(prefix="bench-flux-") as tmp:
-        cfg = {"train_data_dir": str(assets["shapes"]), "metadata_path": str(assets["shapes"] / "metadata.csv"),
-               "base_model": str(assets["flux"]), "resolution": resolution, "lora_rank": RANK,
-               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
-               "save_steps": 10_000, "log_every": 10_000, "seed": SEED, "resume": "never",
-               "mixed_precision": "no", "quantization": "fp8" if fp8 else "no", "max_sequence_length": SEQ,
-               "timestep_density": "uniform", "cache_latents": cached, "cache_text_embeddings": cached,
-               "output_dir": str(Path(tmp) / "out")}
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
-        assert result.outcome == "succeeded", result
-    return steady_ms(stamps, warmup)
 
 
 class CaptionedDataset(TextbookDataset):
@@ -171,50 +138,37 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--resolution", type=int, default=32, help="training resolution (default 32)")
-    p.add_argument("--repeat", type=int, default=2, help="run the whole set this many times (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's choice)")
-    args = p.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from trainer.quiet import quiet_libraries
+    args = parser(__doc__).parse_args(argv)
+    assets, torch_threads = prepare(args.threads)
     from trainer.config import default_cache_dir
-    from trainer.dev.tiny import build_tiny_flux, demo_assets
+    from trainer.dev.tiny import build_tiny_flux
 
-    quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    assets = dict(demo_assets())
     flux = default_cache_dir() / "bench-flux-dev"
     if not (flux / "model_index.json").exists():
         build_tiny_flux(flux)
     assets["flux"] = flux
+
+    def ours(cached: bool, fp8: bool = False):
+        """fp32 with the bf16/fp8 defaults turned off, and uniform timesteps as the textbook loop samples."""
+        return time_ours(flux, assets["shapes"], args.resolution, args.steps, args.warmup, batch=BATCH,
+                         mixed_precision="no", quantization="fp8" if fp8 else "no", max_sequence_length=SEQ,
+                         timestep_density="uniform", cache_latents=cached, cache_text_embeddings=cached)
+
     names = ["textbook", "ours", "ours+cache", "ours+fp8"]
     runs = {"textbook": lambda: run_textbook(assets, args.resolution, args.steps, args.warmup),
-            "ours": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, False),
-            "ours+cache": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True),
-            "ours+fp8": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True, fp8=True)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny FLUX.1 [dev] at {args.resolution} px, "
+            "ours": lambda: ours(False),
+            "ours+cache": lambda: ours(True),
+            "ours+fp8": lambda: ours(True, fp8=True)}
+    print(f"{torch_threads}, tiny FLUX.1 [dev] at {args.resolution} px, "
           f"batch {BATCH}, rank {RANK}, {SEQ} T5 tokens, {args.steps} timed steps after {args.warmup} warmup; "
           "ms/step (lower is better)", flush=True)
-    results: dict[str, list[tuple[float, float]]] = {}
     started = time.perf_counter()
-    for rep in range(args.repeat):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            wall, cpu = runs[name]()
-            results.setdefault(name, []).append((wall, cpu))
-            print(f"  [{rep + 1}/{args.repeat}] {name:<11s} wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+    results = in_turns(names, args.repeat, lambda name: runs[name](), label=lambda name: f"{name:<11s}")
     print(f"\nbest of {args.repeat}; the ratio is on CPU time (wall time on a shared machine measures the load too)")
     print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
-    base = min(c for _, c in results["textbook"])
+    base = best(results["textbook"])[1]
     for name in names:
-        cpu = min(c for _, c in results[name])
-        wall = min(w for w, _ in results[name])
+        wall, cpu = best(results[name])
         print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
     print(f"\nbench took {time.perf_counter() - started:.0f} s")
     return 0

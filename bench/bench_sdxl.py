@@ -22,44 +22,14 @@ CPU time of this process for the ratio (wall time on a shared box measures the n
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import BATCH, LR, RANK, SEED, TARGETS, now, steady_ms  # noqa: E402
-
-
-def run_ours(assets: dict, resolution: int, steps: int, warmup: int, cached: bool) -> tuple[float, float]:
-    import threading
-
-    import yaml
-
-    from trainer import api
-
-    stamps: list[tuple[float, float]] = []
-
-    class Clock:
-        def emit(self, ev):
-            if ev["type"] == "step":
-                stamps.append(now())
-
-    with tempfile.TemporaryDirectory(prefix="bench-sdxl-") as tmp:
-        cfg = {"train_data_dir": str(assets["shapes"]), "metadata_path": str(assets["shapes"] / "metadata.csv"),
-               "base_model": str(assets["sdxl_model"]), "resolution": resolution, "lora_rank": RANK,
-               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
-               "save_steps": 10_000, "log_every": 10_000, "cache_latents": cached,
-               "cache_text_embeddings": cached, "seed": SEED, "resume": "never", "output_dir": str(Path(tmp) / "out")}
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
-        assert result.outcome == "succeeded", result
-    return steady_ms(stamps, warmup)
+from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, now, parser, prepare,  # noqa: E402
+                      steady_ms, time_ours)
 
 
 class TextbookSdxlDataset:
@@ -170,42 +140,26 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--resolution", type=int, default=32, help="training side in px (default 32)")
-    p.add_argument("--repeat", type=int, default=2, help="runs of the whole set, alternating order (default 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's choice)")
-    args = p.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
+    assets, torch_threads = prepare(args.threads)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    def ours(cached: bool):
+        return time_ours(assets["sdxl_model"], assets["shapes"], args.resolution, args.steps, args.warmup,
+                         cache_latents=cached, cache_text_embeddings=cached)
 
-    from trainer.quiet import quiet_libraries
-    from trainer.dev.tiny import demo_assets
-
-    quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    assets = demo_assets()
     names = ["textbook", "ours", "ours+cache"]
     runs = {"textbook": lambda: run_textbook(assets, args.resolution, args.steps, args.warmup),
-            "ours": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, False),
-            "ours+cache": lambda: run_ours(assets, args.resolution, args.steps, args.warmup, True)}
-    print(f"tiny SDXL, torch {torch.__version__}, {torch.get_num_threads()} threads, res {args.resolution}, "
+            "ours": lambda: ours(False),
+            "ours+cache": lambda: ours(True)}
+    print(f"tiny SDXL, {torch_threads}, res {args.resolution}, "
           f"batch {BATCH}, rank {RANK}, {args.steps} timed steps after {args.warmup} warmup", flush=True)
-    results: dict[str, list[tuple[float, float]]] = {}
     started = time.perf_counter()
-    for rep in range(args.repeat):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            wall, cpu = runs[name]()
-            results.setdefault(name, []).append((wall, cpu))
-            print(f"  [{rep + 1}/{args.repeat}] {name:<11s} wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+    results = in_turns(names, args.repeat, lambda name: runs[name](), label=lambda name: f"{name:<11s}")
     print(f"\nbest of {args.repeat}; the ratio is on CPU time")
     print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
-    base = min(c for _, c in results["textbook"])
+    base = best(results["textbook"])[1]
     for name in names:
-        cpu, wall = min(c for _, c in results[name]), min(w for w, _ in results[name])
+        wall, cpu = best(results[name])
         print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
     print(f"\nbench took {time.perf_counter() - started:.0f} s")
     return 0

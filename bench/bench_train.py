@@ -26,71 +26,17 @@ every run's figure (other processes on the machine move these numbers a lot).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RANK, BATCH, LR, SEED = 4, 4, 1e-4, 7
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-def now() -> tuple[float, float]:
-    """(wall clock, CPU time of this process): read at the end of every optimizer step."""
-    return time.perf_counter(), time.process_time()
-
-
-def steady_ms(stamps: list[tuple[float, float]], warmup: int) -> tuple[float, float]:
-    """Median (wall, CPU) ms per step from end-of-step stamps, skipping the first `warmup` steps.
-
-    Medians, not means: a step that another process stalled says nothing about the code. CPU time is
-    what the comparison uses: on a shared machine the wall clock also measures the neighbours."""
-    t = stamps[warmup - 1:] if warmup > 0 else stamps
-    wall = statistics.median(b[0] - a[0] for a, b in zip(t, t[1:]))
-    cpu = statistics.median(b[1] - a[1] for a, b in zip(t, t[1:]))
-    return 1000 * wall, 1000 * cpu
-
+from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, now, parser, prepare,  # noqa: E402
+                      steady_ms, time_ours)
 
 # ------------------------------------------------------------------------------------------------
-# (a) our trainer
-
-
-def run_ours(assets: dict, resolution: int, steps: int, warmup: int,
-             cache_latents: bool) -> tuple[float, float]:
-    import threading
-
-    import yaml
-
-    from trainer import api
-
-    stamps: list[tuple[float, float]] = []
-
-    class Clock:
-        def emit(self, ev):
-            if ev["type"] == "step":
-                stamps.append(now())
-
-    with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
-        cfg = {"train_data_dir": str(assets["shapes"]),
-               "metadata_path": str(assets["shapes"] / "metadata.csv"),
-               "base_model": str(assets["sd_model"]), "resolution": resolution, "lora_rank": RANK,
-               "batch_size": BATCH, "learning_rate": LR, "max_train_steps": warmup + steps,
-               "save_steps": 10_000, "log_every": 10_000, "cache_latents": cache_latents, "seed": SEED,
-               "resume": "never", "output_dir": str(Path(tmp) / "out")}
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        result = api.run_job(api.preflight(path), Clock(), threading.Event(), device="cpu")
-        assert result.outcome == "succeeded", result
-    return steady_ms(stamps, warmup)
-
-
-# ------------------------------------------------------------------------------------------------
-# (b) the textbook loop (diffusers' train_text_to_image_lora.py, minus accelerate/logging)
+# the textbook loop (diffusers' train_text_to_image_lora.py, minus accelerate/logging)
 
 
 class TextbookDataset:
@@ -192,46 +138,23 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--resolution", type=int, action="append",
-                   help="training resolution; repeat the option for several (default: 32; 64 is ~8x slower)")
-    p.add_argument("--repeat", type=int, default=2,
-                   help="run the whole set this many times, alternating the order (default 2)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1; 0: torch's choice). With tiny models, 2+ threads on a "
-                        "shared 2-core box spend most of a step in OpenMP barriers when another process "
-                        "holds a core: 10x slower and noisy")
-    args = p.parse_args(argv)
+    args = parser(__doc__, several_resolutions=True).parse_args(argv)
     resolutions = args.resolution or [32]
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from trainer.quiet import quiet_libraries
-    from trainer.dev.tiny import demo_assets
-
-    quiet_libraries()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    assets, torch_threads = prepare(args.threads)
     names = ["textbook", "ours", "ours+cache"]
-    assets = demo_assets()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, rank {RANK}, "
+    print(f"{torch_threads}, batch {BATCH}, rank {RANK}, "
           f"{args.steps} timed steps after {args.warmup} warmup; ms/step (lower is better)", flush=True)
 
-    runs = {"ours": lambda r: run_ours(assets, r, args.steps, args.warmup, False),
-            "ours+cache": lambda r: run_ours(assets, r, args.steps, args.warmup, True),
+    def ours(res: int, cache_latents: bool):
+        return time_ours(assets["sd_model"], assets["shapes"], res, args.steps, args.warmup,
+                         cache_latents=cache_latents)
+
+    runs = {"ours": lambda r: ours(r, False),
+            "ours+cache": lambda r: ours(r, True),
             "textbook": lambda r: run_textbook(assets, r, args.steps, args.warmup)}
-    results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     started = time.perf_counter()
-    for rep in range(args.repeat):
-        for res in resolutions:
-            for name in (names if rep % 2 == 0 else names[::-1]):
-                wall, cpu = runs[name](res)
-                results.setdefault((res, name), []).append((wall, cpu))
-                print(f"  [{rep + 1}/{args.repeat}] res {res:3d}  {name:<11s} "
-                      f"wall {wall:7.1f}  cpu {cpu:7.1f} ms/step", flush=True)
+    results = in_turns([(res, name) for res in resolutions for name in names], args.repeat,
+                       lambda key: runs[key[1]](key[0]), label=lambda key: f"res {key[0]:3d}  {key[1]:<11s}")
 
     print()
     print(f"best of {args.repeat}; the ratio is on CPU time "
@@ -239,10 +162,9 @@ def main(argv=None) -> int:
     print(f"{'resolution':>10s}  {'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} "
           f"{'vs textbook':>12s}")
     for res in resolutions:
-        base = min(c for _, c in results[(res, "textbook")])
+        base = best(results[(res, "textbook")])[1]
         for name in names:
-            cpu = min(c for _, c in results[(res, name)])
-            wall = min(w for w, _ in results[(res, name)])
+            wall, cpu = best(results[(res, name)])
             print(f"{res:>10d}  {name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
     print(f"\nbench took {time.perf_counter() - started:.0f} s")
     return 0
