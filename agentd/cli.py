@@ -73,6 +73,21 @@ def add_socket_arg(p: argparse.ArgumentParser) -> None:
                    help=f"control socket (default: $AGENTD_SOCKET or {default_socket()})")
 
 
+def add_name_actions(sub, actions: dict[str, str]) -> dict[str, argparse.ArgumentParser]:
+    """A subcommand per action (name: help) that takes one positional NAME (a release's, a sweep's)."""
+    parsers = {}
+    for action, help_text in actions.items():
+        parsers[action] = sub.add_parser(action, help=help_text)
+        parsers[action].add_argument("name")
+    return parsers
+
+
+def add_socket_args(sub) -> None:
+    """--socket on every subcommand of `sub` (see add_socket_arg)."""
+    for p in sub.choices.values():
+        add_socket_arg(p)
+
+
 def socket_path(args):
     from pathlib import Path
 

@@ -18,7 +18,7 @@ LONG_S = 6 * 3600  # copying gigabytes to a slow NAS or bucket: the daemon answe
 
 
 def main(name: str, argv: list[str]) -> int:
-    from agentd.cli import add_socket_arg, socket_path
+    from agentd.cli import add_name_actions, add_socket_arg, add_socket_args, socket_path
     from agentd.client import DaemonUnreachable
 
     if name == "backup":
@@ -42,16 +42,14 @@ def main(name: str, argv: list[str]) -> int:
         pr.add_argument("--force", action="store_true", help="release even if the gate refuses (needs --reason)")
         pr.add_argument("--reason", help="why (recorded in the registry)")
         pr.add_argument("--candidate", action="store_true", help="move the candidate alias, not production")
-        for action, help_text in (("list", "versions, their evaluation, who and why; the aliases"),
-                                  ("rollback", "production back to the previous version (servers reload it)"),
-                                  ("verify", "every copy against its manifest; servers list production")):
-            sp = sub.add_parser(action, help=help_text)
-            sp.add_argument("name")
-            if action == "rollback":
-                sp.add_argument("--to", help="version vK (default: the previous alias)")
+        named = add_name_actions(sub, {
+            "list": "versions, their evaluation, who and why; the aliases",
+            "rollback": "production back to the previous version (servers reload it)",
+            "verify": "every copy against its manifest; servers list production"})
+        named["rollback"].add_argument("--to", help="version vK (default: the previous alias)")
         for sp in sub.choices.values():
             sp.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-            add_socket_arg(sp)
+        add_socket_args(sub)
         args = p.parse_args(argv)
         msg = {"op": "release", "action": args.action}
         if args.action == "promote":

@@ -24,25 +24,20 @@ def say(text: str) -> None:
 
 
 def main(name: str, argv: list[str]) -> int:
-    from agentd.cli import add_socket_arg, socket_path
+    from agentd.cli import add_name_actions, add_socket_args, socket_path
 
     p = argparse.ArgumentParser(prog="agentd sweep", description="Hyperparameter sweeps (Optuna) as agentd jobs.")
     sub = p.add_subparsers(dest="action", required=True)
     r = sub.add_parser("run", help="check a sweep file, run it, stream its trials")
     r.add_argument("file")
     r.add_argument("--detach", action="store_true", help="start it and return")
-    for action, text in (("status", "trials, their states and the best one"),
-                         ("report", "write summary.csv (and report.html with --html) in the sweep folder"),
-                         ("stop", "ask no more trials; running trials stop at their next step")):
-        a = sub.add_parser(action, help=text)
-        a.add_argument("name")
-        if action == "status":
-            a.add_argument("--json", action="store_true")
-        if action == "report":
-            a.add_argument("--html", action="store_true")
-    for a in (r, *sub.choices.values()):
-        if not any(x.dest == "socket" for x in a._actions):
-            add_socket_arg(a)
+    named = add_name_actions(sub, {
+        "status": "trials, their states and the best one",
+        "report": "write summary.csv (and report.html with --html) in the sweep folder",
+        "stop": "ask no more trials; running trials stop at their next step"})
+    named["status"].add_argument("--json", action="store_true")
+    named["report"].add_argument("--html", action="store_true")
+    add_socket_args(sub)
     args = p.parse_args(argv)
     sock = socket_path(args)
     if args.action == "run":
