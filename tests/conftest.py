@@ -51,6 +51,18 @@ def pytest_unconfigure(config):
         shutil.rmtree(Path(os.environ["AGENTD_TEST_WARM_SOCKET"]).parent, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _close_test_daemons():
+    """The daemons a test started through tests/daemon_harness.py stop, and their /tmp run folders go, when
+    it ends (a test that fails half-way included). Only tests that imported the harness have any."""
+    harness = sys.modules.get("tests.daemon_harness")
+    before = len(harness.DaemonProc.created) if harness else 0
+    yield
+    harness = sys.modules.get("tests.daemon_harness")
+    if harness:
+        harness.DaemonProc.close_created_since(before)
+
+
 @pytest.fixture(scope="session")
 def built_once(tmp_path_factory):
     """`built_once(name, build)` -> the folder `build(folder)` filled, built once per test session however

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,13 @@ from tests.conftest import BIN
 
 
 class DaemonProc:
+    """A daemon of one test. Its run folder (the socket's, under /tmp) lives as long as the test, not the
+    process: a test that restarts the daemon on the same state (d.kill(); d.start()) keeps its socket path
+    and finds the socket a crash leaves behind; `close_created_since` (conftest's autouse fixture, at the end
+    of each test) stops what still runs and removes the folder."""
+
+    created: list["DaemonProc"] = []  # in this process, in order; see close_created_since
+
     def __init__(self, root: Path, extra_settings: str = "", env: dict | None = None,
                  memory_limit_bytes: int | None = None, fake_gpus: list[dict] | None = None):
         self.memory_limit_bytes = memory_limit_bytes
@@ -29,6 +37,7 @@ class DaemonProc:
         self.log = root / "daemon.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
+        DaemonProc.created.append(self)
 
     def start(self, timeout: float = 60) -> "DaemonProc":
         limit = self.memory_limit_bytes
@@ -112,6 +121,17 @@ class DaemonProc:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop the daemon if it still runs and remove the run folder this harness made."""
+        self.stop()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    @classmethod
+    def close_created_since(cls, count: int) -> None:
+        """Close the daemons created after the first `count` (those of the test that just ended)."""
+        while len(cls.created) > count:
+            cls.created.pop().close()
 
 
 class Tail:
