@@ -83,6 +83,13 @@ def format_duration(seconds, unknown: str = "?") -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def text_columns(rows: list) -> list[str]:
+    """Rows of text cells as plain-text columns, two spaces apart, each column as wide as its widest cell
+    (the console's tables: an evaluation's metrics, a sweep's trials)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
 # --- the trainer's events ------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class Started(Event):
@@ -270,9 +277,7 @@ class Evaluation(Event):
         table = [("metric", "candidate", "comparison", "base", "delta [95% CI]", "decision")] + [
             (r["metric"], f"{r['candidate']:.4g}", f"{r['comparison']:.4g}", f"{r['base']:.4g}",
              f"{r['delta']:+.4g} [{r['lo']:+.4g}, {r['hi']:+.4g}]", r["decision"]) for r in self.rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        return "\n".join([head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                                   for row in table])
+        return "\n".join([head] + ["  " + line for line in text_columns(table)])
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agentd.sweep.study import sweep_trials
 from trainer.api import atomic_write_text
+from trainer.events import text_columns
 
 
 def trial_rows(sweep, study) -> list[dict]:
@@ -52,8 +53,7 @@ def table(s: dict, names: list[str]) -> str:
     for r in s["trials"]:
         lines.append([f"{r['number']:03d}", r["state"], _num(r["value"]), str(r["steps"] or ""),
                       str(r["seconds"] or ""), *[_num(r["params"].get(n)) for n in names]])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    text = "\n".join(text_columns(lines))
     best = s["best"]
     return text + ("\nbest: trial %03d, %s %s, %s" % (best["number"], s["objective"], _num(best["value"]),
                                                      best["output_dir"]) if best else "\nbest: no complete trial")
