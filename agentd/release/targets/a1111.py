@@ -17,10 +17,6 @@ class A1111(Server):
     def check(self, rel):
         self.check_safetensors_lora(rel)
 
-    def publish(self, rel, local):
-        self.copy_in(rel, local)
-        self.activate(rel)
-
     def activate(self, rel):
         self.call("POST", "/sdapi/v1/refresh-loras")
         self.require_listed(rel)

@@ -16,10 +16,6 @@ class ComfyUI(Server):
     def check(self, rel):
         self.check_safetensors_lora(rel)
 
-    def publish(self, rel, local):
-        self.copy_in(rel, local)
-        self.activate(rel)
-
     def activate(self, rel):
         self.require_listed(rel)
 

@@ -67,7 +67,12 @@ class Server:
         raise ReleaseError(f"target {self.name}: {method} {route} answered {status}: {_detail(payload)}",
                            "target_refused", status=status)
 
-    # --- what every server target checks the same way ----------------------------------------------
+    # --- what every server target does the same way ------------------------------------------------
+    def publish(self, rel: dict, local) -> None:
+        """Copy the artifact into the LoRA folder, then have the server take it (the target's `activate`)."""
+        self.copy_in(rel, local)
+        self.activate(rel)
+
     def verify(self, rel: dict, live: bool = False) -> list[str]:
         """The copy in the LoRA folder is there and, `live`, the server lists it (its `_listed`)."""
         copy = self.lora_dir / rel["artifact"]

@@ -38,10 +38,6 @@ class Vllm(Server):
     def _lora_path(self, rel) -> str:
         return str(self.lora_dir / rel["artifact"])
 
-    def publish(self, rel, local):
-        self.copy_in(rel, local)
-        self.activate(rel)
-
     def activate(self, rel):
         status, payload = self.call("POST", "/v1/load_lora_adapter",
                                     {"lora_name": rel["artifact"], "lora_path": self._lora_path(rel)},
