@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import TextbookDataset  # noqa: E402
-from steptime import LR, RANK, SEED, best, in_turns, now, parser, prepare, steady_ms, time_ours  # noqa: E402
+from steptime import LR, RANK, SEED, best, in_turns, parser, prepare, textbook_steps, time_ours  # noqa: E402
 
 BATCH = 2
 SEQ = 512
@@ -53,7 +53,6 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
 
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
@@ -82,8 +81,6 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
         data, shuffle=True, batch_size=BATCH, num_workers=0,
         collate_fn=lambda ex: {"pixel_values": torch.stack([e["pixel_values"] for e in ex]).float(),
                                "prompts": [e["prompt"] for e in ex]})
-    total = warmup + steps
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
 
     def get_sigmas(timesteps, n_dim=4):
         sigmas = noise_scheduler_copy.sigmas
@@ -94,47 +91,39 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
             sigma = sigma.unsqueeze(-1)
         return sigma
 
-    stamps: list[tuple[float, float]] = []
     transformer.train()
-    while len(stamps) < total:
-        for batch in loader:
-            with torch.no_grad():
-                prompt_embeds, pooled, text_ids = pipe.encode_prompt(batch["prompts"], prompt_2=None,
-                                                                     max_sequence_length=SEQ)
-            pixel_values = batch["pixel_values"]
-            model_input = vae.encode(pixel_values).latent_dist.sample()
-            model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
-            latent_image_ids = FluxPipeline._prepare_latent_image_ids(
-                model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", model_input.dtype)
-            noise = torch.randn_like(model_input)
-            bsz = model_input.shape[0]
-            u = compute_density_for_timestep_sampling("none", bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
-            indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
-            timesteps = noise_scheduler_copy.timesteps[indices]
-            sigmas = get_sigmas(timesteps, n_dim=model_input.ndim)
-            noisy = (1.0 - sigmas) * model_input + sigmas * noise
-            packed = FluxPipeline._pack_latents(noisy, bsz, model_input.shape[1], model_input.shape[2],
-                                                model_input.shape[3])
-            guidance = torch.tensor([1.0]).expand(bsz) if transformer.config.guidance_embeds else None
-            pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
-                               pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                               img_ids=latent_image_ids, return_dict=False)[0]
-            pred = FluxPipeline._unpack_latents(pred, height=model_input.shape[2] * vae_scale_factor,
-                                                width=model_input.shape[3] * vae_scale_factor,
-                                                vae_scale_factor=vae_scale_factor)
-            weighting = compute_loss_weighting_for_sd3("none", sigmas=sigmas)
-            target = noise - model_input
-            loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            loss.item()
-            stamps.append(now())
-            if len(stamps) >= total:
-                break
-    return steady_ms(stamps, warmup)
+
+    def loss_of(batch):
+        with torch.no_grad():
+            prompt_embeds, pooled, text_ids = pipe.encode_prompt(batch["prompts"], prompt_2=None,
+                                                                 max_sequence_length=SEQ)
+        pixel_values = batch["pixel_values"]
+        model_input = vae.encode(pixel_values).latent_dist.sample()
+        model_input = (model_input - vae.config.shift_factor) * vae.config.scaling_factor
+        latent_image_ids = FluxPipeline._prepare_latent_image_ids(
+            model_input.shape[0], model_input.shape[2] // 2, model_input.shape[3] // 2, "cpu", model_input.dtype)
+        noise = torch.randn_like(model_input)
+        bsz = model_input.shape[0]
+        u = compute_density_for_timestep_sampling("none", bsz, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+        indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
+        timesteps = noise_scheduler_copy.timesteps[indices]
+        sigmas = get_sigmas(timesteps, n_dim=model_input.ndim)
+        noisy = (1.0 - sigmas) * model_input + sigmas * noise
+        packed = FluxPipeline._pack_latents(noisy, bsz, model_input.shape[1], model_input.shape[2],
+                                            model_input.shape[3])
+        guidance = torch.tensor([1.0]).expand(bsz) if transformer.config.guidance_embeds else None
+        pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                           pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                           img_ids=latent_image_ids, return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, height=model_input.shape[2] * vae_scale_factor,
+                                            width=model_input.shape[3] * vae_scale_factor,
+                                            vae_scale_factor=vae_scale_factor)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas=sigmas)
+        target = noise - model_input
+        loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1), 1).mean()
+        return loss
+
+    return textbook_steps(loader, loss_of, params, optimizer, warmup + steps, warmup)
 
 
 def main(argv=None) -> int:

@@ -28,50 +28,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, now, parser, prepare,  # noqa: E402
-                      steady_ms, time_ours)
+from bench_train import TextbookDataset  # noqa: E402
+from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, parser, prepare,  # noqa: E402
+                      textbook_steps, time_ours)
 
 
-class TextbookSdxlDataset:
+class TextbookSdxlDataset(TextbookDataset):
     """imagefolder + metadata.csv as the SDXL script prepares it: Resize -> CenterCrop (crop top-left kept),
     original size kept, ToTensor -> Normalize([0.5], [0.5]); the caption tokenized by both tokenizers."""
 
     def __init__(self, folder: Path, resolution: int, tokenizers):
-        import csv
-
-        with open(folder / "metadata.csv", newline="") as f:
-            self.rows = [(folder / r["file_name"], r["text"]) for r in csv.DictReader(f)]
-        self.resolution, self.tokenizers = resolution, tokenizers
-
-    def __len__(self):
-        return len(self.rows)
+        super().__init__(folder, resolution, tokenizers[0])
+        self.tokenizers = tokenizers
 
     def __getitem__(self, i):
-        import numpy as np
-        import torch
-        from PIL import Image
-
         path, caption = self.rows[i]
-        r = self.resolution
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            original = (im.height, im.width)
-            s = r / min(im.size)
-            im = im.resize((max(r, round(im.width * s)), max(r, round(im.height * s))), Image.Resampling.BILINEAR)
-            top, left = (im.height - r) // 2, (im.width - r) // 2
-            im = im.crop((left, top, left + r, top + r))
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        ids = [tok(caption, max_length=tok.model_max_length, padding="max_length", truncation=True,
-                   return_tensors="pt").input_ids[0] for tok in self.tokenizers]
-        return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids_one": ids[0], "input_ids_two": ids[1],
-                "original_size": original, "crop_top_left": (top, left)}
+        pixels, original, crop_top_left = self.image(path)
+        ids = [self.token_ids(tok, caption) for tok in self.tokenizers]
+        return {"pixel_values": pixels, "input_ids_one": ids[0], "input_ids_two": ids[1],
+                "original_size": original, "crop_top_left": crop_top_left}
 
 
 def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -98,8 +79,6 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
                                "input_ids_two": torch.stack([e["input_ids_two"] for e in ex]),
                                "original_sizes": [e["original_size"] for e in ex],
                                "crop_top_lefts": [e["crop_top_left"] for e in ex]})
-    total = warmup + steps
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
 
     def encode_prompt(ids_list):
         embeds, pooled = [], None
@@ -112,31 +91,23 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
     def compute_time_ids(original_size, crops_coords_top_left):
         return torch.tensor([list(original_size + crops_coords_top_left + (resolution, resolution))])
 
-    stamps: list[tuple[float, float]] = []
     unet.train()
-    while len(stamps) < total:
-        for batch in loader:
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            add_time_ids = torch.cat([compute_time_ids(s, c) for s, c in
-                                      zip(batch["original_sizes"], batch["crop_top_lefts"])]).float()
-            with torch.no_grad():
-                prompt_embeds, pooled = encode_prompt([batch["input_ids_one"], batch["input_ids_two"]])
-            pred = unet(noisy, timesteps, prompt_embeds,
-                        added_cond_kwargs={"time_ids": add_time_ids, "text_embeds": pooled}, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            loss.item()
-            stamps.append(now())
-            if len(stamps) >= total:
-                break
-    return steady_ms(stamps, warmup)
+
+    def loss_of(batch):
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        add_time_ids = torch.cat([compute_time_ids(s, c) for s, c in
+                                  zip(batch["original_sizes"], batch["crop_top_lefts"])]).float()
+        with torch.no_grad():
+            prompt_embeds, pooled = encode_prompt([batch["input_ids_one"], batch["input_ids_two"]])
+        pred = unet(noisy, timesteps, prompt_embeds,
+                    added_cond_kwargs={"time_ids": add_time_ids, "text_embeds": pooled}, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        return loss
+
+    return textbook_steps(loader, loss_of, params, optimizer, warmup + steps, warmup)
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, now, parser, prepare,  # noqa: E402
-                      steady_ms, time_ours)
+from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, parser, prepare,  # noqa: E402
+                      textbook_steps, time_ours)
 
 # ------------------------------------------------------------------------------------------------
 # the textbook loop (diffusers' train_text_to_image_lora.py, minus accelerate/logging)
@@ -53,31 +53,38 @@ class TextbookDataset:
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, i):
+    def image(self, path: Path):
+        """(pixels in [-1, 1], original (height, width), crop (top, left)) of one image: the script's
+        resize, center crop, to-tensor and normalize."""
         import numpy as np
         import torch
         from PIL import Image
 
-        path, caption = self.rows[i]
         r = self.resolution
         with Image.open(path) as im:
             im = im.convert("RGB")
-            w, h = im.size
-            s = r / min(w, h)
-            im = im.resize((max(r, round(w * s)), max(r, round(h * s))), Image.Resampling.BILINEAR)
-            left, top = (im.size[0] - r) // 2, (im.size[1] - r) // 2
+            original = (im.height, im.width)
+            s = r / min(im.size)
+            im = im.resize((max(r, round(im.width * s)), max(r, round(im.height * s))), Image.Resampling.BILINEAR)
+            top, left = (im.height - r) // 2, (im.width - r) // 2
             im = im.crop((left, top, left + r, top + r))
             pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                             truncation=True, return_tensors="pt").input_ids[0]
-        return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids": ids}
+        return (pixels - 0.5) / 0.5, original, (top, left)
+
+    @staticmethod
+    def token_ids(tokenizer, caption: str):
+        return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids[0]
+
+    def __getitem__(self, i):
+        path, caption = self.rows[i]
+        return {"pixel_values": self.image(path)[0], "input_ids": self.token_ids(self.tokenizer, caption)}
 
 
 def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -102,36 +109,25 @@ def run_textbook(assets: dict, resolution: int, steps: int, warmup: int) -> tupl
         data, shuffle=True, batch_size=BATCH, num_workers=0,
         collate_fn=lambda ex: {"pixel_values": torch.stack([e["pixel_values"] for e in ex]).float(),
                                "input_ids": torch.stack([e["input_ids"] for e in ex])})
-    total = warmup + steps
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
-                                 num_training_steps=total)
 
-    stamps: list[tuple[float, float]] = []
     unet.train()
-    while len(stamps) < total:
-        for batch in loader:
-            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                      (latents.shape[0],)).long()
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            loss.item()  # the script logs the (gathered) loss every step
-            stamps.append(now())
-            if len(stamps) >= total:
-                break
-    return steady_ms(stamps, warmup)
+
+    def loss_of(batch):
+        latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],)).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        return loss
+
+    return textbook_steps(loader, loss_of, params, optimizer, warmup + steps, warmup)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,6 +72,32 @@ def time_ours(model: Path, shapes: Path, resolution: int, steps: int, warmup: in
     return (*steady_ms(stamps, warmup), run)
 
 
+def textbook_steps(loader, loss_of: Callable, params: list, optimizer, total: int,
+                   warmup: int) -> tuple[float, float]:
+    """Median (wall, CPU) ms/step of a textbook diffusers LoRA loop: `total` steps over the `loader`
+    (again from its start when it runs out), each `loss_of(batch)` then what every diffusers example script
+    does after the loss: backward, grad clipping at 1.0, the optimizer and a constant lr scheduler step,
+    zero_grad, loss.item() (the scripts log the gathered loss every step)."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=total)
+    stamps: list[tuple[float, float]] = []
+    while len(stamps) < total:
+        for batch in loader:
+            loss = loss_of(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            loss.item()
+            stamps.append(now())
+            if len(stamps) >= total:
+                break
+    return steady_ms(stamps, warmup)
+
+
 def parser(doc: str, *, several_resolutions: bool = False) -> argparse.ArgumentParser:
     """The options every step-time bench takes: --steps, --warmup, --resolution, --repeat, --threads
     (`several_resolutions`: --resolution may be repeated, default [32]; else one, default 32)."""
