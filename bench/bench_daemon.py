@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from agentd.client import DaemonUnreachable, request  # noqa: E402  (at the top, so no ping times its import)
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "HF_HUB_OFFLINE": "1"}
@@ -91,20 +93,6 @@ def time_to_lines(cmd: list[str], marks: dict[str, str], timeout: float = 180) -
     return seen, lines, code
 
 
-def ping(sock: Path, timeout: float = 2.0) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall((json.dumps({"v": 1, "op": "ping"}) + "\n").encode())
-        buf = b""
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf.split(b"\n")[0])
-
-
 def start_daemon(root: Path) -> tuple[subprocess.Popen, Path, float, Path]:
     """`agentd serve` on a private socket; returns (process, socket, seconds until ping answered, log)."""
     rundir = Path(tempfile.mkdtemp(prefix="agdb-"))  # socket paths are limited to 107 bytes
@@ -121,9 +109,9 @@ def start_daemon(root: Path) -> tuple[subprocess.Popen, Path, float, Path]:
         if proc.poll() is not None:
             raise RuntimeError(f"daemon exited {proc.returncode}:\n{log.read_text()}")
         try:
-            if ping(sock).get("ok"):
+            if request(sock, {"op": "ping"}, timeout=2.0).get("ok"):
                 return proc, sock, time.perf_counter() - t0, log
-        except OSError:
+        except DaemonUnreachable:
             pass
         time.sleep(0.02)
     proc.kill()

@@ -5,12 +5,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from agentd.client import DaemonUnreachable, request
 from tests.conftest import BIN
 
 
@@ -61,23 +61,14 @@ class DaemonProc:
             try:
                 if self.request({"op": "ping"}).get("ok"):
                     return self
-            except OSError:
+            except DaemonUnreachable:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"daemon did not answer:\n{self.log.read_text()}")
 
     def request(self, msg: dict, timeout: float = 10) -> dict:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.socket))
-            s.sendall((json.dumps({"v": 1, **msg}) + "\n").encode())
-            buf = b""
-            while b"\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf.split(b"\n")[0])
+        """The daemon's reply to one message, through the client every `agentd` command uses."""
+        return request(self.socket, msg, timeout)
 
     def status(self) -> dict:
         return self.request({"op": "status"})["status"]
