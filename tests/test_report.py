@@ -35,6 +35,19 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+def rendered_in_chromium(browser: str, page: Path, tmp_path: Path) -> tuple[str, list[dict]]:
+    """(the DOM once loaded, every image's alt and natural size: 0 when it did not decode) of `page` in
+    headless chromium."""
+    check = tmp_path / f"{page.stem}-check.html"
+    check.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / f'{page.stem}-profile'}",
+                          "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
+    return dom.stdout, json.loads(found.group(1).replace("&quot;", '"'))
+
+
 @pytest.fixture(scope="module")
 def two_runs(assets, built_once) -> Path:
     """output_dir with a finished run (learning_rate 1e-3) and the previous one (2e-3) in runs/ (built once,
@@ -80,17 +93,10 @@ def test_report_in_headless_chromium(two_runs, tmp_path):
     browser = chromium()
     if browser is None:
         pytest.skip("no chromium binary: install Debian's `chromium` package (make test does it when run as root)")
-    check = tmp_path / "report-check.html"
-    check.write_text((two_runs / "report.html").read_text().replace("</body>", IMAGE_CHECK + "</body>"))
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-1'}",
-                          "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom.stdout, re.S)
-    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
-    images = json.loads(found.group(1).replace("&quot;", '"'))
+    dom, images = rendered_in_chromium(browser, two_runs / "report.html", tmp_path)
     assert len(images) >= 5, images  # loss chart, grid, overlay, both grids side by side
     assert all(i["width"] > 0 and i["height"] > 0 for i in images), f"an image did not decode: {images}"
-    comparison = dom.stdout[dom.stdout.index('id="comparison"'):]
+    comparison = dom[dom.index('id="comparison"'):]
     assert "learning_rate" in comparison and "0.002" in comparison and "0.001" in comparison
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -272,20 +272,13 @@ def _follow_after_restart(d: DaemonProc):
 
 
 def _check_in_chromium(page: Path, tmp_path: Path) -> None:
-    from tests.test_report import CHROMIUM_FLAGS, IMAGE_CHECK, chromium
+    from tests.test_report import chromium, rendered_in_chromium
 
     text = page.read_text()
     assert text.count('src="data:image/png;base64,') == 3 and 'id="best"' in text and "http" not in text
     browser = chromium()
     if browser is None:  # test_report.py's browser test skips then, saying why; the page's content is checked above
         return
-    check = tmp_path / "sweep-check.html"
-    check.write_text(page.read_text().replace("</body>", IMAGE_CHECK + "</body>"))
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    found = re.search(r'<pre id="image-check">(.*?)</pre>', dom.stdout, re.S)
-    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
-    images = json.loads(found.group(1).replace("&quot;", '"'))
+    dom, images = rendered_in_chromium(browser, page, tmp_path)
     assert len(images) == 3 and all(i["width"] > 0 and i["height"] > 0 for i in images), images
-    assert 'id="best"' in dom.stdout and 'id="trials"' in dom.stdout and "lr-rank:best" in dom.stdout
+    assert 'id="best"' in dom and 'id="trials"' in dom and "lr-rank:best" in dom
