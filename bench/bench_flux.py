@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import TextbookDataset  # noqa: E402
-from steptime import LR, RANK, SEED, best, in_turns, parser, prepare, textbook_steps, time_ours  # noqa: E402
+from steptime import (LR, RANK, SEED, in_turns, parser, prepare, print_vs_textbook,  # noqa: E402
+                      textbook_steps, time_ours)
 
 BATCH = 2
 SEQ = 512
@@ -153,13 +154,7 @@ def main(argv=None) -> int:
           "ms/step (lower is better)", flush=True)
     started = time.perf_counter()
     results = in_turns(names, args.repeat, lambda name: runs[name](), label=lambda name: f"{name:<11s}")
-    print(f"\nbest of {args.repeat}; the ratio is on CPU time (wall time on a shared machine measures the load too)")
-    print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
-    base = best(results["textbook"])[1]
-    for name in names:
-        wall, cpu = best(results[name])
-        print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
-    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    print_vs_textbook(results, names, args.repeat, started)
     return 0
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import TextbookDataset  # noqa: E402
-from steptime import (BATCH, LR, RANK, SEED, TARGETS, best, in_turns, parser, prepare,  # noqa: E402
-                      textbook_steps, time_ours)
+from steptime import (BATCH, LR, RANK, SEED, TARGETS, in_turns, parser, prepare,  # noqa: E402
+                      print_vs_textbook, textbook_steps, time_ours)
 
 
 class TextbookSdxlDataset(TextbookDataset):
@@ -126,13 +126,7 @@ def main(argv=None) -> int:
           f"batch {BATCH}, rank {RANK}, {args.steps} timed steps after {args.warmup} warmup", flush=True)
     started = time.perf_counter()
     results = in_turns(names, args.repeat, lambda name: runs[name](), label=lambda name: f"{name:<11s}")
-    print(f"\nbest of {args.repeat}; the ratio is on CPU time")
-    print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
-    base = best(results["textbook"])[1]
-    for name in names:
-        wall, cpu = best(results[name])
-        print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
-    print(f"\nbench took {time.perf_counter() - started:.0f} s")
+    print_vs_textbook(results, names, args.repeat, started)
     return 0
 
 

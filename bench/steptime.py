@@ -152,3 +152,15 @@ def in_turns(keys: Sequence[Hashable], repeat: int, measure: Callable[[Hashable]
 def best(runs: list[tuple]) -> tuple[float, float]:
     """(wall, CPU) ms/step: the least of each over the repeats."""
     return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def print_vs_textbook(results: dict, names: list[str], repeat: int, started: float) -> None:
+    """The closing table of a bench against the textbook loop: per run its best CPU and wall ms/step and the
+    CPU ratio to the textbook's; then how long the bench took since `started` (a perf_counter reading)."""
+    print(f"\nbest of {repeat}; the ratio is on CPU time (wall time on a shared machine measures the load too)")
+    print(f"{'run':<11s} {'cpu ms/step':>12s} {'wall ms/step':>13s} {'vs textbook':>12s}")
+    base = best(results["textbook"])[1]
+    for name in names:
+        wall, cpu = best(results[name])
+        print(f"{name:<11s} {cpu:12.1f} {wall:13.1f} {cpu / base:11.2f}x")
+    print(f"\nbench took {time.perf_counter() - started:.0f} s")
