@@ -115,11 +115,16 @@ def write_config(folder: Path, assets: dict, **fields) -> Path:
         "max_train_steps": 6, "save_steps": 3, "log_every": 1, "cache_latents": True, "seed": 7,
         "output_dir": str(folder / "out"),
     }
-    base.update(fields)
+    return write_train_yaml(folder, {**base, **fields})
+
+
+def write_train_yaml(folder: Path, fields: dict) -> Path:
+    """folder/train.yaml with `fields` in their order, those set to None left out (how a test drops one of
+    its helper's defaults); returns its path."""
     import yaml
 
     path = folder / "train.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in base.items() if v is not None}, sort_keys=False))
+    path.write_text(yaml.safe_dump({k: v for k, v in fields.items() if v is not None}, sort_keys=False))
     return path
 
 

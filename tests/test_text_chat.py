@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, ROOT, write_train_yaml
 from trainer.errors import ConfigError
 from trainer.checks.preflight import preflight
 
@@ -23,10 +22,7 @@ def chat_config(folder: Path, assets: dict, data: str | Path = "sharegpt.jsonl",
         "max_train_steps": 3, "save_steps": 20, "seed": 5, "max_seq_length": 160,
         "output_dir": str(folder / "out"),
     }
-    base.update(fields)
-    path = folder / "train.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in base.items() if v is not None}, sort_keys=False))
-    return path
+    return write_train_yaml(folder, {**base, **fields})
 
 
 def problems_of(path: Path) -> str:
