@@ -70,24 +70,6 @@ except OSError as e:
 print(json.dumps(report))
 '''
 
-# A client written straight to the socket (no `agentd run`, no local preflight): submits each config and
-# prints each reply.
-RAW_SUBMIT = r'''
-import json, socket, sys
-for path in sys.argv[1:]:
-    s = socket.socket(socket.AF_UNIX); s.settimeout(120); s.connect(SOCKET)
-    s.sendall((json.dumps({"v": 1, "op": "submit", "config_path": path, "config_text": open(path).read(),
-                           "detach": True}) + "\n").encode())
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    print(buf.decode().strip(), flush=True)
-'''
-
-
 def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
@@ -632,6 +614,13 @@ def ask(msg):
 RAW_REQUESTS = RAW_ASK + r'''
 for msg in json.loads(sys.argv[1]):
     print(json.dumps(ask(msg)), flush=True)
+'''
+# No `agentd run`, no local preflight: submits each config of argv (detached), its text read as the user who
+# runs it, and prints each reply.
+RAW_SUBMIT = RAW_ASK + r'''
+for path in sys.argv[1:]:
+    print(json.dumps(ask({"op": "submit", "config_path": path, "config_text": open(path).read(), "detach": True})),
+          flush=True)
 '''
 # A build that submits (argv[1]) and keeps its capability, tries it on another build's job (argv[2]), then acts
 # on its own job with a made-up capability and with its own.
