@@ -147,8 +147,10 @@ def gate_decision(estimate_mib: int, gpus: list[GpuFacts], busy_indices: set[int
                             needed, largest_total_mib=largest)
     if known and len(totals) == len(healthy) and needed > max(g.memory_total_mib for g in known):
         big = max(known, key=lambda g: g.memory_total_mib)
+        replicated = ("; data parallel keeps a whole copy of the base on each GPU, so more GPUs do not make it fit "
+                      "(sharding the base over GPUs is not offered)") if world > 1 else ""
         return GateDecision("never_fits", f"this job {need_text}, more than the largest GPU here has in "
-                            f"total: {_gpu_label(big)} {big.memory_total_mib} MiB", needed,
+                            f"total: {_gpu_label(big)} {big.memory_total_mib} MiB{replicated}", needed,
                             largest_total_mib=largest)
 
     fits: list[GpuFacts] = []

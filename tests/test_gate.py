@@ -68,6 +68,12 @@ def test_never_fits_fails_at_once_with_a_batch_size_the_estimator_says_fits(tmp_
     assert d.outcome == "never_fits" and d.largest_total_mib == 8192
     assert "8192 MiB" in d.reason and str(est.total_mib + MARGIN) in d.reason
 
+    assert "sharding" not in d.reason  # one device: nothing to say about data parallel
+    two = gate_decision(est.total_mib, probe_of(FakeGpu(total_mib=8192), FakeGpu(total_mib=8192))[1].list_gpus(),
+                        set(), MARGIN, None, set(OWN), world=2)
+    assert two.outcome == "never_fits" and "more GPUs do not make it fit (sharding the base over GPUs is not " \
+        "offered)" in two.reason  # devices: 2 replicates the base: the same advice (smaller batch ...) follows
+
     batch, accum = recommend_batch_size(est, d.largest_total_mib, MARGIN, 16, 1)
     assert 1 <= batch < 16 and batch * accum >= 16
     smaller = estimate_vram(model, **{**args, "batch_size": batch})
