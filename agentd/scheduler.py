@@ -515,11 +515,14 @@ class Scheduler:
         text = decision.reason
         cfg = job.record.get("resolved") or {}
         if decision.outcome == "never_fits" and job.estimate is not None and decision.largest_total_mib:
-            batch, accum = cfg.get("batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
-            fit = api.recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, batch, accum)
+            accum = cfg.get("gradient_accumulation_steps", 1)
+            device_batch = job.estimate.batch_size  # a devices: job's estimate is one device's share
+            fit = api.recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, device_batch, accum)
             if fit:
-                text += (f"; recommended: batch_size {fit[0]} with gradient_accumulation_steps {fit[1]} "
-                         f"(same effective batch {batch * accum})")
+                knob = "batch_size_per_device" if cfg.get("batch_size_per_device") is not None else "batch_size"
+                sharers = api.batch_sharers(cfg.get("devices"), cfg.get("batch_size_per_device"))
+                text += (f"; recommended: {knob} {fit[0] * sharers} with gradient_accumulation_steps {fit[1]} "
+                         f"(same effective batch {cfg.get('batch_size', 1) * accum})")
             else:
                 text += ("; even batch_size 1 does not fit: enable gradient_checkpointing, mixed_precision "
                          "fp16/bf16 or cache_latents, or lower resolution")

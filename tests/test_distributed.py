@@ -18,7 +18,7 @@ from tests.conftest import BIN
 from tests.test_datasets import config as image_config
 from tests.test_datasets import image
 from tests.test_train_text import write_text_config
-from trainer.checks.devices import DevicesError, plan_world, split_advice
+from trainer.checks.devices import DevicesError, batch_sharers, plan_world, split_advice
 from trainer.checks.preflight import preflight
 from trainer.errors import ConfigError
 from trainer.gpus import GpuFacts
@@ -66,6 +66,39 @@ def test_plan_world_refusals(devices, batch, gpus, cpus, field, text):
     with pytest.raises(DevicesError) as e:
         plan_world(devices, batch, None, gpus, cpus)
     assert any(p.field == field and text in p.message for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("devices, per_device, want", [
+    (None, None, 1), (2, None, 2), ([0, 1, 2], None, 3), ("all", None, 1), (2, 3, 1)])
+def test_batch_sharers(devices, per_device, want):
+    """How many devices split batch_size, for the VRAM estimate of one device ("all": unknown here, errs high)."""
+    assert batch_sharers(devices, per_device) == want
+
+
+def test_a_devices_job_is_estimated_for_one_device_and_advised_in_config_terms(tmp_path, assets):
+    """Each GPU of a devices: 2 job holds the base and half the batch: its estimate (the VRAM gate's figure) is
+    that, not the whole batch on every GPU; the advice for a too-small card is the config's batch_size."""
+    from trainer.checks.validate_report import plan
+    from trainer.checks.vram import estimate_for_config
+
+    from tests.test_vram import write_sd15_configs
+
+    sd15 = write_sd15_configs(tmp_path / "sd15")  # the real SD1.5 sizes, no weights: the estimate reads configs
+
+    def checked(name: str, **fields):
+        (tmp_path / name).mkdir()
+        return preflight(image_config(tmp_path / name, assets, train_data_dir=str(assets["shapes"]),
+                                      base_model=str(sd15), resolution=256, batch_size=4, **fields))
+
+    one, two = checked("one"), checked("two", devices=2)
+    whole, half = estimate_for_config(one.config), estimate_for_config(two.config)
+    assert (whole.batch_size, half.batch_size) == (4, 2)
+    assert abs(half.total_mib - whole.total_at(2)) <= 1 and half.total_mib < whole.total_mib - half.per_sample_mib
+    card = half.total_at(1) + 1024 + 1  # one sample per device fits (margin 1024), two do not
+    (target,) = plan(two, gpus=None, vram_mib=card, margin_mib=1024)["targets"]
+    assert not target["fits_as_configured"]
+    # 1 per device x 2 devices: batch_size 2, and twice the accumulation keeps the batch per optimizer step (4)
+    assert (target["recommended_batch_size"], target["gradient_accumulation_steps"]) == (2, 2)
 
 
 def test_split_advice_nearest_values():

@@ -82,6 +82,16 @@ def plan_world(devices, batch_size: int, batch_size_per_device: int | None, gpus
     return WorldPlan(targets, tuple(indices), per_rank, per_rank * world)
 
 
+def batch_sharers(devices, batch_size_per_device: int | None) -> int:
+    """How many devices split `batch_size` (the VRAM estimate is for one device's share, `batch_size //` this;
+    a batch advised for one device is this many times that in the config): 1 with `batch_size_per_device`
+    (the batch is per device already) or one device; `devices: all` counts as 1 here, where the box is not
+    known, so its estimate errs high."""
+    if batch_size_per_device is not None or devices == "all":
+        return 1
+    return requested_count(devices, 1)
+
+
 def split_advice(batch_size: int, world: int) -> str:
     """The message for a batch that does not split evenly over `world` ranks, with the nearest values that do."""
     lower, upper = batch_size - batch_size % world, batch_size - batch_size % world + world

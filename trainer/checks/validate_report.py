@@ -75,6 +75,7 @@ def parse_vram(text: str) -> int:
 
 def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: int = VRAM_MARGIN_MIB) -> dict:
     """The validate report as data: estimate, and per GPU (or card size) the batch advice."""
+    from trainer.checks.devices import batch_sharers
     from trainer.checks.vram import VramEstimateError, common_card_sizes_gib, estimate_for_config, recommend_batch_size
 
     cfg = checked.config
@@ -89,12 +90,13 @@ def plan(checked, *, gpus: list[dict] | None, vram_mib: int | None, margin_mib: 
         report["warnings"].append(f"no VRAM estimate: {e}")
         return report
     report["estimate"] = est.to_dict()
-    batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
+    accum = cfg.gradient_accumulation_steps
+    sharers = batch_sharers(cfg.devices, cfg.batch_size_per_device)  # one device trains est.batch_size of them
 
     def advice(free_mib: int) -> dict:
-        fit = recommend_batch_size(est, free_mib, margin_mib, batch, accum)
+        fit = recommend_batch_size(est, free_mib, margin_mib, est.batch_size, accum)
         return {"fits_as_configured": est.total_mib + margin_mib <= free_mib,
-                "recommended_batch_size": fit[0] if fit else None,
+                "recommended_batch_size": fit[0] * sharers if fit else None,  # the config's value
                 "gradient_accumulation_steps": fit[1] if fit else None}
 
     if vram_mib is not None:
@@ -157,7 +159,8 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
     est = report.get("estimate")
     if est:
         parts = " + ".join(f"{k} {v}" for k, v in est["breakdown"].items())
-        print(f"VRAM estimate: {est['total_mib']} MiB at batch {est['batch_size']} ({parts} MiB; "
+        each = " per device" if cfg.devices is not None else ""  # data parallel: one rank's share of the batch
+        print(f"VRAM estimate: {est['total_mib']} MiB at batch {est['batch_size']}{each} ({parts} MiB; "
               f"{est['per_sample_mib']:.0f} MiB per sample); margin {margin_mib} MiB")
         for note in est["notes"]:  # what the estimate assumes (8-bit base, freed encoders, checkpointing...)
             print(f"  assumes: {note}")
@@ -169,7 +172,8 @@ def validate_command(path: str, *, vram: str | None = None, as_json: bool = Fals
                 verdict = "fits as configured"
             else:
                 verdict = "too small as configured"
-            rec = (f"recommended_batch_size {t['recommended_batch_size']} with gradient_accumulation_steps "
+            knob = "batch_size_per_device" if cfg.batch_size_per_device is not None else "batch_size"
+            rec = (f"recommended {knob} {t['recommended_batch_size']} with gradient_accumulation_steps "
                    f"{t['gradient_accumulation_steps']}" if t.get("recommended_batch_size") else "")
             print(f"  {t['name']:<28} free {free:<10} {verdict}{'; ' + rec if rec else ''}")
     return 0

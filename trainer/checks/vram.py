@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from trainer import families
+from trainer.checks.devices import batch_sharers
 from trainer.errors import ConfigError
 from trainer.families.memory import ModelSummary, VramEstimateError
 
@@ -256,7 +257,8 @@ def estimate_vram(model_dir: Path, *, family: str, resolution: int | None, batch
 
 
 def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
-    """`estimate_vram` for a trainer.config.TrainConfig; ``overrides`` replace its fields (e.g. batch_size).
+    """`estimate_vram` of one device for a trainer.config.TrainConfig (with `devices:`, one rank's share of the
+    batch); ``overrides`` replace its fields (e.g. batch_size).
 
     The config is resolved against its model family first (detection reads config files only); the
     family says which folder holds the model's configs (a single file's base_model_config)."""
@@ -268,7 +270,9 @@ def estimate_for_config(cfg: Any, **overrides: Any) -> VramEstimate:
     if model_dir is None:
         raise VramEstimateError(f"{cfg.base_model} is a single-file checkpoint: the estimate needs its diffusers "
                                 f"config folder (set base_model_config)")
-    args = dict(family=cfg.model_family, resolution=cfg.resolution, batch_size=cfg.batch_size,
+    # One device's memory: a `devices:` job's device trains its share of each micro-batch (trainer.checks.devices).
+    device_batch = cfg.batch_size_per_device or max(1, cfg.batch_size // batch_sharers(cfg.devices, None))
+    args = dict(family=cfg.model_family, resolution=cfg.resolution, batch_size=device_batch,
                 lora_rank=cfg.lora_rank, target_modules=list(cfg.target_modules),
                 train_text_encoder=cfg.train_text_encoder,
                 text_encoder_target_modules=list(cfg.text_encoder_target_modules or []),
