@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     infra_retries INTEGER NOT NULL DEFAULT 0,
     capability_sha256 TEXT,
     sweep TEXT,
-    evaluate TEXT
+    evaluate TEXT,
+    rendezvous TEXT
 );
 CREATE TABLE IF NOT EXISTS sweeps (
     name TEXT PRIMARY KEY, state TEXT NOT NULL, source TEXT NOT NULL, text TEXT NOT NULL, base_text TEXT NOT NULL,
@@ -72,10 +73,11 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS transitions_job ON transitions(job_id);
 """
 
-JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts", "sweep", "evaluate")
+JSON_COLUMNS = ("resolved", "submitter", "env", "artifacts", "sweep", "evaluate", "rendezvous")
 NEWER_COLUMNS = {"priority": "INTEGER NOT NULL DEFAULT 0", "infra_retries": "INTEGER NOT NULL DEFAULT 0",
                  "capability_sha256": "TEXT", "sweep": "TEXT",
-                 "evaluate": "TEXT"}  # evaluate: an `agentd eval` job, {"run": folder, "against": ...}
+                 "evaluate": "TEXT",  # evaluate: an `agentd eval` job, {"run": folder, "against": ...}
+                 "rendezvous": "TEXT"}  # one box's part of a job over several: {nodes, node_rank, rdzv_endpoint}
 MAX_REFUSALS = 10000  # refusals kept (the newest): a member refused in a loop cannot grow the journal
 
 
@@ -118,19 +120,21 @@ class Journal:
     def create(self, *, config_path: str, config_text: str, config_hash: str, resolved: dict, output_dir: str,
                name: str, submitter: dict, env: dict, shape_key: str | None = None,
                estimate_mib: float | None = None, priority: int = 0, capability_sha256: str | None = None,
-               sweep: dict | None = None, evaluate: dict | None = None) -> str:
+               sweep: dict | None = None, evaluate: dict | None = None, rendezvous: dict | None = None) -> str:
         """`sweep`: {name, trial, folder} when the job is a sweep's trial (agentd.sweep); `evaluate`: {run,
-        against} when the job is `agentd eval` of a finished run."""
+        against} when the job is `agentd eval` of a finished run; `rendezvous`: {nodes, node_rank, rdzv_endpoint}
+        when it is this box's part of a job over several boxes."""
         now = time.time()
 
         def fn(db):
             cur = db.execute(
                 "INSERT INTO jobs (id, state, config_path, config_text, config_hash, resolved, output_dir, name, "
-                "submitter, env, created, shape_key, estimate_mib, priority, capability_sha256, sweep, evaluate) "
-                "VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "submitter, env, created, shape_key, estimate_mib, priority, capability_sha256, sweep, evaluate, "
+                "rendezvous) VALUES ('', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (config_path, config_text, config_hash, json.dumps(resolved), output_dir, name,
                  json.dumps(submitter), json.dumps(env), now, shape_key, estimate_mib, priority, capability_sha256,
-                 json.dumps(sweep) if sweep else None, json.dumps(evaluate) if evaluate is not None else None))
+                 json.dumps(sweep) if sweep else None, json.dumps(evaluate) if evaluate is not None else None,
+                 json.dumps(rendezvous) if rendezvous else None))
             job_id = f"job-{cur.lastrowid:06d}"
             db.execute("UPDATE jobs SET id = ? WHERE seq = ?", (job_id, cur.lastrowid))
             db.execute("INSERT INTO transitions VALUES (?, 'queued', ?, NULL)", (job_id, now))

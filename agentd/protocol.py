@@ -32,8 +32,11 @@ DEFAULT_MAX_BYTES = 1 << 20
 _JOB = {"job_id": (str, True), "capability": (str, False)}
 REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "ping": {},
+    # nodes, node_rank, rdzv_endpoint: this box's part of one job over several boxes (all three or none;
+    # trainer.api.Rendezvous.parse checks them)
     "submit": {"config_path": (str, True), "config_text": (str, True), "env": (dict, False),
-               "detach": (bool, False), "priority": (int, False)},
+               "detach": (bool, False), "priority": (int, False), "nodes": (int, False), "node_rank": (int, False),
+               "rdzv_endpoint": (str, False)},
     "attach": {**_JOB, "after_seq": (int, False)},
     "logs": {**_JOB, "after_seq": (int, False), "follow": (bool, False)},
     "cancel": _JOB,

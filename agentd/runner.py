@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer import api
 from trainer.config import TrainConfig, parse_config
-from trainer.errors import ConfigError, OutOfMemory
+from trainer.errors import ConfigError, OutOfMemory, RendezvousFailed
 
 log = logging.getLogger("agentd.runner")
 
@@ -43,6 +43,7 @@ class RunEnd:
     outcome: str
     error: str | None = None  # failed: why; cancelled, interrupted, paused: where it stopped
     fields: dict = field(default_factory=dict)  # succeeded: what the journal records (artifacts, peak...)
+    infra: bool = False  # failed through no fault of the job and not retried here (`agentd run` exits 5)
 
 
 class Runner:
@@ -127,9 +128,14 @@ class Runner:
                                             resolve_release=self.resolve_release)
                 log.info("job %s: evaluation of %s: %s", job.id, request["run"], decision["reason"])
                 return RunEnd("succeeded", fields={"artifacts": [str(Path(request["run"]) / "eval" / "decision.json")]})
+            rendezvous = rec.get("rendezvous")  # this box's part of a job over several boxes (agentd run --nodes)
+            if rendezvous:
+                rendezvous = api.Rendezvous.parse(rendezvous["nodes"], rendezvous["node_rank"],
+                                                  rendezvous["rdzv_endpoint"])
             result = api.run_job(
                 checked, channel, job.stop, device=slot.device, pause=job.pause, base_cache=self.base_cache,
-                devices=tuple(s.device for s in slots) if len(slots) > 1 else None,
+                devices=tuple(s.device for s in slots) if len(slots) > 1 or rendezvous else None,
+                rendezvous=rendezvous or None,
                 env=rec.get("env") or {}, infra_retries=job.infra_retries,
                 resume_reason=_resume_reason(history, job) if was_interrupted else "resume: auto",
                 where="+".join(s.name for s in slots), estimate_mib=rec.get("estimate_mib"), sweep=rec.get("sweep"),
@@ -139,12 +145,15 @@ class Runner:
         except OutOfMemory as e:
             log.error("job %s failed: %s\n%s", job.id, e, traceback.format_exc())
             return RunEnd("failed", str(e))
+        except RendezvousFailed as e:  # not this box's fault, and a retry here would not bring the other boxes
+            log.error("job %s: %s", job.id, e)
+            return RunEnd("failed", str(e), infra=True)
         if result.outcome == "paused":
             return RunEnd("paused", f"paused at step {result.steps}")
         if result.outcome == "cancelled":
             return RunEnd("interrupted" if job.stop_reason == "shutdown" else "cancelled",
                           f"{job.stop_note or 'stopped'} at step {result.steps}")
-        if cfg.release is not None and self.releaser is not None:
+        if cfg.release is not None and self.releaser is not None and (not rendezvous or rendezvous.node_rank == 0):
             for ev in self.releaser(cfg, rec.get("submitter")):
                 channel.emit(ev)
         return RunEnd("succeeded", fields={"artifacts": result.artifacts, "peak_mib": result.peak_memory_mib,

@@ -171,7 +171,7 @@ class Scheduler:
         recovered = self.journal.recover_after_start()
         for rec in self.journal.jobs(("interrupted", "queued", "paused")):
             config, config_error, estimate = self.runner.recover(rec)
-            world, listed = self._world_or_one(config)
+            world, listed = self._world_or_one(config, rec.get("rendezvous"))
             job = LiveJob(rec["id"], rec, config, config_error, seq=self.journal.last_event_seq(rec["id"]),
                           estimate=estimate, priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
                           attempt=(rec.get("infra_retries") or 0) + 1, world=world,
@@ -213,13 +213,16 @@ class Scheduler:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, *, config_path: str, config_text: str, env: dict, submitter: dict,
                priority: int | None = None, capability_sha256: str | None = None,
-               sweep: dict | None = None, evaluate: dict | None = None) -> tuple[str, bool]:
+               sweep: dict | None = None, evaluate: dict | None = None,
+               rendezvous: dict | None = None) -> tuple[str, bool]:
         """Queue a job, or return the active job that already trains into the same output folder.
         `priority` (agentd run --priority) overrides the config's; `capability_sha256`: a build's job is
         owned by whoever holds that capability (agentd.permissions); `sweep`: {name, trial, folder} of a
         sweep's trial (agentd.sweep), journaled and written into its run.json. `evaluate` ({"run": folder,
         "against": ...}, `agentd eval`): the job evaluates that finished run instead of training (same checks,
-        slot and gate)."""
+        slot and gate). `rendezvous` ({nodes, node_rank, rdzv_endpoint}, `agentd run --nodes`): the job is this box's
+        part of one job over several boxes (journaled with it: a restarted daemon resumes the same part)."""
+        rdzv = _rendezvous(rendezvous)
         try:
             cfg = self.runner.parse(config_text, config_path)
             checked = self.runner.check(cfg, config_path, submitter)
@@ -229,7 +232,7 @@ class Scheduler:
             raise SubmitRefused("bad_request", f"priority must be an integer, not {priority!r}")
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
-        world, listed = self._world(cfg, config_path)
+        world, listed = self._world(cfg, config_path, rdzv)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         try:
             plan = self.runner.plan(checked)
@@ -249,12 +252,15 @@ class Scheduler:
                                          output_dir=str(cfg.output_dir), name=cfg.run_name, submitter=submitter,
                                          env=env, shape_key=estimate.key if estimate else None,
                                          estimate_mib=estimate.total_mib if estimate else None, priority=priority,
-                                         capability_sha256=capability_sha256, sweep=sweep, evaluate=evaluate)
+                                         capability_sha256=capability_sha256, sweep=sweep, evaluate=evaluate,
+                                         rendezvous=rdzv.request() if rdzv else None)
             job = LiveJob(job_id, self.journal.get(job_id), cfg, estimate=estimate, priority=priority,
                           allowed=listed or allowed, world=world)
             self.live[job_id] = job
             # A finished, unchanged config needs no GPU: answered now, not after waiting for a slot and the gate.
-            if evaluate is None and decision is not None and decision.action == "nothing":
+            # Not for a part of a job over several boxes: the other boxes' ranks wait for this one's at the
+            # rendezvous, where rank 0 tells them there is nothing to do.
+            if evaluate is None and rdzv is None and decision is not None and decision.action == "nothing":
                 self.publish(job, event("run", action="nothing", reason=decision.reason, run_id=previous.run_id))
                 self._finish(job, "succeeded", None, detail=decision.reason, step=previous.steps,
                              loss=previous.final_loss)
@@ -281,23 +287,26 @@ class Scheduler:
                                        device)], source)
             raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
 
-    def _world(self, cfg: TrainConfig, source: str) -> tuple[int, set[int] | None]:
-        """How many slots a job takes at once (its `devices:`, checked against this box's slots: too many, a
-        GPU listed twice are refused at submit), and the GPUs a `devices:` list names (None: any)."""
-        if cfg.devices is None:
+    def _world(self, cfg: TrainConfig, source: str, rendezvous: api.Rendezvous | None = None
+               ) -> tuple[int, set[int] | None]:
+        """How many slots a job takes at once on this box (its `devices:`, checked against this box's slots: too
+        many, a GPU listed twice, a batch that does not split over every box's ranks are refused at submit), and
+        the GPUs a `devices:` list names (None: any)."""
+        if cfg.devices is None and rendezvous is None:
             return 1, None
         gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
         try:
-            plan = api.plan_here(cfg, gpus, cpu_slots=sum(is_cpu_slot(s.index) for s in self.slots), source=source)
+            plan = api.plan_here(cfg, gpus, cpu_slots=sum(is_cpu_slot(s.index) for s in self.slots), source=source,
+                                 rendezvous=rendezvous)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
-        return plan.world_size, set(plan.gpus) if isinstance(cfg.devices, list) else None
+        return plan.local_size, set(plan.gpus) if isinstance(cfg.devices, list) else None
 
-    def _world_or_one(self, cfg: TrainConfig | None) -> tuple[int, set[int] | None]:
+    def _world_or_one(self, cfg: TrainConfig | None, rendezvous: dict | None) -> tuple[int, set[int] | None]:
         """`_world` for a recovered job: one whose devices no longer fit this box runs its checks again as it
         starts and fails there with the reason."""
         try:
-            return self._world(cfg, "") if cfg is not None else (1, None)
+            return self._world(cfg, "", _rendezvous(rendezvous)) if cfg is not None else (1, None)
         except SubmitRefused:
             return 1, None
 
@@ -592,7 +601,7 @@ class Scheduler:
                 self.publish(job, State(state="paused", detail=f"{error}, checkpoint saved; "
                                         f"`agentd resume {job.id}` continues it"))
             else:
-                self._finish(job, outcome, error, **end.fields)
+                self._finish(job, outcome, error, infra=end.infra, **end.fields)
             self.cond.notify_all()
         self.on_change()
 
@@ -669,6 +678,7 @@ class Scheduler:
                     step=p.get("step"), total_steps=p.get("total_steps"), loss=p.get("loss"),
                     loss_mean=p.get("loss_mean"), lr=p.get("lr"), it_s=p.get("it_s"), eta_s=p.get("eta_s"),
                     epoch=p.get("epoch"), priority=job.priority, attempt=job.attempt, started=rec.get("started"),
+                    part=_rendezvous(rec.get("rendezvous")).part(job.world) if rec.get("rendezvous") else None,
                     stopping=job.stop_reason if (job.stop.is_set() or job.pause.is_set()) else None))
             for pos, job_id in enumerate(self._run_order(), start=1):
                 job = self.live[job_id]
@@ -696,6 +706,21 @@ class Scheduler:
     def idle(self) -> bool:
         with self.cond:
             return not self.busy and not self.order
+
+
+def _rendezvous(fields: dict | None) -> api.Rendezvous | None:
+    """A submit's rendezvous fields ({nodes, node_rank, rdzv_endpoint}, as journaled) as the trainer's value;
+    SubmitRefused("bad_request") saying which is wrong or missing."""
+    if not fields:
+        return None
+    missing = [k for k in ("nodes", "node_rank", "rdzv_endpoint") if fields.get(k) is None]
+    if missing:
+        raise SubmitRefused("bad_request", "a job over several boxes needs --nodes, --node-rank and --rdzv-endpoint "
+                                           f"together; missing: {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    try:
+        return api.Rendezvous.parse(fields["nodes"], fields["node_rank"], fields["rdzv_endpoint"])
+    except ValueError as e:
+        raise SubmitRefused("bad_request", str(e)) from None
 
 
 def _job_view(rec: dict) -> dict:

@@ -335,7 +335,8 @@ class ControlServer:
         capability, digest = new_capability() if self.policy.is_build(who) else (None, None)
         job_id, attached = self.daemon.scheduler.submit(
             config_path=msg["config_path"], config_text=msg["config_text"], env=msg.get("env") or {},
-            submitter=peer_credentials(conn), priority=msg.get("priority"), capability_sha256=digest)
+            submitter=peer_credentials(conn), priority=msg.get("priority"), capability_sha256=digest,
+            rendezvous={k: msg[k] for k in ("nodes", "node_rank", "rdzv_endpoint") if msg.get(k) is not None} or None)
         if attached:  # someone's job already trains into that folder: following it is an owner's act
             refusal = decide("attach", who, self.policy, job_id, Owner.of(self.daemon.scheduler.journal.get(job_id)))
             if refusal:

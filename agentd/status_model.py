@@ -158,6 +158,7 @@ class RunningJob:
     started: Optional[float] = None
     estimate_mib: Optional[float] = None
     stopping: Optional[str] = None  # None, or why it is stopping: cancel | pause | shutdown
+    part: Optional[str] = None  # a job over several boxes: this box's part, "node 2 of 2, ranks 1-1 of 2"
 
 
 @dataclass

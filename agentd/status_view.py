@@ -85,6 +85,7 @@ def running_line(r: RunningJob) -> str:
     prio = f" priority {r.priority}" if r.priority else ""
     attempt = f" attempt {r.attempt}" if r.attempt > 1 else ""
     device = f" ({r.device_uuid})" if r.device_uuid else ""
+    device += f" ({r.part})" if r.part else ""
     return (f"{r.id} {r.name or ''} on {r.slot}{device}: step {_num(r.step, na='0')}/"
             f"{_num(r.total_steps, na='?')} loss {loss} {speed} ETA {format_duration(r.eta_s, NA)}"
             f"{prio}{attempt}{stop}"
@@ -162,7 +163,7 @@ def rich_renderable(snapshot):
     for col in ("job", "step", "loss", "speed", "ETA", "prio", "owner", "config / build"):
         running.add_column(col)
     for r in s.running:
-        running.add_row(r.id + (f" ({r.stopping}...)" if r.stopping else ""),
+        running.add_row(r.id + (f" ({r.stopping}...)" if r.stopping else "") + (f"\n{r.part}" if r.part else ""),
                         f"{_num(r.step, na='0')}/{_num(r.total_steps, na='?')}",
                         _num(r.loss, "{:.4f}"), _num(r.it_s, "{:.2f} it/s"), format_duration(r.eta_s, NA),
                         str(r.priority), escape(owner(r.submitter)),

@@ -18,7 +18,7 @@ from tests.conftest import BIN
 from tests.test_datasets import config as image_config
 from tests.test_datasets import image
 from tests.test_train_text import write_text_config
-from trainer.checks.devices import DevicesError, batch_sharers, plan_world, split_advice
+from trainer.checks.devices import DevicesError, Rendezvous, batch_sharers, plan_world, split_advice
 from trainer.checks.preflight import preflight
 from trainer.errors import ConfigError
 from trainer.gpus import GpuFacts
@@ -99,6 +99,53 @@ def test_a_devices_job_is_estimated_for_one_device_and_advised_in_config_terms(t
     assert not target["fits_as_configured"]
     # 1 per device x 2 devices: batch_size 2, and twice the accumulation keeps the batch per optimizer step (4)
     assert (target["recommended_batch_size"], target["gradient_accumulation_steps"]) == (2, 2)
+
+
+def test_plan_world_over_several_boxes():
+    """Each box contributes its devices; the batch splits over every box's ranks (2 boxes x 1 = 1 box x 2)."""
+    plan = plan_world(1, 2, None, [], 1, Rendezvous.parse(2, 1, "box1:29500"))
+    assert (plan.devices, plan.per_rank_batch, plan.micro_batch) == (("cpu",), 1, 2)
+    assert (plan.local_size, plan.world_size, plan.first_rank) == (1, 2, 1)
+    plan = plan_world(2, 8, None, BOX, 2, Rendezvous.parse(2, 1, "box1:29500"))
+    assert (plan.devices, plan.per_rank_batch, plan.first_rank, plan.world_size) == (("cuda:0", "cuda:1"), 2, 2, 4)
+    assert plan.rendezvous.part(plan.local_size) == "node 2 of 2, ranks 2-3 of 4"
+    with pytest.raises(DevicesError) as e:
+        plan_world(2, 6, None, BOX, 2, Rendezvous.parse(2, 0, "box1:29500"))
+    assert "6 does not split over 4 devices" in e.value.problems[0].message
+
+
+@pytest.mark.parametrize("nodes, node_rank, endpoint, want", [
+    (2, 0, "10.0.0.1:29500", ("10.0.0.1", 29500, "10.0.0.1:29500")),
+    (3, 2, "box-1.lan:1234", ("box-1.lan", 1234, "box-1.lan:1234")),
+    (2, 1, "[fd00::1]:29500", ("fd00::1", 29500, "[fd00::1]:29500")),
+    (1, 0, "box1:29500", "--nodes must be 2 or more"),
+    (2, 2, "box1:29500", "--node-rank must be 0 to 1"),
+    (2, -1, "box1:29500", "--node-rank must be 0 to 1"),
+    (2, 0, "box1", "--rdzv-endpoint must be HOST:PORT"),
+    (2, 0, "box1:0", "--rdzv-endpoint must be HOST:PORT"),
+    (2, 0, "box1:http", "--rdzv-endpoint must be HOST:PORT"),
+    (2, 0, ":29500", "--rdzv-endpoint must be HOST:PORT"),
+])
+def test_rendezvous_request_is_checked(nodes, node_rank, endpoint, want):
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            Rendezvous.parse(nodes, node_rank, endpoint)
+        return
+    r = Rendezvous.parse(nodes, node_rank, endpoint)
+    assert (r.host, r.port, r.endpoint) == want
+    assert r.request() == {"nodes": nodes, "node_rank": node_rank, "rdzv_endpoint": endpoint}
+
+
+def test_a_box_with_other_data_or_config_is_refused_by_name():
+    from trainer.training.job import other_box_refusal
+
+    assert other_box_refusal([[0, "a", "c1", "d1"], [1, "b", "c1", "d1"]], "x.yaml") is None
+    assert other_box_refusal(None, "x.yaml") is None  # not rank 0: it follows rank 0's decision
+    (p,) = other_box_refusal([[0, "a", "c1", "d1"], [0, "a", "c1", "d1"], [1, "b", "c1", "d2"]], "x.yaml").problems
+    assert p.field == "train_data_dir" and p.message.startswith("node 2 (b) has another dataset (data fingerprint) "
+                                                                "than node 1 (a)") and "d2 there, d1 on node 1" in p.message
+    (p,) = other_box_refusal([[0, "a", "c1", "d1"], [1, "b", "c2", "d1"]], "x.yaml").problems
+    assert p.field == "config" and "training config" in p.message and "same config" in p.fix
 
 
 def test_split_advice_nearest_values():
@@ -305,3 +352,56 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     assert len(resumes) == 1 and resumes[0]["from_step"] in (5, 10, 15, 20), resumes
     a, b = lora(foreground, "sd"), lora(tmp_path / "w2/out", "sd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets, mixed, tmp_path):
+    """Two `agentd serve` "boxes" on this machine, one CPU slot each, the same config (devices: 1) submitted to each
+    with --nodes 2 and its --node-rank, meeting at 127.0.0.1: node 0's LoRA is bit-identical to the foreground W=2
+    run's (which the daemon test above shows equals the one-daemon W=2 run). Node 0's part waits at the rendezvous
+    (as `agentd status` shows) until node 1's joins; node 1 says on its console that the first box's rank 0 reports,
+    and writes nothing into its output_dir. Then a part whose other box never starts fails, exit 5, naming the
+    endpoint (box 1 waits 2 s at a rendezvous: $AGENTD_RDZV_TIMEOUT_S)."""
+    from tests.daemon_harness import DaemonProc, Tail
+    from trainer.training.distributed import free_port
+
+    foreground = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
+    boxes = []
+    for k, timeout in ((0, "120"), (1, "2")):
+        (tmp_path / f"box{k}").mkdir()
+        boxes.append(DaemonProc(tmp_path / f"box{k}", env={"AGENTD_RDZV_TIMEOUT_S": timeout}))
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def submit(k: int, box: DaemonProc, endpoint: str, name: str = "") -> Tail:
+        folder = tmp_path / (name or f"n{k}")
+        folder.mkdir()
+        path = bucket_config(folder, assets, mixed, devices=1)
+        return Tail(box.agentd("run", str(path), "--plain", "--nodes", "2", "--node-rank", str(k),
+                               "--rdzv-endpoint", endpoint))
+
+    try:
+        for box in boxes:
+            box.start()
+        first = submit(0, boxes[0], endpoint)
+        boxes[0].wait_for(lambda: boxes[0].status()["running"], what="node 0's part running (at the rendezvous)")
+        status = boxes[0].run("status")
+        assert "node 1 of 2, ranks 0-0 of 2" in status.stdout, status.stdout
+        second = submit(1, boxes[1], endpoint)
+        (code0, lines0), (code1, lines1) = first.finish(), second.finish()
+        assert (code0, code1) == (0, 0), "\n".join(lines0[-20:] + lines1[-20:])
+        rendezvous = boxes[1].journal_rows("SELECT rendezvous FROM jobs")[0]["rendezvous"]
+        assert json.loads(rendezvous) == {"nodes": 2, "node_rank": 1, "rdzv_endpoint": endpoint}
+        assert not (tmp_path / "n1/out").exists() or not any((tmp_path / "n1/out").rglob("*"))
+
+        alone = f"127.0.0.1:{free_port()}"  # the other box never starts its part
+        code, lines = submit(0, boxes[1], alone, "alone").finish()
+    finally:
+        for box in boxes:
+            box.stop()
+    a, b = lora(foreground, "sd"), lora(tmp_path / "n0/out", "sd")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("step " in line for line in lines0) and not any("step " in line for line in lines1)
+    assert any("node 2 of 2, ranks 1-1 of 2 of one job over 2 boxes (rendezvous " + endpoint in line
+               and "rank 0 on the first box" in line for line in lines1), lines1
+    assert code == 5, lines
+    text = "\n".join(lines)
+    assert f"rendezvous at {alone} failed: the 2 ranks of 2 boxes did not all join within 2 s" in text, text

@@ -8,7 +8,8 @@ Besides this module they import only the shared vocabulary: `trainer.config` (th
 - Checking a config: `preflight` (a config file), `check_for_submitter` (a parsed config, with the
   submitter's access check before and after the dataset scan), `run_decision` (which run it would be).
 - Running a job: `run_job` in a slot, with stop and pause flags and an event reporter, returning the
-  typed `JobResult` (out-of-memory becomes `OutOfMemory` carrying its advice); `preload_all` (the
+  typed `JobResult` (out-of-memory becomes `OutOfMemory` carrying its advice), as one box's part of a job
+  over several (`Rendezvous`: `--nodes`, `--node-rank`, `--rdzv-endpoint`); `preload_all` (the
   training stack, imported once); `BaseModelCache` (the warm base models kept between jobs);
   `cuda_reserved_mib` (what this process's CUDA holds per GPU, for the gate and status).
 - Planning memory: `estimate_for_config`, `calibrated` (by a measured peak), `recommend_batch_size`.
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checks.devices import DevicesError, WorldPlan, batch_sharers, plan_world
+from trainer.checks.devices import DevicesError, Rendezvous, WorldPlan, batch_sharers, plan_world
 from trainer.checks.preflight import Checked, check_config, preflight
 from trainer.checks.validate_report import main as validate_main
 from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from trainer.training.job import JobResult
 
 __all__ = [
-    "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "RunDecision",
+    "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "Rendezvous", "RunDecision",
     "VramEstimate", "WorldPlan", "batch_sharers", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "fsync_dir", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "plan_here", "preflight", "preload_all",
@@ -105,11 +106,15 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
             env: dict | None = None, infra_retries: list[dict] | None = None,
             resume_reason: str = "resume: auto found a checkpoint", where: str | None = None,
             estimate_mib: int | None = None, sweep: dict | None = None,
-            resolve_release: ResolveRelease | None = None, devices: tuple[str, ...] | None = None) -> "JobResult":
+            resolve_release: ResolveRelease | None = None, devices: tuple[str, ...] | None = None,
+            rendezvous: Rendezvous | None = None) -> "JobResult":
     """Train `checked` on `device` until it ends, reporting every event to `reporter`.
 
-    `devices`: one torch device per rank, for a config with `devices:` (agentd passes the devices of the slots it
-    reserved); default: the ones `plan_here` picks on this box. Its length must be the config's world size.
+    `devices`: one torch device per rank on this box, for a config with `devices:` (agentd passes the devices of the
+    slots it reserved); default: the ones `plan_here` picks on this box. Its length must be the config's ranks per box.
+    `rendezvous`: this box's part of a job over several boxes (`Rendezvous`): its ranks meet the others' there, and
+    only node 0's rank 0 writes and reports (the result on another box has no artifacts). A box that does not join
+    within the rendezvous timeout raises `trainer.errors.RendezvousFailed` (an infrastructure failure).
 
     With `devices:` in the config (more than one), W rank processes train it data-parallel
     (`trainer.training.distributed`); this process joins no process group, and the warm cache is not used (each
@@ -127,11 +132,11 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     from trainer.training.job import LoraTrainingJob  # imports torch
 
     release = production_release(checked.config, resolve_release, source=checked.source)
-    plan = plan_here(checked.config, source=checked.source, cpu_slots=len(devices) if devices else None) \
-        if checked.config.devices is not None else None
+    plan = plan_here(checked.config, source=checked.source, cpu_slots=len(devices) if devices else None,
+                     rendezvous=rendezvous) if checked.config.devices is not None or rendezvous else None
     if plan is not None and devices is not None:
-        if len(devices) != plan.world_size:
-            raise ValueError(f"{len(devices)} devices given for a job of {plan.world_size} ranks")
+        if len(devices) != plan.local_size:
+            raise ValueError(f"{len(devices)} devices given for a job of {plan.local_size} ranks on this box")
         plan = dataclasses.replace(plan, devices=tuple(devices))
     if plan is not None and plan.world_size > 1:
         from trainer.training.distributed import run_ranks
@@ -169,9 +174,10 @@ def evaluate_run(run: str | Path, reporter: Reporter | None, *, against: str | N
 
 
 def plan_here(cfg: TrainConfig, gpus: list | None = None, cpu_slots: int | None = None,
-              source: str | None = None) -> WorldPlan:
+              source: str | None = None, rendezvous: Rendezvous | None = None) -> WorldPlan:
     """The ranks `cfg.devices` asks for on this box (`gpus`: the probe's list, default NVML's; `cpu_slots`:
-    CPU ranks allowed without GPUs, default the cores). Raises ConfigError (exit 2) naming the fix."""
+    CPU ranks allowed without GPUs, default the cores), as this box's part of `rendezvous` when the job spans
+    boxes. Raises ConfigError (exit 2) naming the fix."""
     import os
 
     from trainer.gpus import default_probe
@@ -179,7 +185,7 @@ def plan_here(cfg: TrainConfig, gpus: list | None = None, cpu_slots: int | None 
     gpus = default_probe().list_gpus() if gpus is None else gpus
     try:
         return plan_world(cfg.devices, cfg.batch_size, cfg.batch_size_per_device, gpus,
-                          cpu_slots or os.cpu_count() or 1)
+                          cpu_slots or os.cpu_count() or 1, rendezvous)
     except DevicesError as e:
         raise ConfigError(e.problems, source) from None
 

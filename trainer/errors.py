@@ -77,6 +77,12 @@ class OutOfMemory(Exception):
     measured peak, that the last checkpoint is kept, and what to change."""
 
 
+class RendezvousFailed(RuntimeError):
+    """The ranks of a job did not all meet at its rendezvous within the timeout (a box of a multi-box job never
+    started its part, or cannot reach node 0's endpoint): an infrastructure failure (exit 5), not retried by the
+    daemon (the other boxes' parts are not its to restart). The message names the endpoint and the node count."""
+
+
 class TrainingInterrupted(Exception):
     """Raised inside the loop when a stop was requested; the job has saved a checkpoint."""
 

@@ -12,6 +12,10 @@ Jenkinsfile's `retry`, rather than fix the config), or 6: trained and saved, but
 - A daemon that is not up yet (`systemctl restart agentd`, a boot) is waited for, up to
   `--connect-timeout` (default 60 s), printing each try.
 - `--priority N` overrides the config's `priority:` (higher runs first).
+- `--nodes N --node-rank K --rdzv-endpoint HOST:PORT`: this box's part of one job over N boxes (the same command
+  on each, K = 0 .. N-1; HOST:PORT is the first box's address and a free port every box reaches). Each box
+  contributes its config's `devices:`; rank 0 on the first box reports the loss and writes everything. Boxes that
+  do not all join within $AGENTD_RDZV_TIMEOUT_S (default 600 s) fail with exit 5 (README "One job over several boxes").
 - An `agentd pause` of the job prints "paused" and keeps waiting until `agentd resume` continues it.
 
 - A Jenkins abort (SIGTERM/SIGINT) forwards a cancel at once: the training is the daemon's, not this
@@ -63,12 +67,28 @@ def main(name: str, argv: list[str]) -> int:
                    help="one line per event even on a terminal (the live progress display is off)")
     p.add_argument("--priority", type=int, default=None,
                    help="queue priority (integer, higher first); overrides the config's priority:")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="one job over N boxes: how many (each runs this command with its own --node-rank)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this box's place among the --nodes boxes, 0 .. N-1 (0: rank 0, which writes the outputs)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="where every box's ranks meet: the first box's address and a free TCP port")
     add_socket_arg(p)
     args = p.parse_args(argv)
     sock = socket_path(args)
 
-    from trainer.api import jenkins_vars, preflight
+    from trainer.api import Rendezvous, jenkins_vars, preflight
     from trainer.errors import ConfigError
+
+    rendezvous = None
+    given = [args.nodes is not None, args.node_rank is not None, args.rdzv_endpoint is not None]
+    if any(given):
+        if not all(given):
+            p.error("a job over several boxes needs --nodes, --node-rank and --rdzv-endpoint together")
+        try:
+            rendezvous = Rendezvous.parse(args.nodes, args.node_rank, args.rdzv_endpoint)
+        except ValueError as e:
+            p.error(str(e))  # exit 2
 
     path = Path(args.config).resolve()
     try:
@@ -83,6 +103,8 @@ def main(name: str, argv: list[str]) -> int:
            "env": env, "detach": args.detach}
     if args.priority is not None:
         msg["priority"] = args.priority
+    if rendezvous is not None:
+        msg.update(rendezvous.request())
     return Follower(sock, args.reconnect_timeout, args.connect_timeout, plain=args.plain).submit(msg)
 
 

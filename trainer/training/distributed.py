@@ -22,13 +22,20 @@ at a checkpoint every rank's RNG state is gathered into it.
 
 The launcher (`run_ranks`): W processes started with torch.multiprocessing's forkserver, which has imported
 the training stack once (`trainer.training.rank_preload`; a daemon keeps it for its lifetime, so a rank starts
-as a fork, not a ~10 s import), rendezvous on 127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective. The calling process
+as a fork, not a ~10 s import), rendezvous on 127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective.
+
+Several boxes (`WorldPlan.rendezvous`, `agentd run --nodes N --node-rank K --rdzv-endpoint HOST:PORT`): each box's
+launcher starts its own ranks as global ranks K x W .. K x W + W - 1 of N x W, and they all meet at the c10d TCP
+store that global rank 0 serves at HOST:PORT (`_join_group`), waiting at most the rendezvous timeout for the others
+(`RendezvousFailed`, exit 5, names the endpoint and the node count). Global rank 0 (on node 0) alone writes and
+reports; the other boxes' launchers say so on their console. The calling process
 (the daemon or lora-train) never joins the group: it relays rank 0's events and the stop/pause flags, and
 when a rank dies the others are terminated (torch's ProcessContext) and `RankDied` is raised, which the
 daemon treats as an infrastructure failure (re-queued, resumed from the last checkpoint), never a hang.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue as queue_mod
@@ -38,7 +45,8 @@ from datetime import timedelta
 
 import torch
 
-from trainer.checks.devices import WorldPlan
+from trainer.checks.devices import Rendezvous, WorldPlan
+from trainer.errors import RendezvousFailed
 from trainer.training.ranks import Rank
 
 log = logging.getLogger(__name__)
@@ -81,10 +89,10 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     ctx.set_forkserver_preload(["trainer.training.rank_preload"])  # read when the forkserver starts (once)
     events, results = ctx.Queue(), ctx.Queue()
     stop_ev, pause_ev = ctx.Event(), ctx.Event()
-    address = ("127.0.0.1", free_port())
+    plan, address = _meeting_point(plan, reporter)
     context = mp.start_processes(_rank_main, args=(plan, address, os.getpid(), checked, events, results,
                                                    stop_ev, pause_ev, job_kwargs),
-                                 nprocs=plan.world_size, join=False, start_method="forkserver")
+                                 nprocs=plan.local_size, join=False, start_method="forkserver")
     try:
         while True:
             _relay(events, reporter)
@@ -105,7 +113,7 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
                 raise RankDied(f"a data-parallel rank died: {_gist(e)}; the job resumes from its last "
                                "checkpoint") from None
         _relay(events, reporter)
-        outcome = _drain(results).get(0)
+        outcome = _drain(results).get(0)  # this box's first rank: the job's rank 0 on node 0
     finally:
         for p in context.processes:
             if p.is_alive():
@@ -117,9 +125,27 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     return outcome[1]
 
 
+def _meeting_point(plan: WorldPlan, reporter) -> tuple[WorldPlan, tuple[str, int]]:
+    """Where the ranks meet: the plan's rendezvous (several boxes: its console says which part this box is), or a
+    free port on 127.0.0.1 for this box alone."""
+    rdzv = plan.rendezvous
+    if rdzv is None:
+        plan = dataclasses.replace(plan, rendezvous=Rendezvous(1, 0, "127.0.0.1", free_port()))
+    elif reporter is not None:
+        from trainer.events import event
+
+        writer = ("rank 0 is on this box: it reports the loss and writes the checkpoints and outputs"
+                  if rdzv.node_rank == 0 else "rank 0 on the first box (--node-rank 0, serving the rendezvous) "
+                  "reports the loss and writes the checkpoints and outputs; this box writes nothing into output_dir")
+        reporter.emit(event("message", text=f"{rdzv.part(plan.local_size)} of one job over {rdzv.nodes} boxes "
+                                             f"(rendezvous {rdzv.endpoint}): {writer}"))
+    return plan, (plan.rendezvous.host, plan.rendezvous.port)
+
+
 def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], launcher_pid: int, checked, events, results,
                stop, pause, job_kwargs: dict) -> None:
-    """One rank process: join the group, run the job, report rank 0's result (a forkserver target: module level)."""
+    """Local rank `rank` of this box: join the group, run the job, report this box's first rank's result (a
+    forkserver target: module level)."""
     import torch.distributed as dist
 
     from trainer.training.job import LoraTrainingJob
@@ -128,15 +154,17 @@ def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], launcher_pi
     device = plan.devices[rank]
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                            init_method=f"tcp://{address[0]}:{address[1]}", rank=rank, world_size=plan.world_size,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    me = Rank(rank, plan.world_size, plan.per_rank_batch)
+    try:
+        _join_group(plan, plan.first_rank + rank, "nccl" if device.startswith("cuda") else "gloo")
+    except RendezvousFailed as e:
+        results.put((rank, ("error", e)))
+        raise
+    me = Rank(plan.first_rank + rank, plan.world_size, plan.per_rank_batch, node=plan.rendezvous.node_rank)
     reporter = QueueReporter(events) if me.is_main else None
     job = LoraTrainingJob(checked, reporter, stop, pause=pause, device=device, rank=me, **job_kwargs)
     try:
         result = job.run()
-        if me.is_main:
+        if rank == 0:
             results.put((rank, ("ok", result)))
     except BaseException as e:
         log.exception("data-parallel rank %d failed", rank)  # the daemon's log keeps the traceback
@@ -144,6 +172,27 @@ def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], launcher_pi
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _join_group(plan: WorldPlan, rank: int, backend: str) -> None:
+    """Join the job's process group as global `rank`: through a c10d TCP store at the rendezvous (served by rank 0),
+    waiting at most its timeout for every rank of every box, then with a timeout on every collective. Raises
+    RendezvousFailed naming the endpoint and the node count."""
+    import torch.distributed as dist
+
+    rdzv = plan.rendezvous
+    try:
+        store = dist.TCPStore(rdzv.host, rdzv.port, plan.world_size, is_master=rank == 0,
+                              timeout=timedelta(seconds=rdzv.timeout_s), wait_for_workers=True)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=plan.world_size,
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    except dist.DistError as e:
+        boxes = f"{rdzv.nodes} boxes" if rdzv.nodes > 1 else "this box"
+        raise RendezvousFailed(
+            f"rendezvous at {rdzv.endpoint} failed: the {plan.world_size} ranks of {boxes} did not all join within "
+            f"{rdzv.timeout_s:g} s ({rdzv.part(plan.local_size)}; {_gist(e)})"
+            + ("; start every box's part within $AGENTD_RDZV_TIMEOUT_S of the first (each daemon's queue is its own) "
+               f"and check that every box reaches {rdzv.endpoint} (the first box's)" if rdzv.nodes > 1 else "")) from None
 
 
 def _die_with_launcher(launcher_pid: int) -> None:

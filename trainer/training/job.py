@@ -108,16 +108,18 @@ class LoraTrainingJob:
         problems = optimizer_problems(cfg, self.device.type)  # AdamW8bit on a CPU: before anything
         if problems:
             raise ConfigError(problems, self.checked.source)
+        # Every box trains on the same data with the same training fields, or none starts (before anything is written).
+        refused = other_box_refusal(self.rank.gather_object(self._what_trains()), self.checked.source)
         # Which run this is (resume / new / nothing to do / refuse): trainer.runs.history, before anything is written.
         # Rank 0 decides (it moves a previous run away); the other ranks follow its decision.
-        refused = None
-        if self.rank.is_main:
+        if self.rank.is_main and refused is None:
             self.run_start = begin_run(cfg, self.checked.data_fingerprint, self._started)
             choice = self.run_start.decision
             refused = refusal(cfg, choice, self.checked.source) if choice.action == "refuse" else \
                 self._world_size_refusal(choice.checkpoint)
         action, resume_path, refused = self.rank.broadcast_object(
-            (choice.action if self.rank.is_main else None, choice.checkpoint if self.rank.is_main else None, refused))
+            (None, None, refused) if refused is not None or not self.rank.is_main else
+            (choice.action, choice.checkpoint, None))
         if refused is not None:
             raise refused
         self.nothing_to_do = action == "nothing"
@@ -184,6 +186,13 @@ class LoraTrainingJob:
         """Samples per micro-batch over all ranks: batch_size, or W x batch_size_per_device."""
         per_device = self.cfg.batch_size_per_device
         return self.cfg.batch_size if per_device is None else per_device * self.rank.world_size
+
+    def _what_trains(self) -> list:
+        """What must be the same on every rank of the job: its box (node, host name), the config's training fields
+        (their hash) and the dataset's fingerprint."""
+        import socket
+
+        return [self.rank.node, socket.gethostname(), self.cfg.config_hash(), self.checked.data_fingerprint]
 
     def _world_size_refusal(self, checkpoint: Path | None) -> ConfigError | None:
         """The refusal to resume `checkpoint` on this many ranks (None: it is not refused)."""
@@ -269,7 +278,9 @@ class LoraTrainingJob:
         return fam.make_task(cfg, base, self.device), dataset
 
     def _restore(self, path: Path) -> None:
-        data = ckpt.load_checkpoint(path)
+        """The checkpoint at `path`, as rank 0 reads it: the other ranks take it by broadcast, so another box
+        needs no copy of rank 0's files (each rank then takes its own RNG state from `rng.ranks`)."""
+        data = self.rank.broadcast_tensors(ckpt.load_checkpoint(path) if self.rank.is_main else None)
         self.task.load_lora_state(data["lora"], str(path))
         self.optimizer.load_state_dict(data["optim"]["optimizer"])
         self.scheduler.load_state_dict(data["optim"]["scheduler"])
@@ -321,7 +332,7 @@ class LoraTrainingJob:
                     self.watch.after_step(state.global_step, state.epoch + 1 if state.cursor >= len(batches) else None)
                 t_last = time.perf_counter()  # step time never includes validation or sampling
 
-                pause, stop, self._early_stop = self.rank.broadcast_flags(
+                pause, stop, self._early_stop = self.rank.any_flags(
                     [self.pause.is_set(), self.stop.is_set(), main and self.watch.stopped_early])
                 if pause:
                     self.save_checkpoint()
@@ -572,6 +583,26 @@ class LoraTrainingJob:
             raise
         finally:
             self.cleanup()
+
+
+def other_box_refusal(every: list | None, source: str | None) -> ConfigError | None:
+    """Rank 0's refusal when a rank's box trains on other data or another config than rank 0's: `every` is each
+    rank's `LoraTrainingJob._what_trains()` in rank order (None on the other ranks: rank 0 decides and broadcasts)."""
+    if every is None:
+        return None
+    _, host, config, data = every[0]
+    for node, other_host, other_config, other_data in every[1:]:
+        if other_data != data:
+            field, what, theirs, ours = "train_data_dir", "dataset (data fingerprint)", other_data, data
+        elif other_config != config:
+            field, what, theirs, ours = "config", "training config (training fields' hash)", other_config, config
+        else:
+            continue
+        return ConfigError([Problem(
+            field, f"node {node + 1} ({other_host}) has another {what} than node 1 ({host}), whose rank 0 the others "
+            f"follow: {theirs} there, {ours} on node 1", "give every box the same config and the same files at its "
+            "dataset paths (copy or sync them; only node 1 needs the outputs and checkpoints)")], source)
+    return None
 
 
 def eval_columns(decision: dict | None, output_dir: Path) -> dict:

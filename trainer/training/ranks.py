@@ -15,11 +15,13 @@ import torch
 @dataclass(frozen=True)
 class Rank:
     """This process's place in the job: rank `rank` of `world_size`, each training `per_rank_batch` samples of
-    a full micro-batch. World size 1 (`Rank.single()`): no process group, every collective is the identity."""
+    a full micro-batch, on box `node` (0 unless the job spans boxes). World size 1 (`Rank.single()`): no process
+    group, every collective is the identity."""
 
     rank: int = 0
     world_size: int = 1
     per_rank_batch: int = 0
+    node: int = 0
 
     @classmethod
     def single(cls) -> "Rank":
@@ -53,14 +55,15 @@ class Rank:
             at += n
         return flat[at:].tolist()
 
-    def broadcast_flags(self, flags: list[bool]) -> list[bool]:
-        """Rank 0's decisions (stop, pause, early stop) on every rank."""
+    def any_flags(self, flags: list[bool]) -> list[bool]:
+        """Each flag set on every rank when any rank set it: rank 0's early stop, and a stop or pause that came to
+        any box's daemon (one box: all its ranks see the same launcher's flags)."""
         if self.world_size == 1:
             return flags
         import torch.distributed as dist
 
         t = torch.tensor([int(f) for f in flags], dtype=torch.int64, device=_collective_device())
-        dist.broadcast(t, 0)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
     def broadcast_object(self, obj):
@@ -72,6 +75,17 @@ class Rank:
         box = [obj]
         dist.broadcast_object_list(box, 0, device=_collective_device())
         return box[0]
+
+    def broadcast_tensors(self, obj):
+        """Rank 0's `obj` (tensors, numbers, strings: what torch.load(weights_only) reads) on every rank, sent as
+        torch.save bytes (see gather_object); the others pass None."""
+        if self.world_size == 1:
+            return obj
+        buf = io.BytesIO()
+        if self.is_main:
+            torch.save(obj, buf)
+        data = self.broadcast_object(buf.getvalue() if self.is_main else None)
+        return torch.load(io.BytesIO(data), weights_only=True)
 
     def gather_object(self, obj) -> list | None:
         """Every rank's `obj` (tensors, numbers, strings: what torch.load(weights_only) reads) on rank 0, in
