@@ -713,10 +713,10 @@ def _rendezvous(fields: dict | None) -> api.Rendezvous | None:
     SubmitRefused("bad_request") saying which is wrong or missing."""
     if not fields:
         return None
-    missing = [k for k in ("nodes", "node_rank", "rdzv_endpoint") if fields.get(k) is None]
+    missing = ["--" + k.replace("_", "-") for k in ("nodes", "node_rank", "rdzv_endpoint") if fields.get(k) is None]
     if missing:
         raise SubmitRefused("bad_request", "a job over several boxes needs --nodes, --node-rank and --rdzv-endpoint "
-                                           f"together; missing: {', '.join('--' + m.replace('_', '-') for m in missing)}")
+                                           f"together; missing: {', '.join(missing)}")
     try:
         return api.Rendezvous.parse(fields["nodes"], fields["node_rank"], fields["rdzv_endpoint"])
     except ValueError as e:

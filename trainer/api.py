@@ -55,8 +55,9 @@ if TYPE_CHECKING:
     from trainer.training.job import JobResult
 
 __all__ = [
-    "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "Rendezvous", "RunDecision",
-    "VramEstimate", "WorldPlan", "batch_sharers", "atomic_write_json", "atomic_write_text", "calibrated", "check_for_submitter",
+    "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "Rendezvous",
+    "RunDecision", "VramEstimate", "WorldPlan", "batch_sharers", "atomic_write_json", "atomic_write_text", "calibrated",
+    "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "fsync_dir", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "plan_here", "preflight", "preload_all",
     "quiet_third_party",

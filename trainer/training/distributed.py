@@ -188,11 +188,11 @@ def _join_group(plan: WorldPlan, rank: int, backend: str) -> None:
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     except dist.DistError as e:
         boxes = f"{rdzv.nodes} boxes" if rdzv.nodes > 1 else "this box"
+        advice = ("; start every box's part within $AGENTD_RDZV_TIMEOUT_S of the first (each daemon's queue is its "
+                  f"own) and check that every box reaches {rdzv.endpoint} (the first box's)") if rdzv.nodes > 1 else ""
         raise RendezvousFailed(
             f"rendezvous at {rdzv.endpoint} failed: the {plan.world_size} ranks of {boxes} did not all join within "
-            f"{rdzv.timeout_s:g} s ({rdzv.part(plan.local_size)}; {_gist(e)})"
-            + ("; start every box's part within $AGENTD_RDZV_TIMEOUT_S of the first (each daemon's queue is its own) "
-               f"and check that every box reaches {rdzv.endpoint} (the first box's)" if rdzv.nodes > 1 else "")) from None
+            f"{rdzv.timeout_s:g} s ({rdzv.part(plan.local_size)}; {_gist(e)}){advice}") from None
 
 
 def _die_with_launcher(launcher_pid: int) -> None:
