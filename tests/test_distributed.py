@@ -354,13 +354,20 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on `port` here (the kernel's tables: connecting would count as a rank joining;
+    c10d's store listens on IPv6 where it can)."""
+    rows = [r for t in ("tcp", "tcp6") for r in Path(f"/proc/net/{t}").read_text().splitlines()[1:]]
+    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)  # 0A: LISTEN
+
+
 def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets, mixed, tmp_path):
     """Two `agentd serve` "boxes" on this machine, one CPU slot each, the same config (devices: 1) submitted to each
     with --nodes 2 and its --node-rank, meeting at 127.0.0.1: node 0's LoRA is bit-identical to the foreground W=2
     run's (which the daemon test above shows equals the one-daemon W=2 run). Node 0's part waits at the rendezvous
     (as `agentd status` shows) until node 1's joins; node 1 says on its console that the first box's rank 0 reports,
-    and writes nothing into its output_dir. Then a part whose other box never starts fails, exit 5, naming the
-    endpoint (box 1 waits 2 s at a rendezvous: $AGENTD_RDZV_TIMEOUT_S)."""
+    and writes nothing into its output_dir. Before that, box 1 runs a part whose other box never starts: it fails,
+    exit 5, naming the endpoint (box 1 waits 2 s at a rendezvous: $AGENTD_RDZV_TIMEOUT_S)."""
     from tests.daemon_harness import DaemonProc, Tail
     from trainer.training.distributed import free_port
 
@@ -381,19 +388,21 @@ def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets
     try:
         for box in boxes:
             box.start()
+        # Meanwhile box 1 runs a part whose other box never starts: it fails after its 2 s, exit 5.
+        alone = f"127.0.0.1:{free_port()}"
+        lonely = submit(0, boxes[1], alone, "alone")
         first = submit(0, boxes[0], endpoint)
-        boxes[0].wait_for(lambda: boxes[0].status()["running"], what="node 0's part running (at the rendezvous)")
+        # Node 1's box waits only 2 s for the store: submitted once node 0's rank 0 serves it.
+        boxes[0].wait_for(lambda: listening(int(endpoint.rsplit(":", 1)[1])), what="node 0 serving the rendezvous")
         status = boxes[0].run("status")
         assert "node 1 of 2, ranks 0-0 of 2" in status.stdout, status.stdout
+        code, lines = lonely.finish()
         second = submit(1, boxes[1], endpoint)
         (code0, lines0), (code1, lines1) = first.finish(), second.finish()
         assert (code0, code1) == (0, 0), "\n".join(lines0[-20:] + lines1[-20:])
-        rendezvous = boxes[1].journal_rows("SELECT rendezvous FROM jobs")[0]["rendezvous"]
+        rendezvous = boxes[1].journal_rows("SELECT rendezvous FROM jobs ORDER BY seq")[-1]["rendezvous"]
         assert json.loads(rendezvous) == {"nodes": 2, "node_rank": 1, "rdzv_endpoint": endpoint}
         assert not (tmp_path / "n1/out").exists() or not any((tmp_path / "n1/out").rglob("*"))
-
-        alone = f"127.0.0.1:{free_port()}"  # the other box never starts its part
-        code, lines = submit(0, boxes[1], alone, "alone").finish()
     finally:
         for box in boxes:
             box.stop()

@@ -60,5 +60,5 @@ def test_bad_and_foreign_input():
 
 def test_infra_failure_line():
     ev = Finished(outcome="failed", error="CUDA error: an illegal memory access", infra=True)
-    assert ev.line().startswith("FAILED (infrastructure, retries exhausted)")
+    assert ev.line().startswith("FAILED (infrastructure): CUDA error")
     assert Finished(outcome="failed", error="bad data").line() == "FAILED: bad data"

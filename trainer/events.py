@@ -181,7 +181,8 @@ class Artifact(Event):
 @dataclass(kw_only=True)
 class Finished(Event):
     """The job's end. outcome: succeeded | failed | cancelled. `infra`: the failure was the machine's
-    (a GPU fault), not the job's, and its infrastructure retries are exhausted (`agentd run` exits 5)."""
+    (a GPU fault whose infrastructure retries are exhausted, no healthy GPU left, a multi-box rendezvous that
+    not every box joined), not the job's (`agentd run` exits 5); `error` says which."""
 
     kind: ClassVar[str] = "finished"
     outcome: str
@@ -200,7 +201,7 @@ class Finished(Event):
             at = f" at step {self.step}" if self.step is not None else ""
             return f"cancelled{at}; checkpoint saved, run again to resume"
         if self.infra:
-            return f"FAILED (infrastructure, retries exhausted): {self.error or 'unknown error'}"
+            return f"FAILED (infrastructure): {self.error or 'unknown error'}"
         return f"FAILED: {self.error or 'unknown error'}"
 
 

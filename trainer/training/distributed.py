@@ -184,6 +184,7 @@ def _join_group(plan: WorldPlan, rank: int, backend: str) -> None:
     try:
         store = dist.TCPStore(rdzv.host, rdzv.port, plan.world_size, is_master=rank == 0,
                               timeout=timedelta(seconds=rdzv.timeout_s), wait_for_workers=True)
+        store.set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # joined: the rest waits as a collective does
         dist.init_process_group(backend, store=store, rank=rank, world_size=plan.world_size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     except dist.DistError as e:
