@@ -278,10 +278,18 @@ def test_resume_with_another_world_size_is_refused_unless_allowed(built_once, as
 
 
 def test_daemon_refuses_more_devices_than_its_slots_at_submit(tmp_path, assets):
-    """The box's own device problems are refused at submit (exit 2's invalid_config), listed; nothing queued."""
+    """The box's own device problems are refused at submit (exit 2's invalid_config), listed; nothing queued. So
+    are a multi-box part's bad rendezvous fields (bad_request) and a batch that does not split over every box."""
     from agentd.scheduler import SubmitRefused
+    from tests.conftest import write_config
     from tests.fake_nvml import FakeGpu, FakeNvml
     from tests.test_scheduler_gate import gpu_slots, make_scheduler, submit
+
+    def part(name: str, rendezvous: dict, **fields):
+        (tmp_path / name).mkdir()
+        cfg = write_config(tmp_path / name, assets, max_train_steps=2, **fields)
+        return s.submit(config_path=str(cfg), config_text=cfg.read_text(), env={}, submitter={"uid": 0},
+                        rendezvous=rendezvous)
 
     nvml = FakeNvml([FakeGpu("NVIDIA GeForce RTX 3090", total_mib=24576), FakeGpu("NVIDIA GeForce RTX 3090",
                                                                                   total_mib=24576)])
@@ -291,6 +299,15 @@ def test_daemon_refuses_more_devices_than_its_slots_at_submit(tmp_path, assets):
             submit(s, tmp_path, assets, "five", devices=5)
         assert e.value.code == "invalid_config"
         assert "asks for 5 GPUs, but this box has 2: 0: NVIDIA GeForce RTX 3090" in e.value.message
+        for name, rendezvous, fields, code, text in [
+            ("rank", {"nodes": 2, "node_rank": 2, "rdzv_endpoint": "box1:29500"}, {}, "bad_request",
+             "--node-rank must be 0 to 1"),
+            ("some", {"nodes": 2, "node_rank": 1}, {}, "bad_request", "missing: --rdzv-endpoint"),
+            ("split", {"nodes": 2, "node_rank": 1, "rdzv_endpoint": "box1:29500"}, {"devices": 2, "batch_size": 6},
+             "invalid_config", "6 does not split over 4 devices")]:
+            with pytest.raises(SubmitRefused) as e:
+                part(name, rendezvous, **fields)
+            assert e.value.code == code and text in e.value.message, e.value.message
         assert s.journal.jobs() == []  # nothing queued
     finally:
         s.shutdown(30)
