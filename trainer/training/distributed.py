@@ -17,21 +17,22 @@ per-rank batch b trains what W=1 with batch 2b does, up to float summation order
 Who does what: every rank builds the task, optimizer and scheduler (the LR scheduler steps once per
 optimizer step on every rank: the same schedule as one device), restores the same checkpoint and steps
 its optimizer on the same reduced gradients. Rank 0 alone writes (logs, events, checkpoints, samples,
-validation, outputs, run.json) and decides stop/pause/early stop, broadcast to the others after each step;
-at a checkpoint every rank's RNG state is gathered into it.
+validation, outputs, run.json) and decides early stopping; a stop or pause on any rank holds on every rank (the
+flags are OR-ed after each step); at a checkpoint every rank's RNG state is gathered into it, and on resume rank 0
+reads the checkpoint and broadcasts it.
 
 The launcher (`run_ranks`): W processes started with torch.multiprocessing's forkserver, which has imported
 the training stack once (`trainer.training.rank_preload`; a daemon keeps it for its lifetime, so a rank starts
-as a fork, not a ~10 s import), rendezvous on 127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective.
-
-Several boxes (`WorldPlan.rendezvous`, `agentd run --nodes N --node-rank K --rdzv-endpoint HOST:PORT`): each box's
-launcher starts its own ranks as global ranks K x W .. K x W + W - 1 of N x W, and they all meet at the c10d TCP
-store that global rank 0 serves at HOST:PORT (`_join_group`), waiting at most the rendezvous timeout for the others
-(`RendezvousFailed`, exit 5, names the endpoint and the node count). Global rank 0 (on node 0) alone writes and
-reports; the other boxes' launchers say so on their console. The calling process
+as a fork, not a ~10 s import), rendezvous on 127.0.0.1 at a free port, NCCL on CUDA, gloo on the CPU, a timeout on every collective. The calling process
 (the daemon or lora-train) never joins the group: it relays rank 0's events and the stop/pause flags, and
 when a rank dies the others are terminated (torch's ProcessContext) and `RankDied` is raised, which the
 daemon treats as an infrastructure failure (re-queued, resumed from the last checkpoint), never a hang.
+
+Several boxes (`WorldPlan.rendezvous`, `agentd run --nodes N --node-rank K --rdzv-endpoint HOST:PORT`): each box's
+launcher starts its own W ranks as global ranks K x W .. K x W + W - 1 of N x W, and they all meet at the c10d TCP
+store that global rank 0 serves at HOST:PORT (`_join_group`), waiting at most the rendezvous timeout for the others
+(`RendezvousFailed`, exit 5, names the endpoint and the node count). Global rank 0 (on node 0) alone writes and
+reports; the other boxes' launchers say so on their console, and return their first rank's result.
 """
 from __future__ import annotations
 
@@ -89,8 +90,8 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     ctx.set_forkserver_preload(["trainer.training.rank_preload"])  # read when the forkserver starts (once)
     events, results = ctx.Queue(), ctx.Queue()
     stop_ev, pause_ev = ctx.Event(), ctx.Event()
-    plan, address = _meeting_point(plan, reporter)
-    context = mp.start_processes(_rank_main, args=(plan, address, os.getpid(), checked, events, results,
+    plan = _meeting_point(plan, reporter)
+    context = mp.start_processes(_rank_main, args=(plan, os.getpid(), checked, events, results,
                                                    stop_ev, pause_ev, job_kwargs),
                                  nprocs=plan.local_size, join=False, start_method="forkserver")
     try:
@@ -125,7 +126,7 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     return outcome[1]
 
 
-def _meeting_point(plan: WorldPlan, reporter) -> tuple[WorldPlan, tuple[str, int]]:
+def _meeting_point(plan: WorldPlan, reporter) -> WorldPlan:
     """Where the ranks meet: the plan's rendezvous (several boxes: its console says which part this box is), or a
     free port on 127.0.0.1 for this box alone."""
     rdzv = plan.rendezvous
@@ -139,11 +140,11 @@ def _meeting_point(plan: WorldPlan, reporter) -> tuple[WorldPlan, tuple[str, int
                   "reports the loss and writes the checkpoints and outputs; this box writes nothing into output_dir")
         reporter.emit(event("message", text=f"{rdzv.part(plan.local_size)} of one job over {rdzv.nodes} boxes "
                                              f"(rendezvous {rdzv.endpoint}): {writer}"))
-    return plan, (plan.rendezvous.host, plan.rendezvous.port)
+    return plan
 
 
-def _rank_main(rank: int, plan: WorldPlan, address: tuple[str, int], launcher_pid: int, checked, events, results,
-               stop, pause, job_kwargs: dict) -> None:
+def _rank_main(rank: int, plan: WorldPlan, launcher_pid: int, checked, events, results, stop, pause,
+               job_kwargs: dict) -> None:
     """Local rank `rank` of this box: join the group, run the job, report this box's first rank's result (a
     forkserver target: module level)."""
     import torch.distributed as dist
