@@ -7,6 +7,10 @@ the probe still sees the job's GPU as healthy:
 - "infra" the machine failed: a CUDA error other than out-of-memory or a device-side assert (illegal
           address, launch failure, ECC, unknown error...), cuBLAS/cuDNN execution failures, the GPU
           lost or fallen off the bus, or NVML reporting the job's GPU unhealthy after the failure;
+- "lost"  a data-parallel job lost a rank: one of its rank processes died (killed: the kernel's OOM killer,
+          an operator) or, for the ranks left, a peer went away (gloo "connection closed by peer", an NCCL
+          remote error or collective timeout: a rank or a box of a multi-box job). Re-queued from the last
+          checkpoint like "infra", but its GPUs are not marked unhealthy: nothing says they failed;
 - "job"   anything else (a bad dataset, a bug in a config value): the build fails as before.
 
 A device-side assert is a CUDA error caused by the job (an index out of range in its data), so it is
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-FailureKind = Literal["infra", "oom", "job"]
+FailureKind = Literal["infra", "oom", "lost", "job"]
 
 INFRA_MARKERS = (
     "illegal memory access", "illegal address", "unspecified launch failure", "launch failure",
@@ -25,6 +29,10 @@ INFRA_MARKERS = (
     "cuda driver error", "nvml_error_gpu_is_lost", "device not ready", "hardware stop",
 )
 OOM_MARKERS = ("out of memory", "can't allocate memory", "outofmemoryerror")
+# trainer.training.distributed.RankDied's text; gloo's and NCCL's when a peer rank is gone.
+LOST_RANK_MARKERS = ("a data-parallel rank died", "a data-parallel rank ended without a result",
+                     "connection closed by peer", "connection reset by peer", "ncclremoteerror",
+                     "collective operation timeout")
 JOB_CUDA_MARKERS = ("device-side assert",)
 
 
@@ -35,6 +43,8 @@ def classify_failure(error_text: str, gpu_healthy: Optional[bool] = None) -> Fai
         return "oom"
     if gpu_healthy is False:
         return "infra"
+    if any(m in text for m in LOST_RANK_MARKERS):
+        return "lost"
     if any(m in text for m in JOB_CUDA_MARKERS):
         return "job"
     if any(m in text for m in INFRA_MARKERS) or "cuda error" in text:

@@ -575,10 +575,11 @@ class Scheduler:
             end = self.runner.run(job, slots, JobChannel(self, job), history)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
-            if classify_failure(error, self._gpus_healthy(slots)) == "infra":
+            kind = classify_failure(error, self._gpus_healthy(slots))
+            if kind in ("infra", "lost"):
                 log.error("job %s: infrastructure failure on %s: %s\n%s", job.id, _slot_names(slots), error,
                           traceback.format_exc())
-                self._infra_failure(job, slots, error)
+                self._infra_failure(job, slots, error, devices_failed=kind == "infra")
                 return
             log.error("job %s failed: %s\n%s", job.id, error, traceback.format_exc())
             end = RunEnd("failed", error)
@@ -615,17 +616,19 @@ class Scheduler:
             return None
         return all(gpus[s.index].healthy if s.index in gpus else False for s in slots)
 
-    def _infra_failure(self, job: LiveJob, slots: list[Slot], error: str) -> None:
-        """The machine failed, not the job: mark its slots unhealthy (a W-slot job's error does not say which
-        rank's device failed, so all of them) and re-queue the job first (from its last checkpoint) while
-        retries are left; otherwise fail it as an infrastructure failure."""
-        if self.base_cache is not None:
+    def _infra_failure(self, job: LiveJob, slots: list[Slot], error: str, devices_failed: bool = True) -> None:
+        """The machine failed, not the job: mark its slots unhealthy (`devices_failed`; a W-slot job's error does
+        not say which rank's device failed, so all of them; not for a lost rank, agentd.failures) and re-queue
+        the job first (from its last checkpoint) while retries are left; otherwise fail it as an
+        infrastructure failure."""
+        if self.base_cache is not None and devices_failed:
             self.base_cache.clear()  # the base lived on the failed device
         where = _slot_names(slots)
         with self.cond:
             for slot in slots:
                 self.busy.pop(slot.index, None)
-                slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
+                if devices_failed:
+                    slot.unhealthy_reason = f"infrastructure failure in {job.id}: {error.splitlines()[0][:300]}"
             self.runners.pop(job.id, None)
             if job.stop.is_set() and job.stop_reason == "cancel":  # a cancel came meanwhile: honour it
                 self._finish(job, "cancelled", error)

@@ -75,6 +75,14 @@ def test_run_order_priority_fifo_requeued_first_and_starvation_bound():
     ("RuntimeError: CUDA error: device-side assert triggered", None, "job"),
     ("FileNotFoundError: data/0001.png", None, "job"),
     ("RuntimeError: something odd", False, "infra"),  # NVML says the GPU is gone
+    # A data-parallel job lost a rank (trainer.training.distributed.RankDied) or, for the others, a peer:
+    ("RankDied: a data-parallel rank died: process 1 terminated with signal SIGKILL; the job resumes from its "
+     "last checkpoint", None, "lost"),
+    ("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+     "[127.0.0.1]:29400", None, "lost"),
+    ("DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network "
+     "error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a network error", None, "lost"),
+    ("RankDied: a data-parallel rank died: process 0 terminated with signal SIGKILL", False, "infra"),  # GPU gone
 ])
 def test_failure_classes(text, healthy, kind):
     assert classify_failure(text, healthy) == kind

@@ -59,7 +59,7 @@ COLLECTIVE_TIMEOUT_S = float(os.environ.get("AGENTD_COLLECTIVE_TIMEOUT_S", "900"
 
 class RankDied(RuntimeError):
     """A rank process ended without finishing (killed, crashed): the job resumes from its last checkpoint.
-    The text carries "data-parallel rank" (agentd.failures counts it as the machine's fault)."""
+    Its text is what agentd.failures looks for: the daemon re-queues the job from its last checkpoint."""
 
 
 def free_port() -> int:
