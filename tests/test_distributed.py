@@ -168,6 +168,48 @@ def test_config_refusals(tmp_path, assets):
     assert "cannot be combined with batch_size" in found["batch_size_per_device"].message
 
 
+def test_pack_shares_a_base_through_one_buffer_per_dtype():
+    """`pack` (trainer.training.shared_base) without processes: the rebuilt base equals the original, parameters
+    stay parameters (frozen ones frozen), a tensor held twice is one object again, every tensor is a view into its
+    dtype's one shared buffer, strides survive (channels-last) and so does each address modulo 64 (CPU kernels' sums
+    depend on it), and packing a packed base copies nothing."""
+    from types import SimpleNamespace
+
+    from trainer.training.shared_base import pack
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    head = torch.nn.Linear(4, 5)
+    tied = torch.nn.Linear(4, 5, bias=False)
+    tied.weight = head.weight  # tied weights (an LM's embedding and output layer)
+    head.requires_grad_(False)
+    body = torch.nn.Sequential(conv, head, tied, torch.nn.BatchNorm1d(4))  # buffers: fp32 stats, int64 count
+    base = SimpleNamespace(body=body, table=torch.arange(10, dtype=torch.float64).expand(3, 10), name="x")
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    conv_param = conv.weight
+    addresses = [t.data_ptr() % 64 for t in [*body.parameters(), *body.buffers()]]
+
+    shared = pack(base)
+    assert sorted(shared.buffers) == ["torch.float32", "torch.float64", "torch.int64"]
+    assert all(b.is_shared() for b in shared.buffers.values())
+    assert conv.weight is conv_param and conv.weight.is_shared()  # the original re-pointed, the same object
+    again = pack(base)
+    assert {k: b.data_ptr() for k, b in again.buffers.items()} == {k: b.data_ptr() for k, b in shared.buffers.items()}
+
+    rebuilt = shared.unpack()
+    state = rebuilt.body.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    assert torch.equal(rebuilt.table, torch.arange(10, dtype=torch.float64).expand(3, 10)) and rebuilt.name == "x"
+    new_conv, new_head, new_tied, _ = rebuilt.body
+    assert [t.data_ptr() % 64 for t in [*rebuilt.body.parameters(), *rebuilt.body.buffers()]] == addresses
+    assert isinstance(new_conv.weight, torch.nn.Parameter) and new_conv.weight.requires_grad
+    assert isinstance(new_head.weight, torch.nn.Parameter) and not new_head.weight.requires_grad
+    assert new_tied.weight is new_head.weight
+    assert new_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for t in [*rebuilt.body.parameters(), *rebuilt.body.buffers(), rebuilt.table]:
+        assert t.untyped_storage().data_ptr() == shared.buffers[str(t.dtype)].data_ptr()
+
+
 # ------------------------------------------------------------------------------------------------
 # W=2 against W=1
 
@@ -221,6 +263,13 @@ def losses(out: Path) -> list[float]:
     return [float(r["loss"]) for r in read_loss_csv(out / "logs/loss.csv")]
 
 
+def load_file_of(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = out.glob("*.safetensors")
+    return load_file(path)
+
+
 def assert_same_training(one: Path, two: Path, name: str) -> None:
     a, b = lora(one, name), lora(two, name)
     assert a.keys() == b.keys()
@@ -240,6 +289,7 @@ def test_sd_with_buckets_two_ranks_train_what_one_does(built_once, assets, mixed
     assert console.count("step ") >= len(losses(two))  # rank 0 alone reports: one line per step, not two
     run = json.loads((two / "run.json").read_text())
     assert run["status"] == "succeeded" and run["config"]["devices"] == 2
+    assert run["warm"] == {"ranks": [{"how": "cold", "move_s": None}] * 2}  # lora-train: no cache, each rank loads
     from trainer.runs.checkpoint import list_checkpoints, load_checkpoint, read_state
 
     newest = list_checkpoints(two / "checkpoints")[0]
@@ -317,7 +367,9 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     """A 2-GPU box (fake NVML, slots training on the CPU): a W=1 job, then the W=2 job, then a W=1 job.
     The W=2 job takes both slots at once when the first job ends (no partial grab, nothing passes it), the
     others follow in arrival order, all succeed (no deadlock), and its LoRA is the foreground W=2 run's, although
-    the daemon was killed (-9) during it and restarted."""
+    the daemon was killed (-9) during it and restarted. Its ranks take the base from the daemon's warm cache
+    through shared memory, and leave it as it was: the last W=1 job, warm on that base, trains the first one's
+    LoRA bit for bit."""
     from tests.daemon_harness import DaemonProc
 
     foreground = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
@@ -348,6 +400,9 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
         # kill -9 of the daemon after the W=2 job's first checkpoint (its ranks die with it), then a restart:
         # the job resumes from that checkpoint and its LoRA is still bit-identical to the uninterrupted run's.
         d.wait_for(lambda: any((tmp_path / "w2/out/checkpoints").glob("step-*")), what="the W=2 job's checkpoint")
+        # Both ranks got the base the first job left warm in the daemon (on a CPU-backed slot: "device").
+        shared = {"ranks": [{"how": "shared", "move_s": None}] * 2}
+        assert json.loads((tmp_path / "w2/out/run.json").read_text())["warm"] == {**shared, "cache": "device"}
         d.kill()
         d.start()
         d.wait_for(lambda: {r["state"] for r in d.journal_rows("SELECT state FROM jobs")} == {"succeeded"},
@@ -363,7 +418,14 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     assert started[w2] >= ended[jobs[0]] and started[jobs[2]] >= ended[w2]  # both slots, or none
     first_start = next(r["time"] for r in rows if r["job_id"] == w2 and r["state"] == "running")
     assert first_start - queued[w2] < 120  # within max_wait_s
-    resumes = json.loads((tmp_path / "w2/out/run.json").read_text())["resumes"]
+    run = json.loads((tmp_path / "w2/out/run.json").read_text())
+    resumes = run["resumes"]
+    # The restarted daemon's cache was empty: its launcher loaded the base there once, for both ranks and job c.
+    assert run["warm"] == {**shared, "cache": "cold"}
+    assert json.loads((tmp_path / "c/out/run.json").read_text())["warm"] == {"ranks": [{"how": "device",
+                                                                                         "move_s": None}]}
+    first, last = (load_file_of(tmp_path / name / "out") for name in ("a", "c"))
+    assert first.keys() == last.keys() and all(torch.equal(first[k], last[k]) for k in first)
     # From a checkpoint (every 5 of its 24 steps; ranks forked from a warm forkserver run ~20 steps/s, so the kill
     # lands after the first one or soon after), not from the start; and no orphaned rank finished the run meanwhile.
     assert len(resumes) == 1 and resumes[0]["from_step"] in (5, 10, 15, 20), resumes

@@ -118,8 +118,9 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
     within the rendezvous timeout raises `trainer.errors.RendezvousFailed` (an infrastructure failure).
 
     With `devices:` in the config (more than one), W rank processes train it data-parallel
-    (`trainer.training.distributed`); this process joins no process group, and the warm cache is not used (each
-    rank loads the base itself).
+    (`trainer.training.distributed`); this process joins no process group. With `base_cache` the ranks take the
+    base from it through shared memory (`trainer.training.shared_base`: loaded into the cache's host memory once
+    if missing), else each rank loads the base from disk.
 
     `stop` set: the job checkpoints at its next step boundary and returns outcome "cancelled"; `pause` set:
     the same, outcome "paused". Otherwise "succeeded" (or "nothing to do", also "succeeded").
@@ -141,9 +142,12 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
         plan = dataclasses.replace(plan, devices=tuple(devices))
     if plan is not None and plan.world_size > 1:
         from trainer.training.distributed import run_ranks
+        from trainer.training.shared_base import shared_from_cache
 
-        return run_ranks(plan, checked, reporter, stop, pause, dict(
-            env=env, infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep, release=release))
+        with shared_from_cache(checked, base_cache, plan.devices[0].split(":")[0]) as shared:
+            return run_ranks(plan, checked, reporter, stop, pause, dict(
+                env=env, infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep, release=release,
+                shared_base=shared))
     job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
                           infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
                           release=release)

@@ -102,7 +102,9 @@ class Started(Event):
     grad_accum: int
     resumed_from: int | None = None
     output_dir: str | None = None
-    warm: str | None = None  # how the base model was had: "cold" | "host" (moved back to the device) | "device"
+    # How the base model was had: "cold" | "host" (moved back to the device) | "device" | "shared" (a data-parallel
+    # rank's: the daemon's warm copy, in shared memory)
+    warm: str | None = None
     warm_move_s: float | None = None  # seconds the move from host memory to the device took
 
     def line(self) -> str:
@@ -112,6 +114,9 @@ class Started(Event):
             base = f"; base model warm in host memory, moved to {self.device} in {self.warm_move_s or 0:.2f} s"
         elif self.warm == "device":
             base = "; base model warm on the device"
+        elif self.warm == "shared":
+            moved = f", moved to {self.device} in {self.warm_move_s:.2f} s" if self.warm_move_s is not None else ""
+            base = f"; base model shared from the daemon's host memory{moved}"
         return (f"training {self.name}: {self.total_steps} steps on {self.device} "
                 f"({self.samples} samples, batch {self.batch_size} x {self.grad_accum}){res}{base}")
 

@@ -42,7 +42,7 @@ from trainer.runs.report import write_loss_png
 from trainer.training import optim
 from trainer.training.ema import Ema
 from trainer.training.ranks import Rank
-from trainer.training.model_cache import BaseModelCache, file_identity
+from trainer.training.model_cache import BaseModelCache, file_identity, move_base
 from trainer.training.watch import RunWatch
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,26 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weight_dtype(mixed_precision: str, device_type: str) -> torch.dtype:
+    """The dtype the frozen base is held in: the mixed precision's on CUDA, fp32 on the CPU."""
+    if device_type != "cuda" or mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def base_key(cfg: TrainConfig, dtype: torch.dtype) -> tuple:
+    """The warm cache's key of the config's base: what was loaded and how, not the device (a warm base kept in
+    host memory moves to whichever device the next job has)."""
+    return (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model), str(cfg.base_model_config),
+            str(dtype), cfg.base_quantization, cfg.chat_template)  # a fp8 Flux base is another base than a bf16 one
+
+
+def cacheable(cfg: TrainConfig) -> bool:
+    """Whether the base can be kept warm (and shared with ranks): a bitsandbytes-quantized base (QLoRA: 4bit/8bit)
+    cannot move between device and host memory; a fp8 Flux base is plain tensors: it can."""
+    return cfg.base_quantization in (None, "fp8")
 
 
 @dataclass
@@ -72,7 +92,7 @@ class LoraTrainingJob:
                  *, base_cache: BaseModelCache | None = None, env: dict | None = None, device: str | None = None,
                  resume_reason: str = "resume: auto found a checkpoint", pause: threading.Event | None = None,
                  infra_retries: list[dict] | None = None, sweep: dict | None = None,
-                 release: tuple[Path, str] | None = None, rank: Rank | None = None):
+                 release: tuple[Path, str] | None = None, rank: Rank | None = None, shared_base=None):
         self.checked = checked
         self.cfg: TrainConfig = checked.config
         self.stop = stop or threading.Event()
@@ -81,9 +101,13 @@ class LoraTrainingJob:
         self.sweep = sweep  # {name, trial, folder} when a sweep runs this job as a trial (run.json)
         self.release = release  # eval.compare_with production: (the released LoRA, "NAME@vN"), resolved by the caller
         self.evaluation: dict | None = None  # eval/decision.json once evaluated
-        self.warm: str | None = None  # how the base was had: cold | host | device (see BaseModelCache.get)
+        self.warm: str | None = None  # how the base was had: cold | host | device (BaseModelCache.get) | shared
         self.warm_move_s: float | None = None
+        self.warm_ranks: list[dict] | None = None  # every rank's {how, move_s} (run.json), on rank 0
         self.base_cache = base_cache
+        # A data-parallel rank's base, packed in shared memory by the launcher from the daemon's warm cache
+        # (`trainer.training.shared_base.SharedBase`); None: the rank loads the base from disk.
+        self.shared_base = shared_base
         self.env = dict(os.environ if env is None else env)
         self.device = pick_device(device)
         self.resume_reason = resume_reason
@@ -178,6 +202,7 @@ class LoraTrainingJob:
         if self.ema is not None and self._restored_ema is not None:
             self.ema.load_state_dict(self._restored_ema)
         self.task.prepare(self.dataset, self.autocast)  # caches (latents, frozen text-encoder outputs) the config asks for
+        self.warm_ranks = self.rank.gather_object({"how": self.warm, "move_s": self.warm_move_s})
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -251,8 +276,8 @@ class LoraTrainingJob:
         if mp == "no":
             return torch.float32, contextlib.nullcontext, False
         dtype = torch.float16 if mp == "fp16" else torch.bfloat16
-        weight_dtype = dtype if cuda else torch.float32
-        return weight_dtype, (lambda: torch.autocast(self.device.type, dtype=dtype)), mp == "fp16"
+        return (weight_dtype(mp, self.device.type), (lambda: torch.autocast(self.device.type, dtype=dtype)),
+                mp == "fp16")
 
     def _build_task(self):
         """The family's base (warm from the daemon's cache when it has it), task and dataset."""
@@ -263,18 +288,18 @@ class LoraTrainingJob:
         self.train_size = len(train)
         dataset = fam.make_dataset(cfg, list(train) + list(self.checked.validation_samples))
         load = lambda: fam.load_base(cfg, self.device, self.weight_dtype)  # noqa: E731
-        # Not the device: a warm base kept in host memory moves to whichever device the next job has.
-        self._base_key = (cfg.model_family, str(cfg.base_model), file_identity(cfg.base_model),
-                          str(cfg.base_model_config), str(self.weight_dtype), cfg.base_quantization,
-                          cfg.chat_template)  # a fp8 Flux base is another base than a bf16 one
-        if self.base_cache is not None and cfg.base_quantization in (None, "fp8"):
+        if self.shared_base is not None:  # a rank: the launcher's shared copy (its cache entry is the launcher's)
+            base, self.warm = self.shared_base.unpack(), "shared"
+            if self.device.type != "cpu":  # a CPU rank computes on the shared tensors; a GPU rank copies them
+                t0 = time.perf_counter()
+                move_base(base, self.device)
+                self.warm_move_s = round(time.perf_counter() - t0, 3)
+        elif self.base_cache is not None and cacheable(cfg):
+            self._base_key = base_key(cfg, self.weight_dtype)
             base, self.warm, self.warm_move_s = self.base_cache.get(self._base_key, load, self.device)
-            log.info("base model %s (%s)", cfg.base_model, self.warm)
         else:
-            # A bitsandbytes-quantized base (QLoRA: 4bit/8bit) cannot move between device and host memory:
-            # never kept warm (a fp8 Flux base is plain tensors: it can).
-            self._base_key = None
-            base = load()
+            base, self.warm = load(), "cold"
+        log.info("base model %s (%s)", cfg.base_model, self.warm)
         return fam.make_task(cfg, base, self.device), dataset
 
     def _restore(self, path: Path) -> None:
@@ -523,6 +548,7 @@ class LoraTrainingJob:
             "resumes": resumes,
             "infra_retries": self.infra_retries,
             "world_size": self.rank.world_size,
+            "warm": self._warm_info(),
             **({"world_size_change": self.world_size_change} if self.world_size_change else {}),
             "steps": {"done": self.state.global_step, "total": getattr(self, "total_steps", None)},
             "peak_memory_mib": self.peak_memory_mib(),
@@ -531,6 +557,14 @@ class LoraTrainingJob:
             **extra,
         }
         atomic_write_json(path, data)
+
+    def _warm_info(self) -> dict:
+        """How each rank had the base (cold | host | device | shared) and the seconds its move to the device
+        took; with a shared base, how the launcher had it from the daemon's cache."""
+        info = {"ranks": self.warm_ranks}
+        if self.shared_base is not None:
+            info["cache"] = self.shared_base.cache
+        return info
 
     def _network_info(self) -> dict:
         """What run.json and the report say about the trained network: its type and parameter count."""
