@@ -94,6 +94,9 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     context = mp.start_processes(_rank_main, args=(plan, os.getpid(), checked, events, results,
                                                    stop_ev, pause_ev, job_kwargs),
                                  nprocs=plan.local_size, join=False, start_method="forkserver")
+    # For an operator who must find a rank (a stuck one, `py-spy dump --pid`): the daemon's log names them.
+    log.info("data-parallel ranks %d-%d of %d started: pids %s", plan.first_rank, plan.first_rank + plan.local_size
+             - 1, plan.world_size, " ".join(str(p.pid) for p in context.processes))
     try:
         while True:
             _relay(events, reporter)
