@@ -63,6 +63,20 @@ def _close_test_daemons():
         harness.DaemonProc.close_created_since(before)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test sets in this process's environment ends with it, and so does what a library it imports here
+    sets (scikit-learn KMP_*, huggingface_hub HF_XET_*, the text evaluation HF_DATASETS_OFFLINE): later tests'
+    programs start with the worker's own environment, not a neighbour's, and the warm interpreter does not run
+    them cold for a variable read at import that differs (tests/warm/sitecustomize.py; measured: 28 programs of
+    one suite run went cold that way)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def built_once(tmp_path_factory):
     """`built_once(name, build)` -> the folder `build(folder)` filled, built once per test session however

@@ -39,7 +39,9 @@ def _forkserver(sys) -> str | None:
 _IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "TORCH", "PYTORCH", "OMP_", "MKL",
                          "OPENBLAS", "KMP_", "GOMP", "CUDA", "NVIDIA", "TOKENIZERS", "BNB", "MPL", "LANG", "LC_",
                          "LD_", "XDG_", "HOME", "PYTHON", "TMPDIR", "NUMEXPR", "AGENTD_TEST_COLD")
-_NOT_IMPORT_TIME = {"PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+# Read later, not at import: PYTHONDONTWRITEBYTECODE and -B are compared as sys.flags; CUDA_DEVICE_ORDER when CUDA
+# initializes, at a program's first GPU use (agentd serve sets it, so the forkserver its W-device jobs start has it).
+_NOT_IMPORT_TIME = {"PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "CUDA_DEVICE_ORDER"}
 
 
 def interpreter_options(sys) -> str:
