@@ -1,8 +1,9 @@
 """One job on several devices (issue 23): the device plan's decisions as a table, and W=2 CPU ranks over gloo
 against one rank with the whole batch - the tiny SD with buckets (a bucket's short last batch leaves one rank
 an empty share) and random flips, and the tiny causal LM (rows of different lengths: ranks weigh their shares
-by predicted tokens). Each W=2 run spawns two rank processes (~6 s of torch import each), so there is one per
-family, shared through `built_once`.
+by predicted tokens); the daemon's W-slot scheduling, kill -9 and lost-rank resumes; one job over two daemons.
+Each foreground W=2 run is one per family, shared through `built_once` (its ranks are forked from a forkserver,
+which the suite's warm interpreter serves: tests/warm).
 """
 from __future__ import annotations
 
