@@ -53,7 +53,8 @@ class State(Event):
 
 @dataclass(kw_only=True)
 class InfraRetry(Event):
-    """An infrastructure failure (not the job's fault): the slot is marked unhealthy, the job re-queued."""
+    """An infrastructure failure (not the job's fault): the job re-queued; the slot marked unhealthy when its
+    device failed (not when a data-parallel job lost a rank: agentd.failures "lost")."""
 
     kind: ClassVar[str] = "infra_retry"
     attempt: int  # the retry about to happen (1 = first retry)
@@ -61,11 +62,13 @@ class InfraRetry(Event):
     slot: str
     error: str
     from_step: int | None = None
+    slot_unhealthy: bool = True
 
     def line(self) -> str:
         at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
-        return (f"infrastructure failure on {self.slot}: {self.error}; slot marked unhealthy; "
-                f"retry {self.attempt}/{self.max_retries}{at} on a healthy slot")
+        where = "; slot marked unhealthy" if self.slot_unhealthy else ""
+        on = " on a healthy slot" if self.slot_unhealthy else ""
+        return f"infrastructure failure on {self.slot}: {self.error}{where}; retry {self.attempt}/{self.max_retries}{at}{on}"
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+from trainer.errors import is_peer_lost
+
 FailureKind = Literal["infra", "oom", "lost", "job"]
 
 INFRA_MARKERS = (
@@ -29,10 +31,8 @@ INFRA_MARKERS = (
     "cuda driver error", "nvml_error_gpu_is_lost", "device not ready", "hardware stop",
 )
 OOM_MARKERS = ("out of memory", "can't allocate memory", "outofmemoryerror")
-# trainer.training.distributed.RankDied's text; gloo's and NCCL's when a peer rank is gone.
-LOST_RANK_MARKERS = ("a data-parallel rank died", "a data-parallel rank ended without a result",
-                     "connection closed by peer", "connection reset by peer", "ncclremoteerror",
-                     "collective operation timeout")
+# trainer.training.distributed.RankDied's text; gloo's and NCCL's when a peer rank is gone (trainer.errors).
+LOST_RANK_MARKERS = ("a data-parallel rank died", "a data-parallel rank ended without a result")
 JOB_CUDA_MARKERS = ("device-side assert",)
 
 
@@ -43,7 +43,7 @@ def classify_failure(error_text: str, gpu_healthy: Optional[bool] = None) -> Fai
         return "oom"
     if gpu_healthy is False:
         return "infra"
-    if any(m in text for m in LOST_RANK_MARKERS):
+    if any(m in text for m in LOST_RANK_MARKERS) or is_peer_lost(text):
         return "lost"
     if any(m in text for m in JOB_CUDA_MARKERS):
         return "job"

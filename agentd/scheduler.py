@@ -649,7 +649,8 @@ class Scheduler:
                 job.record["state"] = "queued"
                 self.order.append(job.id)
                 self.publish(job, InfraRetry(attempt=job.attempt - 1, max_retries=self.max_infra_retries,
-                                             slot=where, error=error, from_step=from_step))
+                                             slot=where, error=error, from_step=from_step,
+                                             slot_unhealthy=devices_failed))
             self.cond.notify_all()
         self.on_change()
 

@@ -359,7 +359,7 @@ def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_path,
     """The daemon under a real address-space limit (RLIMIT_AS): a job too big for it runs out of memory."""
     root = tmp_path / "d"
     root.mkdir()
-    d = DaemonProc(root, memory_limit_bytes=5 * 2**30).start()
+    d = DaemonProc(root, "cpu_slots: 2\n", memory_limit_bytes=5 * 2**30).start()
     try:
         huge = job_config(tmp_path, assets, "huge", resolution=1024, batch_size=32, cache_latents=False)
         proc = d.run("run", str(huge))
@@ -367,6 +367,12 @@ def test_out_of_memory_fails_the_job_with_advice_and_the_next_job_runs(tmp_path,
         assert "out of memory" in proc.stdout and "lower batch_size" in proc.stdout
         (row,) = d.journal_rows("SELECT state, error FROM jobs")
         assert row["state"] == "failed" and "out of memory" in row["error"]
+        # The same on two data-parallel ranks (they inherit the limit): a rank's out-of-memory error comes back
+        # to the daemon with the same advice, naming both devices; not a lost rank, so not retried.
+        wide = job_config(tmp_path, assets, "wide", resolution=1024, batch_size=64, cache_latents=False, devices=2)
+        proc = d.run("run", str(wide))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "out of memory on cpu-0+cpu-1" in proc.stdout and "lower batch_size" in proc.stdout, proc.stdout
         small = d.run("run", str(job_config(tmp_path, assets, "small", max_train_steps=2)))
         assert small.returncode == 0, small.stdout
     finally:

@@ -151,6 +151,16 @@ def test_a_box_with_other_data_or_config_is_refused_by_name():
     assert p.field == "config" and "training config" in p.message and "same config" in p.fix
 
 
+def test_the_cause_of_a_failed_job_is_the_rank_that_failed_not_the_peers_that_lost_it():
+    from trainer.training.distributed import _root_cause
+
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:34507")
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    assert _root_cause({0: ("error", peer), 1: ("error", oom)}, noticed=0) is oom  # torch noticed rank 0 first
+    assert _root_cause({0: ("error", peer)}, noticed=0) is peer  # the cause never came back: what there is
+    assert _root_cause({}, noticed=1) is None
+
+
 def test_split_advice_nearest_values():
     assert "use batch_size 2 or 4" in split_advice(3, 2)
     assert "use batch_size 8" in split_advice(1, 8)  # no 0

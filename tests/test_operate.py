@@ -395,3 +395,16 @@ def test_a_base_in_use_by_another_job_is_not_shared():
     cache.release(("k",))
     third, how, _ = cache.get(("k",), load, "cpu")
     assert third is first and how == "device" and len(loaded) == 2
+
+
+def test_an_infra_retry_says_whether_its_slot_was_marked_unhealthy():
+    """A failed device is marked and avoided; a data-parallel job that lost a rank keeps its GPUs (failures "lost")."""
+    from agentd.events import InfraRetry
+
+    device = InfraRetry(attempt=1, max_retries=2, slot="cuda:0", error="CUDA error: unspecified launch failure",
+                        from_step=4).line()
+    assert device.endswith("; slot marked unhealthy; retry 1/2 from the checkpoint at step 4 on a healthy slot")
+    lost = InfraRetry(attempt=1, max_retries=2, slot="cuda:0+cuda:1", error="RankDied: a data-parallel rank died",
+                      from_step=5, slot_unhealthy=False).line()
+    assert lost == ("infrastructure failure on cuda:0+cuda:1: RankDied: a data-parallel rank died; retry 1/2 from "
+                    "the checkpoint at step 5")

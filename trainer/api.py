@@ -144,21 +144,25 @@ def run_job(checked: Checked, reporter: Reporter | None, stop: "threading.Event"
         from trainer.training.distributed import run_ranks
         from trainer.training.shared_base import shared_from_cache
 
-        with shared_from_cache(checked, base_cache, plan.devices[0].split(":")[0]) as shared:
-            return run_ranks(plan, checked, reporter, stop, pause, dict(
-                env=env, infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep, release=release,
-                shared_base=shared))
-    job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
-                          infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
-                          release=release)
+        def train():
+            with shared_from_cache(checked, base_cache, plan.devices[0].split(":")[0]) as shared:
+                return run_ranks(plan, checked, reporter, stop, pause, dict(
+                    env=env, infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
+                    release=release, shared_base=shared))
+        here = "+".join(plan.devices)
+    else:
+        job = LoraTrainingJob(checked, reporter, stop, base_cache=base_cache, env=env, device=device, pause=pause,
+                              infra_retries=infra_retries, resume_reason=resume_reason, sweep=sweep,
+                              release=release)
+        train, here = job.run, str(job.device)
     try:
-        return job.run()
+        return train()
     except ConfigError:
         raise
-    except Exception as e:
+    except Exception as e:  # a rank's out-of-memory comes back as its (pickled) error: the same advice
         if not _is_oom(e):
             raise
-        advice = _oom_advice(e, where or str(job.device), estimate_mib)
+        advice = _oom_advice(e, where or here, estimate_mib, peak_here=plan is None or plan.world_size == 1)
         if base_cache is not None:
             base_cache.clear()
         _free_cuda()
@@ -224,12 +228,13 @@ def _is_oom(e: Exception) -> bool:
     return "out of memory" in text or "can't allocate memory" in text
 
 
-def _oom_advice(e: Exception, where: str, estimate_mib: int | None) -> str:
+def _oom_advice(e: Exception, where: str, estimate_mib: int | None, peak_here: bool = True) -> str:
+    """`peak_here`: the job ran in this process (not in rank processes), so CUDA's peak here is its peak."""
     peak = None
     try:
         import torch
 
-        if torch.cuda.is_available():
+        if peak_here and torch.cuda.is_available():
             peak = round(torch.cuda.max_memory_allocated() / 2**20)
     except Exception:
         pass

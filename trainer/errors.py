@@ -83,6 +83,18 @@ class RendezvousFailed(RuntimeError):
     daemon (the other boxes' parts are not its to restart). The message names the endpoint and the node count."""
 
 
+# What gloo and NCCL say on the ranks left when a peer rank went away (killed, crashed, its box gone): the
+# effect of another rank's failure, never its cause (trainer.training.distributed reports the cause; agentd.failures
+# re-queues a job that only lost a rank).
+PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "ncclremoteerror",
+                     "collective operation timeout")
+
+
+def is_peer_lost(error_text: str) -> bool:
+    text = error_text.lower()
+    return any(m in text for m in PEER_LOST_MARKERS)
+
+
 class TrainingInterrupted(Exception):
     """Raised inside the loop when a stop was requested; the job has saved a checkpoint."""
 

@@ -47,7 +47,7 @@ from datetime import timedelta
 import torch
 
 from trainer.checks.devices import Rendezvous, WorldPlan
-from trainer.errors import RendezvousFailed
+from trainer.errors import RendezvousFailed, is_peer_lost
 from trainer.training.ranks import Rank
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,9 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
                     break
             except Exception as e:  # ProcessRaisedException / ProcessExitedException: the others are terminated
                 _relay(events, reporter)
-                errors = _drain(results)
-                # The error of the rank that failed first (the others then see "connection closed by peer").
-                first = errors.get(getattr(e, "error_index", -1)) or errors.get(0)
-                if first is not None and not isinstance(e, mp.ProcessExitedException):
-                    raise first[1] from None
+                cause = _root_cause(_drain(results), getattr(e, "error_index", -1))
+                if cause is not None and not isinstance(e, mp.ProcessExitedException):
+                    raise cause from None
                 raise RankDied(f"a data-parallel rank died: {_gist(e)}; the job resumes from its last "
                                "checkpoint") from None
         _relay(events, reporter)
@@ -127,6 +125,15 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
     if outcome[0] == "error":
         raise outcome[1]
     return outcome[1]
+
+
+def _root_cause(errors: dict, noticed: int) -> BaseException | None:
+    """The error that ended the job: a rank's own (out of memory, a bad sample), not what the others then saw
+    ("connection closed by peer"); torch notices whichever rank its scan reaches first (`noticed`)."""
+    failed = [outcome[1] for _rank, outcome in sorted(errors.items(), key=lambda kv: kv[0] != noticed)
+              if outcome[0] == "error"]
+    causes = [e for e in failed if not is_peer_lost(f"{type(e).__name__}: {e}")]
+    return (causes or failed or [None])[0]
 
 
 def _meeting_point(plan: WorldPlan, reporter) -> WorldPlan:
