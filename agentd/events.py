@@ -63,9 +63,11 @@ class InfraRetry(Event):
     error: str
     from_step: int | None = None
     slot_unhealthy: bool = True
+    checkpoint_on_first_box: bool = False  # a multi-box part on another box: rank 0's checkpoint, not known here
 
     def line(self) -> str:
-        at = f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start"
+        at = (" from the first box's last checkpoint" if self.checkpoint_on_first_box
+              else f" from the checkpoint at step {self.from_step}" if self.from_step else " from the start")
         where = "; slot marked unhealthy" if self.slot_unhealthy else ""
         on = " on a healthy slot" if self.slot_unhealthy else ""
         return f"infrastructure failure on {self.slot}: {self.error}{where}; retry {self.attempt}/{self.max_retries}{at}{on}"

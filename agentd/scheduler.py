@@ -639,7 +639,10 @@ class Scheduler:
                 self.counters["infra_retries"] += 1
                 job.infra_retries.append({"attempt": job.attempt, "slot": where, "error": error,
                                           "at": time.time()})
-                from_step = _last_checkpoint_step(job.record.get("output_dir"))
+                part = _rendezvous(job.record.get("rendezvous"))
+                # A multi-box part on another box resumes from the first box's checkpoint (rank 0 broadcasts it).
+                elsewhere = part is not None and part.node_rank > 0
+                from_step = None if elsewhere else _last_checkpoint_step(job.record.get("output_dir"))
                 job.attempt += 1
                 job.first, job.slots, job.gated_since = True, [], None
                 job.enqueued = time.monotonic()
@@ -650,7 +653,7 @@ class Scheduler:
                 self.order.append(job.id)
                 self.publish(job, InfraRetry(attempt=job.attempt - 1, max_retries=self.max_infra_retries,
                                              slot=where, error=error, from_step=from_step,
-                                             slot_unhealthy=devices_failed))
+                                             slot_unhealthy=devices_failed, checkpoint_on_first_box=elsewhere))
             self.cond.notify_all()
         self.on_change()
 

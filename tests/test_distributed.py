@@ -470,7 +470,8 @@ def listening(port: int) -> bool:
 def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets, mixed, tmp_path):
     """Two `agentd serve` "boxes" on this machine, one CPU slot each, the same config (devices: 1) submitted to each
     with --nodes 2 and its --node-rank, meeting at 127.0.0.1: node 0's LoRA is bit-identical to the foreground W=2
-    run's (which the daemon test above shows equals the one-daemon W=2 run). Node 0's part waits at the rendezvous
+    run's (which the daemon test above shows equals the one-daemon W=2 run), although box 1's rank was killed after
+    node 0's first checkpoint (both parts re-queued, resumed from it by broadcast). Node 0's part waits at the rendezvous
     (as `agentd status` shows) until node 1's joins; node 1 says on its console that the first box's rank 0 reports,
     and writes nothing into its output_dir. Before that, box 1 runs a part whose other box never starts: it fails,
     exit 5, naming the endpoint (box 1 waits 2 s at a rendezvous: $AGENTD_RDZV_TIMEOUT_S)."""
@@ -503,7 +504,17 @@ def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets
         status = boxes[0].run("status")
         assert "node 1 of 2, ranks 0-0 of 2" in status.stdout, status.stdout
         code, lines = lonely.finish()
+        boxes[1].stop()  # box 1 gets the default patience back: its part must meet node 0's again after the kill
+        boxes[1].env["AGENTD_RDZV_TIMEOUT_S"] = "120"
+        boxes[1].start()
         second = submit(1, boxes[1], endpoint)
+        # Box 1's rank is killed (-9) after node 0's first checkpoint: both parts lost a rank (box 0's sees the peer
+        # gone), both are re-queued, meet again, and resume from node 0's checkpoint, which box 1 has no copy of
+        # (rank 0 broadcasts it): the LoRA is still the uninterrupted run's.
+        boxes[0].wait_for(lambda: any((tmp_path / "n0/out/checkpoints").glob("step-*")), what="node 0's checkpoint")
+        pid = next(int(line.split("pids ")[1]) for line in boxes[1].log.read_text().splitlines()
+                   if "data-parallel ranks 1-1 of 2 started: pids" in line)
+        os.kill(pid, signal.SIGKILL)
         (code0, lines0), (code1, lines1) = first.finish(), second.finish()
         assert (code0, code1) == (0, 0), "\n".join(lines0[-20:] + lines1[-20:])
         rendezvous = boxes[1].journal_rows("SELECT rendezvous FROM jobs ORDER BY seq")[-1]["rendezvous"]
@@ -514,6 +525,12 @@ def test_one_job_over_two_daemons_trains_what_one_daemon_does(built_once, assets
             box.stop()
     a, b = lora(foreground, "sd"), lora(tmp_path / "n0/out", "sd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumes = json.loads((tmp_path / "n0/out/run.json").read_text())["resumes"]
+    assert resumes and resumes[-1]["from_step"] in (5, 10, 15, 20), resumes
+    assert any("a data-parallel rank died" in line and "retry 1/2 from the first box's last checkpoint" in line
+               for line in lines1), lines1
+    assert any("by peer" in line and "retry 1/2 from the checkpoint" in line  # gloo: reset or closed by peer
+               for line in boxes[0].log.read_text().splitlines()), boxes[0].log.read_text()[-3000:]
     assert any("step " in line for line in lines0) and not any("step " in line for line in lines1)
     assert any("node 2 of 2, ranks 1-1 of 2 of one job over 2 boxes (rendezvous " + endpoint in line
                and "rank 0 on the first box" in line for line in lines1), lines1
