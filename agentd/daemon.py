@@ -374,11 +374,12 @@ def _recent_view(r: dict) -> dict:
 
 
 def _estimator(journal):
-    """A job's VRAM estimate, calibrated by the peak the journal recorded for the same model and shape."""
-    def estimate(checked):
+    """A job's VRAM estimate for one of its devices (`device_batch`: its share of each micro-batch, when the job
+    spreads over several), calibrated by the peak the journal recorded for the same model and shape."""
+    def estimate(checked, device_batch=None):
         from trainer.api import calibrated, estimate_for_config
 
-        formula = estimate_for_config(checked.config)
+        formula = estimate_for_config(checked.config, **({"batch_size": device_batch} if device_batch else {}))
         return calibrated(formula, journal.recorded_peak(formula.key))
 
     return estimate

@@ -56,7 +56,7 @@ class Runner:
         self.resolve_release = resolve_release
         # the daemon's release after success (`release:` of a config): releaser(cfg, submitter) -> Released events
         self.releaser = releaser
-        self.estimator = estimator  # callable(checked) -> VramEstimate, or None on a CPU-only daemon
+        self.estimator = estimator  # callable(checked, device_batch) -> VramEstimate, or None on a CPU-only daemon
         # agentd.access.authorizer's check; the default (tests, no daemon) lets everything through
         self.authorize = authorize or (lambda cfg, checked, submitter, source=None: None)
 
@@ -70,11 +70,11 @@ class Runner:
         return api.check_for_submitter(
             cfg, config_path, lambda c, checked: self.authorize(c, checked, submitter, config_path))
 
-    def plan(self, checked: api.Checked) -> Plan:
+    def plan(self, checked: api.Checked, device_batch: int | None = None) -> Plan:
         """The estimate and the run decision; raises ConfigError for a `resume: strict` refusal and for
         `compare_with: production` without a production release (known now: refused at submit, like "nothing
-        to do" is answered, instead of after the wait in the queue)."""
-        estimate = self.estimate(checked)
+        to do" is answered, instead of after the wait in the queue). `device_batch`: see `estimate`."""
+        estimate = self.estimate(checked, device_batch)
         try:
             decision, previous = api.run_decision(checked, self.resolve_release)
         except ConfigError:
@@ -84,22 +84,25 @@ class Runner:
             decision = previous = None
         return Plan(estimate, decision, previous)
 
-    def recover(self, rec: dict) -> tuple[TrainConfig | None, Exception | None, api.VramEstimate | None]:
+    def recover(self, rec: dict, device_batch: int | None = None
+                ) -> tuple[TrainConfig | None, Exception | None, api.VramEstimate | None]:
         """A recovered job's config (parsed once), or the error it fails with when it runs; and its
         estimate, from the config alone (its dataset is scanned when it runs)."""
         try:
             cfg = self.parse(rec["config_text"], rec["config_path"])
         except Exception as e:
             return None, e, None
-        return cfg, None, self.estimate(api.Checked(cfg, scan=None, source=rec["config_path"]))
+        return cfg, None, self.estimate(api.Checked(cfg, scan=None, source=rec["config_path"]), device_batch)
 
-    def estimate(self, checked: api.Checked) -> api.VramEstimate | None:
+    def estimate(self, checked: api.Checked, device_batch: int | None = None) -> api.VramEstimate | None:
         """The job's VRAM estimate (None on a CPU-only daemon, or when the model's configs cannot be read:
-        then the gate starts it on the best free GPU and the out-of-memory handling is the safety net)."""
+        then the gate starts it on the best free GPU and the out-of-memory handling is the safety net).
+        `device_batch`: what one device trains of each micro-batch when the job spreads over several (the plan's
+        per-rank batch, over every box of a multi-box job); None: the config decides."""
         if self.estimator is None:
             return None
         try:
-            return self.estimator(checked)
+            return self.estimator(checked, device_batch)
         except Exception as e:
             log.warning("no VRAM estimate for %s: %s", checked.source, e)
             return None

@@ -136,8 +136,8 @@ class Scheduler:
                  gate_poll_s: float = 2.0, max_foreign_vram_mib: int | None = None, on_change=None,
                  max_wait_s: float = 3600, max_infra_retries: int = 2, releaser=None,
                  resolve_release=None):
-        """`estimator(checked)`: a job's VRAM estimate (None: a CPU-only daemon); `authorize`: the
-        submitter's access check (`agentd.access.authorizer`); `releaser`: the release a config's `release:`
+        """`estimator(checked, device_batch)`: a job's VRAM estimate for one of its devices (None: a CPU-only
+        daemon); `authorize`: the submitter's access check (`agentd.access.authorizer`); `releaser`: the release a config's `release:`
         asks for after success (agentd.daemon); `resolve_release`: the production LoRA of a name, for an
         evaluation's `compare_with: production` (agentd.release)."""
         self.journal = journal
@@ -170,8 +170,8 @@ class Scheduler:
         """Load the journal's unfinished jobs (interrupted ones first) and start dispatching."""
         recovered = self.journal.recover_after_start()
         for rec in self.journal.jobs(("interrupted", "queued", "paused")):
-            config, config_error, estimate = self.runner.recover(rec)
-            world, listed = self._world_or_one(config, rec.get("rendezvous"))
+            world, listed, device_batch = self._world_or_one(rec, rec.get("rendezvous"))
+            config, config_error, estimate = self.runner.recover(rec, device_batch)
             job = LiveJob(rec["id"], rec, config, config_error, seq=self.journal.last_event_seq(rec["id"]),
                           estimate=estimate, priority=rec.get("priority") or 0, first=bool(rec.get("requeue_first")),
                           attempt=(rec.get("infra_retries") or 0) + 1, world=world,
@@ -232,10 +232,10 @@ class Scheduler:
             raise SubmitRefused("bad_request", f"priority must be an integer, not {priority!r}")
         priority = cfg.priority if priority is None else priority
         allowed = self._allowed(cfg.device, config_path)
-        world, listed = self._world(cfg, config_path, rdzv)
+        world, listed, device_batch = self._world(cfg, config_path, rdzv)
         # Outside the lock: the first estimate imports diffusers, and status must not wait for that.
         try:
-            plan = self.runner.plan(checked)
+            plan = self.runner.plan(checked, device_batch)
         except ConfigError as e:  # resume: strict refusing a changed config: known now, not after the queue
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
         estimate, decision, previous = plan.estimate, plan.decision, plan.previous
@@ -288,27 +288,29 @@ class Scheduler:
             raise SubmitRefused("invalid_config", err.render(), err.to_dict()) from None
 
     def _world(self, cfg: TrainConfig, source: str, rendezvous: api.Rendezvous | None = None
-               ) -> tuple[int, set[int] | None]:
+               ) -> tuple[int, set[int] | None, int | None]:
         """How many slots a job takes at once on this box (its `devices:`, checked against this box's slots: too
-        many, a GPU listed twice, a batch that does not split over every box's ranks are refused at submit), and
-        the GPUs a `devices:` list names (None: any)."""
+        many, a GPU listed twice, a batch that does not split over every box's ranks are refused at submit), the
+        GPUs a `devices:` list names (None: any), and what one device trains of each micro-batch (the VRAM
+        estimate's batch; None: the whole batch, one device)."""
         if cfg.devices is None and rendezvous is None:
-            return 1, None
+            return 1, None, None
         gpus = [g for g in (self.probe.list_gpus() if self.probe else []) if g.index in {s.index for s in self.slots}]
         try:
             plan = api.plan_here(cfg, gpus, cpu_slots=sum(is_cpu_slot(s.index) for s in self.slots), source=source,
                                  rendezvous=rendezvous)
         except ConfigError as e:
             raise SubmitRefused("invalid_config", e.render(), e.to_dict()) from None
-        return plan.local_size, set(plan.gpus) if isinstance(cfg.devices, list) else None
+        return plan.local_size, set(plan.gpus) if isinstance(cfg.devices, list) else None, plan.per_rank_batch
 
-    def _world_or_one(self, cfg: TrainConfig | None, rendezvous: dict | None) -> tuple[int, set[int] | None]:
-        """`_world` for a recovered job: one whose devices no longer fit this box runs its checks again as it
-        starts and fails there with the reason."""
+    def _world_or_one(self, rec: dict, rendezvous: dict | None) -> tuple[int, set[int] | None, int | None]:
+        """`_world` for a recovered job: one whose config no longer parses, or whose devices no longer fit this box,
+        runs its checks again as it starts and fails there with the reason."""
         try:
-            return self._world(cfg, "", _rendezvous(rendezvous)) if cfg is not None else (1, None)
-        except SubmitRefused:
-            return 1, None
+            return self._world(self.runner.parse(rec["config_text"], rec["config_path"]), "",
+                               _rendezvous(rendezvous))
+        except Exception:
+            return 1, None, None
 
     def _allowed_or_none(self, device) -> set[int] | None:
         try:
@@ -529,7 +531,7 @@ class Scheduler:
             fit = api.recommend_batch_size(job.estimate, decision.largest_total_mib, self.margin, device_batch, accum)
             if fit:
                 knob = "batch_size_per_device" if cfg.get("batch_size_per_device") is not None else "batch_size"
-                sharers = api.batch_sharers(cfg.get("devices"), cfg.get("batch_size_per_device"))
+                sharers = 1 if knob == "batch_size_per_device" else max(1, cfg.get("batch_size", 1) // device_batch)
                 text += (f"; recommended: {knob} {fit[0] * sharers} with gradient_accumulation_steps {fit[1]} "
                          f"(same effective batch {cfg.get('batch_size', 1) * accum})")
             else:

@@ -372,6 +372,15 @@ def test_daemon_refuses_more_devices_than_its_slots_at_submit(tmp_path, assets):
                 part(name, rendezvous, **fields)
             assert e.value.code == code and text in e.value.message, e.value.message
         assert s.journal.jobs() == []  # nothing queued
+        # devices: all on this box's 2 GPUs: the gate checks each GPU for its share of the batch (2 of 4), which
+        # the config alone cannot say (`all` is the box's count).
+        from trainer.checks.vram import estimate_for_config
+
+        job = submit(s, tmp_path, assets, "all", devices="all", batch_size=4)
+        (row,) = s.journal.jobs()
+        assert row["id"] == job
+        half = estimate_for_config(preflight(tmp_path / "all" / "train.yaml").config, batch_size=2)
+        assert row["estimate_mib"] == half.total_mib
     finally:
         s.shutdown(30)
 

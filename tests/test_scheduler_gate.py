@@ -19,13 +19,10 @@ from trainer.gpus import NvmlProbe
 
 
 def make_scheduler(tmp_path, nvml, slots, **kw) -> Scheduler:
+    from agentd.daemon import _estimator
+
     journal = Journal(tmp_path / "journal.sqlite3")
-
-    def estimator(checked):
-        e = estimate_for_config(checked.config)
-        return calibrated(e, journal.recorded_peak(e.key))
-
-    s = Scheduler(journal, slots, probe=NvmlProbe(nvml), estimator=estimator, gate_poll_s=0.1,
+    s = Scheduler(journal, slots, probe=NvmlProbe(nvml), estimator=_estimator(journal), gate_poll_s=0.1,
                   vram_margin_mib=kw.pop("margin", 256), **kw)
     s.start()
     return s
