@@ -469,6 +469,34 @@ def test_daemon_runs_a_two_slot_job_among_one_slot_jobs(built_once, assets, mixe
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_one_job_over_two_lora_train_processes(built_once, assets, mixed, tmp_path):
+    """By hand, without daemons: `lora-train X.yaml --nodes 2 --node-rank K --rdzv-endpoint` on each "box" trains
+    what the one-box W=2 run does. A part whose other box never comes exits 5 naming the endpoint; a flag alone
+    is refused (exit 2) before anything runs."""
+    from trainer.training.distributed import free_port
+
+    foreground = two_ranks(built_once, "ddp-sd", lambda f, **kw: bucket_config(f, assets, mixed, **kw)) / "out"
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def part(k: int, endpoint: str, name: str, timeout: str = "120", *flags: str) -> subprocess.Popen:
+        (tmp_path / name).mkdir()
+        path = bucket_config(tmp_path / name, assets, mixed, devices=1)
+        return subprocess.Popen([str(BIN / "lora-train"), str(path), "--plain", *(flags or (
+            "--nodes", "2", "--node-rank", str(k), "--rdzv-endpoint", endpoint))], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "AGENTD_RDZV_TIMEOUT_S": timeout})
+
+    alone = f"127.0.0.1:{free_port()}"
+    procs = [part(0, endpoint, "n0"), part(1, endpoint, "n1"), part(0, alone, "alone", "2"),
+             part(0, "", "flag", "2", "--nodes", "2")]
+    (out0, err0), (out1, err1), (out_a, err_a), (_, err_f) = (p.communicate(timeout=300) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0, 5, 2], err0[-2000:] + err1[-2000:] + err_a[-2000:] + err_f
+    a, b = lora(foreground, "sd"), lora(tmp_path / "n0/out", "sd")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "rank 0 on the first box" in out1 and "step " not in out1 and not (tmp_path / "n1/out/sd.safetensors").exists()
+    assert f"rendezvous at {alone} failed" in err_a and "did not all join within 2 s" in err_a, err_a
+    assert "needs --nodes, --node-rank and --rdzv-endpoint together" in err_f
+
+
 def listening(port: int) -> bool:
     """Whether a TCP socket listens on `port` here (the kernel's tables: connecting would count as a rank joining;
     c10d's store listens on IPv6 where it can)."""

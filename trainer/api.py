@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checks.devices import DevicesError, Rendezvous, WorldPlan, plan_world
+from trainer.checks.devices import (DevicesError, Rendezvous, WorldPlan, add_rendezvous_args, plan_world,
+                                    rendezvous_from_args)
 from trainer.checks.preflight import Checked, check_config, preflight
 from trainer.checks.validate_report import main as validate_main
 from trainer.checks.vram import VramEstimate, calibrated, estimate_for_config, recommend_batch_size
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Authorize", "BaseModelCache", "ResolveRelease", "Checked", "OutOfMemory", "PreviousRun", "Rendezvous",
-    "RunDecision", "VramEstimate", "WorldPlan", "atomic_write_json", "atomic_write_text", "calibrated",
+    "RunDecision", "VramEstimate", "WorldPlan", "add_rendezvous_args", "rendezvous_from_args", "atomic_write_json", "atomic_write_text", "calibrated",
     "check_for_submitter",
     "compare_runs", "cuda_reserved_mib", "fsync_dir", "estimate_for_config", "import_kohya", "is_inline_template", "is_run_folder",
     "jenkins_vars", "list_checkpoints", "newest_previous", "plan_here", "preflight", "preload_all",

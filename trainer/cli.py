@@ -7,10 +7,12 @@
     lora-train validate X.yaml        check the config, paths and dataset; print the VRAM estimate
     lora-train make-demo [FOLDER]     write the tiny demo model, dataset and config
     lora-train eval RUN [--against previous|production|base|RUN]   evaluate a finished run (its eval: block)
+    lora-train X.yaml --nodes N --node-rank K --rdzv-endpoint HOST:PORT   this box's part of one job over N
+                                      boxes, as `agentd run` takes it (README, "One job over several boxes")
 
 Exit codes (`trainer.errors.ExitCode`): succeeded, failed, invalid config, cancelled (SIGINT/SIGTERM: the
 job writes a checkpoint at the next step boundary; run the same command again to resume), worse (6: trained,
-but the `eval:` stage decided "worse").
+but the `eval:` stage decided "worse"), 5 (a job over several boxes whose other boxes did not all join).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import sys
 import threading
 
 from trainer import api
-from trainer.errors import ConfigError, ExitCode, OutOfMemory, Problem
+from trainer.errors import ConfigError, ExitCode, OutOfMemory, Problem, RendezvousFailed
 from trainer.console import Console
 
 
@@ -41,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="one line per event even on a terminal (the live progress display is off)")
     p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu; overrides the config's device: "
                    "(default: the config's device:, else cuda if available, else cpu)")
+    api.add_rendezvous_args(p)
     args = p.parse_args(argv)
     path = args.config or args.config_pos
     if not path:
         p.error("give a config: lora-train --config X.yaml (or: lora-train validate X.yaml)")
-    return train(path, args.device, plain=args.plain)
+    return train(path, args.device, plain=args.plain, rendezvous=api.rendezvous_from_args(p, args))
 
 
-def train(path: str, device: str | None = None, *, plain: bool = False) -> int:
+def train(path: str, device: str | None = None, *, plain: bool = False, rendezvous: api.Rendezvous | None = None
+          ) -> int:
+    """`rendezvous`: this box's part of one job over several boxes (`--nodes`), as `agentd run` takes it."""
     try:
         checked = api.preflight(path)
     except ConfigError as e:
@@ -77,11 +82,15 @@ def train(path: str, device: str | None = None, *, plain: bool = False) -> int:
 
     console = Console(plain=plain)
     try:
-        result = api.run_job(checked, console, stop, device=device)
+        result = api.run_job(checked, console, stop, device=device, rendezvous=rendezvous)
     except ConfigError as e:
         console.close()
         print(e.render(), file=sys.stderr)
         return ExitCode.INVALID_CONFIG
+    except RendezvousFailed as e:  # another box never came: not this job's fault, retry the build
+        console.close()
+        print(f"FAILED (infrastructure): {e}", file=sys.stderr)
+        return ExitCode.INFRA_FAILURE
     except Exception as e:  # the job already wrote run.json; the console gets the reason
         console.close()
         # Out of memory: the error as the device reported it (the advice quotes the daemon's admission estimate).

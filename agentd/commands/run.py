@@ -67,28 +67,14 @@ def main(name: str, argv: list[str]) -> int:
                    help="one line per event even on a terminal (the live progress display is off)")
     p.add_argument("--priority", type=int, default=None,
                    help="queue priority (integer, higher first); overrides the config's priority:")
-    p.add_argument("--nodes", type=int, default=None,
-                   help="one job over N boxes: how many (each runs this command with its own --node-rank)")
-    p.add_argument("--node-rank", type=int, default=None,
-                   help="this box's place among the --nodes boxes, 0 .. N-1 (0: rank 0, which writes the outputs)")
-    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="where every box's ranks meet: the first box's address and a free TCP port")
+    from trainer.api import add_rendezvous_args, jenkins_vars, preflight, rendezvous_from_args
+    from trainer.errors import ConfigError
+
+    add_rendezvous_args(p)
     add_socket_arg(p)
     args = p.parse_args(argv)
     sock = socket_path(args)
-
-    from trainer.api import Rendezvous, jenkins_vars, preflight
-    from trainer.errors import ConfigError
-
-    rendezvous = None
-    given = [args.nodes is not None, args.node_rank is not None, args.rdzv_endpoint is not None]
-    if any(given):
-        if not all(given):
-            p.error("a job over several boxes needs --nodes, --node-rank and --rdzv-endpoint together")
-        try:
-            rendezvous = Rendezvous.parse(args.nodes, args.node_rank, args.rdzv_endpoint)
-        except ValueError as e:
-            p.error(str(e))  # exit 2
+    rendezvous = rendezvous_from_args(p, args)  # a missing or wrong flag: exit 2
 
     path = Path(args.config).resolve()
     try:

@@ -76,6 +76,30 @@ class Rendezvous:
                 f"{self.nodes * local_ranks}")
 
 
+def add_rendezvous_args(parser) -> None:
+    """`--nodes N --node-rank K --rdzv-endpoint HOST:PORT` on a command that runs one job over several boxes
+    (`agentd run`, `lora-train`); `rendezvous_from_args` reads them."""
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="one job over N boxes: how many (each runs this command with its own --node-rank)")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="this box's place among the --nodes boxes, 0 .. N-1 (0: rank 0, which writes the outputs)")
+    parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                        help="where every box's ranks meet: the first box's address and a free TCP port")
+
+
+def rendezvous_from_args(parser, args) -> "Rendezvous | None":
+    """The rendezvous the flags ask for (None: this box alone); a flag missing or wrong is the parser's error (exit 2)."""
+    given = [args.nodes is not None, args.node_rank is not None, args.rdzv_endpoint is not None]
+    if not any(given):
+        return None
+    if not all(given):
+        parser.error("a job over several boxes needs --nodes, --node-rank and --rdzv-endpoint together")
+    try:
+        return Rendezvous.parse(args.nodes, args.node_rank, args.rdzv_endpoint)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 @dataclass(frozen=True)
 class WorldPlan:
     """One job's ranks on this box: `devices[r]` is local rank r's torch device ("cuda:1", "cpu"); `gpus` the NVML
