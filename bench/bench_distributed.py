@@ -43,18 +43,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class FirstStep:
-    """Notes when the first step event arrives, how the base was had, and the ranks' memory at that moment."""
+    """A reporter that notes when the first step event arrives, how the base was had (and the move's seconds), and
+    the ranks' memory at that moment (bench_warm_cache.py uses it too)."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
         self.first_step_s = None
         self.started_s = None
         self.warm = None
+        self.move_s = None
         self.memory: dict[str, float] = {}
 
     def emit(self, ev) -> None:
         if ev.get("type") == "started":
-            self.warm = ev.get("warm")
+            self.warm, self.move_s = ev.get("warm"), ev.get("warm_move_s")
             self.started_s = time.perf_counter() - self.t0
         if ev.get("type") == "step" and self.first_step_s is None:
             self.first_step_s = time.perf_counter() - self.t0

@@ -33,21 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-class FirstStep:
-    """A reporter that notes when the first step event arrives (and how the base was had)."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.first_step_s = None
-        self.warm = None
-        self.move_s = None
-
-    def emit(self, ev) -> None:
-        if ev.get("type") == "started":
-            self.warm, self.move_s = ev.get("warm"), ev.get("warm_move_s")
-        if ev.get("type") == "step" and self.first_step_s is None:
-            self.first_step_s = time.perf_counter() - self.t0
+from bench_distributed import FirstStep  # noqa: E402 - beside this file; after the environment above
 
 
 def one_job(config: Path, out: Path, cache, device: str, seed: int) -> FirstStep:
