@@ -195,7 +195,17 @@ def test_resume_policy_config_changes(tmp_path, assets):
     proc = subprocess.Popen([str(BIN / "lora-train"), "--config", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for(lambda: len(list((cfg.parent / "out/runs").iterdir())) == 2, timeout=240, what="the finished run moved")
-    wait_rows(cfg, 12, proc)
+
+    def new_run_rows() -> int:
+        """Steps of the new run: not the moved run's loss.csv, which stays in out/ until its move ends."""
+        try:
+            run_id = json.loads((cfg.parent / "out/run.json").read_text())["run_id"]
+        except (OSError, ValueError, KeyError):
+            return 0
+        return 0 if (cfg.parent / "out/runs" / run_id).exists() else len(loss_rows(cfg))
+
+    wait_for(lambda: new_run_rows() >= 12 or proc.poll() is not None, timeout=240, what="the new run's step 12")
+    assert proc.poll() is None, "the new run ended before step 12"
     proc.kill()  # a new run again, interrupted
     proc.wait()
     cfg.write_text(changed.replace("save_steps: 10", "save_steps: 7"))  # cadence only: resumes
