@@ -300,6 +300,7 @@ def test_sd_with_buckets_two_ranks_train_what_one_does(built_once, assets, mixed
     assert_same_training(one, two, "sd")
     console = (two.parent / "console.txt").read_text()
     assert console.count("step ") >= len(losses(two))  # rank 0 alone reports: one line per step, not two
+    assert "steps on cpu + 1 more data-parallel rank (" in console  # the started line says the job is on 2 ranks
     run = json.loads((two / "run.json").read_text())
     assert run["status"] == "succeeded" and run["config"]["devices"] == 2
     assert run["warm"] == {"ranks": [{"how": "cold", "move_s": None}] * 2}  # lora-train: no cache, each rank loads

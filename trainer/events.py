@@ -106,9 +106,12 @@ class Started(Event):
     # rank's: the daemon's warm copy, in shared memory)
     warm: str | None = None
     warm_move_s: float | None = None  # seconds the move from host memory to the device took
+    ranks: int = 1  # data-parallel ranks training the job (all boxes); `device` is rank 0's
 
     def line(self) -> str:
         res = f", resuming from step {self.resumed_from}" if self.resumed_from else ""
+        more = self.ranks - 1
+        where = f"{self.device} + {more} more data-parallel rank{'s' if more > 1 else ''}" if more else self.device
         base = ""
         if self.warm == "host":
             base = f"; base model warm in host memory, moved to {self.device} in {self.warm_move_s or 0:.2f} s"
@@ -117,7 +120,7 @@ class Started(Event):
         elif self.warm == "shared":
             moved = f", moved to {self.device} in {self.warm_move_s:.2f} s" if self.warm_move_s is not None else ""
             base = f"; base model shared from the daemon's host memory{moved}"
-        return (f"training {self.name}: {self.total_steps} steps on {self.device} "
+        return (f"training {self.name}: {self.total_steps} steps on {where} "
                 f"({self.samples} samples, batch {self.batch_size} x {self.grad_accum}){res}{base}")
 
 

@@ -180,7 +180,7 @@ class LoraTrainingJob:
             "started", name=cfg.run_name, total_steps=self.total_steps, device=str(self.device),
             samples=self.train_size, batch_size=self.micro_batch, grad_accum=cfg.gradient_accumulation_steps,
             resumed_from=self.resumed_from, output_dir=str(cfg.output_dir), warm=self.warm,
-            warm_move_s=self.warm_move_s))
+            warm_move_s=self.warm_move_s, ranks=self.rank.world_size))
 
     def _setup_training(self, resume_path: Path | None) -> None:
         """What every rank does: the task, optimizer and scheduler, the checkpoint or init LoRA, the caches."""
