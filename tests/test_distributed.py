@@ -493,7 +493,7 @@ def test_one_job_over_two_lora_train_processes(built_once, assets, mixed, tmp_pa
     assert [p.returncode for p in procs] == [0, 0, 5, 2], err0[-2000:] + err1[-2000:] + err_a[-2000:] + err_f
     a, b = lora(foreground, "sd"), lora(tmp_path / "n0/out", "sd")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "rank 0 on the first box" in out1 and "step " not in out1 and not (tmp_path / "n1/out/sd.safetensors").exists()
+    assert "rank 0 on the first box" in out1 and "the first box wrote the outputs" in out1 and "step " not in out1 and not (tmp_path / "n1/out/sd.safetensors").exists()
     assert f"rendezvous at {alone} failed" in err_a and "did not all join within 2 s" in err_a, err_a
     assert "needs --nodes, --node-rank and --rdzv-endpoint together" in err_f
 

@@ -124,6 +124,11 @@ def run_ranks(plan: WorldPlan, checked, reporter, stop: threading.Event, pause: 
         raise RankDied("a data-parallel rank ended without a result")
     if outcome[0] == "error":
         raise outcome[1]
+    if plan.rendezvous.node_rank > 0 and reporter is not None:  # rank 0's events (the outcome) are the first box's
+        from trainer.events import event
+
+        reporter.emit(event("message", text=f"this box's ranks finished ({plan.rendezvous.part(plan.local_size)}): "
+                                            "the first box wrote the outputs and reports the job's outcome"))
     return outcome[1]
 
 
